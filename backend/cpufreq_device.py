@@ -1,0 +1,226 @@
+"""The cpufreq virtio device (protocol/SPEC.md) on top of the generic session.
+
+Theory of operation: one device object per VM, alive across front-end
+connections.  It keeps the VM's vCPU-to-host-domain map and builds the
+config space from the host frequency source; when the source reports new
+frequencies for a domain this VM uses, the config generation moves and the
+session is asked to notify the front-end (it coalesces).  On a kick it drains
+the request queue within a work budget, decodes each batch, tracks sequence
+numbers (loss, duplicates, staleness) and batch age, hands every valid record
+to the policy, and returns every buffer, valid or not, with used length 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.errors import RecordError, RingError, SessionStateError
+from vhost_user_cpufreq.protocol.virtqueue import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    DeviceQueue,
+)
+
+from .counters import Counters
+from .device import DeviceHost
+from .hostfreq import FrequencySource, HostSnapshot
+from .policy import Decision, Policy
+
+__all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
+
+VIRTIO_F_VERSION_1 = 32
+#: Buffers handled per kick before yielding to other VMs (fairness; see session).
+DEFAULT_WORK_BUDGET = 64
+
+
+@dataclass(slots=True)
+class VcpuState:
+    util: int = 0
+    perf_khz: int = 0
+    updated: float | None = None
+    decision: Decision | None = None
+
+
+@dataclass(slots=True)
+class SeqTracker:
+    """Sequence and age bookkeeping for one driver instance (SPEC 6.2)."""
+
+    last: int | None = None
+    min_offset_ns: int | None = None
+    lost: int = 0
+    stale: int = 0
+    last_age_ns: int = 0
+
+    def accept(self, seq: int, resync: bool) -> bool:
+        if self.last is None or resync:
+            self.last = seq
+            return True
+        d = abi.seq_delta(seq, self.last)
+        if d <= 0:
+            self.stale += 1
+            return False
+        self.lost += d - 1
+        self.last = seq
+        return True
+
+    def age(self, host_ns: int, guest_ns: int) -> int:
+        off = host_ns - guest_ns
+        if self.min_offset_ns is None or off < self.min_offset_ns:
+            self.min_offset_ns = off
+        self.last_age_ns = off - self.min_offset_ns
+        return self.last_age_ns
+
+
+class CpufreqDevice:
+    num_queues = abi.NUM_QUEUES
+    max_queue_size = 1024
+    config_size = abi.CONFIG_SIZE
+
+    def __init__(
+        self,
+        vm: str,
+        vcpu_host_domain: Sequence[int],
+        source: FrequencySource,
+        policy: Policy,
+        *,
+        counters: Counters | None = None,
+        perf_request: bool = True,
+        work_budget: int = DEFAULT_WORK_BUDGET,
+        clock: Callable[[], float] = time.monotonic,
+        log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
+    ) -> None:
+        self.vm = vm
+        self.source = source
+        self.policy = policy
+        self.counters = counters or Counters()
+        self.work_budget = work_budget
+        self._clock = clock
+        self.log = log or logging.LoggerAdapter(logging.getLogger(__name__), {"vm": vm})
+        self._offered = (
+            1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | (1 << abi.F_PERF_REQUEST if perf_request else 0)
+        )
+        self._acked = 0
+        self._host: DeviceHost | None = None
+        self.vcpus = [VcpuState() for _ in vcpu_host_domain]
+        self.seq = SeqTracker()
+        # Guest domains are the host domains this VM uses, in order of first use.
+        self._host_domains: list[int] = []
+        guest_map: list[int] = []
+        for hd in vcpu_host_domain:
+            if hd not in self._host_domains:
+                self._host_domains.append(hd)
+            guest_map.append(self._host_domains.index(hd))
+        self.config = self._build_config(source.snapshot(), guest_map, generation=1)
+        self._unsubscribe = source.subscribe(self._on_snapshot)
+
+    # -- config space ------------------------------------------------------------
+    def _build_config(self, snap: HostSnapshot, guest_map: Sequence[int], generation: int) -> abi.DeviceConfig:
+        if len(self._host_domains) > abi.MAX_DOMAINS:
+            raise ValueError(f"VM {self.vm} spans {len(self._host_domains)} host domains; at most {abi.MAX_DOMAINS}")
+        doms = tuple(
+            abi.Domain(d.cur_khz, d.min_khz, d.max_khz, d.capacity)
+            for d in (snap.domains[i] for i in self._host_domains)
+        )
+        return abi.DeviceConfig(generation, doms, tuple(guest_map), abi.CFG_F_NOMINAL if snap.nominal else 0)
+
+    def _on_snapshot(self, snap: HostSnapshot) -> None:
+        cur = [snap.domains[i].cur_khz for i in self._host_domains]
+        flags = abi.CFG_F_NOMINAL if snap.nominal else 0
+        if cur == [d.cur_khz for d in self.config.domains] and flags == self.config.flags:
+            return
+        self.config = self.config.with_frequencies(cur, flags)
+        self.counters.inc("config_updates")
+        if self._host is not None:
+            self._host.config_changed()
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    # -- VirtioDevice ------------------------------------------------------------
+    def features(self) -> int:
+        return self._offered
+
+    def set_features(self, features: int) -> None:
+        self._acked = features
+
+    @property
+    def perf_request(self) -> bool:
+        return bool(self._acked & (1 << abi.F_PERF_REQUEST))
+
+    def attach(self, host: DeviceHost | None) -> None:
+        self._host = host
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        self.counters.inc("config_reads")
+        return self.config.encode()[offset : offset + size]
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        raise SessionStateError("read-only-config", "the cpufreq config space is read-only")
+
+    def queue_ready(self, index: int, queue: DeviceQueue | None) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.seq = SeqTracker()
+        self.vcpus = [VcpuState() for _ in self.vcpus]
+        self._acked = 0
+        self.policy.on_vm_reset(self.vm)
+
+    def handle_queue(self, index: int, queue: DeviceQueue) -> bool:
+        """Drain up to ``work_budget`` buffers; True if more may be waiting."""
+        handled = 0
+        while handled < self.work_budget:
+            try:
+                chain = queue.pop()
+            except RingError as exc:
+                self.counters.inc("rejected", exc.reason)
+                self.log.warning("rejected descriptor chain: %s", exc)
+                if exc.head is None:
+                    return False  # the ring as a whole is unusable until reset
+                queue.push(exc.head, 0)
+                handled += 1
+                continue
+            if chain is None:
+                break
+            self._handle_batch(chain.read_all())
+            queue.push(chain.head, 0)
+            handled += 1
+        if handled and self._host is not None:
+            self._host.signal_used(index)
+        return handled >= self.work_budget
+
+    def _handle_batch(self, data: bytes) -> None:
+        now = self._clock()
+        try:
+            res = abi.decode_batch(data, num_vcpus=len(self.vcpus), perf_request=self.perf_request)
+        except RecordError as exc:
+            self.counters.inc("rejected", exc.reason)
+            self.log.warning("dropped batch: %s", exc)
+            return
+        batch = res.batch
+        lost_before = self.seq.lost
+        if not self.seq.accept(batch.seq, bool(batch.flags & abi.BATCH_F_RESYNC)):
+            self.counters.inc("rejected", "stale-batch")
+            self.log.info("dropped stale or duplicate batch seq=%d (last %s)", batch.seq, self.seq.last)
+            return
+        if self.seq.lost != lost_before:
+            self.counters.inc("lost_batches", n=self.seq.lost - lost_before)
+        self.seq.age(time.monotonic_ns(), batch.timestamp_ns)
+        self.counters.inc("batches")
+        for _, reason in res.rejected:
+            self.counters.inc("rejected", reason)
+        if res.rejected:
+            self.log.warning("dropped %d record(s) of batch seq=%d: %s", len(res.rejected), batch.seq,
+                             ", ".join(sorted({r for _, r in res.rejected})))
+        for rec in batch.records:
+            st = self.vcpus[rec.vcpu]
+            st.util, st.perf_khz, st.updated = rec.util, rec.perf_khz, now
+            st.decision = self.policy.on_record(self.vm, rec, self.config.domain_of(rec.vcpu), now)
+        self.counters.inc("records", n=len(batch.records))

@@ -1,0 +1,90 @@
+"""Where host CPU frequencies come from.
+
+A :class:`FrequencySource` gives a :class:`HostSnapshot` (current frequency of
+each host frequency domain) and says when it may have changed.  This module
+holds the two simple sources (a static one and a scripted one for demos and
+tests); the sysfs source lives in ``sysfs.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+__all__ = ["HostDomain", "HostSnapshot", "FrequencySource", "StaticSource", "ScriptedSource"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostDomain:
+    """One host frequency domain (a cpufreq policy and its related CPUs)."""
+
+    cpus: tuple[int, ...]
+    min_khz: int
+    max_khz: int
+    cur_khz: int
+    capacity: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HostSnapshot:
+    domains: tuple[HostDomain, ...]
+    nominal: bool = False  # True when the host has no cpufreq and frequencies are nominal
+
+    def with_cur(self, cur_khz: Sequence[int]) -> "HostSnapshot":
+        doms = tuple(
+            HostDomain(d.cpus, d.min_khz, d.max_khz, c, d.capacity) for d, c in zip(self.domains, cur_khz, strict=True)
+        )
+        return HostSnapshot(doms, self.nominal)
+
+
+Listener = Callable[[HostSnapshot], None]
+
+
+class FrequencySource(Protocol):
+    def snapshot(self) -> HostSnapshot: ...
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` on every new snapshot; returns an unsubscribe function."""
+        ...
+
+
+class StaticSource:
+    """A fixed snapshot that changes only when told to (tests, demos)."""
+
+    def __init__(self, snapshot: HostSnapshot) -> None:
+        self._snapshot = snapshot
+        self._listeners: list[Listener] = []
+
+    def snapshot(self) -> HostSnapshot:
+        return self._snapshot
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def set_frequencies(self, cur_khz: Sequence[int]) -> None:
+        self._snapshot = self._snapshot.with_cur(cur_khz)
+        for listener in list(self._listeners):
+            listener(self._snapshot)
+
+
+class ScriptedSource(StaticSource):
+    """A static source plus a script of (time, frequencies) steps, applied by ``advance(now)``."""
+
+    def __init__(self, snapshot: HostSnapshot, script: Sequence[tuple[float, Sequence[int]]]) -> None:
+        super().__init__(snapshot)
+        self._script = sorted(script, key=lambda s: s[0])
+        self._next = 0
+
+    def advance(self, now: float) -> bool:
+        """Apply every step due by ``now``; True if anything changed."""
+        changed = False
+        while self._next < len(self._script) and self._script[self._next][0] <= now:
+            self.set_frequencies(self._script[self._next][1])
+            self._next += 1
+            changed = True
+        return changed
+
+    @property
+    def next_step_at(self) -> float | None:
+        return self._script[self._next][0] if self._next < len(self._script) else None

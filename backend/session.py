@@ -1,0 +1,560 @@
+"""One vhost-user session: the back-end side of one front-end connection.
+
+Theory of operation: the transport feeds decoded messages to
+:meth:`Session.handle`, which checks them against the session rules (the
+``RULES`` table below, one row per request with the section of QEMU's
+``docs/interop/vhost-user.rst`` it comes from), applies them, and returns the
+reply to send, if any.  The session maps guest memory, owns each ring's
+kick/call/err eventfds, turns a started and enabled ring into a
+:class:`DeviceQueue` and calls the device for it.  It knows nothing about
+cpufreq: the device is a :class:`VirtioDevice`.
+
+Error policy: a malformed message or a rule violation raises out of
+``handle`` and the transport closes this session only.  The one exception is
+a request sent with NEED_REPLY once REPLY_ACK is negotiated: then the failure
+is answered with a non-zero ack, as the spec intends, and the session goes on.
+Every rejection is logged and counted with its reason.
+
+Ring rules (spec, "Ring states"): rings start stopped and disabled; a ring
+starts when it gets its kick fd (SET_VRING_KICK) and stops on GET_VRING_BASE;
+SET_VRING_ENABLE enables it, and if VHOST_USER_F_PROTOCOL_FEATURES was not
+negotiated SET_FEATURES enables every ring.  Only started and enabled rings
+are processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from vhost_user_cpufreq.protocol import vhost_user as vu
+from vhost_user_cpufreq.protocol.errors import (
+    GuestMemoryError,
+    MessageError,
+    ProtocolError,
+    RingError,
+    SessionStateError,
+)
+from vhost_user_cpufreq.protocol.virtqueue import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    DeviceQueue,
+    ring_sizes,
+    validate_queue_size,
+)
+
+from .counters import Counters
+from .device import VirtioDevice
+from .memory import MAX_REGIONS, MemoryMap, map_region
+from .ratelimit import NotifyCoalescer
+
+__all__ = ["Session", "Reply", "OFFERED_PROTOCOL_FEATURES", "RULES"]
+
+F = vu.FrontendRequest
+PF = vu.ProtocolFeature
+
+#: Protocol features we implement, and only those.
+OFFERED_PROTOCOL_FEATURES = (
+    1 << PF.MQ
+    | 1 << PF.REPLY_ACK
+    | 1 << PF.BACKEND_REQ
+    | 1 << PF.CONFIG
+    | 1 << PF.RESET_DEVICE
+    | 1 << PF.CONFIGURE_MEM_SLOTS
+    | 1 << PF.STATUS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    needs_owner: bool = True
+    needs_protocol_feature: int | None = None  # a ProtocolFeature that must be negotiated
+    ring_stopped: bool = False  # the addressed ring must not be started
+    spec: str = ""
+
+
+#: Session rules, one row per request we accept; anything else is refused.
+RULES: dict[int, Rule] = {
+    F.GET_FEATURES: Rule(needs_owner=False, spec="GET_FEATURES"),
+    F.SET_FEATURES: Rule(spec="SET_FEATURES; 'Ring states': without PROTOCOL_FEATURES rings are enabled"),
+    F.GET_PROTOCOL_FEATURES: Rule(needs_owner=False, spec="GET_PROTOCOL_FEATURES"),
+    F.SET_PROTOCOL_FEATURES: Rule(needs_owner=False, spec="SET_PROTOCOL_FEATURES: a subset of what was offered"),
+    F.SET_OWNER: Rule(needs_owner=False, spec="SET_OWNER: once per connection"),
+    F.GET_QUEUE_NUM: Rule(needs_owner=False, needs_protocol_feature=PF.MQ, spec="GET_QUEUE_NUM"),
+    F.GET_MAX_MEM_SLOTS: Rule(
+        needs_owner=False, needs_protocol_feature=PF.CONFIGURE_MEM_SLOTS, spec="GET_MAX_MEM_SLOTS"
+    ),
+    F.SET_BACKEND_REQ_FD: Rule(needs_owner=False, needs_protocol_feature=PF.BACKEND_REQ, spec="SET_BACKEND_REQ_FD"),
+    F.SET_MEM_TABLE: Rule(spec="SET_MEM_TABLE: replaces every region"),
+    F.ADD_MEM_REG: Rule(needs_protocol_feature=PF.CONFIGURE_MEM_SLOTS, spec="ADD_MEM_REG"),
+    F.REM_MEM_REG: Rule(needs_protocol_feature=PF.CONFIGURE_MEM_SLOTS, spec="REM_MEM_REG"),
+    F.SET_VRING_NUM: Rule(ring_stopped=True, spec="SET_VRING_NUM"),
+    F.SET_VRING_ADDR: Rule(ring_stopped=True, spec="SET_VRING_ADDR"),
+    F.SET_VRING_BASE: Rule(ring_stopped=True, spec="SET_VRING_BASE"),
+    F.GET_VRING_BASE: Rule(spec="GET_VRING_BASE: stops the ring, returns the next avail index"),
+    F.SET_VRING_KICK: Rule(spec="SET_VRING_KICK: starts the ring; bit 8 = no fd, poll"),
+    F.SET_VRING_CALL: Rule(spec="SET_VRING_CALL"),
+    F.SET_VRING_ERR: Rule(spec="SET_VRING_ERR"),
+    F.SET_VRING_ENABLE: Rule(spec="SET_VRING_ENABLE: only with PROTOCOL_FEATURES negotiated"),
+    F.GET_CONFIG: Rule(needs_owner=False, needs_protocol_feature=PF.CONFIG, spec="GET_CONFIG"),
+    F.SET_CONFIG: Rule(needs_protocol_feature=PF.CONFIG, spec="SET_CONFIG"),
+    F.RESET_DEVICE: Rule(needs_protocol_feature=PF.RESET_DEVICE, spec="RESET_DEVICE"),
+    F.SET_STATUS: Rule(needs_protocol_feature=PF.STATUS, spec="SET_STATUS"),
+    F.GET_STATUS: Rule(needs_protocol_feature=PF.STATUS, spec="GET_STATUS"),
+}
+
+Reply = tuple[bytes, tuple[int, ...]]  # encoded reply, fds to send with it
+
+
+@dataclass(slots=True)
+class Ring:
+    index: int
+    num: int = 0
+    base: int = 0
+    addr: "vu.VringAddr | None" = None
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False
+    enabled: bool = False
+    polling: bool = False
+    queue: DeviceQueue | None = None
+    scheduled: bool = False
+
+
+class Session:
+    """The state of one connection; methods are called from the event loop."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        counters: Counters,
+        log: logging.LoggerAdapter[logging.Logger],
+        notify_interval: float = 0.01,
+        poll_interval: float = 0.001,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device = device
+        self.name = name
+        self.loop = loop
+        self.counters = counters
+        self.log = log
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.owner = False
+        self.offered_features = device.features() | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+        self.acked_features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.memory = MemoryMap()
+        self.rings = [Ring(i) for i in range(device.num_queues)]
+        self.status = 0
+        self.backend_channel: socket.socket | None = None
+        self.coalescer = NotifyCoalescer(notify_interval)
+        self._notify_timer: asyncio.TimerHandle | None = None
+        self.config_notifications = 0
+        self.closed = False
+        self._untaken: list[int] = []
+        device.attach(self)
+
+    # -- message dispatch -----------------------------------------------------------
+    def handle(self, msg: "vu.Message") -> Reply | None:
+        """Apply one request; returns the reply to send, if any.
+
+        Raises :class:`ProtocolError` when the session must close.
+        """
+        req = msg.request
+        # fds the message carried and no handler took: closed whatever happens.
+        self._untaken = list(msg.fds)
+        try:
+            rule = RULES.get(req)
+            if rule is None:
+                raise SessionStateError("unsupported-request", f"{_name(req)} is not implemented here")
+            self._check(rule, msg)
+            payload = getattr(self, "_on_" + F(req).name.lower())(msg)
+        except ProtocolError as exc:
+            self.counters.inc("rejected", exc.reason)
+            if isinstance(exc, SessionStateError) and msg.need_reply and self._has(PF.REPLY_ACK):
+                self.log.warning("refused %s: %s", _name(req), exc)
+                return vu.encode_reply(req, vu.U64(1)), ()
+            raise
+        finally:
+            _close_fds(self._untaken)
+            self._untaken = []
+        if vu.expects_reply(req):
+            return vu.encode_reply(req, payload), ()
+        if msg.need_reply and self._has(PF.REPLY_ACK):
+            return vu.encode_reply(req, vu.U64(0)), ()
+        return None
+
+    def _take_fd(self) -> int:
+        """Take ownership of the message's (single) fd."""
+        return self._untaken.pop(0)
+
+    def _has(self, pf: int) -> bool:
+        return bool(self.protocol_features & (1 << pf))
+
+    def _check(self, rule: Rule, msg: "vu.Message") -> None:
+        if rule.needs_owner and not self.owner:
+            raise SessionStateError("no-owner", f"{_name(msg.request)} before SET_OWNER")
+        if rule.needs_protocol_feature is not None and not self._has(rule.needs_protocol_feature):
+            raise SessionStateError(
+                "feature-not-negotiated",
+                f"{_name(msg.request)} needs protocol feature {PF(rule.needs_protocol_feature).name}",
+            )
+        if rule.ring_stopped and self._ring_of(msg).started:
+            raise SessionStateError("ring-started", f"{_name(msg.request)} on started ring")
+
+    def _ring_of(self, msg: "vu.Message") -> Ring:
+        p = msg.payload
+        if isinstance(p, vu.U64):
+            index = p.value & vu.VRING_IDX_MASK
+        else:
+            index = getattr(p, "index")
+        if not 0 <= index < len(self.rings):
+            raise SessionStateError("bad-ring-index", f"ring {index}, device has {len(self.rings)}")
+        return self.rings[index]
+
+    # -- features and ownership ------------------------------------------------------
+    def _on_get_features(self, msg: "vu.Message") -> "vu.U64":
+        return vu.U64(self.offered_features)
+
+    def _on_set_features(self, msg: "vu.Message") -> None:
+        acked = msg.payload.value
+        if acked & ~self.offered_features:
+            raise SessionStateError("unsupported-features", f"acked {acked:#x} not within offered {self.offered_features:#x}")
+        self.acked_features = acked
+        self.features_set = True
+        self.device.set_features(acked & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES))
+        if not acked & (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES):
+            for ring in self.rings:
+                ring.enabled = True
+                self._update_ring(ring)
+
+    def _on_get_protocol_features(self, msg: "vu.Message") -> "vu.U64":
+        return vu.U64(OFFERED_PROTOCOL_FEATURES)
+
+    def _on_set_protocol_features(self, msg: "vu.Message") -> None:
+        pf = msg.payload.value
+        if pf & ~OFFERED_PROTOCOL_FEATURES:
+            raise SessionStateError("unsupported-protocol-features", f"{pf:#x} not within {OFFERED_PROTOCOL_FEATURES:#x}")
+        self.protocol_features = pf
+
+    def _on_set_owner(self, msg: "vu.Message") -> None:
+        if self.owner:
+            raise SessionStateError("owner-already-set", "SET_OWNER sent twice")
+        self.owner = True
+
+    def _on_get_queue_num(self, msg: "vu.Message") -> "vu.U64":
+        return vu.U64(len(self.rings))
+
+    def _on_get_max_mem_slots(self, msg: "vu.Message") -> "vu.U64":
+        return vu.U64(MAX_REGIONS)
+
+    def _on_set_backend_req_fd(self, msg: "vu.Message") -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        sock = socket.socket(fileno=self._take_fd())
+        sock.setblocking(False)
+        self.backend_channel = sock
+
+    # -- memory ------------------------------------------------------------------------
+    def _on_set_mem_table(self, msg: "vu.Message") -> None:
+        new = MemoryMap()
+        try:
+            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+                new.add(map_region(fd, region.guest_phys_addr, region.memory_size,
+                                   region.userspace_addr, region.mmap_offset))
+        except GuestMemoryError:
+            new.clear()
+            raise
+        self._replace_memory(new)
+
+    def _on_add_mem_reg(self, msg: "vu.Message") -> None:
+        r = msg.payload.region
+        region = map_region(msg.fds[0], r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        try:
+            self.memory.add(region)
+        except GuestMemoryError:
+            region.close()
+            raise
+        self._retranslate_rings()
+
+    def _on_rem_mem_reg(self, msg: "vu.Message") -> None:
+        r = msg.payload.region
+        # Rings living in the region lose their memory: stop them first.
+        for ring in self.rings:
+            if ring.queue is not None:
+                self._drop_queue(ring)
+        self.memory.remove(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        self._retranslate_rings()
+
+    def _replace_memory(self, new: MemoryMap) -> None:
+        for ring in self.rings:
+            self._drop_queue(ring)
+        old, self.memory = self.memory, new
+        old.clear()
+        self._retranslate_rings()
+
+    def _retranslate_rings(self) -> None:
+        for ring in self.rings:
+            if ring.started:
+                self._update_ring(ring)
+
+    # -- rings -------------------------------------------------------------------------
+    def _on_set_vring_num(self, msg: "vu.Message") -> None:
+        ring = self._ring_of(msg)
+        num = msg.payload.num
+        validate_queue_size(num)
+        if num > self.device.max_queue_size:
+            raise SessionStateError("bad-queue-size", f"{num} > {self.device.max_queue_size}")
+        ring.num = num
+
+    def _on_set_vring_addr(self, msg: "vu.Message") -> None:
+        ring = self._ring_of(msg)
+        if msg.payload.flags:
+            raise SessionStateError("unsupported-ring-flags", "dirty logging is not supported")
+        ring.addr = msg.payload
+
+    def _on_set_vring_base(self, msg: "vu.Message") -> None:
+        ring = self._ring_of(msg)
+        if msg.payload.num > 0xFFFF:
+            raise SessionStateError("bad-ring-base", f"base {msg.payload.num} > 0xffff")
+        ring.base = msg.payload.num
+
+    def _on_get_vring_base(self, msg: "vu.Message") -> "vu.VringState":
+        ring = self._ring_of(msg)
+        next_avail = ring.queue.last_avail_idx if ring.queue is not None else ring.base
+        ring.base = next_avail
+        ring.started = False
+        self._set_kick(ring, None)
+        self._update_ring(ring)
+        return vu.VringState(ring.index, next_avail)
+
+    def _on_set_vring_kick(self, msg: "vu.Message") -> None:
+        ring = self._ring_of(msg)
+        nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
+        self._set_kick(ring, None)
+        ring.polling = nofd
+        self._set_kick(ring, None if nofd else self._take_fd())
+        ring.started = True
+        self._update_ring(ring)
+
+    def _on_set_vring_call(self, msg: "vu.Message") -> None:
+        ring = self._ring_of(msg)
+        _close_fd(ring.call_fd)
+        ring.call_fd = None if msg.payload.value & vu.VRING_NOFD_MASK else self._take_fd()
+
+    def _on_set_vring_err(self, msg: "vu.Message") -> None:
+        ring = self._ring_of(msg)
+        _close_fd(ring.err_fd)
+        ring.err_fd = None if msg.payload.value & vu.VRING_NOFD_MASK else self._take_fd()
+
+    def _on_set_vring_enable(self, msg: "vu.Message") -> None:
+        if not self.acked_features & (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES):
+            raise SessionStateError("feature-not-negotiated", "SET_VRING_ENABLE without PROTOCOL_FEATURES")
+        ring = self._ring_of(msg)
+        if msg.payload.num not in (0, 1):
+            raise SessionStateError("bad-enable-value", f"enable={msg.payload.num}")
+        ring.enabled = bool(msg.payload.num)
+        self._update_ring(ring)
+
+    def _set_kick(self, ring: Ring, fd: int | None) -> None:
+        if ring.kick_fd is not None:
+            self.loop.remove_reader(ring.kick_fd)
+            _close_fd(ring.kick_fd)
+        ring.kick_fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._on_kick, ring)
+
+    def _update_ring(self, ring: Ring) -> None:
+        """Create or drop the ring's DeviceQueue to match started/enabled."""
+        if not (ring.started and ring.enabled):
+            self._drop_queue(ring)
+            return
+        if ring.queue is not None:
+            return
+        if ring.addr is None or ring.num == 0:
+            raise SessionStateError("ring-not-configured", f"ring {ring.index} started without size or addresses")
+        desc_len, avail_len, used_len = ring_sizes(ring.num)
+        a = ring.addr
+        try:
+            desc = self.memory.view_va(a.desc_user_addr, desc_len)
+            avail = self.memory.view_va(a.avail_user_addr, avail_len)
+            used = self.memory.view_va(a.used_user_addr, used_len)
+        except GuestMemoryError as exc:
+            raise RingError("ring-address-out-of-range", f"ring {ring.index}: {exc.detail}") from None
+        ring.queue = DeviceQueue(
+            ring.num, desc, avail, used, self.memory,
+            event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
+            indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+        )
+        ring.queue.set_base(ring.base)
+        self.device.queue_ready(ring.index, ring.queue)
+        self.log.debug("ring %d ready: size %d base %d", ring.index, ring.num, ring.base)
+        # Buffers made available before the ring started are not signalled again.
+        self._schedule(ring)
+
+    def _drop_queue(self, ring: Ring) -> None:
+        if ring.queue is not None:
+            ring.base = ring.queue.last_avail_idx
+            ring.queue = None
+            self.device.queue_ready(ring.index, None)
+
+    def _on_kick(self, ring: Ring) -> None:
+        if ring.kick_fd is None:
+            return
+        try:
+            os.eventfd_read(ring.kick_fd)
+        except BlockingIOError:
+            return
+        self.counters.inc("kicks")
+        self._process(ring)
+
+    def _schedule(self, ring: Ring) -> None:
+        if not ring.scheduled:
+            ring.scheduled = True
+            self.loop.call_soon(self._scheduled_process, ring)
+
+    def _scheduled_process(self, ring: Ring) -> None:
+        ring.scheduled = False
+        if not self.closed:
+            self._process(ring)
+
+    def _process(self, ring: Ring) -> None:
+        q = ring.queue
+        if q is None or q.broken:
+            return
+        q.disable_notifications()
+        more = self.device.handle_queue(ring.index, q)
+        if more or q.enable_notifications():
+            # Work budget spent, or buffers arrived while notifications were
+            # off: come back after other sessions had their turn.
+            self._schedule(ring)
+        elif ring.polling:
+            self.loop.call_later(self.poll_interval, self._scheduled_process, ring)
+
+    # -- DeviceHost --------------------------------------------------------------------
+    def signal_used(self, index: int) -> None:
+        ring = self.rings[index]
+        q = ring.queue
+        if q is None:
+            return
+        q.publish()
+        if q.should_notify() and ring.call_fd is not None:
+            try:
+                os.eventfd_write(ring.call_fd, 1)
+            except OSError as exc:
+                self.log.warning("call eventfd of ring %d: %s", index, exc)
+
+    def config_changed(self) -> None:
+        now = self.clock()
+        if self.coalescer.change(now):
+            self._send_config_change()
+        elif self._notify_timer is None:
+            due = self.coalescer.deadline()
+            assert due is not None
+            self._notify_timer = self.loop.call_later(max(0.0, due - now), self._notify_timer_fired)
+
+    def _notify_timer_fired(self) -> None:
+        self._notify_timer = None
+        if not self.closed and self.coalescer.fire(self.clock()):
+            self._send_config_change()
+
+    def _send_config_change(self) -> None:
+        if self.backend_channel is None or not self._has(PF.BACKEND_REQ):
+            self.counters.inc("config_notify_skipped", "no-backend-channel")
+            return
+        try:
+            self.backend_channel.send(vu.encode_message(vu.BackendRequest.CONFIG_CHANGE_MSG))
+        except OSError as exc:
+            self.counters.inc("config_notify_failed", type(exc).__name__)
+            self.log.warning("could not send CONFIG_CHANGE_MSG: %s", exc)
+            return
+        self.config_notifications += 1
+        self.counters.inc("config_notifications")
+
+    # -- config, status, reset ---------------------------------------------------------
+    def _on_get_config(self, msg: "vu.Message") -> "vu.ConfigSpace":
+        c = msg.payload
+        if c.offset + c.size > self.device.config_size:
+            raise SessionStateError("bad-config-range", f"[{c.offset}, +{c.size}) past {self.device.config_size}")
+        return vu.ConfigSpace(c.offset, c.size, c.flags, self.device.get_config(c.offset, c.size))
+
+    def _on_set_config(self, msg: "vu.Message") -> None:
+        c = msg.payload
+        if c.offset + c.size > self.device.config_size:
+            raise SessionStateError("bad-config-range", f"[{c.offset}, +{c.size}) past {self.device.config_size}")
+        self.device.set_config(c.offset, c.payload)
+
+    def _on_set_status(self, msg: "vu.Message") -> None:
+        status = msg.payload.value
+        if status > 0xFF:
+            raise SessionStateError("bad-status", f"status {status:#x}")
+        self.status = status
+        if status == 0:
+            self.device.reset()
+
+    def _on_get_status(self, msg: "vu.Message") -> "vu.U64":
+        return vu.U64(self.status)
+
+    def _on_reset_device(self, msg: "vu.Message") -> None:
+        for ring in self.rings:
+            self._drop_queue(ring)
+            self._set_kick(ring, None)
+            _close_fd(ring.call_fd)
+            _close_fd(ring.err_fd)
+        self.rings = [Ring(i) for i in range(self.device.num_queues)]
+        self.acked_features = 0
+        self.features_set = False
+        self.status = 0
+        self.device.reset()
+
+    # -- teardown ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Release every fd and mapping; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._notify_timer is not None:
+            self._notify_timer.cancel()
+        for ring in self.rings:
+            self._drop_queue(ring)
+            self._set_kick(ring, None)
+            _close_fd(ring.call_fd)
+            _close_fd(ring.err_fd)
+            ring.call_fd = ring.err_fd = None
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        self.device.attach(None)
+        self.memory.clear()
+
+
+def _name(req: int) -> str:
+    try:
+        return F(req).name
+    except ValueError:
+        return f"request {req}"
+
+
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
+    for fd in fds:
+        _close_fd(fd)

@@ -1,0 +1,193 @@
+"""A model of the cpufreq guest driver (protocol/SPEC.md, the driver's side).
+
+Theory of operation: at probe the driver negotiates features, reads the
+config space once (generation before and after, retrying torn reads), sets up
+the request queue with used-buffer interrupts suppressed, and carves a pool
+of batch buffers from guest RAM.  The guest scheduler reports each vCPU's
+util with :meth:`set_util` (cheap: it only marks the vCPU dirty when the
+value moved past a threshold); :meth:`flush` (once per tick) reclaims used
+buffers, writes one batch of the dirty vCPUs' records and kicks the device
+only when EVENT_IDX says it is waiting.  The config is re-read only after the
+device's configuration change notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.errors import LocalProtocolError
+from vhost_user_cpufreq.protocol.virtqueue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+
+from .transport import DriverTransport
+
+__all__ = ["CpufreqDriver", "DriverStats", "VIRTIO_F_VERSION_1"]
+
+VIRTIO_F_VERSION_1 = 32
+_GEN = struct.Struct("<I")
+
+
+@dataclass
+class DriverStats:
+    batches: int = 0
+    records: int = 0
+    kicks: int = 0
+    config_refreshes: int = 0
+    torn_reads: int = 0
+    queue_full: int = 0
+
+
+class CpufreqDriver:
+    def __init__(
+        self,
+        transport: DriverTransport,
+        *,
+        queue_size: int = 64,
+        util_threshold: int = 8,
+        event_idx: bool = True,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        first_seq: int = 0,
+    ) -> None:
+        self.t = transport
+        self.queue_size = queue_size
+        self.util_threshold = util_threshold
+        self.want_event_idx = event_idx
+        self.clock_ns = clock_ns
+        self.stats = DriverStats()
+        self.seq = first_seq
+        self.config: abi.DeviceConfig | None = None
+        self.features = 0
+        self._resync = True
+        self._sent: list[int] = []
+        self._util: list[int] = []
+        self._perf: list[int] = []
+        self._dirty: dict[int, None] = {}  # insertion-ordered set
+        self._free: list[int] = []
+        self._inflight: dict[int, int] = {}  # head -> buffer gpa
+        self._buf_size = 0
+        self._config_dirty = asyncio.Event()
+        self._refresher: asyncio.Task[None] | None = None
+        self.config_changed = asyncio.Event()  # set after each refresh caused by a notification
+
+    # -- probe ------------------------------------------------------------------------
+    async def probe(self) -> None:
+        offered = await self.t.device_features()
+        if not offered & (1 << VIRTIO_F_VERSION_1):
+            raise LocalProtocolError("no-version-1", "device does not offer VIRTIO_F_VERSION_1")
+        want = 1 << VIRTIO_F_VERSION_1 | 1 << abi.F_PERF_REQUEST | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        if self.want_event_idx:
+            want |= 1 << VIRTIO_RING_F_EVENT_IDX
+        self.features = offered & want
+        await self.t.set_driver_features(self.features)
+        await self.refresh_config()
+        assert self.config is not None
+        n = self.config.num_vcpus
+        self._sent = [-1] * n
+        self._util = [0] * n
+        self._perf = [0] * n
+        self.max_records = min(n, self.config.max_batch)
+        self._buf_size = abi.BATCH_HEADER_SIZE + abi.RECORD_SIZE * self.max_records
+        self.queue = await self.t.setup_queue(
+            abi.REQUEST_QUEUE, self.queue_size, event_idx=bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX))
+        )
+        self.queue.set_interrupt_suppression(True)
+        self._free = [self.t.ram.alloc(self._buf_size, 8) for _ in range(self.queue_size)]
+        self._inflight.clear()
+        self._resync = True
+        self.t.set_config_callback(self._on_config_change)
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def remove(self) -> None:
+        """Unbind: stop listening for config changes and drop the ring views."""
+        self.t.set_config_callback(None)
+        self.__dict__.pop("queue", None)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            try:
+                await self._refresher
+            except asyncio.CancelledError:
+                pass
+            self._refresher = None
+
+    # -- config -------------------------------------------------------------------------
+    async def refresh_config(self, max_tries: int = 8) -> abi.DeviceConfig:
+        """Read the whole config with a generation check before and after (SPEC 5.2)."""
+        for _ in range(max_tries):
+            (gen1,) = _GEN.unpack(await self.t.read_config(0, 4))
+            body = await self.t.read_config(4, abi.CONFIG_SIZE - 4)
+            (gen2,) = _GEN.unpack(await self.t.read_config(0, 4))
+            if gen1 == gen2:
+                self.config = abi.DeviceConfig.decode(_GEN.pack(gen1) + body)
+                self.stats.config_refreshes += 1
+                return self.config
+            self.stats.torn_reads += 1
+        raise LocalProtocolError("config-unstable", f"generation kept changing over {max_tries} reads")
+
+    def _on_config_change(self) -> None:
+        self._config_dirty.set()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self._config_dirty.wait()
+            self._config_dirty.clear()
+            await self.refresh_config()
+            self.config_changed.set()
+
+    def cur_khz(self, vcpu: int) -> int:
+        """The frequency the guest believes ``vcpu`` runs at, from the cached config (no device access)."""
+        assert self.config is not None
+        return self.config.domain_of(vcpu).cur_khz
+
+    # -- requests -----------------------------------------------------------------------
+    def set_util(self, vcpu: int, util: int, perf_khz: int = 0) -> None:
+        util = max(0, min(abi.UTIL_SCALE, util))
+        self._util[vcpu] = util
+        self._perf[vcpu] = perf_khz
+        if abs(util - self._sent[vcpu]) >= self.util_threshold or (util != self._sent[vcpu] and util in (0, 1024)):
+            self._dirty[vcpu] = None
+
+    def _reclaim(self) -> None:
+        for head, _ in self.queue.reclaim():
+            self._free.append(self._inflight.pop(head))
+
+    def flush(self) -> int:
+        """Send the dirty vCPUs' records; returns how many records went out."""
+        if not self._dirty:
+            return 0
+        self._reclaim()
+        mem = self.t.ram.memory
+        sent = 0
+        while self._dirty:
+            if not self._free or self.queue.num_free < 1:
+                self.stats.queue_full += 1
+                break  # the newest values stay dirty and go with the next flush
+            vcpus = []
+            for v in self._dirty:
+                vcpus.append(v)
+                if len(vcpus) == self.max_records:
+                    break
+            for v in vcpus:
+                del self._dirty[v]
+            records = tuple(abi.Record(v, self._util[v], self._perf[v]) for v in vcpus)
+            flags = abi.BATCH_F_RESYNC if self._resync else 0
+            data = abi.encode_batch(abi.Batch(self.seq, self.clock_ns(), records, flags))
+            gpa = self._free.pop()
+            mem.view(gpa, len(data))[:] = data
+            head = self.queue.add([(gpa, len(data))])
+            self._inflight[head] = gpa
+            self.seq = (self.seq + 1) & 0xFFFFFFFF
+            self._resync = False
+            for v in vcpus:
+                self._sent[v] = self._util[v]
+            sent += len(records)
+            self.stats.batches += 1
+        self.queue.publish()
+        if self.queue.kick_needed():
+            self.stats.kicks += 1
+            self.t.notify(abi.REQUEST_QUEUE)
+        self.stats.records += sent
+        return sent

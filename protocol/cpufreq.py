@@ -1,0 +1,275 @@
+"""The cpufreq device ABI: config space layout and request batches (see SPEC.md).
+
+Pure codec: bytes in, frozen dataclasses out, and back.  Layout constants are
+the single source of truth for the backend, the guest model and the spec's
+tables (a test checks the spec against them).
+
+Theory of operation: the driver writes *batches* of per-vCPU records into
+device-readable buffers on the request queue.  Each batch has a sequence
+number (loss, duplication and staleness are detected from it) and a guest
+timestamp (record age is measured from it).  The device mirrors host
+frequency per frequency *domain* in its config space; a vCPU-to-domain map
+encoded as runs keeps the space under the 256-byte vhost-user limit however
+many vCPUs the VM has.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+from .errors import RecordError
+
+__all__ = [
+    "DEFAULT_DEVICE_ID",
+    "NUM_QUEUES",
+    "REQUEST_QUEUE",
+    "F_PERF_REQUEST",
+    "CONFIG_SIZE",
+    "MAX_DOMAINS",
+    "MAX_RUNS",
+    "MAX_RECORDS_PER_BATCH",
+    "UTIL_SCALE",
+    "CFG_F_NOMINAL",
+    "BATCH_F_RESYNC",
+    "Domain",
+    "DeviceConfig",
+    "Record",
+    "Batch",
+    "BatchDecodeResult",
+    "encode_batch",
+    "decode_batch",
+    "seq_delta",
+    "runs_from_map",
+    "map_from_runs",
+]
+
+#: Not assigned by OASIS; configurable everywhere (QEMU's PCI id is 0x1040 + id).
+DEFAULT_DEVICE_ID = 63
+NUM_QUEUES = 1
+REQUEST_QUEUE = 0
+
+#: Device feature bit 0: records may carry a frequency request in kHz.
+F_PERF_REQUEST = 0
+
+UTIL_SCALE = 1024  # util is 0..1024 of the vCPU's capacity, like Linux's SCHED_CAPACITY_SCALE
+
+# -- config space ----------------------------------------------------------------
+CONFIG_SIZE = 256
+MAX_DOMAINS = 8
+MAX_RUNS = 56
+CFG_F_NOMINAL = 1 << 0  # frequencies are nominal: the host exposes no cpufreq
+_CFG_HEADER = struct.Struct("<IHHIHH")  # generation, num_domains, num_vcpus, flags, num_runs, max_batch
+_DOMAIN = struct.Struct("<IIIHH")  # cur_khz, min_khz, max_khz, capacity, reserved
+_RUN = struct.Struct("<BB")  # domain, count
+_DOMAINS_OFFSET = _CFG_HEADER.size  # 16
+_RUNS_OFFSET = _DOMAINS_OFFSET + MAX_DOMAINS * _DOMAIN.size  # 144
+assert _RUNS_OFFSET + MAX_RUNS * _RUN.size == CONFIG_SIZE
+
+# -- request batches ---------------------------------------------------------------
+_BATCH_HEADER = struct.Struct("<IHHQ")  # seq, num_records, flags, timestamp_ns
+_RECORD = struct.Struct("<HHI")  # vcpu, util, perf_khz
+BATCH_HEADER_SIZE = _BATCH_HEADER.size  # 16
+RECORD_SIZE = _RECORD.size  # 8
+MAX_RECORDS_PER_BATCH = 256
+BATCH_F_RESYNC = 1 << 0  # first batch after driver init: restart sequence tracking
+_BATCH_FLAGS_KNOWN = BATCH_F_RESYNC
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """One guest-visible frequency domain (one or more host cpufreq policies)."""
+
+    cur_khz: int
+    min_khz: int
+    max_khz: int
+    capacity: int = UTIL_SCALE  # relative to the host's biggest CPU, 1..1024
+
+    def __post_init__(self) -> None:
+        for name in ("cur_khz", "min_khz", "max_khz"):
+            v = getattr(self, name)
+            if not 0 <= v <= 0xFFFFFFFF:
+                raise ValueError(f"{name}={v} does not fit in 32 bits")
+        if not 0 <= self.capacity <= UTIL_SCALE:
+            raise ValueError(f"capacity={self.capacity} outside 0..{UTIL_SCALE}")
+
+
+def runs_from_map(vcpu_domain: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Run-length encode a vCPU -> domain map as (domain, count) pairs."""
+    runs: list[tuple[int, int]] = []
+    for dom in vcpu_domain:
+        if runs and runs[-1][0] == dom and runs[-1][1] < 255:
+            runs[-1] = (dom, runs[-1][1] + 1)
+        else:
+            runs.append((dom, 1))
+    return tuple(runs)
+
+
+def map_from_runs(runs: Iterable[tuple[int, int]]) -> tuple[int, ...]:
+    out: list[int] = []
+    for dom, count in runs:
+        out.extend([dom] * count)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """The device configuration space (256 bytes, little-endian)."""
+
+    generation: int
+    domains: tuple[Domain, ...]
+    vcpu_domain: tuple[int, ...]  # domain index of each vCPU, vCPU 0 first
+    flags: int = 0
+    max_batch: int = MAX_RECORDS_PER_BATCH
+    runs: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.domains) <= MAX_DOMAINS:
+            raise ValueError(f"{len(self.domains)} domains; the layout holds 1..{MAX_DOMAINS}")
+        if not 1 <= len(self.vcpu_domain) <= 0xFFFF:
+            raise ValueError("a VM has 1..65535 vCPUs")
+        if any(not 0 <= d < len(self.domains) for d in self.vcpu_domain):
+            raise ValueError("vCPU mapped to a domain that does not exist")
+        runs = runs_from_map(self.vcpu_domain)
+        if len(runs) > MAX_RUNS:
+            raise ValueError(
+                f"vCPU map needs {len(runs)} runs, the layout holds {MAX_RUNS}: "
+                "pin vCPUs of one domain to consecutive vCPU ids"
+            )
+        object.__setattr__(self, "runs", runs)
+
+    @property
+    def num_vcpus(self) -> int:
+        return len(self.vcpu_domain)
+
+    def domain_of(self, vcpu: int) -> Domain:
+        return self.domains[self.vcpu_domain[vcpu]]
+
+    def encode(self) -> bytes:
+        buf = bytearray(CONFIG_SIZE)
+        _CFG_HEADER.pack_into(
+            buf, 0, self.generation & 0xFFFFFFFF, len(self.domains), self.num_vcpus,
+            self.flags, len(self.runs), self.max_batch,
+        )
+        for i, d in enumerate(self.domains):
+            _DOMAIN.pack_into(buf, _DOMAINS_OFFSET + i * _DOMAIN.size,
+                              d.cur_khz, d.min_khz, d.max_khz, d.capacity, 0)
+        for i, (dom, count) in enumerate(self.runs):
+            _RUN.pack_into(buf, _RUNS_OFFSET + i * _RUN.size, dom, count)
+        return bytes(buf)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "DeviceConfig":
+        """Parse a full config image; raises RecordError if it is inconsistent."""
+        if len(data) < CONFIG_SIZE:
+            raise RecordError("short-config", f"{len(data)} bytes, need {CONFIG_SIZE}")
+        gen, ndom, nvcpu, flags, nruns, max_batch = _CFG_HEADER.unpack_from(data, 0)
+        if not 1 <= ndom <= MAX_DOMAINS or nruns > MAX_RUNS:
+            raise RecordError("bad-config", f"num_domains={ndom} num_runs={nruns}")
+        domains = tuple(
+            Domain(*_DOMAIN.unpack_from(data, _DOMAINS_OFFSET + i * _DOMAIN.size)[:4])
+            for i in range(ndom)
+        )
+        runs = [_RUN.unpack_from(data, _RUNS_OFFSET + i * _RUN.size) for i in range(nruns)]
+        vmap = map_from_runs(runs)
+        if len(vmap) != nvcpu:
+            raise RecordError("bad-config", f"runs cover {len(vmap)} vCPUs, header says {nvcpu}")
+        try:
+            return cls(gen, domains, vmap, flags, max_batch)
+        except ValueError as exc:
+            raise RecordError("bad-config", str(exc)) from None
+
+    def with_frequencies(self, cur_khz: Sequence[int], flags: int | None = None) -> "DeviceConfig":
+        """A copy with new current frequencies and the generation bumped."""
+        doms = tuple(
+            Domain(c, d.min_khz, d.max_khz, d.capacity) for c, d in zip(cur_khz, self.domains, strict=True)
+        )
+        return DeviceConfig(self.generation + 1, doms, self.vcpu_domain,
+                            self.flags if flags is None else flags, self.max_batch)
+
+
+# -- batches -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    vcpu: int
+    util: int  # 0..1024 of the vCPU's capacity
+    perf_khz: int = 0  # 0: no frequency request (needs F_PERF_REQUEST otherwise)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    seq: int
+    timestamp_ns: int
+    records: tuple[Record, ...]
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDecodeResult:
+    """A decoded batch: the records that passed, and why the others did not."""
+
+    batch: Batch
+    rejected: tuple[tuple[int, str], ...]  # (record index, reason slug)
+
+
+def encode_batch(batch: Batch) -> bytes:
+    n = len(batch.records)
+    buf = bytearray(BATCH_HEADER_SIZE + n * RECORD_SIZE)
+    _BATCH_HEADER.pack_into(buf, 0, batch.seq & 0xFFFFFFFF, n, batch.flags, batch.timestamp_ns)
+    off = BATCH_HEADER_SIZE
+    for r in batch.records:
+        _RECORD.pack_into(buf, off, r.vcpu, r.util, r.perf_khz)
+        off += RECORD_SIZE
+    return bytes(buf)
+
+
+def decode_batch(
+    data: bytes | memoryview,
+    *,
+    num_vcpus: int,
+    max_records: int = MAX_RECORDS_PER_BATCH,
+    perf_request: bool = False,
+) -> BatchDecodeResult:
+    """Decode and validate one request buffer.
+
+    A batch whose framing is wrong raises :class:`RecordError` (the whole
+    buffer is dropped); a record whose values are wrong is left out and
+    reported in ``rejected`` while the rest of the batch still counts.
+    """
+    size = len(data)
+    if size < BATCH_HEADER_SIZE:
+        raise RecordError("short-batch", f"{size} bytes, the header alone is {BATCH_HEADER_SIZE}")
+    seq, n, flags, ts = _BATCH_HEADER.unpack_from(data, 0)
+    if flags & ~_BATCH_FLAGS_KNOWN:
+        raise RecordError("bad-batch-flags", f"flags {flags:#x}")
+    if not 1 <= n <= max_records:
+        raise RecordError("bad-record-count", f"{n} records, allowed 1..{max_records}")
+    if size != BATCH_HEADER_SIZE + n * RECORD_SIZE:
+        raise RecordError(
+            "bad-batch-size", f"{size} bytes for {n} records (need {BATCH_HEADER_SIZE + n * RECORD_SIZE})"
+        )
+    records: list[Record] = []
+    rejected: list[tuple[int, str]] = []
+    for i, (vcpu, util, perf) in enumerate(_iter_records(data, n)):
+        if vcpu >= num_vcpus:
+            rejected.append((i, "bad-vcpu"))
+        elif util > UTIL_SCALE:
+            rejected.append((i, "bad-util"))
+        elif perf and not perf_request:
+            rejected.append((i, "perf-not-negotiated"))
+        else:
+            records.append(Record(vcpu, util, perf))
+    return BatchDecodeResult(Batch(seq, ts, tuple(records), flags), tuple(rejected))
+
+
+def _iter_records(data: bytes | memoryview, n: int) -> Iterator[tuple[int, int, int]]:
+    return _RECORD.iter_unpack(data[BATCH_HEADER_SIZE : BATCH_HEADER_SIZE + n * RECORD_SIZE])
+
+
+def seq_delta(seq: int, last: int) -> int:
+    """Signed distance from ``last`` to ``seq`` in 32-bit serial arithmetic (RFC 1982)."""
+    d = (seq - last) & 0xFFFFFFFF
+    return d - (1 << 32) if d & 0x80000000 else d

@@ -1,0 +1,66 @@
+"""Shared test helpers: a service and modelled guests wired over real unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vhost_user_cpufreq.backend.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.hosts import PIXEL6
+from vhost_user_cpufreq.backend.policy import RecordingPolicy
+from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
+from vhost_user_cpufreq.guest.driver import CpufreqDriver
+from vhost_user_cpufreq.guest.frontend import InProcessTransport, VhostUserFrontend
+
+
+@dataclass
+class Guest:
+    fe: VhostUserFrontend
+    transport: InProcessTransport
+    driver: CpufreqDriver
+
+    async def close(self) -> None:
+        await self.driver.remove()
+        await self.fe.close()
+        self.transport.ram.close()
+
+
+async def start_guest(sock: str, **driver_kw: object) -> Guest:
+    fe = VhostUserFrontend()
+    await fe.connect(sock)
+    await fe.handshake()
+    t = InProcessTransport(fe)
+    d = CpufreqDriver(t, **driver_kw)  # type: ignore[arg-type]
+    await d.probe()
+    return Guest(fe, t, d)
+
+
+async def make_service(tmp_path: Path, *vms: tuple[str, tuple[int, ...]]) -> tuple[Service, StaticSource, RecordingPolicy, dict[str, VmSlot]]:
+    source = StaticSource(PIXEL6)
+    policy = RecordingPolicy()
+    svc = Service(source, policy)
+    slots = {}
+    for name, vmap in vms:
+        slots[name] = await svc.add_vm(VmConfig(name, str(tmp_path / f"{name}.sock"), vmap, notify_interval=0.01))
+    return svc, source, policy, slots
+
+
+async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Wait (yielding to the loop) until ``cond()`` is true."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+def open_fds() -> set[int]:
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+def memfd_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "vuc-guest-ram" in line)

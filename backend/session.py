@@ -271,21 +271,14 @@ class Session:
         new = MemoryMap()
         try:
             for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
-                new.add(map_region(fd, region.guest_phys_addr, region.memory_size,
-                                   region.userspace_addr, region.mmap_offset))
+                _map_into(new, fd, region)
         except GuestMemoryError:
             new.clear()
             raise
         self._replace_memory(new)
 
     def _on_add_mem_reg(self, msg: "vu.Message") -> None:
-        r = msg.payload.region
-        region = map_region(msg.fds[0], r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-        try:
-            self.memory.add(region)
-        except GuestMemoryError:
-            region.close()
-            raise
+        _map_into(self.memory, msg.fds[0], msg.payload.region)
         self._retranslate_rings()
 
     def _on_rem_mem_reg(self, msg: "vu.Message") -> None:
@@ -341,6 +334,9 @@ class Session:
 
     def _on_set_vring_kick(self, msg: "vu.Message") -> None:
         ring = self._ring_of(msg)
+        if ring.addr is None or ring.num == 0:
+            # QEMU always sends NUM, BASE and ADDR first (vhost_virtqueue_start).
+            raise SessionStateError("ring-not-configured", f"ring {ring.index} kicked before its size and addresses")
         nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
         self._set_kick(ring, None)
         ring.polling = nofd
@@ -538,6 +534,16 @@ class Session:
             self.backend_channel = None
         self.device.attach(None)
         self.memory.clear()
+
+
+def _map_into(memory: MemoryMap, fd: int, r: "vu.MemoryRegion") -> None:
+    """Map one region into ``memory``; on any rejection nothing stays mapped."""
+    region = map_region(fd, r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+    try:
+        memory.add(region)
+    except GuestMemoryError:
+        region.close()
+        raise
 
 
 def _name(req: int) -> str:

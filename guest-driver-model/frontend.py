@@ -291,4 +291,4 @@ class InProcessTransport(DriverTransport):
         self.fe.kick(index)
 
     async def reset(self) -> None:
-        await self.fe.request(F.RESET_DEVICE)
+        await self.fe.request(F.RESET_DEVICE, need_reply=True)

@@ -1,0 +1,108 @@
+"""Actuators on real threads of a child process: sched_setaffinity, sched_getattr/setattr, restore."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from vhost_user_cpufreq.backend import sched
+from vhost_user_cpufreq.backend.actuators import CgroupClampActuator, ThreadActuator
+from vhost_user_cpufreq.backend.counters import Counters
+
+CHILD = """
+import threading, time, sys
+def idle(): time.sleep(60)
+for _ in range(3): threading.Thread(target=idle, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def child_threads() -> Iterator[list[int]]:
+    p = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{p.pid}/task"))
+    yield tids
+    p.kill()
+    p.wait()
+
+
+def test_sched_getattr_reads_a_real_thread(child_threads: list[int]) -> None:
+    a = sched.sched_getattr(child_threads[1])
+    assert a.policy == 0  # SCHED_OTHER, as Python threads start
+    assert sched.SCHED_ATTR_SIZE == 56
+
+
+def test_clamps_are_set_or_refused_with_eopnotsupp_as_this_kernel_dictates(child_threads: list[int]) -> None:
+    tid = child_threads[1]
+    reason = sched.probe_uclamp()
+    if reason is None:
+        sched.sched_setattr_clamp(tid, 300)
+        assert sched.sched_getattr(tid).util_min == 300
+    else:
+        # This kernel has no CONFIG_UCLAMP_TASK: the real syscall says EOPNOTSUPP.
+        with pytest.raises(sched.UclampUnsupported) as ei:
+            sched.sched_setattr_clamp(tid, 300)
+        assert ei.value.errno == errno.EOPNOTSUPP
+        assert "CONFIG_UCLAMP_TASK" in reason
+
+
+def test_clamping_a_thread_that_does_not_exist_fails_with_esrch() -> None:
+    with pytest.raises(OSError) as ei:
+        sched.sched_getattr(2**22 + 12345)
+    assert ei.value.errno == errno.ESRCH
+
+
+def test_pin_then_restore_puts_the_original_affinity_back(child_threads: list[int]) -> None:
+    tid = child_threads[2]
+    original = os.sched_getaffinity(tid)
+    target = max(original)
+    c = Counters()
+    act = ThreadActuator(c)
+    assert act.pin(tid, target)
+    assert os.sched_getaffinity(tid) == {target}
+    assert act.clamp(tid, 512)
+    assert act.clamps[tid] == 512
+    assert c.get("clamps_applied" if act.degraded is None else "clamps_recorded") == 1
+    act.restore_all()
+    assert os.sched_getaffinity(tid) == original
+    assert act.originals == {} and c.get("restored") == 1
+
+
+def test_dry_run_touches_nothing(child_threads: list[int]) -> None:
+    tid = child_threads[1]
+    original = os.sched_getaffinity(tid)
+    act = ThreadActuator(Counters(), dry_run=True)
+    assert act.pin(tid, min(original)) and act.clamp(tid, 700)
+    assert os.sched_getaffinity(tid) == original
+    assert act.degraded == "dry run: nothing is applied" and act.clamps[tid] == 700
+
+
+def test_a_vanished_thread_is_counted_not_raised() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    c = Counters()
+    act = ThreadActuator(c)
+    assert not act.pin(p.pid, 0)
+    assert c.get("pin_failed", "esrch") == 1
+
+
+def test_cgroup_clamp_writes_percent_and_restores(tmp_path: Path) -> None:
+    # cgroup v2's cpu controller is not enabled on this machine: a directory
+    # with the same file stands in for one vCPU cgroup of libvirt's layout.
+    cg = tmp_path / "vcpu0"
+    cg.mkdir()
+    (cg / "cpu.uclamp.min").write_text("0.00\n")
+    act = CgroupClampActuator(Counters())
+    assert act.clamp(cg, 512)
+    assert (cg / "cpu.uclamp.min").read_text() == "50.00\n"
+    act.restore_all()
+    assert (cg / "cpu.uclamp.min").read_text() == "0.00\n"

@@ -90,6 +90,7 @@ class CpufreqDevice:
         counters: Counters | None = None,
         perf_request: bool = True,
         work_budget: int = DEFAULT_WORK_BUDGET,
+        mirror_threshold: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
     ) -> None:
@@ -110,32 +111,50 @@ class CpufreqDevice:
         self._host: DeviceHost | None = None
         self.vcpus = [VcpuState() for _ in vcpu_host_domain]
         self.seq = SeqTracker()
-        # Guest domains are the host domains this VM uses, in order of first use.
-        self._host_domains: list[int] = []
-        guest_map: list[int] = []
-        for hd in vcpu_host_domain:
-            if hd not in self._host_domains:
-                self._host_domains.append(hd)
-            guest_map.append(self._host_domains.index(hd))
-        self.config = self._build_config(source.snapshot(), guest_map, generation=1)
+        self.mirror_threshold = mirror_threshold
+        self._host_domains: list[object] = []
+        self.config = self._build_config(source.snapshot(), vcpu_host_domain, generation=1)
         self._unsubscribe = source.subscribe(self._on_snapshot)
 
     # -- config space ------------------------------------------------------------
-    def _build_config(self, snap: HostSnapshot, guest_map: Sequence[int], generation: int) -> abi.DeviceConfig:
-        if len(self._host_domains) > abi.MAX_DOMAINS:
-            raise ValueError(f"VM {self.vm} spans {len(self._host_domains)} host domains; at most {abi.MAX_DOMAINS}")
-        doms = tuple(
-            abi.Domain(d.cur_khz, d.min_khz, d.max_khz, d.capacity)
-            for d in (snap.domains[i] for i in self._host_domains)
-        )
+    def _build_config(self, snap: HostSnapshot, vcpu_host_domain: Sequence[int], generation: int) -> abi.DeviceConfig:
+        # Guest domains are the host domains this VM uses, in order of first
+        # use, remembered by their CPUs so a rebuilt snapshot still finds them.
+        keys: list[object] = []
+        guest_map: list[int] = []
+        for hd in vcpu_host_domain:
+            key = snap.domains[hd].key
+            if key not in keys:
+                keys.append(key)
+            guest_map.append(keys.index(key))
+        if len(keys) > abi.MAX_DOMAINS:
+            raise ValueError(f"VM {self.vm} spans {len(keys)} host domains; at most {abi.MAX_DOMAINS}")
+        by_key = {d.key: d for d in snap.domains}
+        doms = tuple(abi.Domain(d.cur_khz, d.min_khz, d.max_khz, d.capacity) for d in (by_key[k] for k in keys))
+        self._host_domains = keys
         return abi.DeviceConfig(generation, doms, tuple(guest_map), abi.CFG_F_NOMINAL if snap.nominal else 0)
 
+    def remap(self, vcpu_host_domain: Sequence[int]) -> None:
+        """New vCPU placement (hotplug, re-pinning): rebuild config and notify."""
+        self.config = self._build_config(self.source.snapshot(), vcpu_host_domain, self.config.generation + 1)
+        self.counters.inc("config_updates")
+        if self._host is not None:
+            self._host.config_changed()
+
     def _on_snapshot(self, snap: HostSnapshot) -> None:
-        cur = [snap.domains[i].cur_khz for i in self._host_domains]
+        by_key = {d.key: d for d in snap.domains}
+        # A domain that vanished (all its CPUs offline) keeps its last value
+        # until the host side re-pins the VM and calls remap().
+        cur = [by_key[k].cur_khz if k in by_key else d.cur_khz for k, d in zip(self._host_domains, self.config.domains)]
         flags = abi.CFG_F_NOMINAL if snap.nominal else 0
-        if cur == [d.cur_khz for d in self.config.domains] and flags == self.config.flags:
+        old = self.config
+        moved = any(
+            abs(c - d.cur_khz) > self.mirror_threshold * max(d.max_khz, 1) for c, d in zip(cur, old.domains)
+        ) or (cur != [d.cur_khz for d in old.domains] and self.mirror_threshold == 0)
+        if not moved and flags == old.flags:
+            self.counters.inc("mirror_below_threshold")
             return
-        self.config = self.config.with_frequencies(cur, flags)
+        self.config = old.with_frequencies(cur, flags)
         self.counters.inc("config_updates")
         if self._host is not None:
             self._host.config_changed()

@@ -23,6 +23,12 @@ class HostDomain:
     max_khz: int
     cur_khz: int
     capacity: int = 1024
+    policy: int | None = None  # cpufreq policy number, stable across CPU hotplug
+
+    @property
+    def key(self) -> object:
+        """What identifies this domain across snapshots (its online CPUs change with hotplug)."""
+        return self.policy if self.policy is not None else self.cpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +38,8 @@ class HostSnapshot:
 
     def with_cur(self, cur_khz: Sequence[int]) -> "HostSnapshot":
         doms = tuple(
-            HostDomain(d.cpus, d.min_khz, d.max_khz, c, d.capacity) for d, c in zip(self.domains, cur_khz, strict=True)
+            HostDomain(d.cpus, d.min_khz, d.max_khz, c, d.capacity, d.policy)
+            for d, c in zip(self.domains, cur_khz, strict=True)
         )
         return HostSnapshot(doms, self.nominal)
 

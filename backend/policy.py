@@ -35,6 +35,7 @@ class Decision:
     util: int
     target_khz: int
     received: float
+    uclamp_min: int | None = None  # the clamp applied (or recorded) for the vCPU thread, if any
 
 
 class Policy(Protocol):

@@ -43,7 +43,8 @@ class VmConfig:
     #: host frequency domain index (into the source's snapshot) of each vCPU
     vcpu_host_domain: tuple[int, ...]
     socket_mode: int = 0o600
-    notify_interval: float = 0.01
+    notify_interval: float = 0.01  # at most one CONFIG_CHANGE_MSG per interval
+    mirror_threshold: float = 0.0  # fraction of a domain's max frequency
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class Service:
         self.vms: dict[str, VmSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
+        self.close_hooks: list[Callable[[VmSlot, Connection], None]] = []
 
     async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None) -> VmSlot:
         """Start serving a VM: bind its socket (or adopt ``listen_sock``) and accept front-ends."""
@@ -74,7 +76,8 @@ class Service:
         self._loop = loop
         counters = Counters()
         vlog = VmLog(log, {"vm": cfg.name})
-        device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog)
+        device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
+                               mirror_threshold=cfg.mirror_threshold)
         sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode)
         sock.setblocking(False)
         slot = VmSlot(cfg, device, counters, vlog, server=sock)
@@ -116,6 +119,8 @@ class Service:
         # The guest's requests die with the connection: no boost outlives its VM.
         slot.device.reset()
         slot.history.append(conn.closed.result())
+        for hook in self.close_hooks:
+            hook(slot, conn)
 
     async def remove_vm(self, name: str) -> None:
         slot = self.vms.pop(name)

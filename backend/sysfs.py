@@ -270,7 +270,7 @@ class HostCpuModel:
             for cpu in p.online_cpus:
                 where[cpu] = len(domains)
             cap = max(capacity.get(cpu, DEFAULT_CAPACITY) for cpu in p.online_cpus)
-            domains.append(HostDomain(p.online_cpus, p.min_khz, p.max_khz, p.cur_khz, cap))
+            domains.append(HostDomain(p.online_cpus, p.min_khz, p.max_khz, p.cur_khz, cap, p.id))
         object.__setattr__(self, "_snapshot", HostSnapshot(tuple(domains), nominal=self.degraded is not None))
         object.__setattr__(self, "_domain_of_cpu", where)
 

@@ -1,0 +1,142 @@
+"""The host policy: the asyncio shell around the engine and the actuators.
+
+The device hands it every accepted record (the :class:`~.policy.Policy`
+interface).  Per VM it keeps a :class:`~.engine.ClampEngine`, the vCPU thread
+ids found for the connected QEMU, and one timer armed at the engine's next
+deadline (deferred values and stale-hint decay).  Attaching a VM pins each
+vCPU thread to its planned pCPU; detaching releases the clamps and gives every
+thread back its original affinity and clamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from vhost_user_cpufreq.protocol.cpufreq import Domain, Record
+
+from .actuators import ThreadActuator
+from .engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits
+from .policy import Decision, schedutil_khz
+
+__all__ = ["HostPolicy", "VmBinding"]
+
+log = logging.getLogger("vhost_user_cpufreq.policy")
+
+
+@dataclass
+class VmBinding:
+    vm: str
+    engine: ClampEngine
+    tids: dict[int, int] = field(default_factory=dict)  # vCPU -> thread id
+    timer: asyncio.TimerHandle | None = None
+    latest: dict[int, Decision] = field(default_factory=dict)
+
+
+class HostPolicy:
+    def __init__(
+        self,
+        actuator: ThreadActuator,
+        *,
+        config: EngineConfig = EngineConfig(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.actuator = actuator
+        self.config = config
+        self.clock = clock
+        self.vms: dict[str, VmBinding] = {}
+
+    # -- VM lifecycle ------------------------------------------------------------------
+    def bind(self, vm: str, placements: Sequence[VcpuPlacement], limits: VmLimits) -> VmBinding:
+        """Set up (or replace) the engine of a VM; threads come with :meth:`attach_threads`."""
+        old = self.vms.get(vm)
+        b = VmBinding(vm, ClampEngine(placements, limits, self.config))
+        if old is not None:
+            b.tids = old.tids
+            self._cancel(old)
+        self.vms[vm] = b
+        return b
+
+    def attach_threads(self, vm: str, tids: dict[int, int]) -> None:
+        """Pin each known vCPU thread to its pCPU (thread ids already verified)."""
+        b = self.vms[vm]
+        known = b.engine.vcpus
+        # Threads of vCPUs the VM is not configured for are left alone.
+        b.tids = {v: t for v, t in tids.items() if v in known}
+        pinned = sum(self.actuator.pin(tid, b.engine.placement(v).pcpu) for v, tid in b.tids.items())
+        log.info("[%s] pinned %d of %d vCPU threads", vm, pinned, len(b.tids))
+
+    def detach(self, vm: str) -> None:
+        """The VM's QEMU went away: no boost stays, every thread gets its original state."""
+        b = self.vms.get(vm)
+        if b is None:
+            return
+        self._apply(b, b.engine.release_all())
+        for tid in b.tids.values():
+            self.actuator.restore(tid)
+        b.tids.clear()
+        b.latest.clear()
+        self._cancel(b)
+
+    def close(self) -> None:
+        for vm in list(self.vms):
+            self.detach(vm)
+        self.actuator.restore_all()
+
+    # -- Policy interface ---------------------------------------------------------------
+    def on_record(self, vm: str, record: Record, domain: Domain, now: float) -> Decision:
+        b = self.vms.get(vm)
+        clamp = None
+        if b is not None:
+            self._apply(b, b.engine.on_record(record.vcpu, record.util, record.perf_khz, now))
+            clamp = b.engine.vcpus.get(record.vcpu)
+            self._arm(b)
+        d = Decision(vm, record.vcpu, record.util, schedutil_khz(record.util, domain), now, clamp)
+        if b is not None:
+            b.latest[record.vcpu] = d
+        return d
+
+    def on_vm_reset(self, vm: str) -> None:
+        b = self.vms.get(vm)
+        if b is not None:
+            self._apply(b, b.engine.release_all())
+            b.latest.clear()
+
+    # -- internals --------------------------------------------------------------------------
+    def _apply(self, b: VmBinding, changes: list[ClampChange]) -> None:
+        for c in changes:
+            tid = b.tids.get(c.vcpu)
+            if tid is not None:
+                self.actuator.clamp(tid, c.uclamp_min)
+
+    def _arm(self, b: VmBinding) -> None:
+        due = b.engine.next_deadline()
+        if due is None:
+            return
+        if b.timer is not None and b.timer.when() <= self._loop_time(due):
+            return
+        self._cancel(b)
+        loop = asyncio.get_running_loop()
+        b.timer = loop.call_at(self._loop_time(due), self._fire, b)
+
+    def _loop_time(self, t: float) -> float:
+        # Engine times are on self.clock; asyncio's are on loop.time(): convert.
+        loop = asyncio.get_running_loop()
+        return loop.time() + (t - self.clock())
+
+    def _fire(self, b: VmBinding) -> None:
+        b.timer = None
+        if self.vms.get(b.vm) is not b:
+            return
+        self._apply(b, b.engine.tick(self.clock()))
+        if b.engine.next_deadline() is not None:
+            self._arm(b)
+
+    @staticmethod
+    def _cancel(b: VmBinding) -> None:
+        if b.timer is not None:
+            b.timer.cancel()
+            b.timer = None

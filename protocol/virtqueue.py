@@ -1,0 +1,608 @@
+"""The virtio 1.x split virtqueue (spec section 2.7), sans-IO, over memoryviews.
+
+Theory of operation
+-------------------
+A split virtqueue is three areas of shared memory.  The driver describes each
+buffer as a chain of 16-byte descriptors in the *descriptor table*, writes the
+chain's head index into the *available ring* and then moves ``avail.idx``.  The
+device consumes entries from its private ``last_avail_idx`` up to ``avail.idx``
+and returns each chain by writing ``{id, len}`` into the *used ring* and then
+moving ``used.idx``.  Both indices are free-running 16-bit counters; the slot
+is ``idx % size`` (the size is a power of two, so the counters wrap cleanly).
+
+:class:`DeviceQueue` is the back-end's half.  The rings are written by a guest
+we do not trust, so :meth:`DeviceQueue.pop` validates everything it reads and
+hands out views only on memory that :class:`~.memory.GuestMemory` vouched for.
+A bad chain raises :class:`~.errors.RingError` with ``head`` set, after its
+avail entry has been consumed, so the caller can return it with
+``push(head, 0)`` and carry on; an error with ``head=None`` concerns the ring
+as a whole.  :class:`DriverQueue` is the guest's half, for the guest model and
+the tests.
+
+Completions are batched: :meth:`DeviceQueue.push` writes a used element,
+:meth:`DeviceQueue.publish` moves ``used.idx`` once for all of them, and
+:meth:`DeviceQueue.should_notify` says whether the driver wants an interrupt.
+
+Notification suppression: without ``VIRTIO_RING_F_EVENT_IDX`` each side
+raises a flag in the ring it writes (``VRING_USED_F_NO_NOTIFY``,
+``VRING_AVAIL_F_NO_INTERRUPT``).  With it, each side writes the index it wants
+to hear about (``used_event`` trails the avail ring, ``avail_event`` the used
+ring), and the other side notifies when moving its own index past that value:
+see :func:`vring_need_event`.
+
+Memory ordering: the spec puts a barrier between writing ring entries and
+the index that exposes them, and between publishing an index and reading the
+peer's event index.  Python cannot fence; the code keeps those accesses in
+program order (each is one ``pack_into``/``unpack_from``), which x86's memory
+model honours for store/store and load/load.  The store/load case (publish,
+then read the event index) is not guaranteed by hardware; its failure mode is
+a late notification.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import GuestMemoryError, LocalProtocolError, RingError
+from .memory import GuestMemory
+
+__all__ = [
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_USED_F_NO_NOTIFY",
+    "VIRTIO_RING_F_INDIRECT_DESC",
+    "VIRTIO_RING_F_EVENT_IDX",
+    "MAX_QUEUE_SIZE",
+    "DESC_SIZE",
+    "MAX_INDIRECT_DESCS",
+    "validate_queue_size",
+    "ring_sizes",
+    "vring_need_event",
+    "Chain",
+    "DeviceQueue",
+    "DriverQueue",
+]
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+#: Feature bit numbers (not masks).
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+#: Upper bound on one indirect table.  The spec sets none, but zero-length
+#: descriptors escape ``max_chain_bytes``, so this bounds the work per chain.
+MAX_INDIRECT_DESCS = MAX_QUEUE_SIZE
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len
+
+# Offsets inside the avail and used rings: flags, idx, then the entries.
+_FLAGS = 0
+_IDX = 2
+_RING = 4
+_USED_ELEM_SIZE = 8
+
+
+def validate_queue_size(n: int) -> None:
+    """Raise RingError('bad-queue-size') unless ``n`` is a power of 2 in 1..32768."""
+    if not (1 <= n <= MAX_QUEUE_SIZE and n & (n - 1) == 0):
+        raise RingError("bad-queue-size", f"queue size {n} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+
+
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, avail ring incl. used_event, used ring incl. avail_event)."""
+    validate_queue_size(size)
+    return DESC_SIZE * size, _RING + 2 * size + 2, _RING + _USED_ELEM_SIZE * size + 2
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if moving an index from ``old_idx`` to ``new_idx`` passed ``event_idx``.
+
+    That is, ``event_idx`` is one of old, old+1, ..., new-1 (mod 2**16): the
+    peer asked to be told when the entry at ``event_idx`` was made visible.
+    """
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+def _check_views(size: int, desc: memoryview, avail: memoryview, used: memoryview) -> None:
+    for name, view, need in zip(("desc", "avail", "used"), (desc, avail, used), ring_sizes(size)):
+        if view.nbytes < need:
+            raise RingError("ring-too-small", f"{name} area is {view.nbytes} bytes, a {size}-entry queue needs {need}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # eq=False: memoryviews compare by content, not identity
+class Chain:
+    """One validated descriptor chain: the device reads ``readable``, fills ``writable``."""
+
+    head: int
+    readable: tuple[memoryview, ...]
+    writable: tuple[memoryview, ...]
+    readable_len: int
+    writable_len: int
+
+    def read_all(self) -> bytes:
+        """The readable segments concatenated."""
+        return b"".join(self.readable)
+
+
+class DeviceQueue:
+    """The device side of one split virtqueue.
+
+    ``desc``, ``avail`` and ``used`` are the already translated ring areas;
+    buffer addresses in descriptors are guest-physical and go through
+    ``memory``.  ``event_idx`` and ``indirect`` reflect the negotiated
+    features.  ``max_chain_bytes`` caps the total length of one chain.
+    """
+
+    __slots__ = (
+        "size",
+        "event_idx",
+        "indirect",
+        "max_chain_bytes",
+        "_mask",
+        "_desc",
+        "_avail",
+        "_used",
+        "_memory",
+        "_used_event_off",
+        "_avail_event_off",
+        "_last_avail",
+        "_avail_shadow",
+        "_used_idx",
+        "_published",
+        "_signalled",
+        "_inflight",
+        "_broken",
+    )
+
+    def __init__(
+        self,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        memory: GuestMemory,
+        *,
+        event_idx: bool = False,
+        indirect: bool = True,
+        max_chain_bytes: int = 1 << 20,
+    ) -> None:
+        validate_queue_size(size)
+        _check_views(size, desc, avail, used)
+        if used.readonly:
+            raise LocalProtocolError("read-only-ring", "the device writes the used ring")
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.max_chain_bytes = max_chain_bytes
+        self._mask = size - 1
+        self._desc = desc
+        self._avail = avail
+        self._used = used
+        self._memory = memory
+        self._used_event_off = _RING + 2 * size
+        self._avail_event_off = _RING + _USED_ELEM_SIZE * size
+        self.set_base(0)
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        """Free-running index of the next avail entry to consume."""
+        return self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        """Free-running index of the next used entry to write (published or not)."""
+        return self._used_idx
+
+    @property
+    def broken(self) -> bool:
+        """The avail index jumped; pop() refuses until set_base() or reset()."""
+        return self._broken
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped (or rejected with a head) and not yet pushed."""
+        return self._inflight
+
+    def set_base(self, idx: int) -> None:
+        """SET_VRING_BASE: resume consuming at ``idx``; the used index restarts there too."""
+        if not 0 <= idx <= 0xFFFF:
+            raise RingError("bad-base", f"ring base {idx} does not fit 16 bits")
+        self._last_avail = idx
+        self._avail_shadow = idx
+        self._used_idx = idx
+        self._published = idx
+        # Unknown: the driver may await entries published before a restart,
+        # so the first should_notify() errs towards interrupting.
+        self._signalled: int | None = None
+        self._inflight = 0
+        self._broken = False
+
+    def reset(self) -> None:
+        """Back to the state after construction."""
+        self.set_base(0)
+
+    # -- consuming -------------------------------------------------------------
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None if the driver has made none available."""
+        if self._broken:
+            raise RingError("avail-index-jump", "ring is broken until reset", head=None)
+        last = self._last_avail
+        if last == self._avail_shadow:
+            # Only re-read avail.idx when the entries seen last time are used up.
+            (avail_idx,) = _U16.unpack_from(self._avail, _IDX)
+            pending = (avail_idx - last) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > self.size:
+                self._broken = True
+                raise RingError(
+                    "avail-index-jump",
+                    f"avail.idx {avail_idx} is {pending} entries ahead of {last}, queue size {self.size}",
+                    head=None,
+                )
+            self._avail_shadow = avail_idx
+        # The entry is read after avail.idx (program order stands in for the read barrier).
+        (head,) = _U16.unpack_from(self._avail, _RING + 2 * (last & self._mask))
+        self._last_avail = (last + 1) & 0xFFFF  # consumed whatever happens next
+        if head >= self.size:
+            # Not a descriptor index, so it cannot be returned as used either.
+            raise RingError("bad-head", f"avail entry {last} names descriptor {head}, size {self.size}", head=None)
+        self._inflight += 1
+        try:
+            return self._walk(head)
+        except GuestMemoryError as exc:
+            raise RingError("address-out-of-range", exc.detail, head=head) from exc
+
+    def _walk(self, head: int) -> Chain:
+        desc = self._desc
+        view = self._memory.view
+        size = self.size
+        limit = self.max_chain_bytes
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        seen_writable = False  # not ``wlen > 0``: zero-length descriptors count too
+        idx = head
+        count = 0
+        while True:
+            if count == size:
+                raise RingError("descriptor-loop", f"chain has more than {size} descriptors", head=head)
+            count += 1
+            addr, length, flags, nxt = _DESC.unpack_from(desc, DESC_SIZE * idx)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # Cannot have NEXT, so it ends the direct part; the spec says to ignore its WRITE flag.
+                if not self.indirect:
+                    raise RingError("indirect-not-negotiated", f"descriptor {idx} is indirect", head=head)
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise RingError("indirect-with-next", f"indirect descriptor {idx} also has NEXT", head=head)
+                if length == 0 or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_DESCS:
+                    raise RingError("bad-indirect-length", f"indirect table of {length} bytes", head=head)
+                table = view(addr, length)
+                rlen, wlen = self._walk_indirect(head, table, readable, writable, rlen, wlen, seen_writable)
+                break
+            if rlen + wlen + length > limit:
+                raise RingError("chain-too-long", f"chain exceeds {limit} bytes", head=head)
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_writable = True
+                if length:
+                    writable.append(view(addr, length))
+                wlen += length
+            else:
+                if seen_writable:
+                    raise RingError("readable-after-writable", f"descriptor {idx} is readable", head=head)
+                if length:
+                    readable.append(view(addr, length))
+                rlen += length
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= size:
+                raise RingError("next-out-of-range", f"descriptor {idx} chains to {nxt}, size {size}", head=head)
+            idx = nxt
+        return Chain(head, tuple(readable), tuple(writable), rlen, wlen)
+
+    def _walk_indirect(
+        self,
+        head: int,
+        table: memoryview,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        rlen: int,
+        wlen: int,
+        seen_writable: bool,
+    ) -> tuple[int, int]:
+        n = table.nbytes // DESC_SIZE
+        limit = self.max_chain_bytes
+        view = self._memory.view
+        idx = 0
+        count = 0
+        while True:
+            if count == n:
+                raise RingError("descriptor-loop", f"indirect chain has more than {n} descriptors", head=head)
+            count += 1
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise RingError("nested-indirect", f"indirect table entry {idx} is indirect", head=head)
+            if rlen + wlen + length > limit:
+                raise RingError("chain-too-long", f"chain exceeds {limit} bytes", head=head)
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_writable = True
+                if length:
+                    writable.append(view(addr, length))
+                wlen += length
+            else:
+                if seen_writable:
+                    raise RingError("readable-after-writable", f"indirect entry {idx} is readable", head=head)
+                if length:
+                    readable.append(view(addr, length))
+                rlen += length
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return rlen, wlen
+            if nxt >= n:
+                raise RingError("next-out-of-range", f"indirect entry {idx} chains to {nxt}, table {n}", head=head)
+            idx = nxt
+
+    # -- completing ------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Return chain ``head`` with ``written`` bytes filled in; visible after publish()."""
+        if not (0 <= head < self.size and 0 <= written <= 0xFFFFFFFF):
+            raise LocalProtocolError("bad-push", f"push({head}, {written}) on a {self.size}-entry queue")
+        if self._inflight == 0:
+            raise LocalProtocolError("push-without-pop", "more chains pushed than popped")
+        self._inflight -= 1
+        _USED_ELEM.pack_into(self._used, _RING + _USED_ELEM_SIZE * (self._used_idx & self._mask), head, written)
+        self._used_idx = (self._used_idx + 1) & 0xFFFF
+
+    def publish(self) -> None:
+        """Make pushed elements visible: store used.idx (after the elements, in program order)."""
+        if self._published != self._used_idx:
+            _U16.pack_into(self._used, _IDX, self._used_idx)
+            self._published = self._used_idx
+
+    def push_and_publish(self, head: int, written: int) -> None:
+        self.push(head, written)
+        self.publish()
+
+    def should_notify(self) -> bool:
+        """After publish(): does the driver want an interrupt for what was published since last asked?"""
+        new = self._published
+        old = self._signalled
+        self._signalled = new
+        if self.event_idx:
+            if old is None:
+                return True
+            (used_event,) = _U16.unpack_from(self._avail, self._used_event_off)
+            return vring_need_event(used_event, new, old)
+        if old == new:
+            return False
+        (flags,) = _U16.unpack_from(self._avail, _FLAGS)
+        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+    # -- kick suppression --------------------------------------------------------
+
+    def enable_notifications(self) -> bool:
+        """Ask for a kick on the next avail entry.
+
+        Returns True if entries are already available: the driver may have
+        added them before it could see the request, so the caller must pop
+        again rather than wait.
+        """
+        if self.event_idx:
+            return self.set_avail_event(self._last_avail)
+        (flags,) = _U16.unpack_from(self._used, _FLAGS)
+        _U16.pack_into(self._used, _FLAGS, flags & ~VRING_USED_F_NO_NOTIFY)
+        avail_idx: int = _U16.unpack_from(self._avail, _IDX)[0]
+        return avail_idx != self._last_avail
+
+    def disable_notifications(self) -> None:
+        """Ask for no kicks (without EVENT_IDX; with it, a stale avail_event asks for none)."""
+        if not self.event_idx:
+            (flags,) = _U16.unpack_from(self._used, _FLAGS)
+            _U16.pack_into(self._used, _FLAGS, flags | VRING_USED_F_NO_NOTIFY)
+
+    def set_avail_event(self, idx: int) -> bool:
+        """EVENT_IDX: ask for a kick once the avail entry at ``idx`` is published.
+
+        Returns True if it already is (the caller must pop rather than wait).
+        """
+        idx &= 0xFFFF
+        _U16.pack_into(self._used, self._avail_event_off, idx)
+        avail_idx: int = _U16.unpack_from(self._avail, _IDX)[0]
+        last = self._last_avail
+        return (avail_idx - last) & 0xFFFF > (idx - last) & 0xFFFF
+
+
+class DriverQueue:
+    """The driver side of one split virtqueue (guest model, tests).
+
+    The constructor initialises both rings the way a driver does when it
+    allocates them (flags 0, indices and event indices at ``start_idx``); the
+    device side must then be given ``set_base(start_idx)``.
+    """
+
+    __slots__ = (
+        "size",
+        "event_idx",
+        "_mask",
+        "_desc",
+        "_avail",
+        "_used",
+        "_memory",
+        "_used_event_off",
+        "_avail_event_off",
+        "_free",
+        "_chains",
+        "_avail_idx",
+        "_published",
+        "_kicked_at",
+        "_last_used",
+        "_suppressed",
+    )
+
+    def __init__(
+        self,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        memory: GuestMemory,
+        *,
+        event_idx: bool = False,
+        start_idx: int = 0,
+    ) -> None:
+        validate_queue_size(size)
+        _check_views(size, desc, avail, used)
+        if not 0 <= start_idx <= 0xFFFF:
+            raise LocalProtocolError("bad-start-idx", f"start index {start_idx} does not fit 16 bits")
+        self.size = size
+        self.event_idx = event_idx
+        self._mask = size - 1
+        self._desc = desc
+        self._avail = avail
+        self._used = used
+        self._memory = memory
+        self._used_event_off = _RING + 2 * size
+        self._avail_event_off = _RING + _USED_ELEM_SIZE * size
+        self._free = list(range(size - 1, -1, -1))  # a stack; hands out 0 first
+        self._chains: dict[int, list[int]] = {}  # head -> ring descriptors to free
+        self._avail_idx = self._published = self._kicked_at = self._last_used = start_idx
+        self._suppressed = False
+        for ring, off in ((avail, _FLAGS), (used, _FLAGS)):
+            _U16.pack_into(ring, off, 0)
+        for ring, off in ((avail, _IDX), (avail, self._used_event_off), (used, _IDX), (used, self._avail_event_off)):
+            _U16.pack_into(ring, off, start_idx)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def avail_idx(self) -> int:
+        """Free-running index of the next avail entry add() will write (published or not)."""
+        return self._avail_idx
+
+    @property
+    def last_used_idx(self) -> int:
+        """Free-running index of the next used entry reclaim() will read."""
+        return self._last_used
+
+    def add(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]] = (),
+        *,
+        indirect_gpa: int | None = None,
+    ) -> int:
+        """Make a buffer of (gpa, len) segments available (after publish()); returns its head."""
+        segs = [(g, n, 0) for g, n in readable] + [(g, n, VIRTQ_DESC_F_WRITE) for g, n in writable]
+        count = len(segs)
+        if not count:
+            raise LocalProtocolError("empty-buffer", "a buffer needs at least one segment")
+        for g, n, _ in segs:
+            if not (0 <= g <= 0xFFFFFFFFFFFFFFFF and 0 <= n <= 0xFFFFFFFF):
+                raise LocalProtocolError("bad-segment", f"segment ({g:#x}, {n:#x})")
+        last = count - 1
+        if indirect_gpa is not None:
+            if not self._free:
+                raise LocalProtocolError("queue-full", "no free descriptor")
+            try:
+                table = self._memory.view(indirect_gpa, DESC_SIZE * count)
+            except GuestMemoryError as exc:
+                raise LocalProtocolError("bad-indirect-table", exc.detail) from exc
+            for i, (g, n, f) in enumerate(segs):
+                more = i < last
+                _DESC.pack_into(table, DESC_SIZE * i, g, n, f | (VIRTQ_DESC_F_NEXT if more else 0), i + 1 if more else 0)
+            head = self._free.pop()
+            _DESC.pack_into(self._desc, DESC_SIZE * head, indirect_gpa, DESC_SIZE * count, VIRTQ_DESC_F_INDIRECT, 0)
+            self._chains[head] = [head]
+        else:
+            if count > len(self._free):
+                raise LocalProtocolError("queue-full", f"{count} descriptors needed, {len(self._free)} free")
+            ids = [self._free.pop() for _ in segs]
+            for i, (g, n, f) in enumerate(segs):
+                more = i < last
+                _DESC.pack_into(
+                    self._desc, DESC_SIZE * ids[i], g, n, f | (VIRTQ_DESC_F_NEXT if more else 0), ids[i + 1] if more else 0
+                )
+            head = ids[0]
+            self._chains[head] = ids
+        _U16.pack_into(self._avail, _RING + 2 * (self._avail_idx & self._mask), head)
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        return head
+
+    def publish(self) -> None:
+        """Expose added buffers: store avail.idx (after the ring entries, in program order)."""
+        _U16.pack_into(self._avail, _IDX, self._avail_idx)
+        self._published = self._avail_idx
+
+    def kick_needed(self) -> bool:
+        """After publish(): must the device be kicked for what was published since the last call?"""
+        new = self._published
+        old = self._kicked_at
+        self._kicked_at = new
+        if self.event_idx:
+            (avail_event,) = _U16.unpack_from(self._used, self._avail_event_off)
+            return vring_need_event(avail_event, new, old)
+        if new == old:
+            return False
+        (flags,) = _U16.unpack_from(self._used, _FLAGS)
+        return not flags & VRING_USED_F_NO_NOTIFY
+
+    def reclaim(self) -> list[tuple[int, int]]:
+        """(head, written) of every newly used buffer, in order; frees their descriptors."""
+        (used_idx,) = _U16.unpack_from(self._used, _IDX)
+        n = (used_idx - self._last_used) & 0xFFFF
+        if n > len(self._chains):
+            raise RingError("used-index-jump", f"used.idx {used_idx} is {n} ahead, {len(self._chains)} in flight")
+        out: list[tuple[int, int]] = []
+        for _ in range(n):
+            head, written = _USED_ELEM.unpack_from(self._used, _RING + _USED_ELEM_SIZE * (self._last_used & self._mask))
+            self._last_used = (self._last_used + 1) & 0xFFFF
+            ids = self._chains.pop(head, None)
+            if ids is None:
+                raise RingError("bad-used-id", f"used id {head} is not in flight", head=head)
+            self._free.extend(ids)
+            out.append((head, written))
+        if self.event_idx:
+            self._write_used_event()
+        return out
+
+    def set_interrupt_suppression(self, on: bool) -> bool:
+        """Ask the device not to interrupt (``on``) or to interrupt on the next used entry.
+
+        Returns True if used entries are already waiting (reclaim rather than wait).
+        """
+        self._suppressed = on
+        (flags,) = _U16.unpack_from(self._avail, _FLAGS)
+        flags = flags | VRING_AVAIL_F_NO_INTERRUPT if on else flags & ~VRING_AVAIL_F_NO_INTERRUPT
+        _U16.pack_into(self._avail, _FLAGS, flags)  # the device ignores it under EVENT_IDX; harmless
+        if self.event_idx:
+            self._write_used_event()
+        used_idx: int = _U16.unpack_from(self._used, _IDX)[0]
+        return used_idx != self._last_used
+
+    def _write_used_event(self) -> None:
+        # Enabled: interrupt when the entry at last_used appears.  Suppressed:
+        # last_used - 1, the index farthest ahead of the device: it is crossed
+        # only after 65535 more entries, and every reclaim moves it along (at
+        # most ``size`` entries can be in flight between reclaims).  At worst
+        # one spurious interrupt, if the device has not yet evaluated entries
+        # the driver already reclaimed; 16-bit indices allow no "never".
+        event = (self._last_used - 1) & 0xFFFF if self._suppressed else self._last_used
+        _U16.pack_into(self._avail, self._used_event_off, event)

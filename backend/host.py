@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 
 from .config import VmSettings
@@ -70,13 +71,14 @@ class HostSide:
             places.append(VcpuPlacement(vcpu, pcpu, capacity.get(pcpu, 1024), dom.capacity, dom.max_khz))
         return VmPlan(pinning, tuple(doms), tuple(places))
 
-    async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float) -> VmSlot:
+    async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
+                     listen_sock: socket.socket | None = None) -> VmSlot:
         plan = self.plan(s)
         self.settings[s.name] = s
         self.plans[s.name] = plan
         self.policy.bind(s.name, plan.placements, s.limits)
         slot = await self.service.add_vm(VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode,
-                                                  notify_interval, mirror_threshold))
+                                                  notify_interval, mirror_threshold), listen_sock=listen_sock)
         slot.log.info("pinning plan: %s", ", ".join(f"vCPU{v}->CPU{p}" for v, p in enumerate(plan.pinning)))
         return slot
 

@@ -1,0 +1,113 @@
+"""``vhost-user-cpufreq check``: what this host supports, and what serving would lack.
+
+Each probe returns a :class:`Finding`: ``ok`` (works), ``degraded`` (the
+service runs but without this), or ``info``.  The command exits non-zero when
+any finding is degraded, so provisioning scripts can gate on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+from . import sched
+from .sysfs import read_host_model
+
+__all__ = ["Finding", "run_checks"]
+
+CAP_SYS_NICE = 23
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    name: str
+    state: str  # "ok" | "degraded" | "info"
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _cpufreq(sysfs_root: str, nominal_khz: int | None) -> Finding:
+    try:
+        m = read_host_model(sysfs_root, nominal_khz=nominal_khz)
+    except OSError as exc:
+        return Finding("cpufreq", "degraded", f"cannot read {sysfs_root}: {exc}")
+    if m.degraded:
+        return Finding("cpufreq", "degraded", m.degraded)
+    doms = m.snapshot().domains
+    return Finding("cpufreq", "ok", f"{len(doms)} frequency domains over {len(m.online_cpus())} online CPUs, "
+                   f"driver {m.policies[0].driver}")
+
+
+def _uclamp() -> Finding:
+    why = sched.probe_uclamp()
+    if why:
+        return Finding("uclamp", "degraded", why + "; clamps are recorded, not applied")
+    return Finding("uclamp", "ok", "sched_setattr accepts util clamps")
+
+
+def _cgroup(root: str = "/sys/fs/cgroup") -> Finding:
+    ctl = os.path.join(root, "cgroup.controllers")
+    if not os.path.exists(ctl):
+        return Finding("cgroup", "info", f"no cgroup v2 hierarchy at {root} (hybrid or v1): cgroup clamps unavailable")
+    with open(ctl) as f:
+        controllers = f.read().split()
+    if "cpu" not in controllers:
+        return Finding("cgroup", "info", f"cgroup v2 without the cpu controller ({' '.join(controllers)})")
+    has = os.path.exists(os.path.join(root, "cpu.uclamp.min")) or any(
+        os.path.exists(os.path.join(root, d, "cpu.uclamp.min")) for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)))
+    return Finding("cgroup", "ok" if has else "info",
+                   "cpu.uclamp.min available" if has else "cpu controller without cpu.uclamp.min")
+
+
+def _capabilities() -> Finding:
+    try:
+        with open("/proc/self/status") as f:
+            eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return Finding("permissions", "degraded", "cannot read capabilities from /proc/self/status")
+    if eff & (1 << CAP_SYS_NICE):
+        return Finding("permissions", "ok", f"CAP_SYS_NICE held (uid {os.geteuid()})")
+    return Finding("permissions", "degraded",
+                   f"no CAP_SYS_NICE (uid {os.geteuid()}): only threads of this user can be pinned or clamped")
+
+
+def _qemu() -> Finding:
+    prefix = os.environ.get("VUC_QEMU")
+    cmd = prefix.split() if prefix else ([shutil.which("qemu-system-x86_64")] if shutil.which("qemu-system-x86_64")
+                                         else None)
+    if not cmd or not cmd[0]:
+        return Finding("qemu", "info", "no qemu-system-x86_64 on PATH (QEMU 10.2+ is needed for "
+                       "vhost-user-test-device-pci)")
+    try:
+        out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=10).stdout  # type: ignore[list-item]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Finding("qemu", "info", f"{' '.join(cmd)}: {exc}")  # type: ignore[arg-type]
+    m = re.search(r"version (\d+)\.(\d+)(\.\d+)?", out)
+    if not m:
+        return Finding("qemu", "info", f"unrecognised version output: {out.strip()[:80]}")
+    ver = (int(m.group(1)), int(m.group(2)))
+    state = "ok" if ver >= (10, 2) else "info"
+    note = "" if state == "ok" else " (too old for vhost-user-test-device-pci: needs 10.2+)"
+    return Finding("qemu", state, f"QEMU {m.group(0).split()[1]}{note}")
+
+
+def _hotplug() -> Finding:
+    try:
+        import pyudev
+
+        mon = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+        mon.filter_by(subsystem="cpu")
+        mon.start()
+    except Exception as exc:  # noqa: BLE001 - any failure means no uevents
+        return Finding("hotplug", "degraded", f"no uevent socket ({exc}): hotplug seen only by periodic rebuilds")
+    return Finding("hotplug", "ok", "kernel uevents for CPU online/offline are received")
+
+
+def run_checks(sysfs_root: str = "/sys", nominal_khz: int | None = None) -> list[Finding]:
+    return [_cpufreq(sysfs_root, nominal_khz), _uclamp(), _cgroup(), _capabilities(), _hotplug(), _qemu()]

@@ -1,0 +1,1 @@
+"""Running a real QEMU against the back-end (see fixture.py)."""

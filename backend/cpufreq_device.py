@@ -184,13 +184,21 @@ class CpufreqDevice:
         raise SessionStateError("read-only-config", "the cpufreq config space is read-only")
 
     def queue_ready(self, index: int, queue: DeviceQueue | None) -> None:
-        pass
+        if queue is None:
+            # The ring stopped: QEMU's only sign of a driver reset (it sends
+            # no status 0), and also of a paused VM.  Either way no boost
+            # should outlive it; sequence tracking stays for a resume.
+            self._release()
+
+    def _release(self) -> None:
+        if any(st.updated is not None for st in self.vcpus):
+            self.vcpus = [VcpuState() for _ in self.vcpus]
+            self.policy.on_vm_reset(self.vm)
 
     def reset(self) -> None:
         self.seq = SeqTracker()
-        self.vcpus = [VcpuState() for _ in self.vcpus]
         self._acked = 0
-        self.policy.on_vm_reset(self.vm)
+        self._release()
 
     def handle_queue(self, index: int, queue: DeviceQueue) -> bool:
         """Drain up to ``work_budget`` buffers; True if more may be waiting."""

@@ -95,6 +95,8 @@ async def test_ring_stop_and_restart_resumes_at_the_returned_base(tmp_path: Path
     await until(lambda: slots["vm"].counters.get("records") == 3)
     base = await g.fe.stop_ring(0)
     assert base == 3
+    # A stopped ring is how QEMU shows a driver reset: the VM's boosts are dropped.
+    assert policy.resets["vm"] == 1 and policy.latest.get("vm") is None
     # While stopped, buffers pile up unprocessed.
     g.driver.set_util(0, 40)
     g.driver.flush()

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from vhost_user_cpufreq.protocol.errors import RemoteProtocolError
 
-__all__ = ["ThreadOwnershipError", "threads_from_proc", "threads_from_qmp", "verify_threads", "discover_threads"]
+__all__ = ["ThreadOwnershipError", "threads_from_proc", "threads_from_qmp", "threads_from_qmp_client", "verify_threads", "discover_threads"]
 
 log = logging.getLogger("vhost_user_cpufreq.threads")
 _VCPU_COMM = re.compile(r"^CPU (\d+)/(KVM|TCG|HVF|WHPX|NVMM)$")
@@ -51,9 +51,16 @@ async def threads_from_qmp(qmp_socket: str, timeout: float = 5.0) -> dict[int, i
     client = QMPClient("vhost-user-cpufreq")
     try:
         await asyncio.wait_for(client.connect(qmp_socket), timeout)
-        cpus: Any = await asyncio.wait_for(client.execute("query-cpus-fast"), timeout)
+        return await threads_from_qmp_client(client, timeout)
     finally:
         await client.disconnect()
+
+
+async def threads_from_qmp_client(client: Any, timeout: float = 5.0) -> dict[int, int]:
+    """The same over an already connected ``qemu.qmp.QMPClient``."""
+    import asyncio
+
+    cpus: Any = await asyncio.wait_for(client.execute("query-cpus-fast"), timeout)
     return {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
 
 

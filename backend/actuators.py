@@ -20,6 +20,7 @@ from pathlib import Path
 from . import sched
 from .counters import Counters
 from .engine import clamp_percent
+from .statefile import StateFile, ThreadRecord, thread_start_time
 
 __all__ = ["ThreadActuator", "CgroupClampActuator", "Original"]
 
@@ -36,9 +37,11 @@ class Original:
 class ThreadActuator:
     """Pins threads and sets their util clamps."""
 
-    def __init__(self, counters: Counters, *, dry_run: bool = False, uclamp_reason: str | None = "probe") -> None:
+    def __init__(self, counters: Counters, *, dry_run: bool = False, uclamp_reason: str | None = "probe",
+                 state: StateFile | None = None) -> None:
         self.counters = counters
         self.dry_run = dry_run
+        self.state = state
         #: why clamps are not really applied (None: they are)
         self.degraded: str | None = sched.probe_uclamp() if uclamp_reason == "probe" else uclamp_reason
         if dry_run:
@@ -57,6 +60,10 @@ class ThreadActuator:
         except OSError:
             umin = umax = None
         self.originals[tid] = Original(aff, umin, umax)
+        start = thread_start_time(tid)
+        if self.state is not None and start is not None and not self.dry_run:
+            # Write-ahead: on disk before the thread is changed, so a SIGKILL can be undone.
+            self.state.record(ThreadRecord(tid, start, sorted(aff), umin, umax))
 
     def pin(self, tid: int, pcpu: int) -> bool:
         try:
@@ -105,6 +112,15 @@ class ThreadActuator:
         except OSError as exc:
             self.counters.inc("restore_failed", _errname(exc))
             log.warning("could not restore thread %d: %s", tid, exc.strerror)
+        if self.state is not None:
+            self.state.forget(tid)
+
+    def restore_record(self, rec: ThreadRecord) -> None:
+        """Undo a change a previous, killed instance recorded (see statefile.recover)."""
+        os.sched_setaffinity(rec.tid, set(rec.affinity))
+        if self.degraded is None and rec.util_min is not None:
+            sched.sched_setattr_clamp(rec.tid, rec.util_min, rec.util_max, reset_on_fork=False)
+        self.counters.inc("recovered")
 
     def restore_all(self) -> None:
         for tid in list(self.originals):

@@ -53,6 +53,8 @@ class VmSettings:
     clamp: str = "thread"
     cgroup: str | None = None  # template with {vcpu}, for clamp = "cgroup"
     socket_mode: int = 0o600
+    socket_owner: int | None = None  # uid to chown the socket to (root only)
+    socket_group: int | None = None  # gid, e.g. the group QEMU runs in
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,9 @@ class ServiceConfig:
     engine: EngineConfig = EngineConfig()
     control_socket: str | None = None
     metrics_address: str | None = None
+    state_file: str | None = None  # where thread changes are recorded for recovery after a crash
+    allowed_uids: tuple[int, ...] | None = None  # peers (SO_PEERCRED) allowed to connect; None: any
+    allowed_gids: tuple[int, ...] | None = None
     vms: dict[str, VmSettings] = field(default_factory=dict)
     source: str = "<defaults>"
 
@@ -73,8 +78,19 @@ class ServiceConfig:
 _SERVICE_KEYS = {
     "sysfs_root", "sample_period", "mirror_threshold", "max_notifications_per_second", "nominal_khz", "dry_run",
     "hysteresis", "min_interval", "stale_after", "headroom", "control_socket", "metrics_address",
+    "state_file", "allowed_uids", "allowed_gids",
 }
-_VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "clamp", "cgroup", "socket_mode"}
+_VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "clamp", "cgroup", "socket_mode",
+            "socket_owner", "socket_group"}
+
+
+def _ids(r: "_Reader", table: dict[str, Any], key: str) -> tuple[int, ...] | None:
+    if key not in table:
+        return None
+    v = table[key]
+    if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+        raise r.fail(f"service.{key}", f"must be a list of numeric ids, got {v!r}")
+    return tuple(v)
 
 
 class _Reader:
@@ -164,6 +180,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             name, sock, vcpus, r.get(t, vp, "qmp", str, None, lambda v: v.startswith("/"), "an absolute path"),
             pinning, VmLimits(floor, ceiling), clamp, cgroup,
             r.get(t, vp, "socket_mode", int, 0o600, lambda v: 0 <= v <= 0o777, "a file mode like 0o660"),
+            r.get(t, vp, "socket_owner", int, None, lambda v: v >= 0, "a numeric uid"),
+            r.get(t, vp, "socket_group", int, None, lambda v: v >= 0, "a numeric gid"),
         )
     return ServiceConfig(
         sysfs_root=r.get(svc, p, "sysfs_root", str, "/sys", None, "a path"),
@@ -176,6 +194,9 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
         engine=engine,
         control_socket=r.get(svc, p, "control_socket", str, None, lambda v: v.startswith("/"), "an absolute path"),
         metrics_address=r.get(svc, p, "metrics_address", str, None, lambda v: ":" in v, "HOST:PORT"),
+        state_file=r.get(svc, p, "state_file", str, None, lambda v: v.startswith("/"), "an absolute path"),
+        allowed_uids=_ids(r, svc, "allowed_uids"),
+        allowed_gids=_ids(r, svc, "allowed_gids"),
         vms=vms,
         source=source,
     )

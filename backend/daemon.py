@@ -27,6 +27,7 @@ from .counters import Counters
 from .host import HostSide
 from .host_policy import HostPolicy
 from .service import Service
+from .statefile import StateFile, recover
 from .sysfs import SysfsSource
 
 __all__ = ["Daemon", "query_status"]
@@ -41,9 +42,11 @@ class Daemon:
         self.started = time.time()
         self.counters = Counters()  # service-wide: reloads, control requests
         self.source = SysfsSource(config.sysfs_root, nominal_khz=config.nominal_khz)
-        self.actuator = ThreadActuator(self.counters, dry_run=config.dry_run)
+        self.state = StateFile(config.state_file) if config.state_file else None
+        self.actuator = ThreadActuator(self.counters, dry_run=config.dry_run, state=self.state)
         self.policy = HostPolicy(self.actuator, config=config.engine)
-        self.service = Service(self.source, self.policy)
+        self.service = Service(self.source, self.policy, allowed_uids=config.allowed_uids,
+                               allowed_gids=config.allowed_gids)
         self.host = HostSide(self.service, self.source, self.policy)
         self._tasks: list[asyncio.Task[None]] = []
         self._control: asyncio.AbstractServer | None = None
@@ -53,6 +56,10 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
         inherited = dict(inherited or {})
+        if self.state is not None:
+            # A previous instance killed without cleanup left threads pinned/clamped: undo that first.
+            restored, gone = recover(self.state, self.actuator.restore_record)
+            self.counters.inc("recovered_threads", n=restored)
         # (sysfs logs its own degraded mode, once)
         if self.actuator.degraded:
             log.warning("util clamps degraded: %s", self.actuator.degraded)
@@ -113,7 +120,7 @@ class Daemon:
                 raise ConfigError("no configuration file to reload (started from flags)")
             new = load_config(self.config_path)
         old = self.config
-        fixed = ("sysfs_root", "control_socket", "metrics_address", "dry_run")
+        fixed = ("sysfs_root", "control_socket", "metrics_address", "dry_run", "state_file")
         for key in fixed:
             if getattr(new, key) != getattr(old, key):
                 raise ConfigError(f"{new.source}: service.{key}: cannot change on reload (restart the service)")
@@ -125,8 +132,8 @@ class Daemon:
             o = old.vms.get(name)
             if o == s:
                 continue
-            if o is not None and (o.socket, o.vcpus, o.pinning, o.socket_mode) != (s.socket, s.vcpus, s.pinning,
-                                                                                    s.socket_mode):
+            if o is not None and (o.socket, o.vcpus, o.pinning, o.socket_mode, o.socket_owner, o.socket_group) != (
+                    s.socket, s.vcpus, s.pinning, s.socket_mode, s.socket_owner, s.socket_group):
                 await self.host.remove_vm(name)
                 o = None
             if o is None:

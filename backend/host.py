@@ -14,6 +14,7 @@ told the new domain map through a config change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from dataclasses import dataclass
@@ -77,8 +78,10 @@ class HostSide:
         self.settings[s.name] = s
         self.plans[s.name] = plan
         self.policy.bind(s.name, plan.placements, s.limits)
-        slot = await self.service.add_vm(VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode,
-                                                  notify_interval, mirror_threshold), listen_sock=listen_sock)
+        slot = await self.service.add_vm(
+            VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,
+                     s.socket_owner, s.socket_group),
+            listen_sock=listen_sock)
         slot.log.info("pinning plan: %s", ", ".join(f"vCPU{v}->CPU{p}" for v, p in enumerate(plan.pinning)))
         return slot
 
@@ -154,8 +157,7 @@ class HostSide:
 
     def _replan_same(self, s: VmSettings, old: VmPlan) -> VmPlan:
         # Same pCPUs; domain indices may have shifted in the rebuilt snapshot.
-        return self.plan(VmSettings(s.name, s.socket, s.vcpus, s.qmp, old.pinning, s.limits, s.clamp, s.cgroup,
-                                    s.socket_mode), exclude_vm=s.name)
+        return self.plan(dataclasses.replace(s, pinning=old.pinning), exclude_vm=s.name)
 
     async def close(self) -> None:
         for t in list(self._tasks):

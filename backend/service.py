@@ -22,7 +22,7 @@ from .cpufreq_device import CpufreqDevice
 from .hostfreq import FrequencySource
 from .policy import Policy
 from .session import Session
-from .transport import Connection
+from .transport import Connection, peer_credentials
 
 __all__ = ["VmConfig", "VmSlot", "Service"]
 
@@ -45,6 +45,8 @@ class VmConfig:
     socket_mode: int = 0o600
     notify_interval: float = 0.01  # at most one CONFIG_CHANGE_MSG per interval
     mirror_threshold: float = 0.0  # fraction of a domain's max frequency
+    socket_owner: int | None = None
+    socket_group: int | None = None
 
 
 @dataclass(slots=True)
@@ -60,9 +62,13 @@ class VmSlot:
 
 
 class Service:
-    def __init__(self, source: FrequencySource, policy: Policy) -> None:
+    def __init__(self, source: FrequencySource, policy: Policy, *,
+                 allowed_uids: tuple[int, ...] | None = None, allowed_gids: tuple[int, ...] | None = None) -> None:
         self.source = source
         self.policy = policy
+        #: SO_PEERCRED allowlist: a peer whose uid or gid is listed may connect (None: no check)
+        self.allowed_uids = allowed_uids
+        self.allowed_gids = allowed_gids
         self.vms: dict[str, VmSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
@@ -78,7 +84,8 @@ class Service:
         vlog = VmLog(log, {"vm": cfg.name})
         device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
                                mirror_threshold=cfg.mirror_threshold)
-        sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode)
+        sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,
+                                                                   cfg.socket_owner, cfg.socket_group)
         sock.setblocking(False)
         slot = VmSlot(cfg, device, counters, vlog, server=sock)
         self.vms[cfg.name] = slot
@@ -94,6 +101,12 @@ class Service:
             return
         except OSError as exc:
             slot.log.warning("accept failed: %s", exc)
+            return
+        pid, uid, gid = peer_credentials(conn_sock)
+        if not self._peer_allowed(uid, gid):
+            slot.counters.inc("connections_refused", "peer-not-allowed")
+            slot.log.warning("refused a front-end: pid %d uid %d gid %d is not in the allowlist", pid, uid, gid)
+            conn_sock.close()
             return
         if slot.connection is not None:
             slot.counters.inc("connections_refused", "already-connected")
@@ -112,6 +125,11 @@ class Service:
         slot.log.info("front-end connected (pid %d, uid %d)", conn.peer_pid, conn.peer_uid)
         for hook in self.session_hooks:
             hook(slot, conn)
+
+    def _peer_allowed(self, uid: int, gid: int) -> bool:
+        if self.allowed_uids is None and self.allowed_gids is None:
+            return True
+        return uid in (self.allowed_uids or ()) or gid in (self.allowed_gids or ())
 
     def _closed(self, slot: VmSlot, conn: Connection) -> None:
         if slot.connection is conn:
@@ -147,9 +165,9 @@ class Service:
         return slot.connection
 
 
-def _listen(path: str, mode: int) -> socket.socket:
+def _listen(path: str, mode: int, owner: int | None = None, group: int | None = None) -> socket.socket:
     _unlink_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Create with the final mode already in place: no window where others may connect.
         old = os.umask(0o777 & ~mode)
@@ -157,6 +175,8 @@ def _listen(path: str, mode: int) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old)
+        if owner is not None or group is not None:
+            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
         sock.listen(4)
     except OSError:
         sock.close()

@@ -1,0 +1,167 @@
+"""Process faults and privilege: the real service binary, killed, restarted, run as non-root.
+
+The "QEMU" is this test process: two threads named like QEMU's vCPU threads,
+served through the in-process front-end.  The service is a separate process
+(``vhost-user-cpufreq serve --config``), so SIGKILL is real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .helpers import start_guest, until
+
+pytestmark = pytest.mark.root
+NOBODY = 65534
+
+
+@pytest.fixture
+def vcpu_threads() -> Iterator[list[int]]:
+    stop = threading.Event()
+    tids: list[int] = []
+    ready = threading.Barrier(3)
+
+    def body() -> None:
+        tids.append(threading.get_native_id())
+        ready.wait()
+        stop.wait()
+
+    ts = [threading.Thread(target=body, daemon=True) for _ in range(2)]
+    for t in ts:
+        t.start()
+    ready.wait()
+    tids.sort()
+    for i, tid in enumerate(tids):
+        Path(f"/proc/self/task/{tid}/comm").write_text(f"CPU {i}/KVM")
+    yield tids
+    stop.set()
+    for t in ts:
+        t.join()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged service can use (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="vuc-nobody-", dir="/tmp"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _config(d: Path, **service: object) -> Path:
+    lines = ["[service]", f'state_file = "{d}/state.json"', f'control_socket = "{d}/control.sock"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in service.items()]
+    lines += ["[vm.vm]", f'socket = "{d}/vm.sock"', "vcpus = 2", "pinning = [1, 0]", "socket_mode = 0o666"]
+    p = d / "config.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _exe() -> str:
+    return str(Path(sys.executable).with_name("vhost-user-cpufreq"))
+
+
+async def _start(cfg: Path, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([*(prefix or []), _exe(), "serve", "--config", str(cfg)], stderr=subprocess.PIPE)
+    sock = cfg.parent / "vm.sock"
+    await until(lambda: sock.exists() or p.poll() is not None, timeout=15, what="service socket")
+    assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+    return p
+
+
+def _affinity(tids: list[int]) -> list[set[int]]:
+    return [os.sched_getaffinity(t) for t in tids]
+
+
+async def test_sigkill_leaves_state_that_the_next_start_restores(tmp_path: Path, vcpu_threads: list[int]) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to see pinning")
+    original = _affinity(vcpu_threads)
+    cfg = _config(tmp_path)
+    svc = await _start(cfg)
+    g = await start_guest(str(tmp_path / "vm.sock"))
+    await until(lambda: _affinity(vcpu_threads) == [{1}, {0}], what="threads pinned by the service")
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert sorted(r["tid"] for r in state["threads"]) == vcpu_threads
+    svc.kill()  # no cleanup at all
+    svc.wait()
+    await g.close()
+    assert _affinity(vcpu_threads) == [{1}, {0}]  # stale: the killed service could not undo it
+    svc = await _start(cfg)
+    await until(lambda: _affinity(vcpu_threads) == original, what="recovery at start")
+    assert json.loads((tmp_path / "state.json").read_text()) == {"threads": []}
+    # The VM reconnects and is served (and pinned) again; SIGTERM then restores everything.
+    g = await start_guest(str(tmp_path / "vm.sock"))
+    await until(lambda: _affinity(vcpu_threads) == [{1}, {0}])
+    g.driver.set_util(0, 800)
+    g.driver.flush()
+    svc.send_signal(signal.SIGTERM)
+    assert svc.wait(timeout=15) == 0
+    assert _affinity(vcpu_threads) == original
+    assert json.loads((tmp_path / "state.json").read_text()) == {"threads": []}
+    await g.close()
+
+
+async def test_runs_as_nobody_with_only_cap_sys_nice(shared_dir: Path, vcpu_threads: list[int]) -> None:
+    tmp_path = shared_dir
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop privileges")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to see pinning")
+    original = _affinity(vcpu_threads)
+    cfg = _config(tmp_path)
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "--inh-caps=-all,+sys_nice", "--ambient-caps=-all,+sys_nice", "--bounding-set=-all,+sys_nice"]
+    svc = await _start(cfg, drop)
+    try:
+        status = Path(f"/proc/{svc.pid}/status").read_text()
+        assert f"Uid:\t{NOBODY}" in status
+        cap_eff = int(next(line for line in status.splitlines() if line.startswith("CapEff")).split()[1], 16)
+        assert cap_eff == 1 << 23  # CAP_SYS_NICE and nothing else
+        g = await start_guest(str(tmp_path / "vm.sock"))
+        # Root's threads, pinned by an unprivileged service: CAP_SYS_NICE is exactly what that needs.
+        await until(lambda: _affinity(vcpu_threads) == [{1}, {0}], what="pinned by the non-root service")
+        await g.close()
+        await until(lambda: _affinity(vcpu_threads) == original, what="restored on disconnect")
+    finally:
+        svc.send_signal(signal.SIGTERM)
+        svc.wait(timeout=15)
+
+
+async def test_without_cap_sys_nice_pinning_fails_cleanly_and_is_counted(shared_dir: Path,
+                                                                        vcpu_threads: list[int]) -> None:
+    tmp_path = shared_dir
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop privileges")
+    original = _affinity(vcpu_threads)
+    cfg = _config(tmp_path)
+    svc = await _start(cfg, ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                             "--inh-caps=-all", "--bounding-set=-all"])
+    try:
+        g = await start_guest(str(tmp_path / "vm.sock"))
+
+        def status() -> dict:  # type: ignore[type-arg]
+            from vhost_user_cpufreq.backend.daemon import query_status
+            return query_status(str(tmp_path / "control.sock"))
+
+        await until(lambda: any(k.startswith("pin_failed") for k in status()["counters"]), what="pin failures")
+        assert status()["counters"].get("pin_failed:eperm") == 2
+        assert _affinity(vcpu_threads) == original
+        g.driver.set_util(1, 500)
+        g.driver.flush()
+        await until(lambda: status()["vms"]["vm"]["vcpus"][1]["util"] == 500, what="records still served")
+        await g.close()
+    finally:
+        svc.send_signal(signal.SIGTERM)
+        svc.wait(timeout=15)

@@ -74,10 +74,27 @@ def _exe() -> str:
 
 async def _start(cfg: Path, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
     p = subprocess.Popen([*(prefix or []), _exe(), "serve", "--config", str(cfg)], stderr=subprocess.PIPE)
-    sock = cfg.parent / "vm.sock"
-    await until(lambda: sock.exists() or p.poll() is not None, timeout=15, what="service socket")
+    # Ready when the control socket answers (a killed instance leaves its socket files behind).
+    await until(lambda: _answers(cfg.parent / "control.sock") or p.poll() is not None, timeout=15,
+                what="service ready")
     assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
     return p
+
+
+def _answers(control: Path) -> bool:
+    from vhost_user_cpufreq.backend.daemon import query_status
+
+    try:
+        return "vms" in query_status(str(control), timeout=1)
+    except (OSError, ValueError):
+        return False
+
+
+def _state(d: Path) -> object:
+    try:
+        return json.loads((d / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _affinity(tids: list[int]) -> list[set[int]]:
@@ -100,7 +117,8 @@ async def test_sigkill_leaves_state_that_the_next_start_restores(tmp_path: Path,
     assert _affinity(vcpu_threads) == [{1}, {0}]  # stale: the killed service could not undo it
     svc = await _start(cfg)
     await until(lambda: _affinity(vcpu_threads) == original, what="recovery at start")
-    assert json.loads((tmp_path / "state.json").read_text()) == {"threads": []}
+    # The file is rewritten right after the threads are restored.
+    await until(lambda: _state(tmp_path) == {"threads": []}, what="state file emptied by recovery")
     # The VM reconnects and is served (and pinned) again; SIGTERM then restores everything.
     g = await start_guest(str(tmp_path / "vm.sock"))
     await until(lambda: _affinity(vcpu_threads) == [{1}, {0}])

@@ -104,7 +104,9 @@ class CpufreqDriver:
     async def remove(self) -> None:
         """Unbind: stop listening for config changes and drop the ring views."""
         self.t.set_config_callback(None)
-        self.__dict__.pop("queue", None)
+        # The ring's views pin the guest RAM mapping: drop them so RAM can be unmapped.
+        if hasattr(self, "queue"):
+            del self.queue
         if self._refresher is not None:
             self._refresher.cancel()
             try:

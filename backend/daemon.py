@@ -56,6 +56,11 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
         inherited = dict(inherited or {})
+        if self.config.metrics_address:
+            # First: a port in use must fail the start before any VM socket is bound.
+            from .metrics import start_metrics_server
+
+            self.metrics_server = start_metrics_server(self, self.config.metrics_address)
         if self.state is not None:
             # A previous instance killed without cleanup left threads pinned/clamped: undo that first.
             restored, gone = recover(self.state, self.actuator.restore_record)
@@ -73,10 +78,6 @@ class Daemon:
         self._tasks.append(loop.create_task(self.source.run(self.config.sample_period, rebuild_every=30.0)))
         if self.config.control_socket:
             self._control = await _control_server(self.config.control_socket, self._control_request)
-        if self.config.metrics_address:
-            from .metrics import start_metrics_server
-
-            self.metrics_server = start_metrics_server(self, self.config.metrics_address)
         interval = systemd.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
@@ -216,6 +217,7 @@ class Daemon:
             try:
                 return {"ok": True, "changes": await self.reload()}
             except ConfigError as exc:
+                self.counters.inc("reload_failed")
                 return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": f"unknown command {cmd!r} (try: status, reload)"}
 

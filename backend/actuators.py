@@ -151,16 +151,21 @@ class CgroupClampActuator:
         self.counters.inc("clamps_applied")
         return True
 
+    def restore(self, cgroup: Path) -> None:
+        value = self.originals.pop(cgroup, None)
+        self.values.pop(cgroup, None)
+        if value is None or self.dry_run:
+            return
+        try:
+            (cgroup / "cpu.uclamp.min").write_text(value + "\n")
+            self.counters.inc("restored")
+        except OSError as exc:
+            self.counters.inc("restore_failed", _errname(exc))
+            log.warning("could not restore %s: %s", cgroup, exc.strerror)
+
     def restore_all(self) -> None:
-        for cg, value in list(self.originals.items()):
-            try:
-                if not self.dry_run:
-                    (cg / "cpu.uclamp.min").write_text(value + "\n")
-            except OSError as exc:
-                self.counters.inc("restore_failed", _errname(exc))
-                log.warning("could not restore %s: %s", cg, exc.strerror)
-            self.originals.pop(cg)
-            self.values.pop(cg, None)
+        for cg in list(self.originals):
+            self.restore(cg)
 
 
 def _errname(exc: OSError) -> str:

@@ -29,6 +29,7 @@ from .config import ConfigError, ServiceConfig, VmSettings, load_config
 __all__ = ["main"]
 
 DEFAULT_CONTROL_SOCKET = "/run/vhost-user-cpufreq/control.sock"
+_SERVE_CONVENTIONS = {"--print-capabilities", "--socket-path", "--fd"}
 
 
 class _JournalFormatter(logging.Formatter):
@@ -84,17 +85,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         daemon = Daemon(cfg, config_path=args.config)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        started = asyncio.Event()
+
+        async def reload() -> None:
+            await started.wait()  # a SIGHUP during start applies once start is done
+            await daemon.reload_from_signal()
+
+        # Before start: READY=1 goes out inside start(), and systemd may signal right after it.
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
         try:
             await daemon.start(inherited)
         except (OSError, ValueError, ConfigError) as exc:
             print(f"vhost-user-cpufreq: cannot start: {exc}", file=sys.stderr)
             await daemon.stop()
             return 1
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(daemon.reload_from_signal()))
+        started.set()
         await stop.wait()
         await daemon.stop()
         return 0
@@ -173,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--config", help="take the control socket from this configuration file")
     st.add_argument("--json", action="store_true")
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The vhost-user spec's back-end conventions run `BINARY --print-capabilities` or
+    # `BINARY --socket-path=...`/`--fd=N` with no subcommand: those mean serve.
+    if argv and argv[0].startswith("--") and argv[0].split("=")[0] in _SERVE_CONVENTIONS:
+        argv.insert(0, "serve")
     args = p.parse_args(argv)
     _setup_logging(args.verbose if args.command != "demo" else args.verbose - 1)
     if args.command == "demo":

@@ -173,7 +173,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             raise r.fail(vp + "floor", f"{floor} is above ceiling {ceiling}")
         clamp = r.get(t, vp, "clamp", str, "thread", lambda v: v in ("thread", "cgroup", "none"),
                       '"thread", "cgroup" or "none"')
-        cgroup = r.get(t, vp, "cgroup", str, None, lambda v: "{vcpu}" in v, "a path template containing {vcpu}")
+        cgroup = r.get(t, vp, "cgroup", str, None, lambda v: ("{vcpu}" in v) != ("{domain}" in v),
+                       "a path template containing {vcpu} (one cgroup per vCPU) or {domain} (one per domain)")
         if clamp == "cgroup" and cgroup is None:
             raise r.fail(vp + "cgroup", 'is required with clamp = "cgroup"')
         vms[name] = VmSettings(

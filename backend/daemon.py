@@ -143,7 +143,8 @@ class Daemon:
             else:
                 # Limits, QMP socket, clamp mechanism: applied in place; the front-end stays connected.
                 self.host.settings[name] = s
-                b = self.policy.bind(name, self.host.plans[name].placements, s.limits)
+                b = self.policy.bind(name, self.host.plans[name].placements, s.limits,
+                                     cgroup=s.cgroup if s.clamp == "cgroup" else None)
                 if b.tids:
                     self.policy.attach_threads(name, b.tids)
                 changes.append(f"updated {name}")

@@ -89,6 +89,7 @@ class VcpuPlacement:
     pcpu_capacity: int
     vcpu_capacity: int
     max_khz: int
+    domain: int = 0  # host frequency domain of the pCPU (for per-domain cgroup clamps)
 
 
 @dataclass(frozen=True, slots=True)

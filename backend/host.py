@@ -32,6 +32,9 @@ __all__ = ["HostSide", "VmPlan"]
 
 log = logging.getLogger("vhost_user_cpufreq.host")
 
+#: How long to keep looking for a new QEMU's vCPU threads (it creates them after connecting).
+DISCOVERY_TIMEOUT = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class VmPlan:
@@ -69,19 +72,20 @@ class HostSide:
             doms.append(d)
             dom = snap.domains[d]
             # The guest is told its vCPU's capacity is its domain's (config space), so the two match.
-            places.append(VcpuPlacement(vcpu, pcpu, capacity.get(pcpu, 1024), dom.capacity, dom.max_khz))
+            places.append(VcpuPlacement(vcpu, pcpu, capacity.get(pcpu, 1024), dom.capacity, dom.max_khz, d))
         return VmPlan(pinning, tuple(doms), tuple(places))
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
                      listen_sock: socket.socket | None = None) -> VmSlot:
         plan = self.plan(s)
-        self.settings[s.name] = s
-        self.plans[s.name] = plan
-        self.policy.bind(s.name, plan.placements, s.limits)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,
                      s.socket_owner, s.socket_group),
             listen_sock=listen_sock)
+        # Recorded only once the socket is up: a VM that failed to start leaves nothing to undo.
+        self.settings[s.name] = s
+        self.plans[s.name] = plan
+        self.policy.bind(s.name, plan.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
         slot.log.info("pinning plan: %s", ", ".join(f"vCPU{v}->CPU{p}" for v, p in enumerate(plan.pinning)))
         return slot
 
@@ -102,12 +106,23 @@ class HostSide:
         task.add_done_callback(self._tasks.discard)
 
     async def _attach(self, slot: VmSlot, conn: Connection, s: VmSettings) -> None:
-        try:
-            tids = await discover_threads(conn.peer_pid, s.qmp)
-        except Exception as exc:  # noqa: BLE001 - a VM we cannot see into is served without clamps
-            slot.counters.inc("thread_discovery_failed", getattr(exc, "reason", type(exc).__name__))
-            slot.log.warning("no vCPU threads for pid %d: %s; serving without pinning or clamps", conn.peer_pid, exc)
-            return
+        # QEMU connects the vhost-user chardev while it realizes the device,
+        # before it creates its vCPU threads: look again until all are there.
+        tids: dict[int, int] = {}
+        delay = 0.05
+        deadline = asyncio.get_running_loop().time() + DISCOVERY_TIMEOUT
+        while not conn.closed.done():
+            try:
+                tids = await discover_threads(conn.peer_pid, s.qmp)
+            except Exception as exc:  # noqa: BLE001 - a VM we cannot see into is served without clamps
+                slot.counters.inc("thread_discovery_failed", getattr(exc, "reason", type(exc).__name__))
+                slot.log.warning("no vCPU threads for pid %d: %s; serving without pinning or clamps",
+                                 conn.peer_pid, exc)
+                return
+            if len(tids) >= s.vcpus or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
         if conn.closed.done():
             return
         if len(tids) != s.vcpus:
@@ -145,7 +160,7 @@ class HostSide:
             if new == old:
                 continue
             self.plans[name] = new
-            b = self.policy.bind(name, new.placements, s.limits)
+            b = self.policy.bind(name, new.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
             if b.tids:
                 self.policy.attach_threads(name, b.tids)
             slot = self.service.vms.get(name)

@@ -18,8 +18,10 @@ from typing import Callable, Sequence
 
 from vhost_user_cpufreq.protocol.cpufreq import Domain, Record
 
-from .actuators import ThreadActuator
-from .engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits
+from pathlib import Path
+
+from .actuators import CgroupClampActuator, ThreadActuator
+from .engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits, domain_clamps
 from .policy import Decision, schedutil_khz
 
 __all__ = ["HostPolicy", "VmBinding"]
@@ -34,6 +36,9 @@ class VmBinding:
     tids: dict[int, int] = field(default_factory=dict)  # vCPU -> thread id
     timer: asyncio.TimerHandle | None = None
     latest: dict[int, Decision] = field(default_factory=dict)
+    #: cgroup v2 path template: "{vcpu}" for one cgroup per vCPU (libvirt), "{domain}"
+    #: for one per frequency domain (the domain's clamp is the max of its vCPUs')
+    cgroup: str | None = None
 
 
 class HostPolicy:
@@ -43,17 +48,20 @@ class HostPolicy:
         *,
         config: EngineConfig = EngineConfig(),
         clock: Callable[[], float] = time.monotonic,
+        cgroups: CgroupClampActuator | None = None,
     ) -> None:
         self.actuator = actuator
+        self.cgroups = cgroups or CgroupClampActuator(actuator.counters, dry_run=actuator.dry_run)
         self.config = config
         self.clock = clock
         self.vms: dict[str, VmBinding] = {}
 
     # -- VM lifecycle ------------------------------------------------------------------
-    def bind(self, vm: str, placements: Sequence[VcpuPlacement], limits: VmLimits) -> VmBinding:
+    def bind(self, vm: str, placements: Sequence[VcpuPlacement], limits: VmLimits,
+             cgroup: str | None = None) -> VmBinding:
         """Set up (or replace) the engine of a VM; threads come with :meth:`attach_threads`."""
         old = self.vms.get(vm)
-        b = VmBinding(vm, ClampEngine(placements, limits, self.config))
+        b = VmBinding(vm, ClampEngine(placements, limits, self.config), cgroup=cgroup)
         if old is not None:
             b.tids = old.tids
             self._cancel(old)
@@ -77,6 +85,8 @@ class HostPolicy:
         self._apply(b, b.engine.release_all())
         for tid in b.tids.values():
             self.actuator.restore(tid)
+        for path in self._cgroup_paths(b).values():
+            self.cgroups.restore(path)
         b.tids.clear()
         b.latest.clear()
         self._cancel(b)
@@ -85,6 +95,7 @@ class HostPolicy:
         for vm in list(self.vms):
             self.detach(vm)
         self.actuator.restore_all()
+        self.cgroups.restore_all()
 
     # -- Policy interface ---------------------------------------------------------------
     def on_record(self, vm: str, record: Record, domain: Domain, now: float) -> Decision:
@@ -107,10 +118,33 @@ class HostPolicy:
 
     # -- internals --------------------------------------------------------------------------
     def _apply(self, b: VmBinding, changes: list[ClampChange]) -> None:
-        for c in changes:
-            tid = b.tids.get(c.vcpu)
-            if tid is not None:
-                self.actuator.clamp(tid, c.uclamp_min)
+        if not changes:
+            return
+        if b.cgroup is None:
+            for c in changes:
+                tid = b.tids.get(c.vcpu)
+                if tid is not None:
+                    self.actuator.clamp(tid, c.uclamp_min)
+            return
+        paths = self._cgroup_paths(b)
+        if "{domain}" in b.cgroup:
+            doms = {p.vcpu: p.domain for p in (b.engine.placement(v) for v in b.engine.vcpus)}
+            for d, value in domain_clamps(b.engine.vcpus, doms).items():
+                if self.cgroups.values.get(paths[d]) != value:
+                    self.cgroups.clamp(paths[d], value)
+        else:
+            for c in changes:
+                self.cgroups.clamp(paths[c.vcpu], c.uclamp_min)
+
+    @staticmethod
+    def _cgroup_paths(b: VmBinding) -> dict[int, Path]:
+        """vCPU (or domain) -> cgroup directory, from the VM's template."""
+        if b.cgroup is None:
+            return {}
+        if "{domain}" in b.cgroup:
+            doms = {b.engine.placement(v).domain for v in b.engine.vcpus}
+            return {d: Path(b.cgroup.format(domain=d)) for d in doms}
+        return {v: Path(b.cgroup.format(vcpu=v)) for v in b.engine.vcpus}
 
     def _arm(self, b: VmBinding) -> None:
         due = b.engine.next_deadline()

@@ -178,9 +178,9 @@ def _listen(path: str, mode: int, owner: int | None = None, group: int | None = 
         if owner is not None or group is not None:
             os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
         sock.listen(4)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
     return sock
 
 

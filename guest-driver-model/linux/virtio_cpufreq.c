@@ -1,0 +1,919 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * virtio_cpufreq - cpufreq driver for the vhost-user-cpufreq virtio device.
+ *
+ * The device (protocol/SPEC.md in the vhost-user-cpufreq project) mirrors
+ * the host's current/min/max frequency of every frequency domain the VM's
+ * vCPUs run in, in a 256-byte config space with a generation counter, and
+ * takes batches of per-vCPU utilisation records on one request queue.
+ *
+ * This driver registers a cpufreq driver with one policy per device domain.
+ * Frequency requests from the governor become records:
+ *
+ *   util     = request * 1024 / domain max (0..1024)
+ *   perf_khz = request in kHz, if VIRTIO_CPUFREQ_F_PERF_REQUEST was negotiated
+ *
+ * ->fast_switch() runs in scheduler context: it only stores the record in a
+ * per-vCPU slot (one atomic word) and queues an irq_work.  The irq_work
+ * collects every pending slot into one preallocated batch buffer, adds it to
+ * the queue and notifies the device only when VIRTIO_RING_F_EVENT_IDX says
+ * the device wants a notification.  Used buffers are reclaimed when the next
+ * batch is built; the queue has no callback and its interrupts stay off.
+ *
+ * The config space is read at probe and after a configuration change
+ * notification only: with QEMU's generic vhost-user device every 32-bit
+ * config read is a GET_CONFIG round trip to the device back-end.
+ * ->get() answers from the cached copy (sysfs cpuinfo_cur_freq shows the
+ * host's current frequency); scaling_cur_freq shows the last request, as
+ * for every fast-switching cpufreq driver.
+ *
+ * Assumption: Linux CPU number N is vCPU N (true for QEMU x86 and arm64
+ * guests with the default topology).
+ *
+ * Written for Linux 7.3; license GPL-2.0.
+ */
+
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/atomic.h>
+#include <linux/cpufreq.h>
+#include <linux/cpumask.h>
+#include <linux/irq_work.h>
+#include <linux/kernel_stat.h>
+#include <linux/ktime.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/scatterlist.h>
+#include <linux/slab.h>
+#include <linux/spinlock.h>
+#include <linux/timer.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
+#include <linux/virtio_ring.h>
+#include <linux/workqueue.h>
+
+/*
+ * The project's default device id.  OASIS assigned 38 to a "parameter
+ * server" device that neither QEMU nor Linux implements; QEMU's generic
+ * vhost-user-test-device only accepts ids from its name table, so the
+ * project uses 38 (QEMU: virtio-id=38, PCI device 0x1066).  Both sides
+ * must agree; change it here (id tables are static) if the deployment
+ * uses another id.
+ */
+#define VIRTIO_ID_CPUFREQ		38
+
+#define VIRTIO_CPUFREQ_F_PERF_REQUEST	0
+
+#define VCF_CONFIG_SIZE			256
+#define VCF_MAX_DOMAINS			8
+#define VCF_MAX_RUNS			56
+#define VCF_MAX_RECORDS			256
+#define VCF_UTIL_SCALE			1024
+#define VCF_BATCH_F_RESYNC		(1 << 0)
+
+struct virtio_cpufreq_domain {
+	__le32 cur_khz;
+	__le32 min_khz;
+	__le32 max_khz;
+	__le16 capacity;
+	__le16 reserved;
+} __packed;
+
+struct virtio_cpufreq_run {
+	u8 domain;
+	u8 count;
+} __packed;
+
+struct virtio_cpufreq_config {
+	__le32 generation;
+	__le16 num_domains;
+	__le16 num_vcpus;
+	__le32 flags;
+	__le16 num_runs;
+	__le16 max_batch;
+	struct virtio_cpufreq_domain domains[VCF_MAX_DOMAINS];
+	struct virtio_cpufreq_run runs[VCF_MAX_RUNS];
+} __packed;
+
+struct virtio_cpufreq_record {
+	__le16 vcpu;
+	__le16 util;
+	__le32 perf_khz;
+} __packed;
+
+struct virtio_cpufreq_batch {
+	__le32 seq;
+	__le16 num_records;
+	__le16 flags;
+	__le64 timestamp_ns;
+	struct virtio_cpufreq_record records[];
+} __packed;
+
+static_assert(sizeof(struct virtio_cpufreq_config) == VCF_CONFIG_SIZE);
+static_assert(offsetof(struct virtio_cpufreq_config, domains) == 16);
+static_assert(offsetof(struct virtio_cpufreq_config, runs) == 144);
+static_assert(sizeof(struct virtio_cpufreq_batch) == 16);
+static_assert(sizeof(struct virtio_cpufreq_record) == 8);
+
+/* -- module parameters ------------------------------------------------------ */
+
+static unsigned int table_steps = 16;
+module_param(table_steps, uint, 0444);
+MODULE_PARM_DESC(table_steps, "frequency table entries per domain, evenly spaced from min to max (2..64)");
+
+static unsigned int rate_limit_us = 1000;
+module_param(rate_limit_us, uint, 0444);
+MODULE_PARM_DESC(rate_limit_us, "policy transition_delay_us: how often schedutil may ask for a new frequency");
+
+static unsigned int util_threshold = 4;
+module_param(util_threshold, uint, 0644);
+MODULE_PARM_DESC(util_threshold, "send a vCPU's record only when its util moved by more than this (0..1024)");
+
+static unsigned int refresh_ms = 200;
+module_param(refresh_ms, uint, 0644);
+MODULE_PARM_DESC(refresh_ms, "re-send the request of a busy vCPU whose governor stayed silent this long (0: never)");
+
+static unsigned int num_buffers = 32;
+module_param(num_buffers, uint, 0444);
+MODULE_PARM_DESC(num_buffers, "preallocated batch buffers (capped by the queue size)");
+
+/* -- driver state ----------------------------------------------------------- */
+
+struct vcf_domain {
+	unsigned int index;
+	u32 cur_khz;		/* mirror of the device; read locklessly */
+	u32 min_khz;
+	u32 max_khz;
+	u16 capacity;
+	cpumask_var_t cpus;	/* CPUs (vCPUs) mapped to this domain */
+};
+
+/* slot value: 0 = nothing pending, else VCF_SLOT_VALID | util << 32 | perf_khz */
+#define VCF_SLOT_VALID		BIT_ULL(63)
+
+struct vcf_vcpu {
+	atomic64_t pending;	/* written by the governor, taken by the flusher */
+	u64 last;		/* last value queued (flusher, under vi->lock) */
+	unsigned long last_jiffies;
+	u64 idle_us;		/* for the refresh timer */
+	u64 wall_us;
+	int last_util;		/* last util accepted by vcf_request(); -1: none */
+};
+
+struct vcf_dev {
+	struct virtio_device *vdev;
+	struct virtqueue *vq;
+	bool perf_request;
+
+	/* config mirror */
+	u32 generation;
+	u32 cfg_flags;
+	unsigned int num_domains;
+	unsigned int num_vcpus;
+	unsigned int max_batch;
+	struct vcf_domain domains[VCF_MAX_DOMAINS];
+	u8 *vcpu_domain;	/* [num_vcpus] */
+	struct vcf_vcpu *vcpus;	/* [num_vcpus] */
+
+	/* request queue, all under lock */
+	spinlock_t lock;
+	void **free_bufs;
+	unsigned int nr_free;
+	unsigned int nr_bufs;
+	size_t buf_size;
+	unsigned int recs_per_buf;
+	u32 seq;
+	bool resync;
+	bool starved;
+
+	struct irq_work flush_work;
+	struct timer_list timer;	/* refresh, and retry when starved */
+	struct work_struct config_work;
+	struct mutex config_lock;
+	bool removing;
+
+	/* statistics (sysfs) */
+	atomic64_t stat_requests;
+	u64 stat_batches;
+	u64 stat_records;
+	u64 stat_notifies;
+	u64 stat_refreshes;
+	u64 stat_starved;
+	u64 stat_add_errors;
+	atomic64_t stat_config_reads;
+	atomic64_t stat_config_changes;
+	atomic64_t stat_range_changes;
+};
+
+/* cpufreq has one driver for the whole system: at most one device is used. */
+static struct vcf_dev *vcf;
+static DEFINE_MUTEX(vcf_probe_lock);
+
+/* -- config space ----------------------------------------------------------- */
+
+/*
+ * Read @len bytes (a multiple of 4) at @off in 32-bit accesses: one
+ * GET_CONFIG each with the generic vhost-user device.
+ */
+static void vcf_read_dwords(struct vcf_dev *vi, unsigned int off, void *buf, size_t len)
+{
+	__virtio_cread_many(vi->vdev, off, buf, len / 4, 4);
+	atomic64_add(len / 4, &vi->stat_config_reads);
+}
+
+/*
+ * A consistent snapshot of the header and the domains (and the runs when
+ * @runs): generation, fields, generation again; retried while they differ.
+ */
+static int vcf_read_config(struct vcf_dev *vi, struct virtio_cpufreq_config *cfg, bool runs)
+{
+	unsigned int tries, ndom, nruns;
+	__le32 gen2;
+
+	for (tries = 0; tries < 16; tries++) {
+		memset(cfg, 0, sizeof(*cfg));
+		vcf_read_dwords(vi, 0, cfg, offsetof(struct virtio_cpufreq_config, domains));
+		ndom = le16_to_cpu(cfg->num_domains);
+		nruns = le16_to_cpu(cfg->num_runs);
+		if (ndom < 1 || ndom > VCF_MAX_DOMAINS || nruns > VCF_MAX_RUNS)
+			goto recheck;
+		vcf_read_dwords(vi, offsetof(struct virtio_cpufreq_config, domains), cfg->domains,
+				ndom * sizeof(cfg->domains[0]));
+		if (runs && nruns)
+			vcf_read_dwords(vi, offsetof(struct virtio_cpufreq_config, runs), cfg->runs,
+					round_up(nruns * sizeof(cfg->runs[0]), 4));
+recheck:
+		vcf_read_dwords(vi, 0, &gen2, sizeof(gen2));
+		if (gen2 != cfg->generation)
+			continue;	/* torn read */
+		if (ndom < 1 || ndom > VCF_MAX_DOMAINS || nruns > VCF_MAX_RUNS) {
+			dev_err(&vi->vdev->dev, "bad config: %u domains, %u runs\n", ndom, nruns);
+			return -EINVAL;
+		}
+		return 0;
+	}
+	dev_err(&vi->vdev->dev, "config generation never settled\n");
+	return -EIO;
+}
+
+static int vcf_parse_domains(struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg)
+{
+	unsigned int i;
+
+	for (i = 0; i < vi->num_domains; i++) {
+		const struct virtio_cpufreq_domain *c = &cfg->domains[i];
+		u32 min = le32_to_cpu(c->min_khz), max = le32_to_cpu(c->max_khz);
+
+		if (!max || min > max) {
+			dev_err(&vi->vdev->dev, "domain %u: bad range %u..%u kHz\n", i, min, max);
+			return -EINVAL;
+		}
+		vi->domains[i].index = i;
+		vi->domains[i].cur_khz = clamp(le32_to_cpu(c->cur_khz), min, max);
+		vi->domains[i].min_khz = min;
+		vi->domains[i].max_khz = max;
+		vi->domains[i].capacity = le16_to_cpu(c->capacity);
+	}
+	return 0;
+}
+
+/* Probe: the whole layout, including the vCPU-to-domain runs. */
+static int vcf_init_config(struct vcf_dev *vi)
+{
+	struct virtio_cpufreq_config *cfg;
+	unsigned int i, j, v, nruns;
+	int err;
+
+	cfg = kzalloc(sizeof(*cfg), GFP_KERNEL);
+	if (!cfg)
+		return -ENOMEM;
+	err = vcf_read_config(vi, cfg, true);
+	if (err)
+		goto out;
+
+	vi->generation = le32_to_cpu(cfg->generation);
+	vi->cfg_flags = le32_to_cpu(cfg->flags);
+	vi->num_domains = le16_to_cpu(cfg->num_domains);
+	vi->num_vcpus = le16_to_cpu(cfg->num_vcpus);
+	vi->max_batch = le16_to_cpu(cfg->max_batch);
+	nruns = le16_to_cpu(cfg->num_runs);
+	if (!vi->num_vcpus || !vi->max_batch) {
+		dev_err(&vi->vdev->dev, "bad config: %u vCPUs, max_batch %u\n", vi->num_vcpus, vi->max_batch);
+		err = -EINVAL;
+		goto out;
+	}
+	err = vcf_parse_domains(vi, cfg);
+	if (err)
+		goto out;
+
+	vi->vcpu_domain = kcalloc(vi->num_vcpus, sizeof(*vi->vcpu_domain), GFP_KERNEL);
+	if (!vi->vcpu_domain) {
+		err = -ENOMEM;
+		goto out;
+	}
+	for (i = 0, v = 0; i < nruns; i++) {
+		unsigned int dom = cfg->runs[i].domain, count = cfg->runs[i].count;
+
+		if (dom >= vi->num_domains || v + count > vi->num_vcpus) {
+			dev_err(&vi->vdev->dev, "bad run %u: domain %u count %u\n", i, dom, count);
+			err = -EINVAL;
+			goto out;
+		}
+		for (j = 0; j < count; j++, v++) {
+			vi->vcpu_domain[v] = dom;
+			if (v < nr_cpu_ids)
+				cpumask_set_cpu(v, vi->domains[dom].cpus);
+		}
+	}
+	if (v != vi->num_vcpus) {
+		dev_err(&vi->vdev->dev, "runs cover %u vCPUs, header says %u\n", v, vi->num_vcpus);
+		err = -EINVAL;
+	}
+out:
+	kfree(cfg);
+	return err;
+}
+
+/* After a configuration change notification: refresh the frequency mirror. */
+static void vcf_config_work(struct work_struct *work)
+{
+	struct vcf_dev *vi = container_of(work, struct vcf_dev, config_work);
+	struct virtio_cpufreq_config *cfg;
+	unsigned int i;
+	u32 gen;
+
+	cfg = kzalloc(sizeof(*cfg), GFP_KERNEL);
+	if (!cfg)
+		return;
+	mutex_lock(&vi->config_lock);
+	if (vi->removing || vcf_read_config(vi, cfg, false))
+		goto out;
+	gen = le32_to_cpu(cfg->generation);
+	if (gen == vi->generation)
+		goto out;	/* nothing new */
+	if (le16_to_cpu(cfg->num_domains) != vi->num_domains ||
+	    le16_to_cpu(cfg->num_vcpus) != vi->num_vcpus) {
+		dev_warn(&vi->vdev->dev,
+			 "topology changed (%u domains, %u vCPUs); rebind the driver to use it\n",
+			 le16_to_cpu(cfg->num_domains), le16_to_cpu(cfg->num_vcpus));
+		goto out;
+	}
+	for (i = 0; i < vi->num_domains; i++) {
+		struct vcf_domain *d = &vi->domains[i];
+		const struct virtio_cpufreq_domain *c = &cfg->domains[i];
+		u32 min = le32_to_cpu(c->min_khz), max = le32_to_cpu(c->max_khz);
+
+		if (min != d->min_khz || max != d->max_khz) {
+			/* The frequency table stays; requests keep their meaning. */
+			atomic64_inc(&vi->stat_range_changes);
+			dev_info_ratelimited(&vi->vdev->dev,
+					     "domain %u range now %u..%u kHz (table keeps %u..%u)\n",
+					     i, min, max, d->min_khz, d->max_khz);
+		}
+		WRITE_ONCE(d->cur_khz, le32_to_cpu(c->cur_khz));
+	}
+	vi->generation = gen;
+	vi->cfg_flags = le32_to_cpu(cfg->flags);
+	atomic64_inc(&vi->stat_config_changes);
+out:
+	mutex_unlock(&vi->config_lock);
+	kfree(cfg);
+}
+
+static void vcf_config_changed(struct virtio_device *vdev)
+{
+	struct vcf_dev *vi = vdev->priv;
+
+	/* May run in interrupt context; config reads sleep. */
+	schedule_work(&vi->config_work);
+}
+
+/* -- request queue ---------------------------------------------------------- */
+
+static void vcf_reclaim_locked(struct vcf_dev *vi)
+{
+	unsigned int len;
+	void *buf;
+
+	while ((buf = virtqueue_get_buf(vi->vq, &len)) != NULL)
+		vi->free_bufs[vi->nr_free++] = buf;
+}
+
+/*
+ * Turn pending slots into batches.  Called with vi->lock held; returns
+ * true when the device should be notified (after the lock is dropped).
+ */
+static bool vcf_flush_locked(struct vcf_dev *vi)
+{
+	bool added = false;
+	unsigned int v = 0;
+
+	vcf_reclaim_locked(vi);
+	while (v < vi->num_vcpus) {
+		struct virtio_cpufreq_batch *b;
+		struct scatterlist sg;
+		unsigned int n = 0;
+		int err;
+
+		if (!vi->nr_free) {
+			/* Every buffer is with the device: retry shortly. */
+			if (!vi->starved) {
+				vi->starved = true;
+				vi->stat_starved++;
+			}
+			break;
+		}
+		b = vi->free_bufs[vi->nr_free - 1];
+		for (; v < vi->num_vcpus && n < vi->recs_per_buf; v++) {
+			u64 val = atomic64_xchg(&vi->vcpus[v].pending, 0);
+
+			if (!val)
+				continue;
+			b->records[n].vcpu = cpu_to_le16(v);
+			b->records[n].util = cpu_to_le16((val >> 32) & 0xffff);
+			b->records[n].perf_khz = vi->perf_request ? cpu_to_le32((u32)val) : 0;
+			vi->vcpus[v].last = val;
+			vi->vcpus[v].last_jiffies = jiffies;
+			n++;
+		}
+		if (!n)
+			break;
+		b->seq = cpu_to_le32(vi->seq);
+		b->num_records = cpu_to_le16(n);
+		b->flags = cpu_to_le16(vi->resync ? VCF_BATCH_F_RESYNC : 0);
+		b->timestamp_ns = cpu_to_le64(ktime_get_ns());
+		sg_init_one(&sg, b, sizeof(*b) + n * sizeof(b->records[0]));
+		err = virtqueue_add_outbuf(vi->vq, &sg, 1, b, GFP_ATOMIC);
+		if (err) {
+			/* Cannot happen with nr_bufs <= ring size unless the device broke. */
+			vi->stat_add_errors++;
+			break;
+		}
+		vi->nr_free--;
+		vi->seq++;
+		vi->resync = false;
+		vi->starved = false;
+		vi->stat_batches++;
+		vi->stat_records += n;
+		added = true;
+	}
+	return added && virtqueue_kick_prepare(vi->vq);
+}
+
+static void vcf_flush(struct vcf_dev *vi)
+{
+	unsigned long flags;
+	bool notify, starved;
+
+	spin_lock_irqsave(&vi->lock, flags);
+	notify = vcf_flush_locked(vi);
+	if (notify)
+		vi->stat_notifies++;
+	starved = vi->starved;
+	spin_unlock_irqrestore(&vi->lock, flags);
+	if (notify)
+		virtqueue_notify(vi->vq);
+	if ((starved || refresh_ms) && !timer_pending(&vi->timer) && !READ_ONCE(vi->removing))
+		mod_timer(&vi->timer, jiffies + (starved ? 1 : msecs_to_jiffies(refresh_ms ?: 1)));
+}
+
+static void vcf_flush_irq_work(struct irq_work *work)
+{
+	vcf_flush(container_of(work, struct vcf_dev, flush_work));
+}
+
+/*
+ * Refresh: the device drops a vCPU's request after its decay period, but
+ * schedutil stays silent while its answer does not change.  Re-send the last
+ * request of each vCPU that was mostly busy since the last look and asked
+ * for more than its domain's minimum.
+ */
+static bool vcf_refresh(struct vcf_dev *vi)
+{
+	unsigned long now = jiffies, period = msecs_to_jiffies(refresh_ms);
+	bool active = false, queued = false;
+	unsigned int v;
+
+	for (v = 0; v < vi->num_vcpus && v < nr_cpu_ids; v++) {
+		struct vcf_vcpu *c = &vi->vcpus[v];
+		const struct vcf_domain *d = &vi->domains[vi->vcpu_domain[v]];
+		u64 last = READ_ONCE(c->last), wall, idle;
+		bool busy = true;
+
+		if (!last || (u32)last <= d->min_khz || !cpu_online(v))
+			continue;
+		active = true;
+		idle = get_cpu_idle_time_us(v, &wall);
+		if (idle != (u64)-1) {
+			u64 dw = wall - c->wall_us, di = idle - c->idle_us;
+
+			c->wall_us = wall;
+			c->idle_us = idle;
+			busy = dw && di * 2 < dw;
+		}
+		if (!busy || time_before(now, READ_ONCE(c->last_jiffies) + period))
+			continue;
+		if (atomic64_cmpxchg(&c->pending, 0, last) == 0) {
+			vi->stat_refreshes++;
+			queued = true;
+		}
+	}
+	return queued || active;
+}
+
+static void vcf_timer_fn(struct timer_list *t)
+{
+	struct vcf_dev *vi = timer_container_of(vi, t, timer);
+	bool rearm = READ_ONCE(vi->starved);
+
+	if (READ_ONCE(vi->removing))
+		return;
+	if (refresh_ms && vcf_refresh(vi))
+		rearm = true;
+	vcf_flush(vi);
+	if (rearm && !timer_pending(&vi->timer))
+		mod_timer(&vi->timer, jiffies + msecs_to_jiffies(refresh_ms ?: 4));
+}
+
+/* Record a request for @cpu; true if it should be sent. */
+static bool vcf_request(struct vcf_dev *vi, unsigned int cpu, const struct vcf_domain *d,
+			unsigned int khz)
+{
+	struct vcf_vcpu *c;
+	unsigned int util;
+
+	if (cpu >= vi->num_vcpus)
+		return false;
+	c = &vi->vcpus[cpu];
+	util = min_t(u64, div_u64((u64)khz * VCF_UTIL_SCALE, d->max_khz), VCF_UTIL_SCALE);
+	if (c->last_util >= 0) {
+		int delta = abs((int)util - c->last_util);
+		/* The extremes always go out, so small steps cannot stop short of them. */
+		bool extreme = util == VCF_UTIL_SCALE || khz <= d->min_khz;
+
+		if (!delta || (delta <= (int)READ_ONCE(util_threshold) && !extreme))
+			return false;
+	}
+	c->last_util = util;
+	atomic64_set(&c->pending, VCF_SLOT_VALID | (u64)util << 32 | khz);
+	atomic64_inc(&vi->stat_requests);
+	return true;
+}
+
+/* -- cpufreq driver --------------------------------------------------------- */
+
+static unsigned int vcf_fast_switch(struct cpufreq_policy *policy, unsigned int target_freq)
+{
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	unsigned int cpu = smp_processor_id();
+
+	if (!cpumask_test_cpu(cpu, policy->cpus))
+		cpu = policy->cpu;
+	if (vcf_request(vi, cpu, policy->driver_data, target_freq))
+		irq_work_queue(&vi->flush_work);
+	return target_freq;
+}
+
+static int vcf_target_index(struct cpufreq_policy *policy, unsigned int index)
+{
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	unsigned int freq = policy->freq_table[index].frequency, cpu;
+	bool any = false;
+
+	for_each_cpu(cpu, policy->cpus)
+		any |= vcf_request(vi, cpu, policy->driver_data, freq);
+	if (any)
+		vcf_flush(vi);
+	return 0;
+}
+
+static unsigned int vcf_get(unsigned int cpu)
+{
+	struct vcf_dev *vi = READ_ONCE(vcf);
+
+	if (!vi || cpu >= vi->num_vcpus)
+		return 0;
+	return READ_ONCE(vi->domains[vi->vcpu_domain[cpu]].cur_khz);
+}
+
+static int vcf_verify(struct cpufreq_policy_data *policy)
+{
+	return cpufreq_generic_frequency_table_verify(policy);
+}
+
+static int vcf_cpu_init(struct cpufreq_policy *policy)
+{
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	struct cpufreq_frequency_table *table;
+	struct vcf_domain *d;
+	unsigned int steps, i, n = 0;
+
+	if (!vi || policy->cpu >= vi->num_vcpus)
+		return -ENODEV;
+	d = &vi->domains[vi->vcpu_domain[policy->cpu]];
+
+	steps = clamp(table_steps, 2U, 64U);
+	if (d->min_khz == d->max_khz)
+		steps = 1;
+	table = kcalloc(steps + 1, sizeof(*table), GFP_KERNEL);
+	if (!table)
+		return -ENOMEM;
+	for (i = 0; i < steps; i++) {
+		u32 f = steps == 1 ? d->max_khz :
+			d->min_khz + div_u64((u64)(d->max_khz - d->min_khz) * i, steps - 1);
+
+		if (n && table[n - 1].frequency == f)
+			continue;
+		table[n].driver_data = i;
+		table[n++].frequency = f;
+	}
+	table[n].frequency = CPUFREQ_TABLE_END;
+
+	policy->freq_table = table;
+	policy->driver_data = d;
+	cpumask_copy(policy->cpus, d->cpus);
+	policy->cpuinfo.transition_latency = 10 * NSEC_PER_USEC;
+	policy->transition_delay_us = rate_limit_us;
+	policy->fast_switch_possible = true;
+	/*
+	 * Requests are made on the vCPU they are for, so the host can see
+	 * which vCPU thread asked (as with Linux's virtual-cpufreq).
+	 */
+	policy->dvfs_possible_from_any_cpu = false;
+	policy->cur = READ_ONCE(d->cur_khz);
+	return 0;
+}
+
+static void vcf_cpu_exit(struct cpufreq_policy *policy)
+{
+	kfree(policy->freq_table);
+	policy->freq_table = NULL;
+}
+
+static struct cpufreq_driver vcf_cpufreq_driver = {
+	.name		= "virtio-cpufreq",
+	.flags		= CPUFREQ_CONST_LOOPS,
+	.init		= vcf_cpu_init,
+	.exit		= vcf_cpu_exit,
+	.verify		= vcf_verify,
+	.target_index	= vcf_target_index,
+	.fast_switch	= vcf_fast_switch,
+	.get		= vcf_get,
+};
+
+/* -- sysfs statistics (under the virtio device) ------------------------------ */
+
+static struct vcf_dev *dev_to_vcf(struct device *dev)
+{
+	return dev_to_virtio(dev)->priv;
+}
+
+#define VCF_STAT_ATTR(_name, _expr)						\
+static ssize_t _name##_show(struct device *dev, struct device_attribute *attr,	\
+			    char *buf)						\
+{										\
+	struct vcf_dev *vi = dev_to_vcf(dev);					\
+	return sysfs_emit(buf, "%llu\n", (unsigned long long)(_expr));		\
+}										\
+static DEVICE_ATTR_RO(_name)
+
+VCF_STAT_ATTR(requests, atomic64_read(&vi->stat_requests));
+VCF_STAT_ATTR(batches, READ_ONCE(vi->stat_batches));
+VCF_STAT_ATTR(records, READ_ONCE(vi->stat_records));
+VCF_STAT_ATTR(notifies, READ_ONCE(vi->stat_notifies));
+VCF_STAT_ATTR(refreshes, READ_ONCE(vi->stat_refreshes));
+VCF_STAT_ATTR(starved, READ_ONCE(vi->stat_starved));
+VCF_STAT_ATTR(add_errors, READ_ONCE(vi->stat_add_errors));
+VCF_STAT_ATTR(config_reads, atomic64_read(&vi->stat_config_reads));
+VCF_STAT_ATTR(config_changes, atomic64_read(&vi->stat_config_changes));
+VCF_STAT_ATTR(range_changes, atomic64_read(&vi->stat_range_changes));
+VCF_STAT_ATTR(generation, READ_ONCE(vi->generation));
+VCF_STAT_ATTR(seq, READ_ONCE(vi->seq));
+
+static struct attribute *vcf_stat_attrs[] = {
+	&dev_attr_requests.attr,
+	&dev_attr_batches.attr,
+	&dev_attr_records.attr,
+	&dev_attr_notifies.attr,
+	&dev_attr_refreshes.attr,
+	&dev_attr_starved.attr,
+	&dev_attr_add_errors.attr,
+	&dev_attr_config_reads.attr,
+	&dev_attr_config_changes.attr,
+	&dev_attr_range_changes.attr,
+	&dev_attr_generation.attr,
+	&dev_attr_seq.attr,
+	NULL,
+};
+
+static const struct attribute_group vcf_stat_group = {
+	.name = "cpufreq",
+	.attrs = vcf_stat_attrs,
+};
+
+/* -- virtio driver ---------------------------------------------------------- */
+
+static void vcf_free(struct vcf_dev *vi)
+{
+	unsigned int i;
+
+	if (vi->free_bufs) {
+		for (i = 0; i < vi->nr_free; i++)
+			kfree(vi->free_bufs[i]);
+		kfree(vi->free_bufs);
+	}
+	for (i = 0; i < VCF_MAX_DOMAINS; i++)
+		free_cpumask_var(vi->domains[i].cpus);
+	kfree(vi->vcpus);
+	kfree(vi->vcpu_domain);
+	kfree(vi);
+}
+
+static int vcf_alloc_buffers(struct vcf_dev *vi)
+{
+	unsigned int i, ring = virtqueue_get_vring_size(vi->vq);
+
+	vi->recs_per_buf = min3(vi->num_vcpus, vi->max_batch, (unsigned int)VCF_MAX_RECORDS);
+	vi->buf_size = sizeof(struct virtio_cpufreq_batch) +
+		       vi->recs_per_buf * sizeof(struct virtio_cpufreq_record);
+	/* One descriptor per buffer: never more buffers than ring entries. */
+	vi->nr_bufs = clamp(num_buffers, 2U, max(ring, 2U));
+	vi->nr_bufs = min(vi->nr_bufs, ring);
+	vi->free_bufs = kcalloc(vi->nr_bufs, sizeof(void *), GFP_KERNEL);
+	if (!vi->free_bufs)
+		return -ENOMEM;
+	for (i = 0; i < vi->nr_bufs; i++) {
+		vi->free_bufs[i] = kzalloc(vi->buf_size, GFP_KERNEL);
+		if (!vi->free_bufs[i])
+			return -ENOMEM;
+		vi->nr_free++;
+	}
+	return 0;
+}
+
+/* After the device stopped: get every buffer back into the free list. */
+static void vcf_take_back_buffers(struct vcf_dev *vi)
+{
+	void *buf;
+
+	vcf_reclaim_locked(vi);
+	while ((buf = virtqueue_detach_unused_buf(vi->vq)) != NULL)
+		vi->free_bufs[vi->nr_free++] = buf;
+}
+
+static int vcf_probe(struct virtio_device *vdev)
+{
+	struct vcf_dev *vi;
+	unsigned int i;
+	int err;
+
+	if (!vdev->config->get) {
+		dev_err(&vdev->dev, "config access disabled\n");
+		return -EINVAL;
+	}
+
+	mutex_lock(&vcf_probe_lock);
+	if (vcf) {
+		dev_warn(&vdev->dev, "a cpufreq device is bound already; ignoring this one\n");
+		err = -EBUSY;
+		goto unlock;
+	}
+
+	vi = kzalloc(sizeof(*vi), GFP_KERNEL);
+	if (!vi) {
+		err = -ENOMEM;
+		goto unlock;
+	}
+	vi->vdev = vdev;
+	vdev->priv = vi;
+	spin_lock_init(&vi->lock);
+	mutex_init(&vi->config_lock);
+	init_irq_work(&vi->flush_work, vcf_flush_irq_work);
+	timer_setup(&vi->timer, vcf_timer_fn, 0);
+	INIT_WORK(&vi->config_work, vcf_config_work);
+	for (i = 0; i < VCF_MAX_DOMAINS; i++) {
+		if (!zalloc_cpumask_var(&vi->domains[i].cpus, GFP_KERNEL)) {
+			err = -ENOMEM;
+			goto free;
+		}
+	}
+
+	err = vcf_init_config(vi);
+	if (err)
+		goto free;
+	vi->perf_request = virtio_has_feature(vdev, VIRTIO_CPUFREQ_F_PERF_REQUEST);
+
+	vi->vcpus = kcalloc(vi->num_vcpus, sizeof(*vi->vcpus), GFP_KERNEL);
+	if (!vi->vcpus) {
+		err = -ENOMEM;
+		goto free;
+	}
+	for (i = 0; i < vi->num_vcpus; i++)
+		vi->vcpus[i].last_util = -1;
+
+	/* No callback: used buffers are reclaimed when the next batch goes out. */
+	vi->vq = virtio_find_single_vq(vdev, NULL, "requests");
+	if (IS_ERR(vi->vq)) {
+		err = PTR_ERR(vi->vq);
+		vi->vq = NULL;
+		goto free;
+	}
+	virtqueue_disable_cb(vi->vq);
+	err = vcf_alloc_buffers(vi);
+	if (err)
+		goto del_vqs;
+
+	vi->seq = 0;
+	vi->resync = true;	/* first batch after DRIVER_OK */
+	virtio_device_ready(vdev);
+
+	WRITE_ONCE(vcf, vi);
+	err = cpufreq_register_driver(&vcf_cpufreq_driver);
+	if (err) {
+		dev_err(&vdev->dev, "cannot register the cpufreq driver: %d%s\n", err,
+			err == -EEXIST ? " (another cpufreq driver is active)" : "");
+		WRITE_ONCE(vcf, NULL);
+		goto reset;
+	}
+	if (sysfs_create_group(&vdev->dev.kobj, &vcf_stat_group))
+		dev_warn(&vdev->dev, "no statistics in sysfs\n");
+
+	dev_info(&vdev->dev,
+		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s\n",
+		 vi->num_vcpus, vi->num_domains, vi->generation,
+		 (unsigned long long)atomic64_read(&vi->stat_config_reads), vi->nr_bufs, vi->recs_per_buf,
+		 vi->perf_request ? ", perf requests" : "",
+		 virtio_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX) ? ", event idx" : "");
+	for (i = 0; i < vi->num_domains; i++)
+		dev_info(&vdev->dev, "domain %u: cpus %*pbl, %u..%u kHz, now %u kHz, capacity %u\n", i,
+			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
+			 vi->domains[i].max_khz, vi->domains[i].cur_khz, vi->domains[i].capacity);
+	mutex_unlock(&vcf_probe_lock);
+	return 0;
+
+reset:
+	virtio_reset_device(vdev);
+	vcf_take_back_buffers(vi);
+del_vqs:
+	vdev->config->del_vqs(vdev);
+free:
+	vcf_free(vi);
+	vdev->priv = NULL;
+unlock:
+	mutex_unlock(&vcf_probe_lock);
+	return err;
+}
+
+static void vcf_remove(struct virtio_device *vdev)
+{
+	struct vcf_dev *vi = vdev->priv;
+
+	mutex_lock(&vcf_probe_lock);
+	sysfs_remove_group(&vdev->dev.kobj, &vcf_stat_group);
+	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
+	cpufreq_unregister_driver(&vcf_cpufreq_driver);
+
+	mutex_lock(&vi->config_lock);
+	WRITE_ONCE(vi->removing, true);
+	mutex_unlock(&vi->config_lock);
+	virtio_config_driver_disable(vdev);
+	cancel_work_sync(&vi->config_work);
+	irq_work_sync(&vi->flush_work);
+	timer_shutdown_sync(&vi->timer);	/* and no re-arming from here on */
+	irq_work_sync(&vi->flush_work);
+
+	virtio_reset_device(vdev);
+	vcf_take_back_buffers(vi);
+	vdev->config->del_vqs(vdev);
+	WRITE_ONCE(vcf, NULL);
+	dev_info(&vdev->dev, "removed after %llu batches, %llu records, %llu notifications, %llu config reads\n",
+		 vi->stat_batches, vi->stat_records, vi->stat_notifies,
+		 (unsigned long long)atomic64_read(&vi->stat_config_reads));
+	vcf_free(vi);
+	mutex_unlock(&vcf_probe_lock);
+}
+
+static const struct virtio_device_id vcf_id_table[] = {
+	{ VIRTIO_ID_CPUFREQ, VIRTIO_DEV_ANY_ID },
+	{ 0 },
+};
+MODULE_DEVICE_TABLE(virtio, vcf_id_table);
+
+static const unsigned int vcf_features[] = {
+	VIRTIO_CPUFREQ_F_PERF_REQUEST,
+};
+
+static struct virtio_driver vcf_driver = {
+	.driver.name		= KBUILD_MODNAME,
+	.id_table		= vcf_id_table,
+	.feature_table		= vcf_features,
+	.feature_table_size	= ARRAY_SIZE(vcf_features),
+	.probe			= vcf_probe,
+	.remove			= vcf_remove,
+	.config_changed		= vcf_config_changed,
+};
+
+module_virtio_driver(vcf_driver);
+
+MODULE_DESCRIPTION("cpufreq driver for the vhost-user-cpufreq virtio device");
+MODULE_LICENSE("GPL");

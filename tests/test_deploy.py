@@ -1,0 +1,527 @@
+"""The files in deploy/: each checked by the tool that consumes it, where one is installable.
+
+* systemd units: ``systemd-analyze verify`` (and ``security --offline``) on
+  copies whose ExecStart names this venv's console script, since
+  /usr/bin/vhost-user-cpufreq does not exist here; broken copies must fail.
+  The unit's seccomp settings (SystemCallFilter=@system-service,
+  MemoryDenyWriteExecute=, RestrictAddressFamilies=, LockPersonality=) are
+  rebuilt with libseccomp around a socket-activated service doing real work.
+* the configuration: loads, and a daemon serves it on a generated host.
+* the vhost-user descriptor: the fields of QEMU's vhost-user.json schema.
+* the libvirt domain: well-formed, the right QEMU arguments, and libvirt's own
+  schema (``virt-xml-validate``).
+* the QEMU command line: ``sh -n``, and run against a real QEMU >= 10.2.
+* the DaemonSet: parsed with PyYAML, its embedded configuration loaded.
+
+A missing tool skips its test with the reason, or fails it under
+``VUC_REQUIRE_TOOLS=1`` (Debian: systemd, libvirt-clients, libxml2-utils,
+python3-seccomp; PyPI: pyyaml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+
+from vhost_user_cpufreq.backend.config import load_config, parse_config
+from vhost_user_cpufreq.backend.daemon import Daemon
+
+from .helpers import until
+from .qemu.fixture import QemuInstall
+from .sysfs_tree import HostSpec, make_sysfs_tree
+from .test_systemd import run_activation_scenario, service_argv
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+SERVICE = DEPLOY / "systemd" / "vhost-user-cpufreq.service"
+SOCKET = DEPLOY / "systemd" / "vhost-user-cpufreq@.socket"
+CONFIG = DEPLOY / "config.toml"
+DESCRIPTOR = DEPLOY / "vhost-user" / "50-vhost-user-cpufreq.json"
+DOMAIN = DEPLOY / "libvirt" / "domain-snippet.xml"
+QEMU_SH = DEPLOY / "qemu" / "command-line.sh"
+DAEMONSET = DEPLOY / "kubernetes" / "daemonset.yaml"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+HOST = HostSpec.big_little([(4, 300000, 1800000, 256), (4, 500000, 2800000, 1024)])
+
+
+def require_tool(name: str, why: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} not installed ({why})"
+        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {msg}", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+def require_module(name: str, why: str) -> Any:
+    if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
+        try:
+            return __import__(name)
+        except ImportError:
+            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but Python module {name} is missing ({why})", pytrace=False)
+    return pytest.importorskip(name, reason=f"{why}: pip install {name}")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="vuc-dep-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def unit_settings(path: Path) -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> values, in order (systemd allows a key more than once)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault((section, key.strip()), []).append(value.strip())
+    return out
+
+
+# -- systemd -----------------------------------------------------------------------------
+
+
+def console_script() -> str:
+    exe = shutil.which("vhost-user-cpufreq", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("no vhost-user-cpufreq console script next to this Python (pip install -e .)")
+    return exe
+
+
+def installable_units(dest: Path, service_text: str | None = None, socket_text: str | None = None) -> Path:
+    """The units as they would be installed, ExecStart pointing at this venv's console script."""
+    text = service_text if service_text is not None else SERVICE.read_text()
+    (dest / SERVICE.name).write_text(text.replace("/usr/bin/vhost-user-cpufreq", console_script()))
+    (dest / SOCKET.name).write_text(socket_text if socket_text is not None else SOCKET.read_text())
+    return dest
+
+
+def verify(unit_dir: Path, *units: str) -> tuple[int, list[str]]:
+    """``systemd-analyze verify``: exit status and every line that concerns these units.
+
+    Parse warnings ("Unknown key ...", "Failed to parse ...") exit 0, so the
+    lines matter as much as the status."""
+    analyze = require_tool("systemd-analyze", "apt-get install systemd")
+    r = subprocess.run([analyze, "verify", "--man=no", "--recursive-errors=no", *(str(unit_dir / u) for u in units)],
+                       capture_output=True, text=True, timeout=120, cwd=unit_dir)
+    ours = [line for line in (r.stdout + r.stderr).splitlines()
+            if str(unit_dir) in line or "vhost-user-cpufreq" in line or any(u in line for u in units)]
+    return r.returncode, ours
+
+
+UNITS = ("vhost-user-cpufreq.service", "vhost-user-cpufreq@web1.socket")
+
+
+def test_units_verify_cleanly(workdir: Path) -> None:
+    rc, lines = verify(installable_units(workdir), *UNITS)
+    assert (rc, lines) == (0, [])
+
+
+@pytest.mark.parametrize("where,old,new,expect", [
+    ("service", "Type=notify", "Type=notfy", "Failed to parse service type"),
+    ("service", "WatchdogSec=30", "WatchdgSec=30", "Unknown key"),
+    ("service", "SystemCallFilter=@system-service", "SystemCallFilter=@system-servce", "Unknown system call group"),
+    ("service", "ExecStart=/usr/bin/vhost-user-cpufreq", "ExecStart=/nonexistent/vhost-user-cpufreq",
+     "is not executable"),
+    ("socket", "ListenStream=/run/vhost-user-cpufreq/%i.sock\n", "", "has no Listen setting"),
+    ("socket", "Service=vhost-user-cpufreq.service", "Service=vhost-user-cpufreq-typo.service", "not loaded"),
+], ids=["bad type", "misspelt key", "unknown syscall group", "missing binary", "no listen", "wrong service"])
+def test_broken_units_are_caught(workdir: Path, where: str, old: str, new: str, expect: str) -> None:
+    service, socket = SERVICE.read_text(), SOCKET.read_text()
+    if where == "service":
+        assert old in service
+        service = service.replace(old, new)
+    else:
+        assert old in socket
+        socket = socket.replace(old, new)
+    rc, lines = verify(installable_units(workdir, service, socket), *UNITS)
+    assert rc != 0 or lines, "systemd-analyze accepted a broken unit"
+    assert any(expect in line for line in lines), lines
+
+
+def test_service_is_well_confined(workdir: Path) -> None:
+    analyze = require_tool("systemd-analyze", "apt-get install systemd")
+    installable_units(workdir)
+    r = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(workdir / SERVICE.name)],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert m is not None, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.5, r.stdout  # "OK" band; 2.0 when written
+
+
+def test_unit_settings_fit_together() -> None:
+    svc, sock = unit_settings(SERVICE), unit_settings(SOCKET)
+    s = {k: v[-1] for (sec, k), v in svc.items() if sec == "Service"}
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main" and s["WatchdogSec"] == "30"
+    assert s["ExecStart"] == "/usr/bin/vhost-user-cpufreq serve --config /etc/vhost-user-cpufreq/config.toml"
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert s["CapabilityBoundingSet"] == s["AmbientCapabilities"] == "CAP_SYS_NICE"
+    assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict" and s["ProtectControlGroups"] == "no"
+    assert s["MemoryDenyWriteExecute"] == "yes" and s["SystemCallFilter"] == "@system-service"
+    assert s["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"]
+    assert s["RuntimeDirectory"] == "vhost-user-cpufreq" and s["RuntimeDirectoryMode"] == "0750"
+    # The socket units keep their files in the runtime directory: it must outlive a stop.
+    assert s["RuntimeDirectoryPreserve"] == "yes"
+
+    k = {k: v[-1] for (sec, k), v in sock.items() if sec == "Socket"}
+    assert k["Service"] == SERVICE.name  # every instance feeds the one service
+    assert k["FileDescriptorName"] == "%i"  # ... named after the VM
+    assert (k["SocketUser"], k["SocketGroup"]) == (s["User"], s["Group"])
+    cfg = load_config(CONFIG)
+    for name, vm in cfg.vms.items():
+        # The instance name is the [vm.NAME]; the socket unit and the file must agree on the path.
+        assert k["ListenStream"].replace("%i", name) == vm.socket
+        assert vm.socket.startswith(f"/run/{s['RuntimeDirectory']}/")
+        assert vm.socket_mode == int(k["SocketMode"], 8) == 0o660
+    assert cfg.control_socket and cfg.control_socket.startswith(f"/run/{s['RuntimeDirectory']}/")
+
+
+def syscall_set(group: str, seen: set[str] | None = None) -> set[str]:
+    """Every system call in a ``systemd-analyze syscall-filter`` group, nested groups expanded."""
+    analyze = require_tool("systemd-analyze", "apt-get install systemd")
+    seen = set() if seen is None else seen
+    text = subprocess.run([analyze, "syscall-filter", group], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+    out: set[str] = set()
+    for line in text.splitlines()[1:]:
+        line = line.strip()
+        if line.startswith("@") and line not in seen:
+            seen.add(line)
+            out |= syscall_set(line, seen)
+        elif line and not line.startswith(("#", "@")):
+            out.add(line)
+    return out
+
+
+def test_system_service_filter_allows_pinning_and_clamps() -> None:
+    assert {"sched_setaffinity", "sched_getaffinity", "sched_setattr", "sched_getattr"} <= syscall_set(
+        "@system-service")
+
+
+# The unit's seccomp settings as systemd 252 builds them, around an exec: one
+# filter per setting, as systemd loads them (the strictest verdict wins).
+# Violations kill (SIGSYS) where the unit would return an errno: stricter, so
+# that nothing can fail quietly here.
+_SANDBOX = r"""
+import errno, os, socket, subprocess, sys
+import seccomp
+
+def expand(group, seen):
+    out = set()
+    text = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True, text=True, check=True)
+    for line in text.stdout.splitlines()[1:]:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            if line not in seen:
+                seen.add(line)
+                out |= expand(line, seen)
+        else:
+            out.add(line)
+    return out
+
+# SystemCallFilter=@system-service (systemd always lets these through as well).
+calls = seccomp.SyscallFilter(seccomp.KILL_PROCESS)
+for name in sorted(expand("@system-service", set()) | {"execve", "exit", "exit_group", "rt_sigreturn"}):
+    try:
+        calls.add_rule(seccomp.ALLOW, name)
+    except Exception:
+        pass  # not a system call of this architecture
+
+rest = seccomp.SyscallFilter(seccomp.ALLOW)
+W, X, SHM_EXEC = 0x2, 0x4, 0o100000
+# MemoryDenyWriteExecute=yes: no W+X mapping, no mprotect to X, no SHM_EXEC.
+rest.add_rule(seccomp.KILL_PROCESS, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, W | X, W | X))
+rest.add_rule(seccomp.KILL_PROCESS, "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, X, X))
+rest.add_rule(seccomp.KILL_PROCESS, "pkey_mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, X, X))
+rest.add_rule(seccomp.KILL_PROCESS, "shmat", seccomp.Arg(2, seccomp.MASKED_EQ, SHM_EXEC, SHM_EXEC))
+# RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6: any other family is refused.
+allowed = {socket.AF_UNIX, socket.AF_NETLINK, socket.AF_INET, socket.AF_INET6}
+for fam in range(64):
+    if fam not in allowed:
+        rest.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.EQ, fam))
+rest.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.GE, 64))
+# LockPersonality=yes: no change of execution domain (queries refused too: stricter).
+rest.add_rule(seccomp.ERRNO(errno.EPERM), "personality", seccomp.Arg(0, seccomp.NE, 0))
+
+for f in (rest, calls):  # the allow list last: it does not allow seccomp() itself
+    f.set_attr(seccomp.Attr.CTL_NNP, 1)  # NoNewPrivileges=yes
+    f.load()
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def sandbox_argv(workdir: Path) -> list[str]:
+    system_python = "/usr/bin/python3"
+    require_tool("systemd-analyze", "apt-get install systemd")
+    probe = subprocess.run([system_python, "-c", "import seccomp"], capture_output=True) if os.path.exists(
+        system_python) else None
+    if probe is None or probe.returncode != 0:
+        msg = "no libseccomp binding for /usr/bin/python3 (apt-get install python3-seccomp)"
+        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {msg}", pytrace=False)
+        pytest.skip(msg)
+    script = workdir / "sandbox.py"
+    script.write_text(_SANDBOX)
+    return [system_python, str(script)]
+
+
+def test_sandbox_emulation_bites(workdir: Path) -> None:
+    """The emulated filter is not a no-op: a W+X mapping kills, other address families are refused."""
+    wrap = sandbox_argv(workdir)
+    wx = subprocess.run([*wrap, sys.executable, "-c",
+                         "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"],
+                        capture_output=True, timeout=60)
+    assert wx.returncode == -31  # SIGSYS
+    families = subprocess.run([*wrap, sys.executable, "-c", _FAMILIES], capture_output=True, text=True, timeout=60)
+    assert families.returncode == 0, families.stderr
+    assert json.loads(families.stdout) == {
+        "AF_UNIX": "ok", "AF_INET": "ok", "AF_INET6": "ok", "AF_NETLINK": "ok",
+        "AF_PACKET": "EAFNOSUPPORT", "AF_BLUETOOTH": "EAFNOSUPPORT", "AF_VSOCK": "EAFNOSUPPORT"}
+
+
+_FAMILIES = """
+import errno, json, socket
+out = {}
+families = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17, "AF_BLUETOOTH": 31,
+            "AF_VSOCK": 40}
+for fam, number in families.items():
+    try:
+        socket.socket(number, socket.SOCK_RAW if fam in ("AF_NETLINK", "AF_PACKET") else socket.SOCK_STREAM).close()
+        out[fam] = "ok"
+    except OSError as exc:
+        out[fam] = errno.errorcode[exc.errno]
+print(json.dumps(out))
+"""
+
+
+def test_service_runs_under_the_units_seccomp_policy(workdir: Path) -> None:
+    """Socket activation, a guest over shared memory, reload, watchdog, stop: all inside the filter."""
+    wrap = sandbox_argv(workdir)
+    sysfs = make_sysfs_tree(workdir / "sys", HOST)
+    messages = run_activation_scenario(workdir, sysfs, wrapper=wrap)
+    assert messages[-1].startswith("STOPPING=1")
+    for args in (["check", "--json", "--sysfs-root", str(sysfs)], ["serve", "--print-capabilities"]):
+        r = subprocess.run([*wrap, *service_argv(*args)], capture_output=True, text=True, timeout=60)
+        assert r.returncode in (0, 1) and json.loads(r.stdout), r.stderr
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(CONFIG)
+    assert set(cfg.vms) == {"web1", "db1"}
+    assert cfg.vms["db1"].pinning == (2, 3) and cfg.vms["db1"].limits.floor == 256
+    assert cfg.state_file == "/run/vhost-user-cpufreq/state.json"
+
+
+async def test_example_config_is_served(workdir: Path) -> None:
+    """The example as is, but with its paths moved under a test directory and a generated host."""
+    data = tomllib.loads(CONFIG.read_text())
+    data["service"].update(sysfs_root=str(make_sysfs_tree(workdir / "sys", HOST)), dry_run=True)
+    for key in ("control_socket", "state_file"):
+        data["service"][key] = str(workdir / Path(data["service"][key]).name)
+    for vm in data["vm"].values():
+        vm["socket"] = str(workdir / Path(vm["socket"]).name)
+    d = Daemon(parse_config(data, str(CONFIG)))
+    await d.start()
+    try:
+        st = d.status()
+        assert [c["pcpu"] for c in st["vms"]["db1"]["vcpus"]] == [2, 3]
+        assert len(st["vms"]["web1"]["vcpus"]) == 4
+        assert (workdir / "web1.sock").stat().st_mode & 0o777 == 0o660
+    finally:
+        await d.stop()
+
+
+# -- vhost-user backend descriptor -------------------------------------------------------------
+
+
+def test_vhost_user_descriptor() -> None:
+    desc = json.loads(DESCRIPTOR.read_text())
+    # VhostUserBackend in QEMU's docs/interop/vhost-user.json: these members and no others.
+    assert set(desc) <= {"description", "type", "binary", "tags"}
+    assert {"description", "type", "binary"} <= set(desc)
+    assert isinstance(desc["description"], str) and desc["description"]
+    assert all(isinstance(t, str) for t in desc.get("tags", []))
+    # The binary is what the unit runs, and its type is what it reports itself.
+    assert desc["binary"] == unit_settings(SERVICE)[("Service", "ExecStart")][0].split()[0]
+    caps = subprocess.run(service_argv("serve", "--print-capabilities"), capture_output=True, text=True, timeout=60)
+    assert json.loads(caps.stdout)["type"] == desc["type"]
+    assert re.match(r"^\d\d-", DESCRIPTOR.name)  # sorted by a two-digit prefix
+
+
+# -- libvirt -----------------------------------------------------------------------------------
+
+
+def test_libvirt_domain_has_the_device_and_shared_memory() -> None:
+    root = ET.parse(DOMAIN).getroot()
+    assert root.tag == "domain"
+    mb = root.find("memoryBacking")
+    assert mb is not None
+    assert mb.find("source").get("type") == "memfd"  # type: ignore[union-attr]
+    assert mb.find("access").get("mode") == "shared"  # type: ignore[union-attr]
+    args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    assert args[0::2] == ["-chardev", "-device"]
+
+    def options(arg: str) -> tuple[str, dict[str, str]]:
+        first, *rest = arg.split(",")
+        return first, dict(kv.split("=", 1) for kv in rest)  # type: ignore[misc]
+
+    backend, chardev = options(args[1])
+    assert backend == "socket"
+    model, props = options(args[3])
+    assert model == "vhost-user-test-device-pci"
+    assert props == {"chardev": chardev["id"], "virtio-id": "38", "num_vqs": "1", "vq_size": "256",
+                     "config_size": "256"}
+    vm = load_config(CONFIG).vms[root.findtext("name")]  # type: ignore[index]
+    assert chardev["path"] == vm.socket
+    assert int(root.findtext("vcpu")) == vm.vcpus  # type: ignore[arg-type]
+
+
+def test_libvirt_domain_validates_against_libvirts_schema(workdir: Path) -> None:
+    tool = require_tool("virt-xml-validate", "apt-get install libvirt-clients libxml2-utils")
+    require_tool("xmllint", "apt-get install libxml2-utils")
+    ok = subprocess.run([tool, str(DOMAIN), "domain"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = workdir / "broken.xml"
+    broken.write_text(DOMAIN.read_text().replace("<access mode='shared'/>", "<access mode='sharing'/>"))
+    bad = subprocess.run([tool, str(broken), "domain"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0
+
+
+# -- QEMU command line -----------------------------------------------------------------------
+
+
+def test_qemu_script_is_valid_sh() -> None:
+    r = subprocess.run(["sh", "-n", str(QEMU_SH)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert os.access(QEMU_SH, os.X_OK)
+    text = QEMU_SH.read_text()
+    assert "QEMU >= 10.2" in text
+    assert "vhost-user-test-device-pci,chardev=vucpufreq,virtio-id=38,num_vqs=1,vq_size=256,config_size=256" in text
+    assert "memory-backend-memfd,id=mem,size=$MEM,share=on" in text and "q35,memory-backend=mem" in text
+
+
+@contextlib.asynccontextmanager
+async def script_qemu(qemu_install: QemuInstall) -> AsyncIterator[tuple[Daemon, asyncio.subprocess.Process]]:
+    """A daemon serving VM web1 (2 vCPUs, dry run), and the unchanged script running a QEMU against it."""
+    d = Path(tempfile.mkdtemp(prefix="vuc-cl-", dir=qemu_install.tmpdir()))
+    daemon: Daemon | None = None
+    qemu: asyncio.subprocess.Process | None = None
+    try:
+        sysfs = make_sysfs_tree(d / "sys", HOST)
+        (d / "config.toml").write_text(
+            f'[service]\nsysfs_root = "{sysfs}"\ndry_run = true\n'
+            f'[vm.web1]\nsocket = "{d / "web1.sock"}"\nvcpus = 2\nclamp = "thread"\n')
+        daemon = Daemon(load_config(d / "config.toml"))
+        await daemon.start()
+        env = dict(os.environ, QEMU=shlex.join(qemu_install.prefix), MEM="256M", SMP="2", ACCEL="tcg",
+                   VUC_SOCKET=qemu_install.guest_path(d / "web1.sock"))
+        qemu = await asyncio.create_subprocess_exec(str(QEMU_SH), "web1", "-nodefaults", "-display", "none", "-S",
+                                                    env=env, stderr=subprocess.PIPE)
+        yield daemon, qemu
+    finally:
+        if qemu is not None:
+            if qemu.returncode is None:
+                qemu.terminate()
+            await asyncio.wait_for(qemu.communicate(), 30)
+        if daemon is not None:
+            await daemon.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.qemu
+async def test_qemu_script_connects_to_the_service(qemu_install: QemuInstall) -> None:
+    async with script_qemu(qemu_install) as (daemon, qemu):
+        conn = await daemon.service.wait_connected("web1", timeout=30)
+        assert conn.peer_pid == qemu.pid  # the script exec's QEMU: the same process
+        # Realize finishes the handshake (features, owner) and leaves QEMU running, waiting (-S).
+        await until(lambda: conn.session.owner and conn.session.protocol_features != 0, timeout=10,
+                    what="the realize handshake")
+        await asyncio.sleep(0.3)
+        assert qemu.returncode is None and daemon.service.vms["web1"].connection is conn
+
+
+@pytest.mark.qemu
+async def test_vcpu_threads_of_a_qemu_started_by_the_script_are_found(qemu_install: QemuInstall) -> None:
+    async with script_qemu(qemu_install) as (daemon, qemu):
+        await daemon.service.wait_connected("web1", timeout=30)
+        await until(lambda: all(c["thread"] for c in daemon.status()["vms"]["web1"]["vcpus"]), timeout=3,
+                    what="vCPU threads of the QEMU")
+        for c in daemon.status()["vms"]["web1"]["vcpus"]:
+            with open(f"/proc/{qemu.pid}/task/{c['thread']}/comm") as f:
+                assert f.read().strip() == f"CPU {c['vcpu']}/TCG"
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+
+def test_daemonset() -> None:
+    yaml = require_module("yaml", "parses deploy/kubernetes/daemonset.yaml")
+    docs = {d["kind"]: d for d in yaml.safe_load_all(DAEMONSET.read_text())}
+    assert set(docs) == {"Namespace", "ConfigMap", "DaemonSet"}
+    ns = docs["Namespace"]["metadata"]["name"]
+    cm, ds = docs["ConfigMap"], docs["DaemonSet"]
+    assert cm["metadata"]["namespace"] == ds["metadata"]["namespace"] == ns
+    assert ds["apiVersion"] == "apps/v1"
+    assert ds["spec"]["updateStrategy"]["type"] == "OnDelete"  # a restart would cost the node's VMs their device
+    spec = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    assert spec["hostPID"] is True
+
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_NICE"]}
+    assert sc["allowPrivilegeEscalation"] is False and "privileged" not in sc
+
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert {m["name"] for m in mounts.values()} == set(volumes)
+    host = {volumes[m["name"]]["hostPath"]["path"]: p for p, m in mounts.items() if "hostPath" in volumes[m["name"]]}
+    assert host == {"/run/vhost-user-cpufreq": "/run/vhost-user-cpufreq", "/sys": "/host/sys"}
+    assert mounts["/host/sys"]["readOnly"] is True
+    (config_mount,) = [p for p, m in mounts.items() if "configMap" in volumes[m["name"]]]
+    assert volumes[mounts[config_mount]["name"]]["configMap"]["name"] == cm["metadata"]["name"]
+
+    # The embedded configuration loads, and its paths are where the pod mounts them.
+    cfg = parse_config(tomllib.loads(cm["data"]["config.toml"]), "daemonset.yaml:config.toml")
+    assert c["command"] == ["vhost-user-cpufreq", "serve", "--config", f"{config_mount}/config.toml"]
+    assert cfg.sysfs_root == "/host/sys"
+    for path in [cfg.control_socket, cfg.state_file, *(vm.socket for vm in cfg.vms.values())]:
+        assert path is not None and path.startswith("/run/vhost-user-cpufreq/")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["exec"]["command"] == ["vhost-user-cpufreq", "status", "--control-socket",
+                                               cfg.control_socket]
+    assert cfg.metrics_address is not None
+    assert c["ports"][0]["containerPort"] == int(cfg.metrics_address.rpartition(":")[2])
+    # QEMU in virt-launcher (uid/gid 107) may connect; the daemon can hand it the socket.
+    assert cfg.allowed_uids == (107,)
+    assert all(vm.socket_group == 107 and vm.socket_mode == 0o660 for vm in cfg.vms.values())
+    assert 107 in spec["securityContext"]["supplementalGroups"]

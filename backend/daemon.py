@@ -87,7 +87,7 @@ class Daemon:
     async def _add_vm(self, s: VmSettings, sock: socket.socket | None = None) -> None:
         notify_interval = 1.0 / self.config.max_notifications_per_second
         await self.host.add_vm(s, notify_interval=notify_interval, mirror_threshold=self.config.mirror_threshold,
-                               listen_sock=sock)
+                               listen_sock=sock, kick_batch_delay=self.config.kick_batch_delay)
 
     async def stop(self) -> None:
         systemd.notify("STOPPING=1")

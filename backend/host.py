@@ -76,11 +76,11 @@ class HostSide:
         return VmPlan(pinning, tuple(doms), tuple(places))
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
-                     listen_sock: socket.socket | None = None) -> VmSlot:
+                     listen_sock: socket.socket | None = None, kick_batch_delay: float = 0.008) -> VmSlot:
         plan = self.plan(s)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,
-                     s.socket_owner, s.socket_group),
+                     s.socket_owner, s.socket_group, kick_batch_delay),
             listen_sock=listen_sock)
         # Recorded only once the socket is up: a VM that failed to start leaves nothing to undo.
         self.settings[s.name] = s

@@ -8,7 +8,7 @@ the latest state however many changes happened.
 
 from __future__ import annotations
 
-__all__ = ["NotifyCoalescer"]
+__all__ = ["NotifyCoalescer", "KickBatcher"]
 
 
 class NotifyCoalescer:
@@ -45,3 +45,34 @@ class NotifyCoalescer:
         self._pending = False
         self._last_sent = now
         return True
+
+
+class KickBatcher:
+    """How many buffers the device lets the driver add before the next kick.
+
+    With VIRTIO_RING_F_EVENT_IDX the device names the avail index it wants a
+    kick for.  Asking for the very next buffer (``1``) gives the lowest
+    latency and one kick per buffer.  Under sustained load the device asks
+    for a kick only after the number of buffers expected within
+    ``max_delay`` seconds, and drains on a timer at that deadline, so a
+    request waits at most ``max_delay`` while kicks drop by that factor.
+    The arrival rate is a moving average over drains, so a burst's end
+    brings the device back to kick-per-buffer after a few quiet deadlines.
+    """
+
+    def __init__(self, max_delay: float = 0.008, max_ahead: int = 32, weight: float = 0.3) -> None:
+        if max_delay < 0 or max_ahead < 1 or not 0 < weight <= 1:
+            raise ValueError("need max_delay >= 0, max_ahead >= 1, 0 < weight <= 1")
+        self.max_delay = max_delay
+        self.max_ahead = max_ahead
+        self.weight = weight
+        self.rate = 0.0  # buffers per second
+        self._last: float | None = None
+
+    def drained(self, now: float, buffers: int) -> int:
+        """A drain handled ``buffers`` at ``now``: how far ahead to ask for the next kick (>= 1)."""
+        if self._last is not None and now > self._last:
+            inst = buffers / (now - self._last)
+            self.rate += self.weight * (inst - self.rate)
+        self._last = now
+        return max(1, min(self.max_ahead, int(self.rate * self.max_delay)))

@@ -47,6 +47,7 @@ class VmConfig:
     mirror_threshold: float = 0.0  # fraction of a domain's max frequency
     socket_owner: int | None = None
     socket_group: int | None = None
+    kick_batch_delay: float = 0.008  # under sustained load, the longest a buffer waits without a kick
 
 
 @dataclass(slots=True)
@@ -115,7 +116,7 @@ class Service:
             return
         session = Session(
             slot.device, name=slot.config.name, loop=self._loop, counters=slot.counters, log=slot.log,
-            notify_interval=slot.config.notify_interval,
+            notify_interval=slot.config.notify_interval, kick_batch_delay=slot.config.kick_batch_delay,
         )
         conn = Connection(conn_sock, session, loop=self._loop, counters=slot.counters, log=slot.log,
                           on_close=lambda c: self._closed(slot, c))

@@ -51,7 +51,7 @@ from vhost_user_cpufreq.protocol.virtqueue import (
 from .counters import Counters
 from .device import VirtioDevice
 from .memory import MAX_REGIONS, MemoryMap, map_region
-from .ratelimit import NotifyCoalescer
+from .ratelimit import KickBatcher, NotifyCoalescer
 
 __all__ = ["Session", "Reply", "OFFERED_PROTOCOL_FEATURES", "RULES"]
 
@@ -125,6 +125,8 @@ class Ring:
     polling: bool = False
     queue: DeviceQueue | None = None
     scheduled: bool = False
+    batcher: KickBatcher | None = None
+    deadline: asyncio.TimerHandle | None = None  # drain without a kick (kick batching)
 
 
 class Session:
@@ -140,6 +142,7 @@ class Session:
         log: logging.LoggerAdapter[logging.Logger],
         notify_interval: float = 0.01,
         poll_interval: float = 0.001,
+        kick_batch_delay: float = 0.008,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
@@ -149,6 +152,7 @@ class Session:
         self.log = log
         self.clock = clock
         self.poll_interval = poll_interval
+        self.kick_batch_delay = kick_batch_delay
         self.owner = False
         self.offered_features = device.features() | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
         self.acked_features = 0
@@ -401,6 +405,10 @@ class Session:
         self._schedule(ring)
 
     def _drop_queue(self, ring: Ring) -> None:
+        if ring.deadline is not None:
+            ring.deadline.cancel()
+            ring.deadline = None
+        ring.batcher = None
         if ring.queue is not None:
             ring.base = ring.queue.last_avail_idx
             ring.queue = None
@@ -434,13 +442,32 @@ class Session:
         if q is None or q.broken:
             return
         q.disable_notifications()
+        before = q.last_avail_idx
         more = self.device.handle_queue(ring.index, q)
-        if more or q.enable_notifications():
-            # Work budget spent, or buffers arrived while notifications were
-            # off: come back after other sessions had their turn.
-            self._schedule(ring)
+        if more:
+            self._schedule(ring)  # work budget spent: come back after other sessions had their turn
+            return
+        ahead = 1
+        if q.event_idx and self.kick_batch_delay > 0:
+            if ring.batcher is None:
+                ring.batcher = KickBatcher(self.kick_batch_delay, max_ahead=max(1, ring.num // 2))
+            ahead = ring.batcher.drained(self.clock(), (q.last_avail_idx - before) & 0xFFFF)
+        if ahead > 1:
+            # Sustained load: be kicked only after `ahead` more buffers, and drain at the deadline anyway.
+            pending = q.set_avail_event((q.last_avail_idx + ahead - 1) & 0xFFFF)
+            if ring.deadline is None:
+                ring.deadline = self.loop.call_later(self.kick_batch_delay, self._deadline, ring)
+        else:
+            pending = q.enable_notifications()
+        if pending:
+            self._schedule(ring)  # buffers arrived while notifications were off
         elif ring.polling:
             self.loop.call_later(self.poll_interval, self._scheduled_process, ring)
+
+    def _deadline(self, ring: Ring) -> None:
+        ring.deadline = None
+        if not self.closed:
+            self._process(ring)
 
     # -- DeviceHost --------------------------------------------------------------------
     def signal_used(self, index: int) -> None:

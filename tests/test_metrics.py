@@ -182,7 +182,8 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
     assert _value(s, P + "threads_attached_total", **vm) == 4
     # The latency histogram: one observation per kick, buckets consistent with the count.
     kicks = _value(s, P + "kicks_total", **vm)
-    assert kicks == c.get("kicks") >= 5
+    # Each eventfd read counts once; kicks the guest sent before a read merge into it.
+    assert kicks == c.get("kicks") and 1 <= kicks <= r.guest.transport.notifications
     assert _value(s, P + "kick_to_decision_seconds_count", **vm) == kicks
     assert _value(s, P + "kick_to_decision_seconds_bucket", vm="vm0", le="+Inf") == kicks
     assert 0 < _value(s, P + "kick_to_decision_seconds_sum", **vm) < kicks * 0.1

@@ -209,3 +209,29 @@ async def test_bad_records_are_dropped_counted_and_the_buffer_still_completed(tm
     assert [r.util for r in policy.records["vm"]] == [100]
     await g.close()
     await svc.close()
+
+
+async def test_under_sustained_load_kicks_are_batched_and_nothing_is_left_behind(tmp_path: Path) -> None:
+    svc, source, policy, slots = await make_service(tmp_path, ("vm", VMAP))
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    # About 2000 batches/s for half a second: the device asks to be kicked only every few buffers.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 0.5
+    i = 0
+    while loop.time() < end:
+        i += 1
+        g.driver.set_util(i % 4, i % 1000)
+        g.driver.flush()
+        await asyncio.sleep(0.0005)
+    await until(lambda: slots["vm"].counters.get("records") == g.driver.stats.records, what="every record")
+    s = g.driver.stats
+    assert s.kicks < s.batches / 2, (s.kicks, s.batches)
+    # Back to idle: after a few quiet deadlines a lone request kicks at once again.
+    await asyncio.sleep(0.2)
+    kicks = s.kicks
+    g.driver.set_util(0, 1024)
+    g.driver.flush()
+    assert g.driver.stats.kicks == kicks + 1
+    await until(lambda: policy.records["vm"][-1].util == 1024)
+    await g.close()
+    await svc.close()

@@ -17,7 +17,6 @@ import bisect
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 from vhost_user_cpufreq.guest.driver import CpufreqDriver

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 from .counters import Counters
 from .cpufreq_device import CpufreqDevice

@@ -35,7 +35,6 @@ from typing import Callable
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import (
     GuestMemoryError,
-    MessageError,
     ProtocolError,
     RingError,
     SessionStateError,

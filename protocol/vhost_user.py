@@ -46,7 +46,7 @@ from __future__ import annotations
 import struct
 import uuid as _uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import ClassVar, Final, Literal, Self, TypeAlias, Union

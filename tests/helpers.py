@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
@@ -64,3 +67,36 @@ def open_fds() -> set[int]:
 def memfd_mappings() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for line in f if "vuc-guest-ram" in line)
+
+
+@contextmanager
+def named_vcpu_threads(n: int) -> Iterator[list[int]]:
+    """``n`` threads of this process named as QEMU names vCPU threads ("CPU i/KVM").
+
+    The service finds them in /proc/self/task like a real QEMU's, and this
+    process is the front-end's SO_PEERCRED pid, so they pass the ownership
+    check.  Yields their thread ids, vCPU 0 first.
+    """
+    stop = threading.Event()
+    tids: list[int] = []
+    ready = threading.Barrier(n + 1)
+
+    def body() -> None:
+        tids.append(threading.get_native_id())
+        ready.wait()
+        stop.wait()
+
+    threads = [threading.Thread(target=body, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    tids.sort()
+    for i, tid in enumerate(tids):
+        with open(f"/proc/self/task/{tid}/comm", "w") as f:
+            f.write(f"CPU {i}/KVM")
+    try:
+        yield tids
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -28,7 +27,7 @@ from vhost_user_cpufreq.backend.config import ConfigError, load_config
 from vhost_user_cpufreq.backend.daemon import Daemon, query_status
 from vhost_user_cpufreq.backend.engine import VmLimits
 
-from .helpers import start_guest, until
+from .helpers import named_vcpu_threads, start_guest, until
 from .sysfs_tree import HostSpec, make_sysfs_tree
 
 # cpu0-3: a little cluster (capacity 256), cpu4-7: a big one (1024).
@@ -283,28 +282,8 @@ def test_missing_socket_directory_on_the_command_line(workdir: Path, sysfs: Path
 
 @pytest.fixture
 def vcpu_threads() -> Iterator[list[int]]:
-    """Two threads of this process named as QEMU names vCPU threads, found through /proc."""
-    stop = threading.Event()
-    tids: list[int] = []
-    ready = threading.Barrier(3)
-
-    def body() -> None:
-        tids.append(threading.get_native_id())
-        ready.wait()
-        stop.wait()
-
-    threads = [threading.Thread(target=body, daemon=True) for _ in range(2)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    tids.sort()
-    for i, tid in enumerate(tids):
-        with open(f"/proc/self/task/{tid}/comm", "w") as f:
-            f.write(f"CPU {i}/KVM")
-    yield tids
-    stop.set()
-    for t in threads:
-        t.join()
+    with named_vcpu_threads(2) as tids:
+        yield tids
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +23,7 @@ from vhost_user_cpufreq.backend.host_policy import HostPolicy
 from vhost_user_cpufreq.backend.service import Service
 from vhost_user_cpufreq.backend.sysfs import SysfsSource
 
-from .helpers import start_guest, until
+from .helpers import named_vcpu_threads, start_guest, until
 from .sysfs_tree import HostSpec, make_sysfs_tree, set_cpu_online, set_cur_freq
 
 PHONE = HostSpec.big_little([(4, 300000, 1803000, 160), (3, 400000, 2253000, 498), (1, 500000, 2802000, 1024)])
@@ -32,28 +31,8 @@ PHONE = HostSpec.big_little([(4, 300000, 1803000, 160), (3, 400000, 2253000, 498
 
 @pytest.fixture
 def vcpu_threads() -> Iterator[list[int]]:
-    """Threads of this process named as QEMU names vCPU threads."""
-    stop = threading.Event()
-    tids: list[int] = []
-    ready = threading.Barrier(5)
-
-    def body() -> None:
-        tids.append(threading.get_native_id())
-        ready.wait()
-        stop.wait()
-
-    threads = [threading.Thread(target=body, daemon=True) for _ in range(4)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    tids.sort()
-    for i, tid in enumerate(tids):
-        with open(f"/proc/self/task/{tid}/comm", "w") as f:
-            f.write(f"CPU {i}/KVM")
-    yield tids
-    stop.set()
-    for t in threads:
-        t.join()
+    with named_vcpu_threads(4) as tids:
+        yield tids
 
 
 async def _host(tmp_path: Path, vcpus: int = 4, floor: int = 0, ceiling: int = 1024):  # type: ignore[no-untyped-def]

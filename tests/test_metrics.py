@@ -35,7 +35,7 @@ from vhost_user_cpufreq.backend.daemon import Daemon
 from vhost_user_cpufreq.backend.metrics import parse_address, render, start_metrics_server
 from vhost_user_cpufreq.protocol import cpufreq as abi
 
-from .helpers import Guest, start_guest, until
+from .helpers import named_vcpu_threads, Guest, start_guest, until
 from .sysfs_tree import HostSpec, make_sysfs_tree, set_cur_freq
 
 HOST = HostSpec.big_little([(4, 300000, 1800000, 160), (3, 400000, 2200000, 498), (1, 500000, 2800000, 1024)])
@@ -70,27 +70,8 @@ def prometheus_bin() -> str:
 
 @pytest.fixture
 def vcpu_threads() -> Iterator[list[int]]:
-    """Threads of this process named as QEMU names vCPU threads, so the daemon finds and attaches them."""
-    stop = threading.Event()
-    tids: list[int] = []
-    ready = threading.Barrier(5)
-
-    def body() -> None:
-        tids.append(threading.get_native_id())
-        ready.wait()
-        stop.wait()
-
-    threads = [threading.Thread(target=body, daemon=True) for _ in range(4)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    for i, tid in enumerate(sorted(tids)):
-        with open(f"/proc/self/task/{tid}/comm", "w") as f:
-            f.write(f"CPU {i}/KVM")
-    yield sorted(tids)
-    stop.set()
-    for t in threads:
-        t.join()
+    with named_vcpu_threads(4) as tids:
+        yield tids
 
 
 @dataclass

@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import start_guest, until
+from .helpers import named_vcpu_threads, start_guest, until
 
 pytestmark = pytest.mark.root
 NOBODY = 65534
@@ -28,26 +27,8 @@ NOBODY = 65534
 
 @pytest.fixture
 def vcpu_threads() -> Iterator[list[int]]:
-    stop = threading.Event()
-    tids: list[int] = []
-    ready = threading.Barrier(3)
-
-    def body() -> None:
-        tids.append(threading.get_native_id())
-        ready.wait()
-        stop.wait()
-
-    ts = [threading.Thread(target=body, daemon=True) for _ in range(2)]
-    for t in ts:
-        t.start()
-    ready.wait()
-    tids.sort()
-    for i, tid in enumerate(tids):
-        Path(f"/proc/self/task/{tid}/comm").write_text(f"CPU {i}/KVM")
-    yield tids
-    stop.set()
-    for t in ts:
-        t.join()
+    with named_vcpu_threads(2) as tids:
+        yield tids
 
 
 @pytest.fixture

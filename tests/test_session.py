@@ -8,7 +8,6 @@ import socket
 import struct
 from pathlib import Path
 
-import pytest
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol import vhost_user as vu

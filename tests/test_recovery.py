@@ -53,8 +53,22 @@ def _exe() -> str:
     return str(Path(sys.executable).with_name("vhost-user-cpufreq"))
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_service_outlives_its_test() -> Iterator[None]:
+    yield
+    while _STARTED:
+        p = _STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 async def _start(cfg: Path, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
     p = subprocess.Popen([*(prefix or []), _exe(), "serve", "--config", str(cfg)], stderr=subprocess.PIPE)
+    _STARTED.append(p)
     # Ready when the control socket answers (a killed instance leaves its socket files behind).
     await until(lambda: _answers(cfg.parent / "control.sock") or p.poll() is not None, timeout=15,
                 what="service ready")

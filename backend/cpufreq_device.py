@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.errors import RecordError, RingError, SessionStateError
 from vhost_user_cpufreq.protocol.virtqueue import (
+    MAX_INDIRECT_DESCS,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     DeviceQueue,
@@ -33,8 +34,10 @@ from .policy import Decision, Policy
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
 VIRTIO_F_VERSION_1 = 32
-#: Buffers handled per kick before yielding to other VMs (fairness; see session).
-DEFAULT_WORK_BUDGET = 64
+#: Work (buffers plus records) per turn before yielding to other VMs (fairness; see session).
+DEFAULT_WORK_BUDGET = 512
+#: Walking this many descriptors costs about as much as applying one record.
+DESCRIPTORS_PER_UNIT = 8
 
 
 @dataclass(slots=True)
@@ -79,6 +82,10 @@ class CpufreqDevice:
     num_queues = abi.NUM_QUEUES
     max_queue_size = 1024
     config_size = abi.CONFIG_SIZE
+    # Bounds what one buffer can make us copy (its readable part); a batch is at most
+    # 16 + 8 * 256 bytes, the rest is room for writable segments the device ignores.
+    max_chain_bytes = 1 << 16
+    max_indirect = MAX_INDIRECT_DESCS  # any valid table; its walk is charged to the work budget
 
     def __init__(
         self,
@@ -201,42 +208,52 @@ class CpufreqDevice:
         self._release()
 
     def handle_queue(self, index: int, queue: DeviceQueue) -> bool:
-        """Drain up to ``work_budget`` buffers; True if more may be waiting."""
-        handled = 0
-        while handled < self.work_budget:
+        """Drain within the work budget; True if more may be waiting.
+
+        The budget counts buffers and records (a buffer costs at least one),
+        so one VM's turn is bounded however it fills its buffers.
+        """
+        spent = handled = 0
+        more = True
+        while spent < self.work_budget:
             try:
                 chain = queue.pop()
             except RingError as exc:
                 self.counters.inc("rejected", exc.reason)
-                self.log.warning("rejected descriptor chain: %s", exc)
+                self.log.warning("rejected descriptor chain: %s", str(exc))
                 if exc.head is None:
-                    return False  # the ring as a whole is unusable until reset
+                    more = False  # the ring as a whole is unusable until reset
+                    break
                 queue.push(exc.head, 0)
                 handled += 1
+                spent += 1
                 continue
             if chain is None:
+                more = False
                 break
-            self._handle_batch(chain.read_all())
+            # A buffer costs its records, or the descriptors it took to read, if more.
+            spent += max(1, self._handle_batch(chain.read_all()), chain.descriptors // DESCRIPTORS_PER_UNIT)
             queue.push(chain.head, 0)
             handled += 1
         if handled and self._host is not None:
-            self._host.signal_used(index)
-        return handled >= self.work_budget
+            self._host.signal_used(index)  # publish even when the ring broke midway
+        return more
 
-    def _handle_batch(self, data: bytes) -> None:
+    def _handle_batch(self, data: bytes) -> int:
+        """Decode and apply one buffer; returns how many records it carried (its cost)."""
         now = self._clock()
         try:
             res = abi.decode_batch(data, num_vcpus=len(self.vcpus), perf_request=self.perf_request)
         except RecordError as exc:
             self.counters.inc("rejected", exc.reason)
-            self.log.warning("dropped batch: %s", exc)
-            return
+            self.log.warning("dropped batch: %s", str(exc))
+            return 1
         batch = res.batch
         lost_before = self.seq.lost
         if not self.seq.accept(batch.seq, bool(batch.flags & abi.BATCH_F_RESYNC)):
             self.counters.inc("rejected", "stale-batch")
             self.log.info("dropped stale or duplicate batch seq=%d (last %s)", batch.seq, self.seq.last)
-            return
+            return len(batch.records)
         if self.seq.lost != lost_before:
             self.counters.inc("lost_batches", n=self.seq.lost - lost_before)
         self.seq.age(time.monotonic_ns(), batch.timestamp_ns)
@@ -251,3 +268,4 @@ class CpufreqDevice:
             st.util, st.perf_khz, st.updated = rec.util, rec.perf_khz, now
             st.decision = self.policy.on_record(self.vm, rec, self.config.domain_of(rec.vcpu), now)
         self.counters.inc("records", n=len(batch.records))
+        return len(batch.records) + len(res.rejected)

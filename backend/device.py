@@ -32,6 +32,8 @@ class VirtioDevice(Protocol):
     num_queues: int
     max_queue_size: int
     config_size: int
+    max_chain_bytes: int  # the largest buffer a request may be
+    max_indirect: int  # the most descriptors an indirect table may hold
 
     def features(self) -> int:
         """Virtio feature bits offered (VERSION_1, ring features, device bits)."""

@@ -15,6 +15,7 @@ is closed right after mapping: the mapping keeps the memory alive.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -65,12 +66,32 @@ def map_region(fd: int, guest_phys_addr: int, size: int, userspace_addr: int, mm
     # EOF would SIGBUS on first touch instead of failing here.
     if st.st_size and length > st.st_size:
         raise GuestMemoryError("unmappable-region", f"region ends at {length:#x}, fd holds {st.st_size:#x}")
+    _seal_against_shrinking(fd)
     try:
         mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError, OverflowError) as exc:
         raise GuestMemoryError("unmappable-region", f"mmap: {exc}") from None
     view = memoryview(mm)[mmap_offset:length]
     return MappedRegion(guest_phys_addr, size, userspace_addr, mmap_offset, mm, view)
+
+
+def _seal_against_shrinking(fd: int) -> None:
+    """Keep the front-end from truncating shared RAM under our mappings (SIGBUS).
+
+    QEMU's memory-backend-memfd seals its memfds (seal=on by default).  A memfd
+    that allows sealing but is not sealed gets F_SEAL_SHRINK here.  Files and
+    memfds created without MFD_ALLOW_SEALING cannot be protected: a VMM that
+    shrinks them can still crash the service (documented in SPEC/README).
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return  # not a memfd
+    if not seals & fcntl.F_SEAL_SHRINK:
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        except OSError:
+            pass  # created without MFD_ALLOW_SEALING, or already F_SEAL_SEAL'd
 
 
 class MemoryMap:

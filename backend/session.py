@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -182,11 +184,18 @@ class Session:
             if rule is None:
                 raise SessionStateError("unsupported-request", f"{_name(req)} is not implemented here")
             self._check(rule, msg)
-            payload = getattr(self, "_on_" + F(req).name.lower())(msg)
+            try:
+                payload = getattr(self, "_on_" + F(req).name.lower())(msg)
+            except OSError as exc:
+                # An fd the front-end passed that the kernel will not use as we need.
+                raise SessionStateError("unusable-fd", f"{_name(req)}: {exc.strerror or exc}") from None
         except ProtocolError as exc:
             self.counters.inc("rejected", exc.reason)
-            if isinstance(exc, SessionStateError) and msg.need_reply and self._has(PF.REPLY_ACK):
-                self.log.warning("refused %s: %s", _name(req), exc)
+            # A failure can be acked only where the ack is the whole reply; a request
+            # with a reply of its own (GET_CONFIG, GET_VRING_BASE...) closes the session.
+            if (isinstance(exc, SessionStateError) and msg.need_reply and self._has(PF.REPLY_ACK)
+                    and not vu.expects_reply(req, self.protocol_features)):
+                self.log.warning("refused %s: %s", _name(req), str(exc))
                 return vu.encode_reply(req, vu.U64(1)), ()
             raise
         finally:
@@ -263,6 +272,8 @@ class Session:
         return vu.U64(MAX_REGIONS)
 
     def _on_set_backend_req_fd(self, msg: "vu.Message") -> None:
+        if not stat.S_ISSOCK(os.fstat(msg.fds[0]).st_mode):
+            raise SessionStateError("bad-backend-channel", "SET_BACKEND_REQ_FD fd is not a socket")
         if self.backend_channel is not None:
             self.backend_channel.close()
         sock = socket.socket(fileno=self._take_fd())
@@ -341,6 +352,8 @@ class Session:
             # QEMU always sends NUM, BASE and ADDR first (vhost_virtqueue_start).
             raise SessionStateError("ring-not-configured", f"ring {ring.index} kicked before its size and addresses")
         nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
+        if not nofd:
+            _require_eventfd(msg.fds[0], "kick")
         self._set_kick(ring, None)
         ring.polling = nofd
         self._set_kick(ring, None if nofd else self._take_fd())
@@ -349,13 +362,21 @@ class Session:
 
     def _on_set_vring_call(self, msg: "vu.Message") -> None:
         ring = self._ring_of(msg)
+        nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
+        if not nofd:
+            _require_eventfd(msg.fds[0], "call")
         _close_fd(ring.call_fd)
-        ring.call_fd = None if msg.payload.value & vu.VRING_NOFD_MASK else self._take_fd()
+        ring.call_fd = None if nofd else self._take_fd()
+        if ring.call_fd is not None:
+            os.set_blocking(ring.call_fd, False)
 
     def _on_set_vring_err(self, msg: "vu.Message") -> None:
         ring = self._ring_of(msg)
+        nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
+        if not nofd:
+            _require_eventfd(msg.fds[0], "err")
         _close_fd(ring.err_fd)
-        ring.err_fd = None if msg.payload.value & vu.VRING_NOFD_MASK else self._take_fd()
+        ring.err_fd = None if nofd else self._take_fd()
 
     def _on_set_vring_enable(self, msg: "vu.Message") -> None:
         if not self.acked_features & (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES):
@@ -396,6 +417,8 @@ class Session:
             ring.num, desc, avail, used, self.memory,
             event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
             indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+            max_chain_bytes=self.device.max_chain_bytes,
+            max_indirect=self.device.max_indirect,
         )
         ring.queue.set_base(ring.base)
         self.device.queue_ready(ring.index, ring.queue)
@@ -421,6 +444,8 @@ class Session:
         except BlockingIOError:
             return
         self.counters.inc("kicks")
+        if ring.scheduled:
+            return  # its turn is already queued: a kick must not buy a ring a second one
         t0 = time.perf_counter()
         self._process(ring)
         # From the guest's kick being read to every record of it decided on.
@@ -476,10 +501,16 @@ class Session:
             return
         q.publish()
         if q.should_notify() and ring.call_fd is not None:
+            # The front-end shares this file description and may have cleared
+            # O_NONBLOCK, or let the counter reach its maximum: check first.
+            if not select.select([], [ring.call_fd], [], 0)[1]:
+                self.counters.inc("interrupts_dropped", "call-fd-full")
+                return
             try:
                 os.eventfd_write(ring.call_fd, 1)
             except OSError as exc:
-                self.log.warning("call eventfd of ring %d: %s", index, exc)
+                self.counters.inc("interrupts_dropped", type(exc).__name__)
+                self.log.warning("call eventfd of ring %d: %s", index, exc.strerror or exc)
 
     def config_changed(self) -> None:
         now = self.clock()
@@ -500,7 +531,8 @@ class Session:
             self.counters.inc("config_notify_skipped", "no-backend-channel")
             return
         try:
-            self.backend_channel.send(vu.encode_message(vu.BackendRequest.CONFIG_CHANGE_MSG))
+            # MSG_DONTWAIT: O_NONBLOCK lives in the file description the front-end shares.
+            self.backend_channel.send(vu.encode_message(vu.BackendRequest.CONFIG_CHANGE_MSG), socket.MSG_DONTWAIT)
         except OSError as exc:
             self.counters.inc("config_notify_failed", type(exc).__name__)
             self.log.warning("could not send CONFIG_CHANGE_MSG: %s", exc)
@@ -563,6 +595,17 @@ class Session:
             self.backend_channel = None
         self.device.attach(None)
         self.memory.clear()
+
+
+def _require_eventfd(fd: int, what: str) -> None:
+    """Kick, call and err fds must be eventfds: a pipe at EOF, a file or a socket would
+    spin the loop, block it, or make epoll refuse them."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = "?"
+    if target != "anon_inode:[eventfd]":
+        raise SessionStateError("not-an-eventfd", f"{what} fd is {target}, not an eventfd")
 
 
 def _map_into(memory: MemoryMap, fd: int, r: "vu.MemoryRegion") -> None:

@@ -106,20 +106,24 @@ class Connection:
                 self.log.debug("<- %s", vu.describe(msg))
                 reply = self.session.handle(msg)
                 if reply is not None:
-                    send_with_fds(self.sock, *reply)
+                    try:
+                        send_with_fds(self.sock, *reply)
+                    except BlockingIOError:
+                        self.counters.inc("sessions_closed", "peer-not-reading")
+                        self.close("front-end does not read its replies")
+                        return
+                    except OSError as exc:
+                        # Typically EPIPE: the front-end died with requests in flight.
+                        self.counters.inc("sessions_closed", "send-failed")
+                        self.close(f"send failed: {exc.strerror or exc}")
+                        return
         except ProtocolError as exc:
             for fd in getattr(exc, "fds", ()):
                 _close_quietly(fd)
             if exc.reason != "truncated-message" or data:
                 self.counters.inc("sessions_closed", exc.reason)
-                self.log.warning("closing session: %s", exc)
+                self.log.warning("closing session: %s", str(exc))
             self.close(exc.reason)
-            return
-        except BlockingIOError:
-            self.close("front-end does not read its replies")
-            return
-        except OSError as exc:
-            self.close(f"send failed: {exc}")
             return
         if not data:
             self.close("front-end disconnected")
@@ -129,6 +133,13 @@ class Connection:
             return
         self.loop.remove_reader(self.sock.fileno())
         self.session.close()
+        try:
+            # fds of messages received but not handled (after a refused one, or a truncated tail)
+            held = self.reader.release_fds()
+        except ProtocolError:
+            held = ()
+        for fd in held:
+            _close_quietly(fd)
         self.reader = vu.MessageReader("frontend")
         self.sock.close()
         self.closed.set_result(why)

@@ -1590,6 +1590,10 @@ class MessageReader:
             out.extend(self._fds.popleft()[1])
         return tuple(out)
 
+    def release_fds(self) -> tuple[int, ...]:
+        """Give up every fd still held (the connection is going away); the caller closes them."""
+        return self._take_fds(1 << 64)
+
     def _fail(self, err: MessageError) -> MessageError:
         """Enter the ERROR state; hand every fd still held to the exception."""
         self._failed = True

@@ -42,6 +42,7 @@ a late notification.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -116,6 +117,21 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
 
 
+def _words(size: int, avail: memoryview, used: memoryview) -> tuple[memoryview, memoryview]:
+    """The avail and used rings as arrays of 16-bit words.
+
+    The indices and flags the other side reads while we write them are stored
+    and loaded through these: one 16-bit access each, where ``struct`` would
+    move them a byte at a time and a guest vCPU could see half of an index.
+    Rings are at least 2-byte aligned (virtio 1.x 2.7), so the accesses are
+    single, aligned loads and stores.
+    """
+    if sys.byteorder != "little":
+        raise LocalProtocolError("big-endian-host", "ring words are accessed in host order, virtio's is little")
+    _, a_len, u_len = ring_sizes(size)
+    return avail[:a_len].cast("H"), used[:u_len].cast("H")
+
+
 def _check_views(size: int, desc: memoryview, avail: memoryview, used: memoryview) -> None:
     for name, view, need in zip(("desc", "avail", "used"), (desc, avail, used), ring_sizes(size)):
         if view.nbytes < need:
@@ -131,6 +147,7 @@ class Chain:
     writable: tuple[memoryview, ...]
     readable_len: int
     writable_len: int
+    descriptors: int = 1  # how many descriptors were walked (the cost of reading it)
 
     def read_all(self) -> bytes:
         """The readable segments concatenated."""
@@ -165,6 +182,9 @@ class DeviceQueue:
         "_signalled",
         "_inflight",
         "_broken",
+        "_a16",
+        "_u16",
+        "max_indirect",
     )
 
     def __init__(
@@ -178,6 +198,7 @@ class DeviceQueue:
         event_idx: bool = False,
         indirect: bool = True,
         max_chain_bytes: int = 1 << 20,
+        max_indirect: int = MAX_INDIRECT_DESCS,
     ) -> None:
         validate_queue_size(size)
         _check_views(size, desc, avail, used)
@@ -187,10 +208,12 @@ class DeviceQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.max_chain_bytes = max_chain_bytes
+        self.max_indirect = max_indirect
         self._mask = size - 1
         self._desc = desc
         self._avail = avail
         self._used = used
+        self._a16, self._u16 = _words(size, avail, used)
         self._memory = memory
         self._used_event_off = _RING + 2 * size
         self._avail_event_off = _RING + _USED_ELEM_SIZE * size
@@ -245,7 +268,7 @@ class DeviceQueue:
         last = self._last_avail
         if last == self._avail_shadow:
             # Only re-read avail.idx when the entries seen last time are used up.
-            (avail_idx,) = _U16.unpack_from(self._avail, _IDX)
+            avail_idx = self._a16[_IDX >> 1]
             pending = (avail_idx - last) & 0xFFFF
             if pending == 0:
                 return None
@@ -258,7 +281,7 @@ class DeviceQueue:
                 )
             self._avail_shadow = avail_idx
         # The entry is read after avail.idx (program order stands in for the read barrier).
-        (head,) = _U16.unpack_from(self._avail, _RING + 2 * (last & self._mask))
+        head = self._a16[(_RING >> 1) + (last & self._mask)]
         self._last_avail = (last + 1) & 0xFFFF  # consumed whatever happens next
         if head >= self.size:
             # Not a descriptor index, so it cannot be returned as used either.
@@ -293,8 +316,13 @@ class DeviceQueue:
                     raise RingError("indirect-with-next", f"indirect descriptor {idx} also has NEXT", head=head)
                 if length == 0 or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_DESCS:
                     raise RingError("bad-indirect-length", f"indirect table of {length} bytes", head=head)
+                if length > DESC_SIZE * self.max_indirect:
+                    # Zero-length entries escape max_chain_bytes: bound the walk itself.
+                    raise RingError("chain-too-long", f"indirect table of {length // DESC_SIZE} descriptors, "
+                                    f"this device takes {self.max_indirect}", head=head)
                 table = view(addr, length)
-                rlen, wlen = self._walk_indirect(head, table, readable, writable, rlen, wlen, seen_writable)
+                rlen, wlen, n = self._walk_indirect(head, table, readable, writable, rlen, wlen, seen_writable)
+                count += n
                 break
             if rlen + wlen + length > limit:
                 raise RingError("chain-too-long", f"chain exceeds {limit} bytes", head=head)
@@ -314,7 +342,7 @@ class DeviceQueue:
             if nxt >= size:
                 raise RingError("next-out-of-range", f"descriptor {idx} chains to {nxt}, size {size}", head=head)
             idx = nxt
-        return Chain(head, tuple(readable), tuple(writable), rlen, wlen)
+        return Chain(head, tuple(readable), tuple(writable), rlen, wlen, count)
 
     def _walk_indirect(
         self,
@@ -325,7 +353,7 @@ class DeviceQueue:
         rlen: int,
         wlen: int,
         seen_writable: bool,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         n = table.nbytes // DESC_SIZE
         limit = self.max_chain_bytes
         view = self._memory.view
@@ -352,7 +380,7 @@ class DeviceQueue:
                     readable.append(view(addr, length))
                 rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return rlen, wlen
+                return rlen, wlen, count
             if nxt >= n:
                 raise RingError("next-out-of-range", f"indirect entry {idx} chains to {nxt}, table {n}", head=head)
             idx = nxt
@@ -372,7 +400,7 @@ class DeviceQueue:
     def publish(self) -> None:
         """Make pushed elements visible: store used.idx (after the elements, in program order)."""
         if self._published != self._used_idx:
-            _U16.pack_into(self._used, _IDX, self._used_idx)
+            self._u16[_IDX >> 1] = self._used_idx
             self._published = self._used_idx
 
     def push_and_publish(self, head: int, written: int) -> None:
@@ -387,12 +415,11 @@ class DeviceQueue:
         if self.event_idx:
             if old is None:
                 return True
-            (used_event,) = _U16.unpack_from(self._avail, self._used_event_off)
+            used_event = self._a16[self._used_event_off >> 1]
             return vring_need_event(used_event, new, old)
         if old == new:
             return False
-        (flags,) = _U16.unpack_from(self._avail, _FLAGS)
-        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        return not self._a16[_FLAGS >> 1] & VRING_AVAIL_F_NO_INTERRUPT
 
     # -- kick suppression --------------------------------------------------------
 
@@ -405,16 +432,14 @@ class DeviceQueue:
         """
         if self.event_idx:
             return self.set_avail_event(self._last_avail)
-        (flags,) = _U16.unpack_from(self._used, _FLAGS)
-        _U16.pack_into(self._used, _FLAGS, flags & ~VRING_USED_F_NO_NOTIFY)
-        avail_idx: int = _U16.unpack_from(self._avail, _IDX)[0]
+        self._u16[_FLAGS >> 1] &= ~VRING_USED_F_NO_NOTIFY
+        avail_idx: int = self._a16[_IDX >> 1]
         return avail_idx != self._last_avail
 
     def disable_notifications(self) -> None:
         """Ask for no kicks (without EVENT_IDX; with it, a stale avail_event asks for none)."""
         if not self.event_idx:
-            (flags,) = _U16.unpack_from(self._used, _FLAGS)
-            _U16.pack_into(self._used, _FLAGS, flags | VRING_USED_F_NO_NOTIFY)
+            self._u16[_FLAGS >> 1] |= VRING_USED_F_NO_NOTIFY
 
     def set_avail_event(self, idx: int) -> bool:
         """EVENT_IDX: ask for a kick once the avail entry at ``idx`` is published.
@@ -422,8 +447,8 @@ class DeviceQueue:
         Returns True if it already is (the caller must pop rather than wait).
         """
         idx &= 0xFFFF
-        _U16.pack_into(self._used, self._avail_event_off, idx)
-        avail_idx: int = _U16.unpack_from(self._avail, _IDX)[0]
+        self._u16[self._avail_event_off >> 1] = idx
+        avail_idx: int = self._a16[_IDX >> 1]
         last = self._last_avail
         return (avail_idx - last) & 0xFFFF > (idx - last) & 0xFFFF
 
@@ -453,6 +478,8 @@ class DriverQueue:
         "_kicked_at",
         "_last_used",
         "_suppressed",
+        "_a16",
+        "_u16",
     )
 
     def __init__(
@@ -477,6 +504,7 @@ class DriverQueue:
         self._avail = avail
         self._used = used
         self._memory = memory
+        self._a16, self._u16 = _words(size, avail, used)
         self._used_event_off = _RING + 2 * size
         self._avail_event_off = _RING + _USED_ELEM_SIZE * size
         self._free = list(range(size - 1, -1, -1))  # a stack; hands out 0 first
@@ -542,13 +570,13 @@ class DriverQueue:
                 )
             head = ids[0]
             self._chains[head] = ids
-        _U16.pack_into(self._avail, _RING + 2 * (self._avail_idx & self._mask), head)
+        self._a16[(_RING + 2 * (self._avail_idx & self._mask)) >> 1] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         return head
 
     def publish(self) -> None:
         """Expose added buffers: store avail.idx (after the ring entries, in program order)."""
-        _U16.pack_into(self._avail, _IDX, self._avail_idx)
+        self._a16[_IDX >> 1] = self._avail_idx
         self._published = self._avail_idx
 
     def kick_needed(self) -> bool:
@@ -557,16 +585,16 @@ class DriverQueue:
         old = self._kicked_at
         self._kicked_at = new
         if self.event_idx:
-            (avail_event,) = _U16.unpack_from(self._used, self._avail_event_off)
+            avail_event = self._u16[self._avail_event_off >> 1]
             return vring_need_event(avail_event, new, old)
         if new == old:
             return False
-        (flags,) = _U16.unpack_from(self._used, _FLAGS)
+        flags = self._u16[_FLAGS >> 1]
         return not flags & VRING_USED_F_NO_NOTIFY
 
     def reclaim(self) -> list[tuple[int, int]]:
         """(head, written) of every newly used buffer, in order; frees their descriptors."""
-        (used_idx,) = _U16.unpack_from(self._used, _IDX)
+        used_idx = self._u16[_IDX >> 1]
         n = (used_idx - self._last_used) & 0xFFFF
         if n > len(self._chains):
             raise RingError("used-index-jump", f"used.idx {used_idx} is {n} ahead, {len(self._chains)} in flight")
@@ -589,12 +617,12 @@ class DriverQueue:
         Returns True if used entries are already waiting (reclaim rather than wait).
         """
         self._suppressed = on
-        (flags,) = _U16.unpack_from(self._avail, _FLAGS)
+        flags = self._a16[_FLAGS >> 1]
         flags = flags | VRING_AVAIL_F_NO_INTERRUPT if on else flags & ~VRING_AVAIL_F_NO_INTERRUPT
-        _U16.pack_into(self._avail, _FLAGS, flags)  # the device ignores it under EVENT_IDX; harmless
+        self._a16[_FLAGS >> 1] = flags  # the device ignores it under EVENT_IDX; harmless
         if self.event_idx:
             self._write_used_event()
-        used_idx: int = _U16.unpack_from(self._used, _IDX)[0]
+        used_idx: int = self._u16[_IDX >> 1]
         return used_idx != self._last_used
 
     def _write_used_event(self) -> None:
@@ -605,4 +633,4 @@ class DriverQueue:
         # one spurious interrupt, if the device has not yet evaluated entries
         # the driver already reclaimed; 16-bit indices allow no "never".
         event = (self._last_used - 1) & 0xFFFF if self._suppressed else self._last_used
-        _U16.pack_into(self._avail, self._used_event_off, event)
+        self._a16[self._used_event_off >> 1] = event

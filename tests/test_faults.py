@@ -391,12 +391,6 @@ async def test_with_reply_ack_a_refused_request_is_answered_and_the_session_goes
 # -- bugs found ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/session.py Session.handle: the REPLY_ACK path answers a refused request with u64 1 even when "
-    "the request has a reply of its own (the spec: NEED_REPLY then 'brings no behavioural change'): for "
-    "GET_CONFIG/GET_VRING_BASE encode_reply() raises LocalProtocolError inside the handler and the session "
-    "is closed as 'bad-payload-type', a reason that blames the back-end; a refused GET_MAX_MEM_SLOTS is "
-    "answered '1' as if it were the slot count, and the session goes on"))
 @pytest.mark.parametrize("pf, bad, reason", [
     pytest.param(PF.REPLY_ACK.mask | PF.CONFIG.mask,
                  wire(F.GET_CONFIG, vu.ConfigSpace(250, 7, 0, bytes(7)), need_reply=True), "bad-config-range",
@@ -410,39 +404,22 @@ async def test_a_refused_request_that_has_its_own_reply_is_not_acked(bed: Bed, p
     await fault(bed, _owner(pf) + [bad], reason=reason)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/transport.py Connection._readable/close: when a message is refused, fds that arrived in "
-    "the same recvmsg() chunk for a later message are still held by the MessageReader, and close() "
-    "replaces the reader without closing them: they leak"))
 async def test_fds_queued_behind_a_refused_message_are_closed(bed: Bed) -> None:
     glued = b"".join(w.data for w in (wire(F.SET_OWNER), wire(F.SET_OWNER), wire(F.SET_VRING_CALL, vu.U64(0))))
     await _expect_no_leak(bed, [Wire(glued, ("eventfd",), "OWNER+OWNER+CALL")], abrupt=False)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/transport.py Connection._readable/close: a front-end that dies with messages in flight "
-    "(QEMU killed mid-handshake): the back-end fails to send a reply (EPIPE), closes, and the fds "
-    "of the messages still queued in the MessageReader leak"))
 async def test_fds_in_flight_when_the_front_end_dies_are_closed(bed: Bed) -> None:
     glued = wire(F.GET_FEATURES).data + wire(F.SET_VRING_CALL, vu.U64(0)).data
     await _expect_no_leak(bed, [Wire(glued, ("eventfd",), "GET_FEATURES+CALL")], abrupt=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/session.py Session._on_set_backend_req_fd: socket.socket(fileno=fd) raises OSError(ENOTSOCK) "
-    "for a pipe, after _take_fd() took the fd out of the message's list: the fd leaks, and the session "
-    "closes as 'send failed: [Errno 88]' with no counter (see the next test)"))
 async def test_a_back_end_channel_that_is_not_a_socket_is_refused_and_closed(bed: Bed) -> None:
     closed0 = bed.slot.counters.total("sessions_closed")
     await _expect_no_leak(bed, _owner() + [wire(F.SET_BACKEND_REQ_FD, None, ("pipe-r",))])
     assert bed.slot.counters.total("sessions_closed") == closed0 + 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/transport.py Connection._readable: an OSError raised by Session.handle -- here epoll refusing "
-    "(EPERM) a kick fd that cannot be polled, from loop.add_reader in Session._set_kick -- is taken for a "
-    "send failure: the session closes as 'send failed: [Errno 1] Operation not permitted' and no "
-    "sessions_closed or rejected counter records why"))
 @pytest.mark.parametrize("kind", ["file", "dir", "devnull"])
 async def test_a_kick_fd_that_cannot_be_polled_is_refused_with_a_counted_reason(bed: Bed, kind: str) -> None:
     await fault(bed, _owner() + [wire(F.SET_FEATURES, vu.U64(VIRTIO_FEATURES))] + _memory() + _ring(kick=(kind,)),
@@ -494,10 +471,6 @@ def _unblock_later(delay: float, action: Callable[[], object]) -> threading.Thre
     return th
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/session.py Session.signal_used: os.eventfd_write on the call fd the front-end gave, which "
-    "the back-end never makes non-blocking: an eventfd whose counter is at its maximum (or a blocking "
-    "pipe or socket nobody drains) blocks the event loop, and every VM of the service with it"))
 async def test_a_call_fd_that_would_block_does_not_stall_the_service(bed: Bed) -> None:
     g = await start_guest(bed.path, util_threshold=1)
     efd = os.eventfd(0)  # blocking, as a front-end may well create it
@@ -521,11 +494,6 @@ async def test_a_call_fd_that_would_block_does_not_stall_the_service(bed: Bed) -
     assert worst < 0.5, f"the event loop stalled for {worst:.2f} s on a call eventfd write"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/session.py Session._send_config_change: backend_channel.send() on the socket the front-end "
-    "gave; the back-end made it non-blocking, but O_NONBLOCK lives in the open file description it "
-    "shares with the front-end, which can clear it (and shrink SO_SNDBUF) and never read: the next "
-    "CONFIG_CHANGE_MSG blocks the event loop, and every VM of the service with it"))
 async def test_a_back_end_channel_the_front_end_made_blocking_does_not_stall_the_service(tmp_path: Path) -> None:
     from vhost_user_cpufreq.backend.hostfreq import StaticSource
     from vhost_user_cpufreq.backend.hosts import PIXEL6
@@ -595,9 +563,11 @@ asyncio.run(main())
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/memory.py map_region: guest RAM stays shared with the front-end, which can shrink the "
-    "memfd (ftruncate) after SET_MEM_TABLE; the back-end's next read of the rings then raises SIGBUS "
-    "and the whole service (every VM) dies.  A fix: require F_SEAL_SHRINK on memfds, or handle SIGBUS"))
+    "known limitation: guest RAM stays shared with the front-end.  map_region seals memfds that allow "
+    "it with F_SEAL_SHRINK (QEMU's memory-backend-memfd is sealed by default), but a memfd created "
+    "without MFD_ALLOW_SEALING, as here, or a plain file can still be shrunk after SET_MEM_TABLE; the "
+    "next ring read raises SIGBUS and the service dies (systemd restarts it and recovery undoes what it "
+    "left on threads).  Surviving needs a SIGBUS handler around guest-memory access, in C"))
 async def test_guest_ram_shrunk_by_the_front_end_does_not_kill_the_service(tmp_path: Path) -> None:
     path = str(tmp_path / "vm.sock")
     proc = await asyncio.create_subprocess_exec(
@@ -639,13 +609,6 @@ class _KeepRecords(logging.Handler):
         self.records.append(record)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/session.py Session._update_ring (and protocol/virtqueue.py DeviceQueue.pop/_walk for refused "
-    "chains): the RingError raised while holding memoryviews of guest RAM (desc/avail) carries a traceback "
-    "whose frames keep those views alive; the exception is logged (Connection._readable, "
-    "CpufreqDevice.handle_queue), so any handler that keeps records (a buffering handler, pytest's log "
-    "capture) keeps the closed session's guest RAM mapped and its memfd open (MappedRegion.close swallows "
-    "the BufferError)"))
 async def test_guest_memory_is_released_even_if_the_error_that_closed_the_session_is_kept(bed: Bed) -> None:
     keep = _KeepRecords()
     vlog = logging.getLogger("vhost_user_cpufreq")
@@ -666,12 +629,6 @@ async def test_guest_memory_is_released_even_if_the_error_that_closed_the_sessio
         vlog.setLevel(logging.ERROR)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/session.py Session._on_kick: os.eventfd_read() of a kick fd at EOF (a pipe whose writer is "
-    "closed, a socket whose peer is closed) fails with OSError(0) (a short read), not BlockingIOError: it "
-    "escapes the reader callback into the event loop, and the reader, still registered, fires again at "
-    "once -- tens of thousands of 'Exception in callback' a second, a core burnt, the ring never served, "
-    "and the session not closed"))
 @pytest.mark.parametrize("kind", ["pipe-r-eof", "socket-eof"])
 async def test_a_kick_fd_at_eof_is_handled_inside_the_session(bed: Bed, kind: str) -> None:
     errors: list[object] = []

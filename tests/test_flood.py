@@ -406,23 +406,11 @@ async def test_a_flood_of_max_size_batches_stays_under_its_ceiling_and_in_bounde
     assert r.delays  # and every victim record got through in the end (each is waited for)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "starvation: backend/cpufreq_device.py CpufreqDevice.handle_queue budgets 64 *buffers* per turn "
-    "and a buffer holds up to 256 records, so one turn of a flooding VM is 16384 policy calls (~0.2-0.5 s "
-    "with HostPolicy here); and backend/session.py Session._on_kick runs _process() even when the ring "
-    "is already scheduled, so a VM that kicks after every refill gets a second budget in the same loop "
-    "iteration.  Every victim record waits 0.4-1.1 s (bound 50 ms)"))
 async def test_a_flood_of_max_size_batches_does_not_starve_the_victim(rig: Rig) -> None:
     r = await flood(rig, "full-ring", seconds=3.0)
     assert r.delays and _pct(r.delays, 0.99) < VICTIM_P99_BOUND, r.describe()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "starvation: protocol/virtqueue.py DeviceQueue._walk_indirect walks up to MAX_INDIRECT_DESCS (32768) "
-    "zero-length descriptors per chain (they escape max_chain_bytes) and the work budget counts chains, "
-    "so one turn of a guest whose every buffer is such a (valid) chain is 64 x 32768 descriptor "
-    "iterations, ~2 s here, during which no VM of the service is served.  Every victim record waits "
-    "2.0-2.5 s (bound 50 ms)"))
 async def test_chains_of_zero_length_indirect_descriptors_do_not_starve_the_victim(rig: Rig) -> None:
     r = await flood(rig, "indirect-zero", seconds=3.0)
     assert r.delays and _pct(r.delays, 0.99) < VICTIM_P99_BOUND, r.describe()
@@ -465,12 +453,6 @@ def _torn_reads(writer: Any, offset: int, seconds: float) -> tuple[int, int]:
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a torn store is seen only by a reader running in parallel")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "protocol/virtqueue.py DeviceQueue stores the 16-bit ring fields the guest reads (used.idx in "
-    "publish(), avail_event in set_avail_event(), used.flags) with struct.pack_into('<H'), which CPython "
-    "writes one byte at a time: a guest vCPU reading concurrently sees torn values (used.idx 0x01c0 -> "
-    "0x0200 read as 0x0100, which a Linux guest takes for a broken ring).  The flooding guest model of "
-    "these tests saw torn used.idx reads; here the device's store is exercised directly"))
 def test_the_device_stores_a_ring_index_in_one_write() -> None:
     size = 1
     d, a, u = vq.ring_sizes(size)

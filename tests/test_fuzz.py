@@ -163,11 +163,6 @@ def test_hostile_guests_hypothesis(tmp_path: Path, report: list[str], record_pro
     _summarise("guest memory (hypothesis)", bed, report, record_property)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "backend/cpufreq_device.py CpufreqDevice.handle_queue: on a RingError with head=None (a bad head, an "
-    "avail index jump) it returns before host.signal_used(), so the chains it already pushed in that call "
-    "are never published: used.idx stays behind, no interrupt is sent, and the guest does not get those "
-    "buffers back until some later kick happens to publish (a driver waiting for free buffers stalls)"))
 async def test_a_bad_head_does_not_hold_back_the_buffers_before_it(tmp_path: Path) -> None:
     bed = await FuzzBed.create(tmp_path)
     try:

@@ -1,0 +1,410 @@
+"""The guest side of the benchmark: modelled guests, a lean ring producer, latency probes.
+
+Everything here runs in the benchmark's own process, never in the back-end's.
+
+* :func:`connect_guest` - our vhost-user front-end (memfd guest RAM, real
+  eventfds) plus the guest driver model, probed: what tests/helpers.py does,
+  with the RAM size and queue size as parameters.
+* :class:`Blaster` - a lean in-order producer that keeps the request ring full
+  of pre-encoded batches, honouring EVENT_IDX for kicks and sleeping on the
+  used-buffer interrupt only when the ring is full.  It measures the back-end's
+  capacity, not the driver model's (whose Python costs more per record than
+  the back-end's; see ``driver_flush_rate`` in the report).
+* :func:`latency_inprocess` / :func:`latency_qemu` - one request at a time to an
+  idle back-end: driver-model ``set_util`` + ``flush`` (its own EVENT_IDX kick;
+  none is forced), the decision stamp read back from shared memory, the
+  used-buffer interrupt as the ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import mmap
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from vhost_user_cpufreq.guest.driver import CpufreqDriver
+from vhost_user_cpufreq.guest.frontend import InProcessTransport, MemfdRam, VhostUserFrontend
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, vring_need_event
+
+from backend_proc import SLOT, slot_offset  # type: ignore[import-not-found]
+
+_U16 = struct.Struct("<H")
+_HDR = struct.Struct("<IHHQ")  # seq, num_records, flags, timestamp_ns
+_REC = struct.Struct("<HHI")
+_USED_ELEM = struct.Struct("<II")
+
+
+def mono_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@dataclass
+class Guest:
+    fe: VhostUserFrontend
+    transport: InProcessTransport
+    driver: CpufreqDriver
+
+    async def close(self) -> None:
+        await self.driver.remove()
+        await self.fe.close()
+        self.transport.ram.close()
+
+
+async def connect_guest(sock: str, *, ram_size: int = 4 << 20, queue_size: int = 64,
+                        timeout: float = 10.0) -> Guest:
+    fe = VhostUserFrontend(MemfdRam(ram_size, regions=2))
+    await fe.connect(sock, timeout=timeout)
+    await fe.handshake()
+    t = InProcessTransport(fe)
+    d = CpufreqDriver(t, queue_size=queue_size)
+    await d.probe()
+    return Guest(fe, t, d)
+
+
+# -- lean producer ------------------------------------------------------------------
+
+
+class Blaster:
+    """Keeps a request ring full of batches of ``batch`` records (in-order buffer reuse).
+
+    Takes over a freshly probed driver's queue (nothing in flight): descriptor
+    ``i`` permanently points at buffer ``i`` and avail slot ``i`` always names
+    descriptor ``i``, which is valid because the device returns buffers in
+    order (checked on every reclaim).
+    """
+
+    def __init__(self, queue: DriverQueue, ram, notify: Callable[[], None],  # type: ignore[no-untyped-def]
+                 wait_used: Callable[[], Awaitable[None]], num_vcpus: int, first_seq: int) -> None:
+        if queue.num_free != queue.size:
+            raise RuntimeError("the queue must be idle")
+        self.size = queue.size
+        self.mask = queue.size - 1
+        # DriverQueue has no public accessors for its ring views: a benchmark may peek.
+        self.desc = queue._desc  # noqa: SLF001
+        # 16-bit ring fields go through memoryview.cast("H"): one aligned 16-bit load or
+        # store each.  struct.pack_into zero-fills the field and then writes it byte by
+        # byte, so the peer process can read 0 or a torn index (see torn_index.py).
+        self.avail16 = queue._avail.cast("H")  # noqa: SLF001
+        self.used16 = queue._used.cast("H")  # noqa: SLF001
+        self.used_event_i = 2 + self.size  # avail ring: flags, idx, ring[size], used_event
+        self.avail_event_i = 2 + 4 * self.size  # used ring: flags, idx, ring[size] of 8 bytes, avail_event
+        self.avail_idx = queue.avail_idx
+        self.kicked_at = self.avail_idx
+        self.last_used = queue.last_used_idx
+        self.notify = notify
+        self.wait_used = wait_used
+        self.num_vcpus = num_vcpus
+        self.seq = first_seq
+        self.max_records = min(64, num_vcpus)
+        self.buf_len = abi.BATCH_HEADER_SIZE + abi.RECORD_SIZE * self.max_records
+        self.gpas = [ram.alloc(self.buf_len, 8) for _ in range(self.size)]
+        self.views = [ram.memory.view(g, self.buf_len) for g in self.gpas]
+        self.batch = 0
+        self.kicks = 0
+        self.waits = 0
+        self.batches = 0
+        self._suppress()
+
+    def set_batch(self, batch: int) -> None:
+        """Records per buffer; call with nothing in flight."""
+        assert self.in_flight == 0
+        batch = min(batch, self.max_records)
+        self.batch = batch
+        length = abi.BATCH_HEADER_SIZE + abi.RECORD_SIZE * batch
+        for i, (gpa, view) in enumerate(zip(self.gpas, self.views)):
+            struct.pack_into("<QIHH", self.desc, 16 * i, gpa, length, 0, 0)
+            for r in range(batch):
+                _REC.pack_into(view, abi.BATCH_HEADER_SIZE + abi.RECORD_SIZE * r,
+                               r % self.num_vcpus, (100 + 37 * (i + r)) % 1025, 0)
+
+    @property
+    def in_flight(self) -> int:
+        return (self.avail_idx - self.last_used) & 0xFFFF
+
+    def _suppress(self) -> None:
+        self.avail16[self.used_event_i] = (self.last_used - 1) & 0xFFFF
+
+    def reclaim(self) -> int:
+        used_idx = self.used16[1]
+        n = (used_idx - self.last_used) & 0xFFFF
+        if n > self.in_flight:
+            raise RuntimeError(f"used.idx {used_idx} is {n} ahead of {self.last_used}, {self.in_flight} in flight")
+        if n:
+            # in-order check on the last element of the run (cheap, catches reordering)
+            last = (used_idx - 1) & 0xFFFF
+            head = self.used16[2 + 4 * (last & self.mask)]  # low half of the element's u32 id
+            if head != last & self.mask:
+                raise RuntimeError(f"device returned buffer {head} out of order (expected {last & self.mask})")
+            self.last_used = used_idx
+            self._suppress()
+        return n
+
+    def fill(self) -> None:
+        free = self.size - self.in_flight
+        if not free:
+            return
+        ts = mono_ns()
+        idx = self.avail_idx
+        b = self.batch
+        avail16 = self.avail16
+        for _ in range(free):
+            slot = idx & self.mask
+            _HDR.pack_into(self.views[slot], 0, self.seq & 0xFFFFFFFF, b, 0, ts)
+            avail16[2 + slot] = slot
+            idx = (idx + 1) & 0xFFFF
+            self.seq += 1
+        self.batches += free
+        self.avail_idx = idx
+        avail16[1] = idx  # publish: one 16-bit store
+        avail_event = self.used16[self.avail_event_i]
+        if vring_need_event(avail_event, idx, self.kicked_at):
+            self.kicks += 1
+            self.notify()
+        self.kicked_at = idx
+
+    async def wait_some(self, timeout: float = 2.0) -> None:
+        """Sleep until the device has used half the ring.
+
+        ``wait_used`` may return early (its own timeout: an interrupt merged
+        into one still being acknowledged is never reported again through
+        qtest), so the used index is checked again after each wake-up.
+        """
+        half = max(1, self.size // 2)
+        self.avail16[self.used_event_i] = (self.last_used + half - 1) & 0xFFFF
+        end = time.monotonic() + timeout
+        while True:
+            used_idx = self.used16[1]
+            if (used_idx - self.last_used) & 0xFFFF >= half or time.monotonic() > end:
+                break
+            self.waits += 1
+            await self.wait_used()
+        self.reclaim()
+
+    async def run(self, seconds: float) -> int:
+        """Produce for ``seconds``; returns batches produced."""
+        start = self.batches
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.reclaim()
+            self.fill()
+            if self.in_flight == self.size:
+                await self.wait_some()
+        return self.batches - start
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while self.in_flight:
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self.in_flight} buffers still in flight")
+            self.reclaim()
+            if self.in_flight:
+                await asyncio.sleep(0.001)
+
+
+def eventfd_waiter(fd: int, timeout: float = 1.0) -> Callable[[], Awaitable[None]]:
+    """An awaitable wait for eventfd ``fd`` (the used-buffer interrupt of our front-end)."""
+
+    async def wait() -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+
+    return wait
+
+
+# -- latency -------------------------------------------------------------------------
+
+
+@dataclass
+class LatencySamples:
+    kick_to_decision_ns: list[int]
+    kick_to_ack_ns: list[int]
+    #: requests that found the device not waiting for a kick on the next buffer (kick batching
+    #: active); the driver then does not kick and the request is timed from its publication
+    not_armed: int
+    not_kicked: int
+
+
+def _avail_event(queue: DriverQueue) -> int:
+    return queue._used.cast("H")[2 + 4 * queue.size]  # noqa: SLF001 - one 16-bit load
+
+
+def _wait_armed(queue: DriverQueue, limit_s: float = 0.002) -> bool:
+    """Wait briefly until the device asked for a kick on our next buffer (it is idle, waiting)."""
+    end = time.monotonic() + limit_s
+    while _avail_event(queue) != queue.avail_idx:
+        if time.monotonic() > end:
+            return False
+    return True
+
+
+_req = itertools.count()
+
+
+def _utils(i: int, vcpus: int) -> tuple[int, int]:
+    """vCPU and util of request ``i``: a util far from the vCPU's previous one, so it is always sent."""
+    k = next(_req)
+    v = k % vcpus
+    return v, (200 if (k // vcpus) % 2 == 0 else 800)
+
+
+def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: int, vcpus: int,
+                      n: int, gap_us: int, warmup: int = 50) -> LatencySamples:
+    """Blocking loop (the asyncio loop is not needed while it runs)."""
+    d = g.driver
+    q = d.queue
+    q.set_interrupt_suppression(False)  # the device interrupts on each used buffer: our ack
+    call_fd = g.fe.rings[abi.REQUEST_QUEUE].call
+    poller = select.poll()
+    poller.register(call_fd, select.POLLIN)
+    try:
+        os.eventfd_read(call_fd)
+    except BlockingIOError:
+        pass
+    t_kick = [0]
+    orig_notify = g.transport.notify
+
+    def notify(index: int) -> None:
+        t_kick[0] = mono_ns()
+        orig_notify(index)
+
+    g.transport.notify = notify  # type: ignore[method-assign]
+    counts = [SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))[1] for v in range(vcpus)]
+    k2d: list[int] = []
+    k2a: list[int] = []
+    not_armed = not_kicked = 0
+    gap = gap_us / 1e6
+    try:
+        for i in range(n + warmup):
+            time.sleep(gap)
+            v, util = _utils(i, vcpus)
+            d.set_util(v, util)
+            armed = _wait_armed(q)
+            kicks = d.stats.kicks
+            t_kick[0] = 0
+            sent = d.flush()
+            t_pub = mono_ns()
+            assert sent == 1, sent
+            kicked = d.stats.kicks != kicks
+            if not poller.poll(1000):
+                raise TimeoutError("no used-buffer interrupt within 1 s")
+            t_ack = mono_ns()
+            os.eventfd_read(call_fd)
+            counts[v] += 1
+            off = slot_offset(vm_index, v, slot_vcpus)
+            deadline = time.monotonic() + 1.0
+            while True:
+                ts, c = SLOT.unpack_from(stamps, off)
+                if c >= counts[v]:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("decision stamp never appeared")
+            if i >= warmup:
+                not_armed += not armed
+                not_kicked += not kicked
+                t0 = t_kick[0] if kicked else t_pub
+                k2d.append(ts - t0)
+                k2a.append(t_ack - t0)
+    finally:
+        g.transport.notify = orig_notify  # type: ignore[method-assign]
+        q.set_interrupt_suppression(True)
+    return LatencySamples(k2d, k2a, not_armed, not_kicked)
+
+
+async def latency_qemu(driver: CpufreqDriver, transport, stamps: mmap.mmap, vm_index: int,  # type: ignore[no-untyped-def]
+                       slot_vcpus: int, vcpus: int, n: int, gap_us: int, warmup: int = 20) -> LatencySamples:
+    """The same through QEMU: the kick is a qtest MMIO write, the ack QEMU's INTx report."""
+    q = driver.queue
+    q.set_interrupt_suppression(False)
+    qt = transport.qt
+    orig_irq = qt.on_irq
+    irq_at: list[int] = []
+
+    def on_irq(line: int, raised: bool) -> None:
+        if raised and line in transport.intx_lines:
+            irq_at.append(mono_ns())
+        if orig_irq is not None:
+            orig_irq(line, raised)
+
+    irq_fut: list[asyncio.Future[None] | None] = [None]
+
+    def on_irq_wake(line: int, raised: bool) -> None:
+        on_irq(line, raised)
+        f = irq_fut[0]
+        if raised and line in transport.intx_lines and f is not None and not f.done():
+            f.set_result(None)
+
+    qt.on_irq = on_irq_wake
+    t_kick = [0]
+    orig_notify = transport.notify
+
+    def notify(index: int) -> None:
+        t_kick[0] = mono_ns()
+        orig_notify(index)
+
+    transport.notify = notify
+    counts = [SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))[1] for v in range(vcpus)]
+    k2d: list[int] = []
+    k2a: list[int] = []
+    not_armed = not_kicked = 0
+    try:
+        await asyncio.sleep(0.05)
+        for i in range(n + warmup):
+            await asyncio.sleep(gap_us / 1e6)
+            v, util = _utils(i, vcpus)
+            driver.set_util(v, util)
+            armed = _wait_armed(q)
+            irqs_before = transport.queue_interrupts
+            del irq_at[:]
+            irq_fut[0] = asyncio.get_running_loop().create_future()
+            kicks = driver.stats.kicks
+            t_kick[0] = 0
+            driver.flush()
+            t_pub = mono_ns()
+            kicked = driver.stats.kicks != kicks
+            try:
+                await asyncio.wait_for(irq_fut[0], 2.0)
+            except asyncio.TimeoutError:
+                raise TimeoutError("no used-buffer interrupt from QEMU within 2 s") from None
+            end = time.monotonic() + 2.0
+            while transport.queue_interrupts == irqs_before:  # the ISR read after the IRQ (lowers INTx)
+                if time.monotonic() > end:
+                    raise TimeoutError("QEMU's ISR read did not complete within 2 s")
+                await asyncio.sleep(0)
+            counts[v] += 1
+            ts, c = SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))
+            if c < counts[v]:
+                raise RuntimeError("interrupt before the decision stamp")
+            if i >= warmup and irq_at:
+                not_armed += not armed
+                not_kicked += not kicked
+                t0 = t_kick[0] if kicked else t_pub
+                k2d.append(ts - t0)
+                k2a.append(irq_at[0] - t0)
+    finally:
+        transport.notify = orig_notify
+        qt.on_irq = orig_irq
+        q.set_interrupt_suppression(True)
+    return LatencySamples(k2d, k2a, not_armed, not_kicked)

@@ -1,0 +1,104 @@
+"""The benchmark harness (bench/run.py) end to end, in its tiny configuration.
+
+Every section must come back with numbers; nothing here judges a figure (the
+figures depend on the machine and on whatever else runs on it).  The QEMU
+section may be skipped with its reason, unless ``VUC_REQUIRE_QEMU=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, Number) and not isinstance(x, bool)
+
+
+def _summary_ok(s: Any) -> None:
+    assert isinstance(s, dict), s
+    assert s["n"] > 0, s
+    for k in ("median", "p99", "p25", "p75", "min", "max"):
+        assert _num(s[k]), (k, s)
+
+
+def _rate_ok(x: dict[str, Any]) -> None:
+    _summary_ok(x["records_per_s"])
+    _summary_ok(x["cpu_s_per_million_records"])
+    assert x["records_per_s"]["median"] > 0  # records flowed (not a speed check)
+
+
+def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--tiny", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "targets:" in r.stdout
+    data = json.loads(out.read_text())
+
+    m = data["machine"]
+    for k in ("cpu_model", "cores", "kernel", "python", "date"):
+        assert m[k], k
+    for name in ("atomicity", "latency", "throughput", "guest_cost", "scale", "mirror"):
+        assert "skipped" not in data[name], (name, data[name])
+        assert _num(data[name]["environment"]["foreign_load_cores"])
+
+    at = data["atomicity"]
+    for k in ("struct", "cast"):
+        assert at[k]["reads"] > 0 and _num(at[k]["torn_reads"])
+
+    lat = data["latency"]
+    _summary_ok(lat["device"]["kick_to_decision"])
+    _summary_ok(lat["device"]["kick_to_ack_rtt"])
+    for kind in ("c", "python", "asyncio"):
+        f = lat["floor"][kind]
+        if "skipped" in f:
+            assert kind == "c" and "compiler" in f["skipped"], f
+            continue
+        _summary_ok(f["rtt"])
+        _summary_ok(f["oneway"])
+
+    tp = data["throughput"]
+    for b in (1, 8, 64):
+        _rate_ok(tp[f"batch_{b}"])
+    assert len(tp["driver_model"]) == 3 and all(x["records_per_s"] > 0 for x in tp["driver_model"])
+
+    for variant in ("per-buffer", "default"):
+        gc = data["guest_cost"][variant]
+        assert gc["records"] > 0 and gc["ticks"] > 0
+        for k in ("kicks_per_s", "config_reads_per_s", "ours_exits_per_s", "virtual_cpufreq_exits_per_s"):
+            assert _num(gc[k]), k
+        _summary_ok(gc["request_age_at_decision"])
+
+    sc = data["scale"]
+    idle = sc["default"]["idle"]
+    assert _num(idle["cpu_share"]) and _num(idle["rss_mib"]["VmRSS"])
+    assert idle["connected"] == sc["vms"]
+    for variant in ("per-buffer", "default"):
+        load = sc[variant]["load"]
+        assert load["records"] > 0 and _num(load["cpu_share"])
+
+    periods = [v for v in data["mirror"].values() if isinstance(v, dict) and "period_ms" in v]
+    assert periods
+    for p in periods:
+        _summary_ok(p["sampling_delay"])
+        _summary_ok(p["notification_path"])
+
+    q = data["qemu"]
+    if "skipped" in q:
+        assert os.environ.get("VUC_REQUIRE_QEMU") != "1", q["skipped"]
+        assert q["skipped"]
+    else:
+        _summary_ok(q["latency"]["kick_to_decision"])
+        _summary_ok(q["latency"]["kick_to_ack_rtt"])
+        for b in (1, 8, 64):
+            _rate_ok(q[f"batch_{b}"])
+
+    assert data["targets"] and all("met" in t for t in data["targets"])

@@ -11,8 +11,7 @@ is what the host governor would pick for that utilisation.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from vhost_user_cpufreq.protocol.cpufreq import UTIL_SCALE, Domain, Record
 
@@ -24,12 +23,13 @@ SCHEDUTIL_HEADROOM = 1.25
 
 def schedutil_khz(util: int, domain: Domain) -> int:
     """Frequency schedutil would choose for ``util`` (0..1024) in ``domain``, clamped to its range."""
-    want = int(SCHEDUTIL_HEADROOM * domain.max_khz * util / UTIL_SCALE)
+    want = (5 * domain.max_khz * util) >> 12  # 1.25 * max * util / 1024, in integers
     return max(domain.min_khz, min(domain.max_khz, want))
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """What the host should do for one vCPU (a named tuple: one is made per record)."""
+
     vm: str
     vcpu: int
     util: int

@@ -7,6 +7,7 @@ served through the in-process front-end.  The service is a separate process
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -40,10 +41,12 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _config(d: Path, **service: object) -> Path:
+def _config(d: Path, *, extra_vm: bool = False, **service: object) -> Path:
     lines = ["[service]", f'state_file = "{d}/state.json"', f'control_socket = "{d}/control.sock"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in service.items()]
     lines += ["[vm.vm]", f'socket = "{d}/vm.sock"', "vcpus = 2", "pinning = [1, 0]", "socket_mode = 0o666"]
+    if extra_vm:
+        lines += ["[vm.vm2]", f'socket = "{d}/vm2.sock"', "vcpus = 2", "pinning = [0, 1]", 'clamp = "none"']
     p = d / "config.toml"
     p.write_text("\n".join(lines) + "\n")
     return p
@@ -96,34 +99,67 @@ def _affinity(tids: list[int]) -> list[set[int]]:
     return [os.sched_getaffinity(t) for t in tids]
 
 
-async def test_sigkill_leaves_state_that_the_next_start_restores(tmp_path: Path, vcpu_threads: list[int]) -> None:
+async def test_sigkill_under_load_leaves_state_that_the_next_start_restores(tmp_path: Path,
+                                                                             vcpu_threads: list[int]) -> None:
+    """Two VMs under load; the service is SIGKILLed, restarted, both VMs reconnect; then SIGTERM under load."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs to see pinning")
     original = _affinity(vcpu_threads)
-    cfg = _config(tmp_path)
+    # vm pins and clamps this process's QEMU-named threads; vm2 (clamp "none") only adds load.
+    cfg = _config(tmp_path, extra_vm=True)
     svc = await _start(cfg)
-    g = await start_guest(str(tmp_path / "vm.sock"))
-    await until(lambda: _affinity(vcpu_threads) == [{1}, {0}], what="threads pinned by the service")
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert sorted(r["tid"] for r in state["threads"]) == vcpu_threads
-    svc.kill()  # no cleanup at all
-    svc.wait()
-    await g.close()
+    guests = [await start_guest(str(tmp_path / f"{n}.sock"), util_threshold=1) for n in ("vm", "vm2")]
+    load = asyncio.get_running_loop().create_task(_load(guests))
+    try:
+        await until(lambda: _affinity(vcpu_threads) == [{1}, {0}], what="threads pinned by the service")
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert sorted(r["tid"] for r in state["threads"]) == vcpu_threads
+        await until(lambda: all(v["counters"].get("records", 0) > 50 for v in _status(tmp_path)["vms"].values()),
+                    what="both VMs under load")
+        svc.kill()  # no cleanup at all, in the middle of the load
+        svc.wait()
+    finally:
+        load.cancel()
+    for g in guests:
+        await g.close()
     assert _affinity(vcpu_threads) == [{1}, {0}]  # stale: the killed service could not undo it
     svc = await _start(cfg)
     await until(lambda: _affinity(vcpu_threads) == original, what="recovery at start")
     # The file is rewritten right after the threads are restored.
     await until(lambda: _state(tmp_path) == {"threads": []}, what="state file emptied by recovery")
-    # The VM reconnects and is served (and pinned) again; SIGTERM then restores everything.
-    g = await start_guest(str(tmp_path / "vm.sock"))
-    await until(lambda: _affinity(vcpu_threads) == [{1}, {0}])
-    g.driver.set_util(0, 800)
-    g.driver.flush()
-    svc.send_signal(signal.SIGTERM)
-    assert svc.wait(timeout=15) == 0
+    assert _status(tmp_path)["counters"].get("recovered_threads") == 2
+    # Both VMs reconnect and are served (vm pinned) again; SIGTERM under load then restores everything.
+    guests = [await start_guest(str(tmp_path / f"{n}.sock"), util_threshold=1) for n in ("vm", "vm2")]
+    load = asyncio.get_running_loop().create_task(_load(guests))
+    try:
+        await until(lambda: _affinity(vcpu_threads) == [{1}, {0}])
+        await until(lambda: all(v["counters"].get("records", 0) > 50 for v in _status(tmp_path)["vms"].values()),
+                    what="both VMs served after the restart")
+        svc.send_signal(signal.SIGTERM)
+        assert svc.wait(timeout=15) == 0
+    finally:
+        load.cancel()
     assert _affinity(vcpu_threads) == original
     assert json.loads((tmp_path / "state.json").read_text()) == {"threads": []}
-    await g.close()
+    for g in guests:
+        await g.close()
+
+
+async def _load(guests: list) -> None:  # type: ignore[type-arg]
+    """Every guest keeps sending records (about 2,000 a second each) until cancelled."""
+    i = 0
+    while True:
+        i += 1
+        for g in guests:
+            g.driver.set_util(i % 2, (i * 37) % 1025)
+            g.driver.flush()
+        await asyncio.sleep(0.001)
+
+
+def _status(d: Path) -> dict:  # type: ignore[type-arg]
+    from vhost_user_cpufreq.backend.daemon import query_status
+
+    return query_status(str(d / "control.sock"))
 
 
 async def test_runs_as_nobody_with_only_cap_sys_nice(shared_dir: Path, vcpu_threads: list[int]) -> None:

@@ -19,8 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from vhost_user_cpufreq.guest.driver import CpufreqDriver
-from vhost_user_cpufreq.guest.frontend import InProcessTransport, VhostUserFrontend
+from vhost_user_cpufreq.guest.frontend import connect_guest
 from vhost_user_cpufreq.guest.workload import BurstyWorkload, PeltTracker
 
 from .hostfreq import StaticSource
@@ -73,12 +72,8 @@ async def run_demo(opts: DemoOptions, out=sys.stdout) -> dict[str, float]:  # ty
     vmap = _vcpu_domains(opts.vcpus)
     slot = await service.add_vm(VmConfig("demo", sock_path, vmap, notify_interval=0.05))
 
-    fe = VhostUserFrontend()
-    await fe.connect(sock_path)
-    await fe.handshake()
-    transport = InProcessTransport(fe)
-    driver = CpufreqDriver(transport)
-    await driver.probe()
+    guest = await connect_guest(sock_path)
+    fe, transport, driver = guest.fe, guest.transport, guest.driver
 
     work = BurstyWorkload(opts.vcpus, seed=opts.seed)
     pelt = [PeltTracker() for _ in range(opts.vcpus)]
@@ -142,12 +137,10 @@ async def run_demo(opts: DemoOptions, out=sys.stdout) -> dict[str, float]:  # ty
         "guest_matches_host": float(guest_view == host_view),
         "median_mirror_lag_ms": 1000 * sorted(lag_samples)[len(lag_samples) // 2] if lag_samples else float("nan"),
     }
-    await driver.remove()
-    await fe.close()
+    await guest.close()
     await asyncio.sleep(0.05)
     await service.close()
     os.rmdir(tmp)
-    transport.ram.close()
     print("\nSummary", file=out)
     for k, v in summary.items():
         print(f"  {k:22} {v:.3f}" if isinstance(v, float) else f"  {k:22} {v}", file=out)

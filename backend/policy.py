@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import NamedTuple, Protocol
 
-from vhost_user_cpufreq.protocol.cpufreq import UTIL_SCALE, Domain, Record
+from vhost_user_cpufreq.protocol.cpufreq import Domain, Record
 
 __all__ = ["Decision", "Policy", "RecordingPolicy", "schedutil_khz", "SCHEDUTIL_HEADROOM"]
 

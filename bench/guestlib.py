@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
-from vhost_user_cpufreq.guest.frontend import InProcessTransport, MemfdRam, VhostUserFrontend
+from vhost_user_cpufreq.guest.frontend import MemfdRam, ModelledGuest
+from vhost_user_cpufreq.guest.frontend import connect_guest as _connect
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, vring_need_event
 
@@ -45,27 +46,12 @@ def mono_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-@dataclass
-class Guest:
-    fe: VhostUserFrontend
-    transport: InProcessTransport
-    driver: CpufreqDriver
-
-    async def close(self) -> None:
-        await self.driver.remove()
-        await self.fe.close()
-        self.transport.ram.close()
+Guest = ModelledGuest
 
 
 async def connect_guest(sock: str, *, ram_size: int = 4 << 20, queue_size: int = 64,
                         timeout: float = 10.0) -> Guest:
-    fe = VhostUserFrontend(MemfdRam(ram_size, regions=2))
-    await fe.connect(sock, timeout=timeout)
-    await fe.handshake()
-    t = InProcessTransport(fe)
-    d = CpufreqDriver(t, queue_size=queue_size)
-    await d.probe()
-    return Guest(fe, t, d)
+    return await _connect(sock, ram=MemfdRam(ram_size, regions=2), timeout=timeout, queue_size=queue_size)
 
 
 # -- lean producer ------------------------------------------------------------------

@@ -26,9 +26,10 @@ from vhost_user_cpufreq.protocol.errors import LocalProtocolError
 from vhost_user_cpufreq.protocol.memory import FlatMemory
 from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, ring_sizes
 
+from .driver import CpufreqDriver
 from .transport import DriverTransport, GuestRam
 
-__all__ = ["VhostUserFrontend", "InProcessTransport", "MemfdRam"]
+__all__ = ["VhostUserFrontend", "InProcessTransport", "MemfdRam", "ModelledGuest", "connect_guest"]
 
 F = vu.FrontendRequest
 PF = vu.ProtocolFeature
@@ -292,3 +293,29 @@ class InProcessTransport(DriverTransport):
 
     async def reset(self) -> None:
         await self.fe.request(F.RESET_DEVICE, need_reply=True)
+
+
+@dataclass
+class ModelledGuest:
+    """A guest driver model attached to a back-end through this front-end."""
+
+    fe: VhostUserFrontend
+    transport: InProcessTransport
+    driver: CpufreqDriver
+
+    async def close(self) -> None:
+        await self.driver.remove()
+        await self.fe.close()
+        self.transport.ram.close()
+
+
+async def connect_guest(sock: str, *, ram: MemfdRam | None = None, timeout: float = 5.0,
+                        **driver_kw: object) -> ModelledGuest:
+    """Connect to the back-end at ``sock``, do QEMU's handshake, and probe the driver model."""
+    fe = VhostUserFrontend(ram)
+    await fe.connect(sock, timeout=timeout)
+    await fe.handshake()
+    t = InProcessTransport(fe)
+    d = CpufreqDriver(t, **driver_kw)  # type: ignore[arg-type]
+    await d.probe()
+    return ModelledGuest(fe, t, d)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -14,30 +13,14 @@ from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
 from vhost_user_cpufreq.backend.policy import RecordingPolicy
 from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
-from vhost_user_cpufreq.guest.driver import CpufreqDriver
-from vhost_user_cpufreq.guest.frontend import InProcessTransport, VhostUserFrontend
+from vhost_user_cpufreq.guest.frontend import ModelledGuest, connect_guest
 
 
-@dataclass
-class Guest:
-    fe: VhostUserFrontend
-    transport: InProcessTransport
-    driver: CpufreqDriver
-
-    async def close(self) -> None:
-        await self.driver.remove()
-        await self.fe.close()
-        self.transport.ram.close()
+Guest = ModelledGuest
 
 
 async def start_guest(sock: str, **driver_kw: object) -> Guest:
-    fe = VhostUserFrontend()
-    await fe.connect(sock)
-    await fe.handshake()
-    t = InProcessTransport(fe)
-    d = CpufreqDriver(t, **driver_kw)  # type: ignore[arg-type]
-    await d.probe()
-    return Guest(fe, t, d)
+    return await connect_guest(sock, **driver_kw)
 
 
 async def make_service(tmp_path: Path, *vms: tuple[str, tuple[int, ...]]) -> tuple[Service, StaticSource, RecordingPolicy, dict[str, VmSlot]]:

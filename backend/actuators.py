@@ -120,7 +120,6 @@ class ThreadActuator:
         os.sched_setaffinity(rec.tid, set(rec.affinity))
         if self.degraded is None and rec.util_min is not None:
             sched.sched_setattr_clamp(rec.tid, rec.util_min, rec.util_max, reset_on_fork=False)
-        self.counters.inc("recovered")
 
     def restore_all(self) -> None:
         for tid in list(self.originals):

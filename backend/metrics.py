@@ -80,6 +80,8 @@ VM_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
     ("threads_attached", "threads_attached_total", "vCPU threads found and attached.", False),
     ("thread_discovery_failed", "thread_discovery_failed_total", "vCPU thread discoveries that failed, by reason.",
      True),
+    ("interrupts_dropped", "interrupts_dropped_total",
+     "Used-buffer interrupts not sent because the call eventfd could not take them, by reason.", True),
 )
 
 #: Service-wide counters (Daemon.counters, shared with the thread actuator).
@@ -95,6 +97,8 @@ SERVICE_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
     ("reloads", "reloads_total", "Configuration reloads applied.", False),
     ("reload_failed", "reload_failures_total", "Configuration reloads rejected.", False),
     ("control_requests", "control_requests_total", "Requests on the control socket.", False),
+    ("recovered_threads", "threads_recovered_total",
+     "Threads restored at start from the state file of an instance that did not stop cleanly.", False),
 )
 
 

@@ -165,7 +165,6 @@ class Session:
         self.backend_channel: socket.socket | None = None
         self.coalescer = NotifyCoalescer(notify_interval)
         self._notify_timer: asyncio.TimerHandle | None = None
-        self.config_notifications = 0
         self.closed = False
         self._untaken: list[int] = []
         device.attach(self)
@@ -537,7 +536,6 @@ class Session:
             self.counters.inc("config_notify_failed", type(exc).__name__)
             self.log.warning("could not send CONFIG_CHANGE_MSG: %s", exc)
             return
-        self.config_notifications += 1
         self.counters.inc("config_notifications")
 
     # -- config, status, reset ---------------------------------------------------------

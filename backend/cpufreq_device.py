@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.errors import RecordError, RingError, SessionStateError
+from vhost_user_cpufreq.protocol.cpufreq import Record
+from vhost_user_cpufreq.protocol.errors import SessionStateError
+from vhost_user_cpufreq.protocol.requests import NO_HEAD, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import drain as drain_requests
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
     VIRTIO_RING_F_EVENT_IDX,
@@ -26,18 +29,17 @@ from vhost_user_cpufreq.protocol.virtqueue import (
     DeviceQueue,
 )
 
+from .cdrain import DataPlane, dataplane
 from .counters import Counters
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
-from .policy import Decision, Policy
+from .policy import Policy
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
 VIRTIO_F_VERSION_1 = 32
 #: Work (buffers plus records) per turn before yielding to other VMs (fairness; see session).
 DEFAULT_WORK_BUDGET = 512
-#: Walking this many descriptors costs about as much as applying one record.
-DESCRIPTORS_PER_UNIT = 8
 
 
 @dataclass(slots=True)
@@ -45,7 +47,6 @@ class VcpuState:
     util: int = 0
     perf_khz: int = 0
     updated: float | None = None
-    decision: Decision | None = None
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ class CpufreqDevice:
         mirror_threshold: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
+        data_plane: DataPlane | None = None,
     ) -> None:
         self.vm = vm
         self.source = source
@@ -122,6 +124,13 @@ class CpufreqDevice:
         self._host_domains: list[object] = []
         self.config = self._build_config(source.snapshot(), vcpu_host_domain, generation=1)
         self._unsubscribe = source.subscribe(self._on_snapshot)
+        self._dataplane = data_plane or dataplane()
+        self._drain_queue: DeviceQueue | None = None
+        self._drain: Callable[..., Drained] = drain_requests  # replaced on the first drain
+        batch = getattr(policy, "on_records", None)
+        self._deliver: Callable[[list[tuple[int, int, int]], float], None] = (
+            (lambda recs, now: batch(vm, recs, self.config, now)) if batch is not None else self._deliver_each
+        )
 
     # -- config space ------------------------------------------------------------
     def _build_config(self, snap: HostSnapshot, vcpu_host_domain: Sequence[int], generation: int) -> abi.DeviceConfig:
@@ -192,10 +201,16 @@ class CpufreqDevice:
 
     def queue_ready(self, index: int, queue: DeviceQueue | None) -> None:
         if queue is None:
+            self._forget_drain()
             # The ring stopped: QEMU's only sign of a driver reset (it sends
             # no status 0), and also of a paused VM.  Either way no boost
             # should outlive it; sequence tracking stays for a resume.
             self._release()
+
+    def _forget_drain(self) -> None:
+        # The C drainer holds pointers into guest memory: let the mappings go with the queue.
+        self._drain_queue = None
+        self._drain = drain_requests
 
     def _release(self) -> None:
         if any(st.updated is not None for st in self.vcpus):
@@ -203,6 +218,7 @@ class CpufreqDevice:
             self.policy.on_vm_reset(self.vm)
 
     def reset(self) -> None:
+        self._forget_drain()
         self.seq = SeqTracker()
         self._acked = 0
         self._release()
@@ -210,62 +226,71 @@ class CpufreqDevice:
     def handle_queue(self, index: int, queue: DeviceQueue) -> bool:
         """Drain within the work budget; True if more may be waiting.
 
-        The budget counts buffers and records (a buffer costs at least one),
-        so one VM's turn is bounded however it fills its buffers.
+        The drain (C when available, else the Python reference: both in
+        protocol/requests.py's terms) returns every buffer to the used ring;
+        here each entry is accounted, sequence-checked and its records handed
+        to the policy in one call.
         """
-        spent = handled = 0
-        more = True
-        while spent < self.work_budget:
-            try:
-                chain = queue.pop()
-            except RingError as exc:
-                self.counters.inc("rejected", exc.reason)
-                self.log.warning("rejected descriptor chain: %s", str(exc))
-                if exc.head is None:
-                    more = False  # the ring as a whole is unusable until reset
-                    break
-                queue.push(exc.head, 0)
-                handled += 1
-                spent += 1
-                continue
-            if chain is None:
-                more = False
-                break
-            # A buffer costs its records, or the descriptors it took to read, if more.
-            spent += max(1, self._handle_batch(chain.read_all()), chain.descriptors // DESCRIPTORS_PER_UNIT)
-            queue.push(chain.head, 0)
-            handled += 1
-        if handled and self._host is not None:
-            self._host.signal_used(index)  # publish even when the ring broke midway
-        return more
+        if self._drain_queue is not queue:
+            self._drain_queue = queue
+            self._drain = self._dataplane.drainer(queue, self.work_budget)
+        d = self._drain(queue, self.work_budget, num_vcpus=len(self.vcpus), perf_request=self.perf_request)
+        if d.entries:
+            self._account(d)
+            if self._host is not None and d.returned:
+                self._host.signal_used(index)  # publish even when the ring broke midway
+        return d.more
 
-    def _handle_batch(self, data: bytes) -> int:
-        """Decode and apply one buffer; returns how many records it carried (its cost)."""
+    def _account(self, d: Drained) -> None:
         now = self._clock()
-        try:
-            res = abi.decode_batch(data, num_vcpus=len(self.vcpus), perf_request=self.perf_request)
-        except RecordError as exc:
-            self.counters.inc("rejected", exc.reason)
-            self.log.warning("dropped batch: %s", str(exc))
-            return 1
-        batch = res.batch
-        lost_before = self.seq.lost
-        if not self.seq.accept(batch.seq, bool(batch.flags & abi.BATCH_F_RESYNC)):
-            self.counters.inc("rejected", "stale-batch")
-            self.log.info("dropped stale or duplicate batch seq=%d (last %s)", batch.seq, self.seq.last)
-            return len(batch.records)
-        if self.seq.lost != lost_before:
-            self.counters.inc("lost_batches", n=self.seq.lost - lost_before)
-        self.seq.age(time.monotonic_ns(), batch.timestamp_ns)
-        self.counters.inc("batches")
-        for _, reason in res.rejected:
-            self.counters.inc("rejected", reason)
-        if res.rejected:
-            self.log.warning("dropped %d record(s) of batch seq=%d: %s", len(res.rejected), batch.seq,
-                             ", ".join(sorted({r for _, r in res.rejected})))
-        for rec in batch.records:
-            st = self.vcpus[rec.vcpu]
-            st.util, st.perf_khz, st.updated = rec.util, rec.perf_khz, now
-            st.decision = self.policy.on_record(self.vm, rec, self.config.domain_of(rec.vcpu), now)
-        self.counters.inc("records", n=len(batch.records))
-        return len(batch.records) + len(res.rejected)
+        host_ns = time.monotonic_ns()
+        counters = self.counters
+        records = d.records
+        accepted: list[tuple[int, int, int]] = []
+        pos = batches = lost = 0
+        rejects_by_entry: dict[int, list[int]] = {}
+        for i, code in d.rejects:
+            rejects_by_entry.setdefault(i, []).append(code)
+        for i, (head, status, nvalid, seq, flags, ntotal, ts) in enumerate(d.entries):
+            if status:
+                reason = REASONS[status]
+                counters.inc("rejected", reason)
+                where = "ring" if head == NO_HEAD else f"buffer {head}"
+                self.log.warning("rejected %s: %s", where, reason)
+                continue
+            mine = records[pos : pos + nvalid]
+            pos += nvalid
+            bad = rejects_by_entry.get(i)
+            if bad:
+                for code in bad:
+                    counters.inc("rejected", REASONS[code])
+                self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", len(bad), ntotal, seq,
+                                 ", ".join(sorted({REASONS[c] for c in bad})))
+            lost_before = self.seq.lost
+            if not self.seq.accept(seq, bool(flags & abi.BATCH_F_RESYNC)):
+                counters.inc("rejected", "stale-batch")
+                self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, self.seq.last)
+                continue
+            lost += self.seq.lost - lost_before
+            self.seq.age(host_ns, ts)
+            batches += 1
+            accepted.extend(mine)
+        if lost:
+            counters.inc("lost_batches", n=lost)
+        if batches:
+            counters.inc("batches", n=batches)
+        if accepted:
+            counters.inc("records", n=len(accepted))
+            vcpus = self.vcpus
+            for v, u, p in accepted:
+                st = vcpus[v]
+                st.util = u
+                st.perf_khz = p
+                st.updated = now
+            self._deliver(accepted, now)
+
+    def _deliver_each(self, records: list[tuple[int, int, int]], now: float) -> None:
+        """For a policy without on_records: one on_record call per record."""
+        cfg = self.config
+        for r in records:
+            self.policy.on_record(self.vm, Record(*r), cfg.domain_of(r[0]), now)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from vhost_user_cpufreq.protocol.cpufreq import Domain, Record
+from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
 
 from pathlib import Path
 
@@ -109,6 +109,21 @@ class HostPolicy:
         if b is not None:
             b.latest[record.vcpu] = d
         return d
+
+    def on_records(self, vm: str, records: list[tuple[int, int, int]], config: DeviceConfig, now: float) -> None:
+        """One drain's records: the engine sees each vCPU's newest (newest wins, as it would anyway)."""
+        newest = {v: (u, p) for v, u, p in records}
+        b = self.vms.get(vm)
+        if b is None:
+            return
+        changes: list[ClampChange] = []
+        for v, (u, p) in newest.items():
+            changes += b.engine.on_record(v, u, p, now)
+        self._apply(b, changes)
+        self._arm(b)
+        applied = b.engine.vcpus
+        for v, (u, _) in newest.items():
+            b.latest[v] = Decision(vm, v, u, schedutil_khz(u, config.domain_of(v)), now, applied.get(v))
 
     def on_vm_reset(self, vm: str) -> None:
         b = self.vms.get(vm)

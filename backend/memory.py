@@ -100,6 +100,8 @@ class MemoryMap:
     def __init__(self) -> None:
         self._regions: list[MappedRegion] = []  # sorted by guest_phys_addr
         self._gpa_starts: list[int] = []
+        #: Moves whenever the set of regions changes (users that cache spans() check it).
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -120,12 +122,14 @@ class MemoryMap:
         i = bisect.bisect(self._gpa_starts, region.guest_phys_addr)
         self._regions.insert(i, region)
         self._gpa_starts.insert(i, region.guest_phys_addr)
+        self.generation += 1
 
     def remove(self, guest_phys_addr: int, size: int, userspace_addr: int) -> None:
         for i, r in enumerate(self._regions):
             if (r.guest_phys_addr, r.size, r.userspace_addr) == (guest_phys_addr, size, userspace_addr):
                 del self._regions[i]
                 del self._gpa_starts[i]
+                self.generation += 1
                 r.close()
                 return
         raise GuestMemoryError("unknown-region", f"no region at guest-physical {guest_phys_addr:#x}")
@@ -135,6 +139,11 @@ class MemoryMap:
             r.close()
         self._regions.clear()
         self._gpa_starts.clear()
+        self.generation += 1
+
+    def spans(self) -> tuple[tuple[int, memoryview], ...]:
+        """Every region as (guest-physical start, its memory)."""
+        return tuple((r.guest_phys_addr, r.view) for r in self._regions)
 
     def view(self, gpa: int, length: int) -> memoryview:
         """Guest-physical ``[gpa, gpa+length)`` as a view; GuestMemoryError if unmapped."""

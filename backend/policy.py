@@ -1,7 +1,7 @@
 """The interface between the cpufreq device and whatever acts on guest requests.
 
-The device decodes records and hands each accepted one to a :class:`Policy`
-with the time it was received and the domain the vCPU sits in.  The policy
+The device decodes records and hands the accepted ones to a :class:`Policy`
+with the time they were received and the domain each vCPU sits in.  The policy
 answers with a :class:`Decision` (what the host should do for that vCPU); the
 real engine with pinning and util clamps plugs in here.  ``RecordingPolicy``
 keeps every record and answers with schedutil's own frequency formula, which
@@ -39,6 +39,16 @@ class Decision(NamedTuple):
 
 
 class Policy(Protocol):
+    """What acts on accepted records.
+
+    A policy may also define ``on_records(vm, records, config, now)``: the
+    device then calls it once per drain with every accepted record as a
+    ``(vcpu, util, perf_khz)`` tuple, in order, and never calls
+    :meth:`on_record`.  That is the fast path (no object per record); a
+    policy acting on each vCPU's newest record only is correct, since a later
+    record of a vCPU supersedes an earlier one.
+    """
+
     def on_record(self, vm: str, record: Record, domain: Domain, now: float) -> Decision:
         """Act on one accepted record (must be idempotent: replays happen)."""
         ...

@@ -49,7 +49,7 @@ from vhost_user_cpufreq.backend.hosts import PIXEL6, PIXEL6_OPPS_KHZ  # noqa: E4
 from vhost_user_cpufreq.backend.policy import Decision, schedutil_khz  # noqa: E402
 from vhost_user_cpufreq.backend.service import Service, VmConfig  # noqa: E402
 from vhost_user_cpufreq.backend.session import Session  # noqa: E402
-from vhost_user_cpufreq.protocol.cpufreq import Domain, Record  # noqa: E402
+from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record  # noqa: E402
 
 SLOT = struct.Struct("<QQ")  # decision stamp (ns), decisions so far
 SLOT_SIZE = SLOT.size
@@ -112,6 +112,30 @@ class StampPolicy:
             self._follow(vm, record.vcpu, d.target_khz)
         return d
 
+    def on_records(self, vm: str, records: list[tuple[int, int, int]], config: DeviceConfig, now: float) -> None:
+        """The batch form the device prefers: decide once per vCPU, on its newest record of the drain."""
+        newest: dict[int, int] = {}
+        seen: dict[int, int] = {}
+        for v, u, _ in records:
+            newest[v] = u
+            seen[v] = seen.get(v, 0) + 1
+        latest = self.latest.get(vm)
+        if latest is None:
+            latest = self.latest[vm] = {}
+        for v, u in newest.items():
+            d = Decision(vm, v, u, schedutil_khz(u, config.domain_of(v)), now)
+            latest[v] = d
+            if self.stamps is not None:
+                off = slot_offset(self.vm_index[vm], v, self.vcpus)
+                n = self.count.get(off, 0) + seen[v]
+                self.count[off] = n
+                t = mono_ns()
+                SLOT.pack_into(self.stamps, off, t, n)  # stamp first, then count (x86: in order)
+                if self.split is not None:
+                    self.split.decided(t)
+            if self.follow is not None:
+                self._follow(vm, v, d.target_khz)
+
     def _follow(self, vm: str, vcpu: int, target: int) -> None:
         want = self._want.get(vm)
         if want is None:
@@ -139,16 +163,17 @@ class AgeHistogram:
         self.samples: list[int] = []
 
     def install(self) -> None:
-        orig = cd.CpufreqDevice._handle_batch
+        orig = cd.CpufreqDevice._account
         hist = self
 
-        def _handle_batch(dev: cd.CpufreqDevice, data: bytes):  # type: ignore[no-untyped-def]
-            result = orig(dev, data)  # pass its return value through (handle_queue may use it)
-            if len(data) >= 16 and len(hist.samples) < 2_000_000:
-                hist.samples.append(mono_ns() - int.from_bytes(data[8:16], "little"))
-            return result
+        def _account(dev: cd.CpufreqDevice, d) -> None:  # type: ignore[no-untyped-def]
+            orig(dev, d)
+            now = mono_ns()
+            for e in d.entries:
+                if e[1] == 0 and len(hist.samples) < 2_000_000:
+                    hist.samples.append(now - e[6])
 
-        cd.CpufreqDevice._handle_batch = _handle_batch  # type: ignore[method-assign]
+        cd.CpufreqDevice._account = _account  # type: ignore[method-assign]
 
 
 class KickSplit:

@@ -30,6 +30,7 @@ __all__ = [
     "MAX_DOMAINS",
     "MAX_RUNS",
     "MAX_RECORDS_PER_BATCH",
+    "RECORD_STRUCT",
     "UTIL_SCALE",
     "CFG_F_NOMINAL",
     "BATCH_F_RESYNC",
@@ -71,6 +72,7 @@ assert _RUNS_OFFSET + MAX_RUNS * _RUN.size == CONFIG_SIZE
 # -- request batches ---------------------------------------------------------------
 _BATCH_HEADER = struct.Struct("<IHHQ")  # seq, num_records, flags, timestamp_ns
 _RECORD = struct.Struct("<HHI")  # vcpu, util, perf_khz
+RECORD_STRUCT = _RECORD  # for code that unpacks many records at once
 BATCH_HEADER_SIZE = _BATCH_HEADER.size  # 16
 RECORD_SIZE = _RECORD.size  # 8
 MAX_RECORDS_PER_BATCH = 256

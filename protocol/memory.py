@@ -20,8 +20,15 @@ __all__ = ["GuestMemory", "FlatMemory"]
 
 
 class GuestMemory(Protocol):
+    #: Changes whenever the regions do, so a user may cache what spans() returned.
+    generation: int
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``[gpa, gpa + length)``; raises GuestMemoryError."""
+        ...
+
+    def spans(self) -> tuple[tuple[int, memoryview], ...]:
+        """Every region as (guest-physical start, its memory), for code that translates itself."""
         ...
 
 
@@ -36,6 +43,10 @@ class FlatMemory:
         self._mem = memoryview(buffer).cast("B")
         self.base = base
         self.size = len(self._mem)
+        self.generation = 0
+
+    def spans(self) -> tuple[tuple[int, memoryview], ...]:
+        return ((self.base, self._mem),)
 
     def view(self, gpa: int, length: int) -> memoryview:
         start = gpa - self.base

@@ -259,6 +259,28 @@ class DeviceQueue:
         """Back to the state after construction."""
         self.set_base(0)
 
+    # -- for a second implementation of the consuming side (backend/ring_drain.c) ----
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    def areas(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table, avail ring and used ring this queue works on."""
+        return self._desc, self._avail, self._used
+
+    def cursor(self) -> tuple[int, int, int, int, bool]:
+        """(last_avail, avail index last read, used index, in flight, broken)."""
+        return self._last_avail, self._avail_shadow, self._used_idx, self._inflight, self._broken
+
+    def set_cursor(self, last_avail: int, avail_shadow: int, used_idx: int, inflight: int, broken: bool) -> None:
+        """Take over the cursor another implementation advanced (see :meth:`cursor`)."""
+        self._last_avail = last_avail
+        self._avail_shadow = avail_shadow
+        self._used_idx = used_idx
+        self._inflight = inflight
+        self._broken = broken
+
     # -- consuming -------------------------------------------------------------
 
     def pop(self) -> Chain | None:

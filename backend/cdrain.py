@@ -1,0 +1,258 @@
+"""The request-queue drain in C (``ring_drain.c``), built on first use and loaded through cffi.
+
+The pure-Python :func:`vhost_user_cpufreq.protocol.requests.drain` is the
+reference and the fallback; this module runs the same drain in C when it can
+and returns the same :class:`~vhost_user_cpufreq.protocol.requests.Drained`.
+
+Build: the C file is compiled with the system's C compiler into a shared
+library (no Python headers needed: cffi's ABI mode loads it), named after a
+hash of its source, in the first writable cache directory of
+``$VUC_CACHE_DIR``, ``$CACHE_DIRECTORY`` (systemd's ``CacheDirectory=``),
+``$XDG_CACHE_HOME/vhost-user-cpufreq`` or ``~/.cache/vhost-user-cpufreq``.
+A library already there is reused, so a service whose file system is read
+only can run one built at install time (``vhost-user-cpufreq check`` builds
+it).  Choice: ``VUC_DATAPLANE=c`` demands C (start fails without it),
+``python`` forces the reference, ``auto`` (the default) uses C when it loads
+and says so once in the log when it does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cffi
+
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import drain as reference_drain
+from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
+
+__all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "SOURCE"]
+
+log = logging.getLogger("vhost_user_cpufreq.dataplane")
+
+SOURCE = Path(__file__).with_name("ring_drain.c")
+_CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror")
+_RECORD = abi.RECORD_SIZE
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    typedef struct { uint64_t gpa; uint64_t size; uint8_t *host; } vuc_region;
+    typedef struct {
+        uint8_t *desc; uint16_t *avail; uint8_t *used;
+        uint32_t size, indirect, max_chain_bytes, max_indirect, num_vcpus, perf_request;
+        const vuc_region *regions; uint32_t nregions;
+        uint32_t last_avail, avail_shadow, used_idx, inflight, broken;
+    } vuc_queue;
+    typedef struct { uint32_t entries, records, rejects, descriptors, spent, more; } vuc_result;
+    const char *vuc_reason_name(int code);
+    int vuc_abi_sizes(void);
+    int vuc_drain(vuc_queue *q, uint32_t budget, void *entries, uint8_t *records,
+                  uint32_t *rejects, uint8_t *scratch, vuc_result *res);
+    """
+)
+
+
+def _cache_dirs() -> list[Path]:
+    out = []
+    for var in ("VUC_CACHE_DIR", "CACHE_DIRECTORY"):
+        if os.environ.get(var):
+            out.append(Path(os.environ[var].split(":")[0]))
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    out.append(Path(xdg) / "vhost-user-cpufreq")
+    out.append(Path(tempfile.gettempdir()) / f"vhost-user-cpufreq-{os.getuid()}")
+    return out
+
+
+def _library_name() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + platform.machine().encode())
+    return f"ring_drain-{h.hexdigest()[:16]}.so"
+
+
+def build_library(compiler: str | None = None) -> Path:
+    """The library for the current source: found in a cache directory or compiled into one.
+
+    Raises RuntimeError naming what is missing.
+    """
+    name = _library_name()
+    dirs = _cache_dirs()
+    for d in dirs:
+        if (d / name).is_file():
+            return d / name
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc or gcc) to build the C data plane")
+    errors = []
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=d, suffix=".so.tmp")
+            os.close(fd)
+        except OSError as exc:
+            errors.append(f"{d}: {exc.strerror}")
+            continue
+        try:
+            res = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed building {SOURCE.name}: {res.stderr.strip()[:2000]}")
+            os.replace(tmp, d / name)  # atomic: concurrent builders each install a whole file
+            return d / name
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("no writable cache directory for the C data plane: " + "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """Which drain runs, and why."""
+
+    kind: str  # "c" or "python"
+    detail: str
+    lib: Any = None
+
+    def drainer(self, queue: DeviceQueue, budget: int) -> Callable[..., Drained]:
+        """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``."""
+        if self.lib is not None:
+            d = CDrainer.for_queue(self.lib, queue, budget)
+            if d is not None:
+                return d.drain
+        return reference_drain
+
+
+_selected: DataPlane | None = None
+
+
+def dataplane(refresh: bool = False) -> DataPlane:
+    """The data plane this process uses (chosen once, from ``VUC_DATAPLANE``)."""
+    global _selected
+    if _selected is not None and not refresh:
+        return _selected
+    want = os.environ.get("VUC_DATAPLANE", "auto")
+    if want not in ("auto", "c", "python"):
+        raise RuntimeError(f"VUC_DATAPLANE={want!r}: expected auto, c or python")
+    if want == "python":
+        _selected = DataPlane("python", "pure Python (VUC_DATAPLANE=python)")
+        return _selected
+    try:
+        path = build_library()
+        lib = _ffi.dlopen(str(path))
+        _check_abi(lib)
+    except (RuntimeError, OSError) as exc:
+        if want == "c":
+            raise RuntimeError(f"VUC_DATAPLANE=c but the C data plane is unavailable: {exc}") from None
+        _selected = DataPlane("python", f"pure Python: {exc}")
+        log.warning("data plane degraded to the pure-Python reference: %s", exc)
+        return _selected
+    _selected = DataPlane("c", f"C ({path})", lib)
+    return _selected
+
+
+def _check_abi(lib: Any) -> None:
+    want = ENTRY.size << 16 | _ffi.sizeof("vuc_queue") << 8 | _ffi.sizeof("vuc_region")
+    if lib.vuc_abi_sizes() != want:
+        raise RuntimeError(f"C data plane layout {lib.vuc_abi_sizes():#x} does not match {want:#x}")
+    for code, name in enumerate(REASONS):
+        got = lib.vuc_reason_name(code)
+        if got == _ffi.NULL or _ffi.string(got).decode() != name:
+            raise RuntimeError(f"C data plane reason {code} is not {name!r}")
+
+
+class CDrainer:
+    """One queue's C drain: the ring and region pointers, output arrays, cursor copy-in/out."""
+
+    __slots__ = ("_lib", "_queue", "_q", "_keep", "_regions", "_mem_gen", "_cap",
+                 "_entries", "_records", "_rejects", "_scratch", "_res")
+
+    @classmethod
+    def for_queue(cls, lib: Any, queue: DeviceQueue, budget: int) -> "CDrainer | None":
+        """None when the rings are not aligned as virtio requires (the reference copes; C will not)."""
+        desc, avail, used = queue.areas()
+        addrs = [int(_ffi.cast("uintptr_t", _ffi.from_buffer(v))) for v in (desc, avail, used)]
+        if addrs[1] % 2 or addrs[2] % 4:
+            return None
+        return cls(lib, queue, budget)
+
+    def __init__(self, lib: Any, queue: DeviceQueue, budget: int) -> None:
+        if not 1 <= budget <= MAX_BUDGET:
+            raise ValueError(f"budget {budget} outside 1..{MAX_BUDGET}")
+        self._lib = lib
+        self._queue = queue
+        desc, avail, used = queue.areas()
+        bufs = (_ffi.from_buffer(desc), _ffi.from_buffer(avail), _ffi.from_buffer(used, require_writable=True))
+        q = _ffi.new("vuc_queue *")
+        q.desc = _ffi.cast("uint8_t *", bufs[0])
+        q.avail = _ffi.cast("uint16_t *", bufs[1])
+        q.used = _ffi.cast("uint8_t *", bufs[2])
+        q.size = queue.size
+        q.indirect = int(queue.indirect)
+        q.max_chain_bytes = queue.max_chain_bytes
+        q.max_indirect = queue.max_indirect
+        self._q = q
+        self._keep = bufs
+        self._regions: Any = None
+        self._mem_gen: int | None = None
+        self._cap = budget
+        self._entries = _ffi.new("uint8_t[]", ENTRY.size * (budget + 1))
+        self._records = _ffi.new("uint8_t[]", _RECORD * (budget + abi.MAX_RECORDS_PER_BATCH))
+        self._rejects = _ffi.new("uint32_t[]", budget + abi.MAX_RECORDS_PER_BATCH)
+        self._scratch = _ffi.new("uint8_t[]", abi.BATCH_HEADER_SIZE + _RECORD * abi.MAX_RECORDS_PER_BATCH)
+        self._res = _ffi.new("vuc_result *")
+
+    def _map_regions(self) -> None:
+        mem = self._queue.memory
+        spans = mem.spans()
+        regions = _ffi.new("vuc_region[]", max(1, len(spans)))
+        keep = []
+        for i, (gpa, view) in enumerate(spans):
+            buf = _ffi.from_buffer(view)
+            keep.append(buf)
+            regions[i].gpa = gpa
+            regions[i].size = view.nbytes
+            regions[i].host = _ffi.cast("uint8_t *", buf)
+        self._regions = (regions, keep)
+        self._q.regions = regions
+        self._q.nregions = len(spans)
+        self._mem_gen = mem.generation
+
+    def drain(self, queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool) -> Drained:
+        if queue is not self._queue:
+            raise ValueError("a CDrainer drains the queue it was made for")
+        if not 1 <= budget <= self._cap:
+            raise ValueError(f"budget {budget} outside 1..{self._cap}")
+        if self._mem_gen != queue.memory.generation:
+            self._map_regions()
+        q = self._q
+        q.num_vcpus = num_vcpus
+        q.perf_request = int(perf_request)
+        q.last_avail, q.avail_shadow, q.used_idx, q.inflight, broken = queue.cursor()
+        q.broken = int(broken)
+        res = self._res
+        self._lib.vuc_drain(q, budget, self._entries, self._records, self._rejects, self._scratch, res)
+        queue.set_cursor(q.last_avail, q.avail_shadow, q.used_idx, q.inflight, bool(q.broken))
+        rejects = self._rejects[0 : res.rejects]
+        return Drained(
+            list(ENTRY.iter_unpack(_ffi.buffer(self._entries, ENTRY.size * res.entries))),
+            list(abi.RECORD_STRUCT.iter_unpack(_ffi.buffer(self._records, _RECORD * res.records))),
+            [(x >> 16, x & 0xFFFF) for x in rejects],
+            res.descriptors,
+            res.spent,
+            bool(res.more),
+        )
+
+
+if __name__ == "__main__":  # python -m vhost_user_cpufreq.backend.cdrain: build and report
+    dp = dataplane()
+    print(dp.kind, dp.detail)
+    sys.exit(0 if dp.kind == "c" else 1)

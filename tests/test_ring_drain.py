@@ -1,0 +1,248 @@
+"""The request-queue drain: the pure-Python reference against the C data plane.
+
+The C drain (backend/ring_drain.c) must give the same answer as
+protocol/requests.py for every ring a guest can write.  The main test builds
+rings from pieces a hostile guest would use (valid batches, garbage,
+indirect tables, chains that loop or leave guest memory, index jumps, a
+cursor anywhere in the 16-bit space) over two guest-memory regions with a
+hole between them, runs both drains on identical copies and compares every
+entry, record, rejection, the cursor and every byte of memory afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vhost_user_cpufreq.backend.cdrain import CDrainer, dataplane
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.errors import GuestMemoryError
+from vhost_user_cpufreq.protocol.requests import NO_HEAD, REASONS, drain
+from vhost_user_cpufreq.protocol.virtqueue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    DeviceQueue,
+    DriverQueue,
+)
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+
+# Two regions with a hole: [0, 8K) and [REGION2, REGION2 + 4K).
+REGION1 = 8192
+REGION2 = 0x10000
+REGION2_SIZE = 4096
+DESC_GPA, AVAIL_GPA, USED_GPA, DATA_GPA = 0, 1024, 2048, 4096
+
+
+class TwoRegions:
+    """Guest memory of two regions, for translation at their edges."""
+
+    def __init__(self, a: bytearray, b: bytearray) -> None:
+        self.a, self.b = memoryview(a), memoryview(b)
+        self.generation = 0
+
+    def spans(self) -> tuple[tuple[int, memoryview], ...]:
+        return ((0, self.a), (REGION2, self.b))
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        for base, m in self.spans():
+            if base <= gpa < base + m.nbytes and length >= 0 and gpa - base + length <= m.nbytes:
+                return m[gpa - base : gpa - base + length]
+        raise GuestMemoryError("address-out-of-range", f"[{gpa:#x}, +{length:#x})")
+
+
+def c_lib():
+    dp = dataplane()
+    if dp.kind != "c":
+        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {dp.detail}", pytrace=False)
+        pytest.skip(dp.detail)
+    return dp.lib
+
+
+def make_queue(a: bytearray, b: bytearray, size: int, *, indirect: bool, max_chain: int, max_indirect: int,
+               base: int) -> DeviceQueue:
+    mem = TwoRegions(a, b)
+    q = DeviceQueue(size, mem.view(DESC_GPA, 16 * size), mem.view(AVAIL_GPA, 6 + 2 * size),
+                    mem.view(USED_GPA, 6 + 8 * size), mem, indirect=indirect,
+                    max_chain_bytes=max_chain, max_indirect=max_indirect)
+    q.set_base(base)
+    return q
+
+
+# -- what a hostile guest writes --------------------------------------------------
+
+addresses = st.one_of(
+    st.integers(DATA_GPA, REGION1 - 1),
+    st.integers(REGION2, REGION2 + REGION2_SIZE - 1),
+    st.sampled_from([REGION1 - 16, REGION1, REGION2 - 1, REGION2 + REGION2_SIZE - 16, 2**64 - 8]),
+    st.integers(0, 2**64 - 1),
+)
+lengths = st.one_of(
+    st.sampled_from([0, 8, 15, 16, 24, 32, 64, 2064, 4096]),
+    st.integers(0, 600),
+    st.integers(0, 2**32 - 1),
+)
+
+
+@st.composite
+def batch_bytes(draw: st.DrawFn) -> bytes:
+    n = draw(st.integers(1, 6))
+    recs = [abi.Record(draw(st.integers(0, 9)), draw(st.sampled_from([0, 512, 1024, 1025, 65535])),
+                       draw(st.sampled_from([0, 0, 1500000]))) for _ in range(n)]
+    data = abi.encode_batch(abi.Batch(draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**64 - 1)),
+                                      tuple(recs), draw(st.sampled_from([0, 0, 1, 2]))))
+    if draw(st.integers(0, 5)) == 0:  # a framing error: cut, extended or a wrong count
+        data = data[: draw(st.integers(0, len(data)))] + draw(st.binary(max_size=12))
+    return data
+
+
+@st.composite
+def scenario(draw: st.DrawFn) -> dict:
+    size = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    a, b = bytearray(REGION1), bytearray(REGION2_SIZE)
+    # Data: batches (valid or broken), indirect tables and garbage in 256-byte slots.
+    slots = [(a, DATA_GPA + 256 * i, DATA_GPA + 256 * i) for i in range(16)] + \
+            [(b, 256 * i, REGION2 + 256 * i) for i in range(16)]
+    placed: list[tuple[int, int]] = []  # (gpa, length) of each batch written
+    tables: list[tuple[int, int]] = []
+    for buf, off, gpa in draw(st.lists(st.sampled_from(slots), max_size=10, unique_by=lambda x: x[2])):
+        kind = draw(st.integers(0, 5))
+        if kind <= 3:
+            data = draw(batch_bytes())[:256]
+            placed.append((gpa, len(data)))
+        elif kind == 4:
+            entries = []
+            for _ in range(draw(st.integers(1, 4))):
+                if placed and draw(st.booleans()):
+                    g, n = draw(st.sampled_from(placed))
+                else:
+                    g, n = draw(addresses), draw(lengths)
+                entries.append(DESC.pack(g, n, draw(st.sampled_from([0, 0, 1, 2, 3, 4])), draw(st.integers(0, 4))))
+            data = b"".join(entries)
+            tables.append((gpa, len(data)))
+        else:
+            data = draw(st.binary(min_size=1, max_size=48))
+        buf[off : off + len(data)] = data
+    # The descriptor table: mostly buffers that exist, split or whole, sometimes anything.
+    flag_choices = [0, 0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT,
+                    VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 0xFFFF]
+    for i in range(size):
+        pick = draw(st.integers(0, 9))
+        nxt = draw(st.integers(0, size + 1))
+        if pick <= 4 and placed:
+            g, n = draw(st.sampled_from(placed))
+            cut = draw(st.integers(0, n))
+            if cut < n and draw(st.booleans()):  # split in two descriptors
+                DESC.pack_into(a, DESC_GPA + 16 * i, g, cut, VIRTQ_DESC_F_NEXT, nxt % size)
+                DESC.pack_into(a, DESC_GPA + 16 * (nxt % size), g + cut, n - cut,
+                               draw(st.sampled_from([0, 0, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE])),
+                               draw(st.integers(0, size)))
+            else:
+                DESC.pack_into(a, DESC_GPA + 16 * i, g, n, 0, nxt)
+        elif pick <= 6 and tables:
+            g, n = draw(st.sampled_from(tables))
+            DESC.pack_into(a, DESC_GPA + 16 * i, g, n, VIRTQ_DESC_F_INDIRECT | draw(st.sampled_from([0, 0, 1, 2])), nxt)
+        else:
+            DESC.pack_into(a, DESC_GPA + 16 * i, draw(addresses), draw(lengths), draw(st.sampled_from(flag_choices)),
+                           nxt)
+    base = draw(st.sampled_from([0, 1, 0xFFFE, 0xFFFF])) if draw(st.booleans()) else draw(st.integers(0, 0xFFFF))
+    for i in range(size):
+        U16.pack_into(a, AVAIL_GPA + 4 + 2 * i, draw(st.integers(0, size - 1)) if draw(st.integers(0, 9)) else
+                      draw(st.integers(size, 0xFFFF)))
+    pending = draw(st.integers(0, size)) if draw(st.integers(0, 7)) else draw(st.integers(0, 0xFFFF))
+    U16.pack_into(a, AVAIL_GPA + 2, (base + pending) & 0xFFFF)
+    return dict(
+        a=a, b=b, size=size, base=base,
+        indirect=draw(st.integers(0, 3)) > 0,
+        max_chain=draw(st.sampled_from([16, 64, 2064, 65536, 65536])),
+        max_indirect=draw(st.sampled_from([1, 2, 32768, 32768])),
+        budget=draw(st.sampled_from([1, 2, 5, 512, 512])),
+        num_vcpus=draw(st.integers(1, 10)),
+        perf_request=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=int(os.environ.get("VUC_DRAIN_EXAMPLES", "1500")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenario())
+def test_c_drain_matches_the_reference(s: dict) -> None:
+    lib = c_lib()
+    ref_a, ref_b = bytearray(s["a"]), bytearray(s["b"])
+    c_a, c_b = bytearray(s["a"]), bytearray(s["b"])
+    geometry = dict(indirect=s["indirect"], max_chain=s["max_chain"], max_indirect=s["max_indirect"], base=s["base"])
+    rq = make_queue(ref_a, ref_b, s["size"], **geometry)
+    cq = make_queue(c_a, c_b, s["size"], **geometry)
+    cdrain = CDrainer(lib, cq, 512).drain
+    kw = dict(num_vcpus=s["num_vcpus"], perf_request=s["perf_request"])
+    for _ in range(4):  # until the ring is empty, broken, or four turns went by
+        want = drain(rq, s["budget"], **kw)
+        got = cdrain(cq, s["budget"], **kw)
+        assert got == want
+        assert cq.cursor() == rq.cursor()
+        if not want.more and not want.entries:
+            break
+    assert c_a == ref_a and c_b == ref_b  # the used ring, and nothing else, was written alike
+
+
+def test_valid_traffic_through_both_drains_is_identical() -> None:
+    """A well-behaved driver's batches (the common case) through the real DriverQueue."""
+    lib = c_lib()
+    outs = []
+    for use_c in (False, True):
+        mem = bytearray(REGION1)
+        flat = TwoRegions(mem, bytearray(REGION2_SIZE))
+        drv = DriverQueue(64, flat.view(DESC_GPA, 1024), flat.view(AVAIL_GPA, 6 + 128),
+                          flat.view(USED_GPA, 6 + 512), flat)
+        dev = DeviceQueue(64, flat.view(DESC_GPA, 1024), flat.view(AVAIL_GPA, 6 + 128),
+                          flat.view(USED_GPA, 6 + 512), flat, max_chain_bytes=65536)
+        run = CDrainer(lib, dev, 64).drain if use_c else drain
+        got = []
+        for seq in range(40):
+            data = abi.encode_batch(abi.Batch(seq, seq * 1000, tuple(abi.Record(v, (seq * 37 + v) % 1025)
+                                                                      for v in range(1 + seq % 8))))
+            gpa = DATA_GPA + 96 * (seq % 40)
+            mem[gpa : gpa + len(data)] = data
+            drv.add([(gpa, len(data))])
+            drv.publish()
+            if seq % 3 == 2:
+                got.append(run(dev, 64, num_vcpus=8, perf_request=False))
+                drv.reclaim()
+        outs.append((got, bytes(mem)))
+    assert outs[0] == outs[1]
+    assert sum(len(d.records) for d in outs[1][0]) == sum(1 + s % 8 for s in range(39))
+    assert all(e[1] == 0 for d in outs[1][0] for e in d.entries)
+
+
+def test_reason_tables_agree() -> None:
+    lib = c_lib()
+    from vhost_user_cpufreq.backend.cdrain import _ffi
+
+    assert [_ffi.string(lib.vuc_reason_name(i)).decode() for i in range(len(REASONS))] == list(REASONS)
+    assert lib.vuc_reason_name(len(REASONS)) == _ffi.NULL
+
+
+def test_budget_is_bounded() -> None:
+    lib = c_lib()
+    q = make_queue(bytearray(REGION1), bytearray(REGION2_SIZE), 4, indirect=True, max_chain=64,
+                   max_indirect=4, base=0)
+    d = CDrainer(lib, q, 8)
+    with pytest.raises(ValueError):
+        d.drain(q, 9, num_vcpus=1, perf_request=False)
+    with pytest.raises(ValueError):
+        drain(q, 0, num_vcpus=1, perf_request=False)
+
+
+def test_ring_error_has_no_head() -> None:
+    a = bytearray(REGION1)
+    q = make_queue(a, bytearray(REGION2_SIZE), 4, indirect=True, max_chain=64, max_indirect=4, base=0)
+    U16.pack_into(a, AVAIL_GPA + 2, 9)  # 9 entries on a 4-entry ring
+    d = drain(q, 8, num_vcpus=1, perf_request=False)
+    assert d.entries == [(NO_HEAD, REASONS.index("avail-index-jump"), 0, 0, 0, 0, 0)] and not d.more
+    assert d.returned == 0

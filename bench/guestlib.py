@@ -50,8 +50,9 @@ Guest = ModelledGuest
 
 
 async def connect_guest(sock: str, *, ram_size: int = 4 << 20, queue_size: int = 64,
-                        timeout: float = 10.0) -> Guest:
-    return await _connect(sock, ram=MemfdRam(ram_size, regions=2), timeout=timeout, queue_size=queue_size)
+                        timeout: float = 10.0, **driver_kw: object) -> Guest:
+    return await _connect(sock, ram=MemfdRam(ram_size, regions=2), timeout=timeout, queue_size=queue_size,
+                          **driver_kw)
 
 
 # -- lean producer ------------------------------------------------------------------

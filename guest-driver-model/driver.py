@@ -7,7 +7,9 @@ of batch buffers from guest RAM.  The guest scheduler reports each vCPU's
 util with :meth:`set_util` (cheap: it only marks the vCPU dirty when the
 value moved past a threshold); :meth:`flush` (once per tick) reclaims used
 buffers, writes one batch of the dirty vCPUs' records and kicks the device
-only when EVENT_IDX says it is waiting.  The config is re-read only after the
+only when EVENT_IDX says it is waiting, and then only at once for an urgent
+record (a rise in demand); other records wait for more of their kind or a
+deadline (SPEC 6.4).  The config is re-read only after the
 device's configuration change notification.
 """
 
@@ -39,6 +41,8 @@ class DriverStats:
     config_refreshes: int = 0
     torn_reads: int = 0
     queue_full: int = 0
+    deferred_kicks: int = 0  # kicks the device asked for that waited for an urgent record or a deadline
+    urgent_kicks: int = 0
 
 
 class CpufreqDriver:
@@ -51,8 +55,20 @@ class CpufreqDriver:
         event_idx: bool = True,
         clock_ns: Callable[[], int] = time.monotonic_ns,
         first_seq: int = 0,
+        urgent_delta: int = 128,
+        lazy_records: int = 32,
+        lazy_deadline_ns: int = 32_000_000,
     ) -> None:
         self.t = transport
+        # Notification policy (SPEC 6.4): a rise of at least urgent_delta (util, or
+        # 1/8 of a frequency request) is urgent and kicked at once; other records
+        # kick once lazy_records wait or the oldest waited lazy_deadline_ns.
+        # lazy_records=0 kicks whenever the device asks (no deferral).
+        self.urgent_delta = urgent_delta
+        self.lazy_records = lazy_records
+        self.lazy_deadline_ns = lazy_deadline_ns
+        self._owed_since: int | None = None  # when a kick the device asked for was first held back
+        self._owed_records = 0
         self.queue_size = queue_size
         self.util_threshold = util_threshold
         self.want_event_idx = event_idx
@@ -63,6 +79,7 @@ class CpufreqDriver:
         self.features = 0
         self._resync = True
         self._sent: list[int] = []
+        self._sent_perf: list[int] = []
         self._util: list[int] = []
         self._perf: list[int] = []
         self._dirty: dict[int, None] = {}  # insertion-ordered set
@@ -87,6 +104,7 @@ class CpufreqDriver:
         assert self.config is not None
         n = self.config.num_vcpus
         self._sent = [-1] * n
+        self._sent_perf = [0] * n
         self._util = [0] * n
         self._perf = [0] * n
         self.max_records = min(n, self.config.max_batch)
@@ -98,6 +116,8 @@ class CpufreqDriver:
         self._free = [self.t.ram.alloc(self._buf_size, 8) for _ in range(self.queue_size)]
         self._inflight.clear()
         self._resync = True
+        self._owed_since = None
+        self._owed_records = 0
         self.t.set_config_callback(self._on_config_change)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
@@ -157,12 +177,19 @@ class CpufreqDriver:
             self._free.append(self._inflight.pop(head))
 
     def flush(self) -> int:
-        """Send the dirty vCPUs' records; returns how many records went out."""
+        """Send the dirty vCPUs' records; returns how many records went out.
+
+        Call it every tick even when nothing changed: a held-back kick whose
+        deadline passed is sent from here.
+        """
         if not self._dirty:
+            if self._owed_since is not None:
+                self._maybe_kick(False, 0)
             return 0
         self._reclaim()
         mem = self.t.ram.memory
         sent = 0
+        urgent = False
         while self._dirty:
             if not self._free or self.queue.num_free < 1:
                 self.stats.queue_full += 1
@@ -174,6 +201,7 @@ class CpufreqDriver:
                     break
             for v in vcpus:
                 del self._dirty[v]
+                urgent = urgent or self._is_urgent(v)
             records = tuple(abi.Record(v, self._util[v], self._perf[v]) for v in vcpus)
             flags = abi.BATCH_F_RESYNC if self._resync else 0
             data = abi.encode_batch(abi.Batch(self.seq, self.clock_ns(), records, flags))
@@ -185,11 +213,36 @@ class CpufreqDriver:
             self._resync = False
             for v in vcpus:
                 self._sent[v] = self._util[v]
+                self._sent_perf[v] = self._perf[v]
             sent += len(records)
             self.stats.batches += 1
         self.queue.publish()
-        if self.queue.kick_needed():
-            self.stats.kicks += 1
-            self.t.notify(abi.REQUEST_QUEUE)
+        self._maybe_kick(urgent, sent)
         self.stats.records += sent
         return sent
+
+    def _is_urgent(self, v: int) -> bool:
+        """A request for more speed that matters: latency counts (the ramp-up case)."""
+        if self._sent[v] < 0:
+            return True  # the device knows nothing of this vCPU yet
+        if self._util[v] - self._sent[v] >= self.urgent_delta:
+            return True
+        perf, before = self._perf[v], self._sent_perf[v]
+        return perf > before + (before >> 3)  # a frequency request up by more than 1/8
+
+    def _maybe_kick(self, urgent: bool, records: int) -> None:
+        if not (self.queue.kick_needed() or self._owed_since is not None):
+            return  # the device is not waiting for a kick (it will drain on its own)
+        now = self.clock_ns()
+        if self._owed_since is None:
+            self._owed_since = now
+        self._owed_records += records
+        if (urgent or self.lazy_records == 0 or self._owed_records >= self.lazy_records
+                or now - self._owed_since >= self.lazy_deadline_ns):
+            self._owed_since = None
+            self._owed_records = 0
+            self.stats.kicks += 1
+            self.stats.urgent_kicks += urgent
+            self.t.notify(abi.REQUEST_QUEUE)
+        elif records:
+            self.stats.deferred_kicks += 1

@@ -20,6 +20,12 @@ Guest = ModelledGuest
 
 
 async def start_guest(sock: str, **driver_kw: object) -> Guest:
+    """A modelled guest whose flush() kicks whenever the device asks.
+
+    Tests send a record and wait for its effect without ticking; the driver's
+    deferral of non-urgent kicks (tests/test_driver_notify.py) would hold it.
+    """
+    driver_kw.setdefault("lazy_records", 0)
     return await connect_guest(sock, **driver_kw)
 
 

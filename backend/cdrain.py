@@ -53,13 +53,14 @@ _ffi.cdef(
         uint8_t *desc; uint16_t *avail; uint8_t *used;
         uint32_t size, indirect, max_chain_bytes, max_indirect, num_vcpus, perf_request;
         const vuc_region *regions; uint32_t nregions;
-        uint32_t last_avail, avail_shadow, used_idx, inflight, broken;
+        uint32_t last_avail, avail_shadow, used_idx, broken;
     } vuc_queue;
-    typedef struct { uint32_t entries, records, rejects, descriptors, spent, more; } vuc_result;
+    typedef struct { uint32_t entries, records, rejects, descriptors, spent, more, returned; } vuc_result;
     const char *vuc_reason_name(int code);
     int vuc_abi_sizes(void);
-    int vuc_drain(vuc_queue *q, uint32_t budget, void *entries, uint8_t *records,
-                  uint32_t *rejects, uint8_t *scratch, vuc_result *res);
+    uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_vcpus,
+                       uint32_t perf_request, void *entries, uint8_t *records,
+                       uint32_t *rejects, uint8_t *scratch, vuc_result *res);
     """
 )
 
@@ -233,22 +234,21 @@ class CDrainer:
             raise ValueError(f"budget {budget} outside 1..{self._cap}")
         if self._mem_gen != queue.memory.generation:
             self._map_regions()
-        q = self._q
-        q.num_vcpus = num_vcpus
-        q.perf_request = int(perf_request)
-        q.last_avail, q.avail_shadow, q.used_idx, q.inflight, broken = queue.cursor()
-        q.broken = int(broken)
         res = self._res
-        self._lib.vuc_drain(q, budget, self._entries, self._records, self._rejects, self._scratch, res)
-        queue.set_cursor(q.last_avail, q.avail_shadow, q.used_idx, q.inflight, bool(q.broken))
-        rejects = self._rejects[0 : res.rejects]
+        queue.packed_cursor = self._lib.vuc_drain(
+            self._q, queue.packed_cursor, budget, num_vcpus, perf_request, self._entries, self._records,
+            self._rejects, self._scratch, res)
+        n = res.entries
+        if not n:
+            return Drained(more=bool(res.more))
         return Drained(
-            list(ENTRY.iter_unpack(_ffi.buffer(self._entries, ENTRY.size * res.entries))),
+            list(ENTRY.iter_unpack(_ffi.buffer(self._entries, ENTRY.size * n))),
             list(abi.RECORD_STRUCT.iter_unpack(_ffi.buffer(self._records, _RECORD * res.records))),
-            [(x >> 16, x & 0xFFFF) for x in rejects],
+            [(x >> 16, x & 0xFFFF) for x in self._rejects[0 : res.rejects]] if res.rejects else [],
             res.descriptors,
             res.spent,
             bool(res.more),
+            res.returned,
         )
 
 

@@ -91,11 +91,10 @@ typedef struct {
     uint32_t perf_request;
     const vuc_region *regions;
     uint32_t nregions;
-    /* The cursor, shared with DeviceQueue (copied in and out by Python). */
+    /* The cursor, shared with DeviceQueue: passed in and returned packed by vuc_drain. */
     uint32_t last_avail;
     uint32_t avail_shadow;
     uint32_t used_idx;
-    uint32_t inflight;
     uint32_t broken;
 } vuc_queue;
 
@@ -117,6 +116,7 @@ typedef struct {
     uint32_t descriptors;
     uint32_t spent;
     uint32_t more;
+    uint32_t returned;
 } vuc_result;
 
 const char *vuc_reason_name(int code) {
@@ -266,7 +266,6 @@ static void push_used(vuc_queue *q, uint32_t head) {
     memcpy(e, &head, 4);
     memcpy(e + 4, &zero, 4);
     q->used_idx = (q->used_idx + 1) & 0xFFFF;
-    q->inflight--;
 }
 
 /* Decode the gathered bytes as one batch; fills *e, appends records and rejects. */
@@ -319,10 +318,20 @@ static uint32_t decode(const vuc_queue *q, const walk *w, vuc_entry *e, uint32_t
 }
 
 /* Drain within ``budget``.  ``entries`` must hold ``budget`` + 1 items, ``records``
- * and ``rejects`` ``budget`` + MAX_RECORDS (the last buffer may overrun the budget). */
-int vuc_drain(vuc_queue *q, uint32_t budget, vuc_entry *entries, uint8_t *records,
-              uint32_t *rejects, uint8_t *scratch, vuc_result *res) {
-    uint32_t spent = 0, ne = 0, nrec = 0, nrej = 0, ndesc = 0, more = 1;
+ * and ``rejects`` ``budget`` + MAX_RECORDS (the last buffer may overrun the budget).
+ * ``cursor`` packs last_avail | avail_shadow << 16 | used_idx << 32 | broken << 48,
+ * and the cursor after the drain is returned the same way.  Every buffer popped is
+ * also pushed, so the number in flight does not change. */
+uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_vcpus,
+                   uint32_t perf_request, vuc_entry *entries, uint8_t *records,
+                   uint32_t *rejects, uint8_t *scratch, vuc_result *res) {
+    uint32_t spent = 0, ne = 0, nrec = 0, nrej = 0, ndesc = 0, more = 1, returned = 0;
+    q->last_avail = cursor & 0xFFFF;
+    q->avail_shadow = (cursor >> 16) & 0xFFFF;
+    q->used_idx = (cursor >> 32) & 0xFFFF;
+    q->broken = (cursor >> 48) & 1;
+    q->num_vcpus = num_vcpus;
+    q->perf_request = perf_request;
     const uint32_t mask = q->size - 1;
     walk w;
     w.buf = scratch;
@@ -363,7 +372,6 @@ int vuc_drain(vuc_queue *q, uint32_t budget, vuc_entry *entries, uint8_t *record
             more = 0;
             break;
         }
-        q->inflight++;
         e->head = head;
         w.gathered = 0;
         w.rlen = w.wlen = 0;
@@ -382,6 +390,7 @@ int vuc_drain(vuc_queue *q, uint32_t budget, vuc_entry *entries, uint8_t *record
             spent += cost ? cost : 1;
         }
         push_used(q, head);
+        returned++;
         ne++;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE);
@@ -391,5 +400,7 @@ int vuc_drain(vuc_queue *q, uint32_t budget, vuc_entry *entries, uint8_t *record
     res->descriptors = ndesc;
     res->spent = spent;
     res->more = more;
-    return 0;
+    res->returned = returned;
+    return (uint64_t)q->last_avail | (uint64_t)q->avail_shadow << 16 | (uint64_t)q->used_idx << 32 |
+           (uint64_t)q->broken << 48;
 }

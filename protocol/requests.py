@@ -96,11 +96,7 @@ class Drained:
     descriptors: int = 0
     spent: int = 0
     more: bool = True
-
-    @property
-    def returned(self) -> int:
-        """Buffers put on the used ring (everything but ring-level errors)."""
-        return sum(1 for e in self.entries if e[0] != NO_HEAD)
+    returned: int = 0  # buffers put on the used ring (every entry but a ring-level error)
 
 
 def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool) -> Drained:
@@ -120,6 +116,7 @@ def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool
                 break
             out.entries.append((exc.head, code, 0, 0, 0, 0, 0))
             queue.push(exc.head, 0)
+            out.returned += 1
             out.spent += 1
             continue
         if chain is None:
@@ -129,6 +126,7 @@ def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool
         out.descriptors += chain.descriptors
         out.spent += max(1, cost, chain.descriptors // DESCRIPTORS_PER_UNIT)
         queue.push(chain.head, 0)
+        out.returned += 1
     return out
 
 

@@ -269,17 +269,21 @@ class DeviceQueue:
         """The descriptor table, avail ring and used ring this queue works on."""
         return self._desc, self._avail, self._used
 
-    def cursor(self) -> tuple[int, int, int, int, bool]:
-        """(last_avail, avail index last read, used index, in flight, broken)."""
-        return self._last_avail, self._avail_shadow, self._used_idx, self._inflight, self._broken
+    @property
+    def packed_cursor(self) -> int:
+        """The consuming position as one integer, for a second implementation to take over.
 
-    def set_cursor(self, last_avail: int, avail_shadow: int, used_idx: int, inflight: int, broken: bool) -> None:
-        """Take over the cursor another implementation advanced (see :meth:`cursor`)."""
-        self._last_avail = last_avail
-        self._avail_shadow = avail_shadow
-        self._used_idx = used_idx
-        self._inflight = inflight
-        self._broken = broken
+        ``last_avail | avail index last read << 16 | used index << 32 | broken << 48``.
+        The number in flight is not part of it: a drain returns what it pops.
+        """
+        return self._last_avail | self._avail_shadow << 16 | self._used_idx << 32 | self._broken << 48
+
+    @packed_cursor.setter
+    def packed_cursor(self, c: int) -> None:
+        self._last_avail = c & 0xFFFF
+        self._avail_shadow = c >> 16 & 0xFFFF
+        self._used_idx = c >> 32 & 0xFFFF
+        self._broken = bool(c >> 48 & 1)
 
     # -- consuming -------------------------------------------------------------
 

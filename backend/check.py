@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 
 from . import sched
+from .cdrain import dataplane
 from .sysfs import read_host_model
 
 __all__ = ["Finding", "run_checks"]
@@ -41,6 +42,18 @@ def _cpufreq(sysfs_root: str, nominal_khz: int | None) -> Finding:
     doms = m.snapshot().domains
     return Finding("cpufreq", "ok", f"{len(doms)} frequency domains over {len(m.online_cpus())} online CPUs, "
                    f"driver {m.policies[0].driver}")
+
+
+def _dataplane() -> Finding:
+    # Also builds the C drain into the cache when a compiler is here (so a
+    # read-only service finds it later).
+    try:
+        dp = dataplane()
+    except RuntimeError as exc:  # VUC_DATAPLANE=c and no C
+        return Finding("dataplane", "degraded", str(exc))
+    if dp.kind == "c":
+        return Finding("dataplane", "ok", f"request queue drained in {dp.detail}")
+    return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
 
 
 def _uclamp() -> Finding:
@@ -110,4 +123,5 @@ def _hotplug() -> Finding:
 
 
 def run_checks(sysfs_root: str = "/sys", nominal_khz: int | None = None) -> list[Finding]:
-    return [_cpufreq(sysfs_root, nominal_khz), _uclamp(), _cgroup(), _capabilities(), _hotplug(), _qemu()]
+    return [_cpufreq(sysfs_root, nominal_khz), _dataplane(), _uclamp(), _cgroup(), _capabilities(), _hotplug(),
+            _qemu()]

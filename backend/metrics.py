@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from .cdrain import dataplane
 from .counters import LATENCY_BUCKETS
 from .engine import CAPACITY_SCALE
 
@@ -217,6 +218,7 @@ class DaemonCollector:
         degraded.add_metric(["cpufreq"], 1 if model.degraded is not None else 0)
         degraded.add_metric(["uclamp"], 1 if d.actuator.degraded is not None else 0)
         degraded.add_metric(["hotplug"], 0 if hp is not None and hp.available else 1)
+        degraded.add_metric(["dataplane"], 0 if dataplane().kind == "c" else 1)
         yield degraded
 
         yield GaugeMetricFamily(PREFIX + "start_time_seconds", "Start time of the service, seconds since the epoch.",

@@ -994,11 +994,19 @@ def _fmt_s(s: Any, unit: str = "us") -> str:
     return f"p50 {s['median']:.1f} {unit}  p99 {s['p99']:.1f}  IQR {s['p25']:.1f}-{s['p75']:.1f}  n={s['n']}"
 
 
+def _dataplane_detail() -> str:
+    """Which request-queue drain the back-end processes will run (same environment, same choice)."""
+    from vhost_user_cpufreq.backend.cdrain import dataplane
+
+    return dataplane().detail
+
+
 def print_table(r: dict[str, Any]) -> None:
     rows: list[tuple[str, str]] = []
     m = r["machine"]
     print(f"\nvhost-user-cpufreq benchmark ({r['config']['name']}) - {m['cpu_model']}, {m['cores']} cores, "
           f"kernel {m['kernel']}, Python {m['python']}, {m['date']}")
+    print(f"data plane: {r.get('dataplane', '?')}")
     bg = r.get("background", {})
     print(f"calibration (sum(range(100))): {r.get('calibration_start', {}).get('sum_range_100_us')} us at start, "
           f"{r.get('calibration_end', {}).get('sum_range_100_us')} us at end")
@@ -1119,7 +1127,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     t0 = time.monotonic()
-    r: dict[str, Any] = {"machine": machine_info(), "config": {"name": cfg.name, **{
+    r: dict[str, Any] = {"machine": machine_info(), "dataplane": _dataplane_detail(), "config": {"name": cfg.name, **{
         k: v for k, v in cfg.__dict__.items() if k != "name"}}}
     log(f"measuring background load for {cfg.settle_s} s")
     r["background"] = background(cfg.settle_s)

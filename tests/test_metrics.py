@@ -186,6 +186,9 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
     assert _value(s, P + "degraded", component="cpufreq") == 0
     hp = d.host.hotplug
     assert _value(s, P + "degraded", component="hotplug") == (0 if hp is not None and hp.available else 1)
+    from vhost_user_cpufreq.backend.cdrain import dataplane
+
+    assert _value(s, P + "degraded", component="dataplane") == (0 if dataplane().kind == "c" else 1)
     assert _value(s, P + "vms_configured") == 1
     assert _value(s, P + "reloads_total") == 0 and _value(s, P + "reload_failures_total") == 0
     assert _value(s, P + "start_time_seconds") == d.started

@@ -246,3 +246,44 @@ def test_ring_error_has_no_head() -> None:
     d = drain(q, 8, num_vcpus=1, perf_request=False)
     assert d.entries == [(NO_HEAD, REASONS.index("avail-index-jump"), 0, 0, 0, 0, 0)] and not d.more
     assert d.returned == 0
+
+
+async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The device over a real session with either drain: same records, same counted rejections."""
+    from vhost_user_cpufreq.backend import cdrain
+    from vhost_user_cpufreq.protocol.cpufreq import Batch, Record, encode_batch
+
+    from .helpers import make_service, start_guest, until
+
+    c_lib()  # both must exist for the comparison to mean anything
+    seen = []
+    for kind in ("python", "c"):
+        plane = cdrain.DataPlane(kind, kind, cdrain.dataplane().lib if kind == "c" else None)
+        monkeypatch.setattr(cdrain, "_selected", plane)
+        d = tmp_path / kind
+        d.mkdir()
+        svc, _, pol, slots = await make_service(d, ("vm", (0, 0, 1, 2)))
+        g = await start_guest(str(d / "vm.sock"))
+        try:
+            assert slots["vm"].device._dataplane.kind == kind
+            for i in range(20):
+                g.driver.set_util(i % 4, 40 * i)
+                g.driver.flush()
+            # Two hostile buffers straight onto the ring: a record with util 2000, and a short batch.
+            ram, q = g.transport.ram, g.driver.queue
+            for data in (encode_batch(Batch(10**6, 0, (Record(1, 2000), Record(2, 5)))), b"\x01\x02"):
+                gpa = ram.alloc(len(data), 8)
+                ram.memory.view(gpa, len(data))[:] = data
+                q.add([(gpa, len(data))])
+            q.publish()
+            g.transport.notify(0)
+            await until(lambda: slots["vm"].counters.get("rejected", "short-batch") == 1, what="rejections")
+            c = slots["vm"].counters
+            seen.append(([tuple(r) for r in pol.records["vm"]], c.get("records"), c.get("batches"),
+                         c.get("rejected", "bad-util"), c.get("rejected", "short-batch")))
+        finally:
+            await g.close()
+            await svc.close()
+    assert seen[0] == seen[1]
+    records, n, batches, bad_util, short = seen[1]
+    assert records[-1] == (2, 5, 0) and n == len(records) == 21 and (bad_util, short) == (1, 1)

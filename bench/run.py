@@ -467,6 +467,7 @@ async def _trace(g: guestlib.Guest, seconds: float, vcpus: int) -> dict[str, Any
     loop = asyncio.get_running_loop()
     k0, r0, b0, c0, f0, n0, tr0 = d.stats.kicks, d.stats.records, d.stats.batches, t.config_reads, \
         d.stats.config_refreshes, fe.config_change_msgs, d.stats.torn_reads
+    u0, h0 = d.stats.urgent_kicks, d.stats.deferred_kicks
     last_khz = [-1] * vcpus
     khz_changes = 0
     cur_reads = 0
@@ -526,6 +527,8 @@ async def _trace(g: guestlib.Guest, seconds: float, vcpus: int) -> dict[str, Any
         "kicks_per_s": round(kicks / wall, 1),
         "kicks_per_record": round(kicks / records, 4) if records else None,
         "records_per_kick": round(records / kicks, 2) if kicks else None,
+        "urgent_kicks": d.stats.urgent_kicks - u0,  # kicked at once for a rise in demand (SPEC 6.4)
+        "kicks_held_back": d.stats.deferred_kicks - h0,  # flushes whose kick waited for more records or 32 ms
         "config_change_notifications": notes,
         "config_refreshes": refreshes,
         "config_reads": reads,

@@ -225,7 +225,7 @@ async def test_driver_reset_and_reinitialisation(qemu_lab: QemuLab) -> None:
     assert conn.session.rings[0].queue is None
 
     # A new driver instance probes the same device: same connection, rings restarted.
-    d2 = CpufreqDriver(g.transport, util_threshold=1, first_seq=1000)
+    d2 = CpufreqDriver(g.transport, util_threshold=1, first_seq=1000, lazy_records=0)
     await d2.probe()
     await until(lambda: conn.session.rings[0].queue is not None, what="ring restarted")
     assert lab.service.vms["vm"].connection is conn and slot.sessions_served == 1

@@ -508,6 +508,8 @@ class QemuLab:
 
     async def probe(self, vm: QemuVm, **driver_kw: object) -> QemuGuest:
         t = await vm.open_transport()
+        # Kick whenever the device asks: tests wait for a record's effect without ticking.
+        driver_kw.setdefault("lazy_records", 0)
         driver = CpufreqDriver(t, **driver_kw)  # type: ignore[arg-type]
         await driver.probe()
         g = QemuGuest(vm, t, driver)

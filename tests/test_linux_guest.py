@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
 import subprocess
 import time
 from dataclasses import dataclass
@@ -241,6 +242,10 @@ async def test_linux_guest_binds_and_drives_the_device(qemu_lab: QemuLab, guest_
     assert sum(int(r) for _, r, _ in removed) == slot.counters.get("records"), (removed, slot.counters.snapshot())
     assert sum(int(c) for _, _, c in removed) == reads, (removed, reads)
     assert slot.counters.total("rejected") == 0 and slot.counters.get("lost_batches") == 0, slot.counters.snapshot()
+    # Notification policy (SPEC 6.4): requests that were not urgent waited, and went out together.
+    end = parse_stats(lines, "end")
+    print(f"\nlinux guest notification policy: {end}", file=sys.stderr)
+    assert end["deferred"] > 0 and end["notifies"] <= end["batches"] <= end["requests"], end
     assert parse_stats(lines, "rebound")["batches"] > 0, ctx
     assert parse_stats(lines, "end")["add_errors"] == parse_stats(lines, "rebound")["add_errors"] == 0, ctx
     assert lab.policy.resets["linux"] >= 1  # the unbind stopped the ring: no boost outlives the driver

@@ -17,7 +17,11 @@
  * per-vCPU slot (one atomic word) and queues an irq_work.  The irq_work
  * collects every pending slot into one preallocated batch buffer, adds it to
  * the queue and notifies the device only when VIRTIO_RING_F_EVENT_IDX says
- * the device wants a notification.  Used buffers are reclaimed when the next
+ * the device wants a notification.  Notification policy (SPEC 6.4): a
+ * request for more speed (the vCPU's first, or a util at least urgent_delta
+ * above what was last sent) is sent at once; others stay in their slots,
+ * where a newer request replaces them, until urgent_records are waiting or
+ * lazy_ms passed, and then go out together.  Used buffers are reclaimed when the next
  * batch is built; the queue has no callback and its interrupts stay off.
  *
  * The config space is read at probe and after a configuration change
@@ -133,6 +137,18 @@ static unsigned int refresh_ms = 200;
 module_param(refresh_ms, uint, 0644);
 MODULE_PARM_DESC(refresh_ms, "re-send the request of a busy vCPU whose governor stayed silent this long (0: never)");
 
+static unsigned int urgent_delta = 128;
+module_param(urgent_delta, uint, 0644);
+MODULE_PARM_DESC(urgent_delta, "a util rise of at least this much (of 1024) over what was last sent goes out at once");
+
+static unsigned int lazy_ms = 32;
+module_param(lazy_ms, uint, 0644);
+MODULE_PARM_DESC(lazy_ms, "longest any other request waits before it is sent (0: send every request at once)");
+
+static unsigned int lazy_records = 32;
+module_param(lazy_records, uint, 0644);
+MODULE_PARM_DESC(lazy_records, "send the waiting requests once this many are pending");
+
 static unsigned int num_buffers = 32;
 module_param(num_buffers, uint, 0444);
 MODULE_PARM_DESC(num_buffers, "preallocated batch buffers (capped by the queue size)");
@@ -185,6 +201,8 @@ struct vcf_dev {
 	u32 seq;
 	bool resync;
 	bool starved;
+	atomic_t urgent;	/* a pending request must go out at once */
+	atomic_t lazy;		/* pending requests that may wait */
 
 	struct irq_work flush_work;
 	struct timer_list timer;	/* refresh, and retry when starved */
@@ -197,6 +215,7 @@ struct vcf_dev {
 	u64 stat_batches;
 	u64 stat_records;
 	u64 stat_notifies;
+	u64 stat_deferred;
 	u64 stat_refreshes;
 	u64 stat_starved;
 	u64 stat_add_errors;
@@ -460,11 +479,21 @@ static bool vcf_flush_locked(struct vcf_dev *vi)
 	return added && virtqueue_kick_prepare(vi->vq);
 }
 
-static void vcf_flush(struct vcf_dev *vi)
+static void vcf_flush(struct vcf_dev *vi, bool force)
 {
 	unsigned long flags;
 	bool notify, starved;
 
+	if (!force && lazy_ms && !atomic_read(&vi->urgent) &&
+	    (unsigned int)atomic_read(&vi->lazy) < READ_ONCE(lazy_records)) {
+		/* Nothing urgent: come back within lazy_ms (timer_reduce only brings it closer). */
+		if (!READ_ONCE(vi->removing))
+			timer_reduce(&vi->timer, jiffies + msecs_to_jiffies(lazy_ms));
+		vi->stat_deferred++;
+		return;
+	}
+	atomic_set(&vi->urgent, 0);
+	atomic_set(&vi->lazy, 0);
 	spin_lock_irqsave(&vi->lock, flags);
 	notify = vcf_flush_locked(vi);
 	if (notify)
@@ -479,7 +508,7 @@ static void vcf_flush(struct vcf_dev *vi)
 
 static void vcf_flush_irq_work(struct irq_work *work)
 {
-	vcf_flush(container_of(work, struct vcf_dev, flush_work));
+	vcf_flush(container_of(work, struct vcf_dev, flush_work), false);
 }
 
 /*
@@ -530,7 +559,7 @@ static void vcf_timer_fn(struct timer_list *t)
 		return;
 	if (refresh_ms && vcf_refresh(vi))
 		rearm = true;
-	vcf_flush(vi);
+	vcf_flush(vi, true);
 	if (rearm && !timer_pending(&vi->timer))
 		mod_timer(&vi->timer, jiffies + msecs_to_jiffies(refresh_ms ?: 4));
 }
@@ -541,6 +570,7 @@ static bool vcf_request(struct vcf_dev *vi, unsigned int cpu, const struct vcf_d
 {
 	struct vcf_vcpu *c;
 	unsigned int util;
+	u64 sent;
 
 	if (cpu >= vi->num_vcpus)
 		return false;
@@ -555,6 +585,11 @@ static bool vcf_request(struct vcf_dev *vi, unsigned int cpu, const struct vcf_d
 			return false;
 	}
 	c->last_util = util;
+	sent = READ_ONCE(c->last);
+	if (!sent || util >= ((sent >> 32) & 0xffff) + READ_ONCE(urgent_delta))
+		atomic_set(&vi->urgent, 1);
+	else
+		atomic_inc(&vi->lazy);
 	atomic64_set(&c->pending, VCF_SLOT_VALID | (u64)util << 32 | khz);
 	atomic64_inc(&vi->stat_requests);
 	return true;
@@ -583,7 +618,7 @@ static int vcf_target_index(struct cpufreq_policy *policy, unsigned int index)
 	for_each_cpu(cpu, policy->cpus)
 		any |= vcf_request(vi, cpu, policy->driver_data, freq);
 	if (any)
-		vcf_flush(vi);
+		vcf_flush(vi, true);
 	return 0;
 }
 
@@ -681,6 +716,7 @@ VCF_STAT_ATTR(requests, atomic64_read(&vi->stat_requests));
 VCF_STAT_ATTR(batches, READ_ONCE(vi->stat_batches));
 VCF_STAT_ATTR(records, READ_ONCE(vi->stat_records));
 VCF_STAT_ATTR(notifies, READ_ONCE(vi->stat_notifies));
+VCF_STAT_ATTR(deferred, READ_ONCE(vi->stat_deferred));
 VCF_STAT_ATTR(refreshes, READ_ONCE(vi->stat_refreshes));
 VCF_STAT_ATTR(starved, READ_ONCE(vi->stat_starved));
 VCF_STAT_ATTR(add_errors, READ_ONCE(vi->stat_add_errors));
@@ -695,6 +731,7 @@ static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_batches.attr,
 	&dev_attr_records.attr,
 	&dev_attr_notifies.attr,
+	&dev_attr_deferred.attr,
 	&dev_attr_refreshes.attr,
 	&dev_attr_starved.attr,
 	&dev_attr_add_errors.attr,

@@ -5,9 +5,12 @@ connections.  It keeps the VM's vCPU-to-host-domain map and builds the
 config space from the host frequency source; when the source reports new
 frequencies for a domain this VM uses, the config generation moves and the
 session is asked to notify the front-end (it coalesces).  On a kick it drains
-the request queue within a work budget, decodes each batch, tracks sequence
-numbers (loss, duplicates, staleness) and batch age, hands every valid record
-to the policy, and returns every buffer, valid or not, with used length 0.
+the request queue within a work budget (protocol/requests.py; in C when the
+back-end could build it), which decodes each batch and returns every buffer,
+valid or not, with used length 0.  Then it tracks sequence numbers (loss,
+duplicates, staleness) and batch age, counts every rejection by reason (and
+logs them within a budget, so a hostile guest cannot flood the journal), and
+hands the drain's valid records to the policy in one call.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Callable, Sequence
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.cpufreq import Record
 from vhost_user_cpufreq.protocol.errors import SessionStateError
-from vhost_user_cpufreq.protocol.requests import NO_HEAD, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import EXPLAIN, NO_HEAD, REASONS, Drained
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
@@ -34,6 +37,7 @@ from .counters import Counters
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
 from .policy import Policy
+from .ratelimit import LogBudget
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
@@ -124,6 +128,7 @@ class CpufreqDevice:
         self._host_domains: list[object] = []
         self.config = self._build_config(source.snapshot(), vcpu_host_domain, generation=1)
         self._unsubscribe = source.subscribe(self._on_snapshot)
+        self._log_budget = LogBudget()
         self._dataplane = data_plane or dataplane()
         self._drain_queue: DeviceQueue | None = None
         self._drain: Callable[..., Drained] = drain_requests  # replaced on the first drain
@@ -255,8 +260,9 @@ class CpufreqDevice:
             if status:
                 reason = REASONS[status]
                 counters.inc("rejected", reason)
-                where = "ring" if head == NO_HEAD else f"buffer {head}"
-                self.log.warning("rejected %s: %s", where, reason)
+                if self._may_log():
+                    where = "the ring" if head == NO_HEAD else f"buffer {head}"
+                    self.log.warning("rejected %s: %s (%s)", where, reason, EXPLAIN[reason])
                 continue
             mine = records[pos : pos + nvalid]
             pos += nvalid
@@ -264,12 +270,14 @@ class CpufreqDevice:
             if bad:
                 for code in bad:
                     counters.inc("rejected", REASONS[code])
-                self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", len(bad), ntotal, seq,
-                                 ", ".join(sorted({REASONS[c] for c in bad})))
+                if self._may_log():
+                    self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", len(bad), ntotal, seq,
+                                     "; ".join(f"{REASONS[c]} ({EXPLAIN[REASONS[c]]})" for c in sorted(set(bad))))
             lost_before = self.seq.lost
             if not self.seq.accept(seq, bool(flags & abi.BATCH_F_RESYNC)):
                 counters.inc("rejected", "stale-batch")
-                self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, self.seq.last)
+                if self._may_log():
+                    self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, self.seq.last)
                 continue
             lost += self.seq.lost - lost_before
             self.seq.age(host_ns, ts)
@@ -288,6 +296,12 @@ class CpufreqDevice:
                 st.perf_khz = p
                 st.updated = now
             self._deliver(accepted, now)
+
+    def _may_log(self) -> bool:
+        ok = self._log_budget.allow(self._clock())
+        if self._log_budget.suppressed_then:
+            self.log.warning("%d more rejection(s) were counted but not logged", self._log_budget.suppressed_then)
+        return ok
 
     def _deliver_each(self, records: list[tuple[int, int, int]], now: float) -> None:
         """For a policy without on_records: one on_record call per record."""

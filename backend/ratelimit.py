@@ -1,4 +1,4 @@
-"""Notification coalescing with injected time (pure; the session arms the timer).
+"""Notification coalescing, kick batching and log budgets, with injected time (pure).
 
 ``NotifyCoalescer`` lets the first change of a quiet period through at once,
 then at most one notification per ``min_interval`` seconds, and always one
@@ -8,7 +8,7 @@ the latest state however many changes happened.
 
 from __future__ import annotations
 
-__all__ = ["NotifyCoalescer", "KickBatcher"]
+__all__ = ["NotifyCoalescer", "KickBatcher", "LogBudget"]
 
 
 class NotifyCoalescer:
@@ -76,3 +76,34 @@ class KickBatcher:
             self.rate += self.weight * (inst - self.rate)
         self._last = now
         return max(1, min(self.max_ahead, int(self.rate * self.max_delay)))
+
+
+class LogBudget:
+    """At most ``burst`` log lines per ``period`` seconds; the rest are only counted.
+
+    Rejections are always counted; their log lines are what a hostile guest
+    could otherwise use to flood the journal.  :meth:`allow` answers for one
+    line; when a period with suppressed lines ends, :meth:`allow` returns the
+    number suppressed through :attr:`suppressed_then` so the caller can say so.
+    """
+
+    def __init__(self, burst: int = 10, period: float = 1.0) -> None:
+        if burst < 1 or period <= 0:
+            raise ValueError("need burst >= 1 and period > 0")
+        self.burst = burst
+        self.period = period
+        self._start: float | None = None
+        self._used = 0
+        self.suppressed = 0  # in the current period
+        self.suppressed_then = 0  # in the period that just ended (read after allow())
+
+    def allow(self, now: float) -> bool:
+        self.suppressed_then = 0
+        if self._start is None or now - self._start >= self.period:
+            self.suppressed_then = self.suppressed
+            self._start, self._used, self.suppressed = now, 0, 0
+        if self._used < self.burst:
+            self._used += 1
+            return True
+        self.suppressed += 1
+        return False

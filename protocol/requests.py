@@ -35,6 +35,7 @@ from .virtqueue import DeviceQueue
 __all__ = [
     "REASONS",
     "REASON_CODES",
+    "EXPLAIN",
     "NO_HEAD",
     "DESCRIPTORS_PER_UNIT",
     "MAX_BUDGET",
@@ -66,6 +67,28 @@ REASONS: tuple[str, ...] = (
     "perf-not-negotiated",
 )
 REASON_CODES = {name: i for i, name in enumerate(REASONS)}
+
+#: What each reason means, for log lines an operator can act on.
+EXPLAIN: dict[str, str] = {
+    "avail-index-jump": "avail.idx moved by more than the queue size; the ring stays stopped until reset",
+    "bad-head": "an avail entry names a descriptor beyond the queue size",
+    "address-out-of-range": "a descriptor or indirect table points outside guest memory",
+    "descriptor-loop": "a chain is longer than its table: its next links loop",
+    "indirect-not-negotiated": "an indirect descriptor, but INDIRECT_DESC was not negotiated",
+    "indirect-with-next": "an indirect descriptor that also has NEXT",
+    "bad-indirect-length": "an indirect table whose length is 0 or not a multiple of 16",
+    "chain-too-long": "a chain longer than the device takes (bytes or indirect entries)",
+    "readable-after-writable": "a device-readable descriptor after a writable one",
+    "next-out-of-range": "a next link beyond the table",
+    "nested-indirect": "an indirect table entry that is itself indirect",
+    "short-batch": "a buffer shorter than the 16-byte batch header",
+    "bad-batch-flags": "unknown batch flag bits",
+    "bad-record-count": "num_records outside 1..max_batch",
+    "bad-batch-size": "the buffer's length does not match num_records",
+    "bad-vcpu": "a record for a vCPU the VM does not have",
+    "bad-util": "a util above 1024",
+    "perf-not-negotiated": "a frequency request without F_PERF_REQUEST",
+}
 
 #: ``head`` of an entry that concerns the ring, not one buffer (nothing to return).
 NO_HEAD = 0xFFFFFFFF

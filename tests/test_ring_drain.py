@@ -287,3 +287,47 @@ async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:
     assert seen[0] == seen[1]
     records, n, batches, bad_util, short = seen[1]
     assert records[-1] == (2, 5, 0) and n == len(records) == 21 and (bad_util, short) == (1, 1)
+
+
+def test_every_reason_is_explained() -> None:
+    from vhost_user_cpufreq.protocol.requests import EXPLAIN
+
+    assert set(EXPLAIN) == set(REASONS) - {"ok"} and all(EXPLAIN.values())
+
+
+def test_log_budget() -> None:
+    from vhost_user_cpufreq.backend.ratelimit import LogBudget
+
+    b = LogBudget(burst=3, period=1.0)
+    assert [b.allow(0.1 * i) for i in range(5)] == [True, True, True, False, False]
+    assert b.suppressed == 2
+    assert b.allow(1.0) and b.suppressed_then == 2  # a new period, and the count of what was held back
+    assert b.allow(1.1) and b.suppressed_then == 0
+
+
+async def test_a_flood_of_bad_buffers_is_counted_in_full_and_logged_within_budget(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from .helpers import make_service, start_guest, until
+
+    svc, _, pol, slots = await make_service(tmp_path, ("vm", (0, 0, 1, 2)))
+    g = await start_guest(str(tmp_path / "vm.sock"))
+    caplog.set_level(logging.WARNING)
+    try:
+        ram, q = g.transport.ram, g.driver.queue
+        gpa = ram.alloc(8, 8)
+        for _ in range(40):  # 40 short batches in one go
+            q.add([(gpa, 8)])
+        q.publish()
+        g.transport.notify(0)
+        await until(lambda: slots["vm"].counters.get("rejected", "short-batch") == 40, what="40 rejections")
+        lines = [r.getMessage() for r in caplog.records if "short-batch" in r.getMessage()]
+        assert 1 <= len(lines) <= 10, lines
+        assert "shorter than the 16-byte batch header" in lines[0]
+        assert len(q.reclaim()) == 40  # ours, not the driver's: take them back before it flushes
+        g.driver.set_util(1, 700)  # the VM is still served
+        g.driver.flush()
+        await until(lambda: pol.records["vm"] and pol.records["vm"][-1].util == 700, what="a good record")
+    finally:
+        await g.close()
+        await svc.close()

@@ -36,6 +36,7 @@ import os
 import resource
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,10 @@ if str(REPO) not in sys.path:
 
 from vhost_user_cpufreq.backend import cpufreq_device as cd  # noqa: E402
 from vhost_user_cpufreq.backend.hostfreq import StaticSource  # noqa: E402
+from vhost_user_cpufreq.backend.actuators import ThreadActuator  # noqa: E402
+from vhost_user_cpufreq.backend.counters import Counters  # noqa: E402
+from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits  # noqa: E402
+from vhost_user_cpufreq.backend.host_policy import HostPolicy  # noqa: E402
 from vhost_user_cpufreq.backend.hosts import PIXEL6, PIXEL6_OPPS_KHZ  # noqa: E402
 from vhost_user_cpufreq.backend.policy import Decision, schedutil_khz  # noqa: E402
 from vhost_user_cpufreq.backend.service import Service, VmConfig  # noqa: E402
@@ -119,26 +124,30 @@ class StampPolicy:
         if latest is None:
             latest = self.latest[vm] = {}
         domains, vmap = config.domains, config.vcpu_domain
-        seen: dict[int, int] | None = None
-        if self.stamps is not None:
-            seen = {}
-            for v, _, _ in records:
-                seen[v] = seen.get(v, 0) + 1
         for v, u in newest.items():
             dom = domains[vmap[v]]
             want = (5 * dom.max_khz * u) >> 12  # schedutil_khz(), inlined: this runs per vCPU per drain
             d = Decision(vm, v, u, dom.min_khz if want < dom.min_khz else min(want, dom.max_khz), now)
             latest[v] = d
-            if seen is not None:
-                off = slot_offset(self.vm_index[vm], v, self.vcpus)
-                n = self.count.get(off, 0) + seen[v]
-                self.count[off] = n
-                t = mono_ns()
-                SLOT.pack_into(self.stamps, off, t, n)  # stamp first, then count (x86: in order)
-                if self.split is not None:
-                    self.split.decided(t)
             if self.follow is not None:
                 self._follow(vm, v, d.target_khz)
+        if self.stamps is not None:
+            self.stamp(vm, records)
+
+    def stamp(self, vm: str, records: list[tuple[int, int, int]]) -> None:
+        """Decided: write each vCPU's decision time and how many of its records it covers."""
+        assert self.stamps is not None
+        seen: dict[int, int] = {}
+        for v, _, _ in records:
+            seen[v] = seen.get(v, 0) + 1
+        for v, k in seen.items():
+            off = slot_offset(self.vm_index[vm], v, self.vcpus)
+            n = self.count.get(off, 0) + k
+            self.count[off] = n
+            t = mono_ns()
+            SLOT.pack_into(self.stamps, off, t, n)  # stamp first, then count (x86: in order)
+            if self.split is not None:
+                self.split.decided(t)
 
     def _follow(self, vm: str, vcpu: int, target: int) -> None:
         want = self._want.get(vm)
@@ -158,6 +167,39 @@ class StampPolicy:
     def on_vm_reset(self, vm: str) -> None:
         self.latest.pop(vm, None)
         self.resets += 1
+
+
+class EngineStampPolicy(HostPolicy):
+    """The daemon's own policy: clamp engine, thread actuator (dry run), one timer per VM.
+
+    Each VM is bound with PIXEL6 placements and this process's thread id for
+    every vCPU (dry run: pins and clamps are recorded, not applied), so the
+    engine and the actuator do all their work; decisions are stamped as
+    StampPolicy stamps them, after the engine decided.
+    """
+
+    def __init__(self, stamper: StampPolicy, names: list[str], vmap: tuple[int, ...]) -> None:
+        super().__init__(ThreadActuator(Counters(), dry_run=True))
+        self.stamper = stamper
+        for name in names:
+            used: dict[int, int] = {}
+            placements = []
+            for v, d in enumerate(vmap):
+                dom = PIXEL6.domains[d]
+                cpu = dom.cpus[used.get(d, 0) % len(dom.cpus)]
+                used[d] = used.get(d, 0) + 1
+                placements.append(VcpuPlacement(v, cpu, dom.capacity, dom.capacity, dom.max_khz, d))
+            self.bind(name, placements, VmLimits())
+            self.attach_threads(name, {v: threading.get_native_id() for v in range(len(vmap))})
+
+    def on_records(self, vm: str, records: list[tuple[int, int, int]], config: DeviceConfig, now: float) -> None:
+        super().on_records(vm, records, config, now)
+        if self.stamper.stamps is not None:
+            self.stamper.stamp(vm, records)
+
+    def on_vm_reset(self, vm: str) -> None:
+        super().on_vm_reset(vm)
+        self.stamper.on_vm_reset(vm)
 
 
 class AgeHistogram:
@@ -241,12 +283,13 @@ async def main(args: argparse.Namespace) -> None:
     names = [f"vm{i}" for i in range(args.vms)]
     # kick batching (backend/ratelimit.py:KickBatcher): the service's default unless told
     kick_kw = {} if args.kick_batch_delay is None else {"kick_batch_delay": args.kick_batch_delay}
-    policy = StampPolicy(stamps, {n: i for i, n in enumerate(names)}, args.vcpus, follow, vmap)
+    stamper = StampPolicy(stamps, {n: i for i, n in enumerate(names)}, args.vcpus, follow, vmap)
     split = None
     if args.split and stamps is not None:
         split = KickSplit()
         split.install()
-        policy.split = split
+        stamper.split = split
+    policy = stamper if args.policy == "stamp" else EngineStampPolicy(stamper, names, vmap)
     svc = Service(source, policy)  # type: ignore[arg-type]
     for n in names:
         await svc.add_vm(VmConfig(n, os.path.join(args.dir, f"{n}.sock"), vmap,
@@ -286,7 +329,7 @@ async def main(args: argparse.Namespace) -> None:
             "cpu_ns": time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID),
             "mono_ns": mono_ns(),
             "connected": sum(1 for s in svc.vms.values() if s.connection is not None),
-            "host_changes": policy.host_changes,
+            "host_changes": stamper.host_changes,
             **tot,
         }
         if args.sysfs:
@@ -360,6 +403,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", required=True, help="directory for the VMs' sockets")
     p.add_argument("--vms", type=int, default=1)
     p.add_argument("--vcpus", type=int, default=8)
+    p.add_argument("--policy", choices=("stamp", "engine"), default="stamp",
+                   help="stamp: schedutil's answer per vCPU; engine: the daemon's clamp engine and actuator, dry run")
     p.add_argument("--stamp-fd", type=int, default=None, help="memfd for decision stamps (inherited)")
     p.add_argument("--sysfs", default=None, help="sysfs root: use SysfsSource sampling every --period")
     p.add_argument("--period", type=float, default=0.05)

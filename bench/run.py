@@ -114,11 +114,12 @@ class Backend:
 
     def __init__(self, sock_dir: str, *, vms: int = 1, vcpus: int = 8, stamps: bool = False,
                  sysfs: str | None = None, period: float = 0.05, follow: bool = False,
-                 kick_batch_delay: float | None = None, age: bool = False, split: bool = False) -> None:
+                 kick_batch_delay: float | None = None, age: bool = False, split: bool = False,
+                 policy: str = "stamp") -> None:
         self.dir = sock_dir
         self.vms = vms
         self.vcpus = vcpus
-        self.args = ["--dir", sock_dir, "--vms", str(vms), "--vcpus", str(vcpus)]
+        self.args = ["--dir", sock_dir, "--vms", str(vms), "--vcpus", str(vcpus), "--policy", policy]
         if kick_batch_delay is not None:
             self.args += ["--kick-batch-delay", str(kick_batch_delay)]
         if sysfs:
@@ -312,31 +313,34 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
         log(f"latency: eventfd floor ({kind}, n={cfg.floor_n})")
         samples, why = floor.measure(kind, cfg.floor_n, cfg.lat_gap_us)
         out["floor"][kind] = _pair_summaries(samples) if samples else {"skipped": why}
-    log(f"latency: device kick -> decision (n={cfg.lat_n})")
-    d = os.path.join(tmp, "lat")
-    os.mkdir(d)
-    async with Backend(d, vms=1, vcpus=8, stamps=True, split=True) as be:
-        # Every request is timed, urgent or not: the driver kicks whenever the device asks.
-        g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
-        try:
-            await be.cmd("reset-age")
-            s0 = await be.stats()
-            assert be.stamps is not None
-            lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, cfg.lat_n, cfg.lat_gap_us)
-            s1 = await be.stats()
-        finally:
-            await g.close()
-    k2d_n = delta(s0, s1, "k2d_count")
-    out["device"] = {
-        "kick_to_decision": summary(lat.kick_to_decision_ns, "us", 1e-3),
-        "kick_to_ack_rtt": summary(lat.kick_to_ack_ns, "us", 1e-3),
-        "split_handler_entry_to_decision": summary(s1.get("handler_to_decision_ns", [])[-len(lat.kick_to_decision_ns):],
-                                                   "us", 1e-3),
-        "requests_not_armed": lat.not_armed,
-        "requests_not_kicked": lat.not_kicked,
-        "backend_in_loop_processing_mean_us": round(delta(s0, s1, "k2d_sum_s") / k2d_n * 1e6, 2) if k2d_n else None,
-        "backend_kicks": delta(s0, s1, "kicks"),
-    }
+    for policy, key in (("stamp", "device"), ("engine", "device_engine")):
+        log(f"latency: device kick -> decision, {policy} policy (n={cfg.lat_n})")
+        d = os.path.join(tmp, f"lat-{policy}")
+        os.mkdir(d)
+        async with Backend(d, vms=1, vcpus=8, stamps=True, split=True, policy=policy) as be:
+            # Every request is timed, urgent or not: the driver kicks whenever the device asks.
+            g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
+            try:
+                await be.cmd("reset-age")
+                s0 = await be.stats()
+                assert be.stamps is not None
+                lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, cfg.lat_n, cfg.lat_gap_us)
+                s1 = await be.stats()
+            finally:
+                await g.close()
+        k2d_n = delta(s0, s1, "k2d_count")
+        out[key] = {
+            "policy": policy,
+            "kick_to_decision": summary(lat.kick_to_decision_ns, "us", 1e-3),
+            "kick_to_ack_rtt": summary(lat.kick_to_ack_ns, "us", 1e-3),
+            "split_handler_entry_to_decision": summary(
+                s1.get("handler_to_decision_ns", [])[-len(lat.kick_to_decision_ns):], "us", 1e-3),
+            "requests_not_armed": lat.not_armed,
+            "requests_not_kicked": lat.not_kicked,
+            "backend_in_loop_processing_mean_us":
+                round(delta(s0, s1, "k2d_sum_s") / k2d_n * 1e6, 2) if k2d_n else None,
+            "backend_kicks": delta(s0, s1, "kicks"),
+        }
     c = out["floor"].get("c", {})
     if "rtt" in c and c["rtt"]["median"]:
         dev = out["device"]
@@ -454,6 +458,25 @@ async def bench_throughput(cfg: Config, tmp: str, profile: bool) -> dict[str, An
             del blaster
             await g.close()
             await g2.close()
+    # The same producer against the daemon's own policy (clamp engine and actuator, dry run).
+    d = os.path.join(tmp, "tput-engine")
+    os.mkdir(d)
+    async with Backend(d, vms=1, vcpus=64, policy="engine") as be:
+        g = await guestlib.connect_guest(be.sock(0), ram_size=8 << 20, queue_size=256)
+        try:
+            ring = g.fe.rings[abi.REQUEST_QUEUE]
+            blaster = guestlib.Blaster(g.driver.queue, g.transport.ram, lambda: os.eventfd_write(ring.kick, 1),
+                                       guestlib.eventfd_waiter(ring.call), 64, first_seq=g.driver.seq)
+            for batch in (1, 64):
+                log(f"throughput: batch {batch}, daemon's clamp engine")
+                await blaster.drain()
+                blaster.set_batch(batch)
+                await blaster.run(min(0.3, cfg.tput_window_s))
+                await blaster.drain()
+                out[f"engine_batch_{batch}"] = _agg(await _windows(be, blaster, cfg.tput_windows, cfg.tput_window_s))
+        finally:
+            del blaster
+            await g.close()
     return out
 
 
@@ -1040,6 +1063,9 @@ def print_table(r: dict[str, Any]) -> None:
                      + f"  ({lat['device']['requests_not_kicked']} requests without a kick)"))
         rows.append(("latency  device kick->decision->ack (RTT)", _fmt_s(lat["device"]["kick_to_ack_rtt"])))
         rows.append(("latency  of which handler entry->decision", _fmt_s(lat["device"]["split_handler_entry_to_decision"])))
+        eng = lat.get("device_engine")
+        if eng:
+            rows.append(("latency  same, daemon's clamp engine (dry run)", _fmt_s(eng["kick_to_decision"])))
         rows.append(("latency  ratios", ", ".join(f"{k}={v}" for k, v in lat.get("ratios", {}).items())))
     tp = ok.get("throughput")
     if tp:
@@ -1052,6 +1078,12 @@ def print_table(r: dict[str, Any]) -> None:
                              f"{x['cpu_s_per_million_records']['median']:.2f} CPU s/M rec, "
                              f"{_round(x['kicks_per_record']['median'], 5)} kicks/rec, guest "
                              f"{x['guest_cpu_share']['median'] * 100:.0f}% CPU"))
+        for b in (1, 64):
+            x = tp.get(f"engine_batch_{b}")
+            if x:
+                rows.append((f"throughput batch {b}, daemon's clamp engine",
+                             f"{x['records_per_s']['median']:,.0f} rec/s, backend {x['cpu_share']['median'] * 100:.0f}% "
+                             f"CPU, {x['cpu_s_per_million_records']['median']:.2f} CPU s/M rec"))
         for x in tp.get("driver_model", []):
             rows.append((f"throughput driver-model producer b{x['batch']}",
                          f"{x['records_per_s']:,} rec/s, guest {x['guest_cpu_us_per_record']} us CPU/record, "

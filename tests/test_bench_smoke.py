@@ -57,6 +57,7 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     lat = data["latency"]
     _summary_ok(lat["device"]["kick_to_decision"])
     _summary_ok(lat["device"]["kick_to_ack_rtt"])
+    _summary_ok(lat["device_engine"]["kick_to_decision"])
     for kind in ("c", "python", "asyncio"):
         f = lat["floor"][kind]
         if "skipped" in f:
@@ -68,6 +69,9 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     tp = data["throughput"]
     for b in (1, 8, 64):
         _rate_ok(tp[f"batch_{b}"])
+    for b in (1, 64):
+        _rate_ok(tp[f"engine_batch_{b}"])
+    assert data["dataplane"].startswith(("C (", "pure Python")), data["dataplane"]
     assert len(tp["driver_model"]) == 3 and all(x["records_per_s"] > 0 for x in tp["driver_model"])
 
     for variant in ("per-buffer", "default"):

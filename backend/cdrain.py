@@ -178,7 +178,10 @@ class CDrainer:
 
     @classmethod
     def for_queue(cls, lib: Any, queue: DeviceQueue, budget: int) -> "CDrainer | None":
-        """None when the rings are not aligned as virtio requires (the reference copes; C will not)."""
+        """None when C cannot take this queue: rings not aligned as virtio requires, or a
+        guest memory that does not list its regions (the reference copes with both)."""
+        if not hasattr(queue.memory, "spans"):
+            return None
         desc, avail, used = queue.areas()
         addrs = [int(_ffi.cast("uintptr_t", _ffi.from_buffer(v))) for v in (desc, avail, used)]
         if addrs[1] % 2 or addrs[2] % 4:

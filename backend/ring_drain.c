@@ -337,13 +337,11 @@ uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_
     w.buf = scratch;
     while (spent < budget) {
         vuc_entry *e = &entries[ne];
+        int why; /* the reason of an error of the whole ring */
         memset(e, 0, sizeof *e);
         if (q->broken) {
-            e->head = NO_HEAD;
-            e->status = R_AVAIL_INDEX_JUMP;
-            ne++;
-            more = 0;
-            break;
+            why = R_AVAIL_INDEX_JUMP;
+            goto ring_error;
         }
         uint32_t last = q->last_avail;
         if (last == q->avail_shadow) {
@@ -355,22 +353,17 @@ uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_
             }
             if (pending > q->size) {
                 q->broken = 1;
-                e->head = NO_HEAD;
-                e->status = R_AVAIL_INDEX_JUMP;
-                ne++;
-                more = 0;
-                break;
+                why = R_AVAIL_INDEX_JUMP;
+                goto ring_error;
             }
             q->avail_shadow = avail_idx;
         }
         uint16_t head = __atomic_load_n(&q->avail[2 + (last & mask)], __ATOMIC_RELAXED);
         q->last_avail = (last + 1) & 0xFFFF;
         if (head >= q->size) {
-            e->head = NO_HEAD;
-            e->status = R_BAD_HEAD;
-            ne++;
-            more = 0;
-            break;
+            /* Consumed, but not a descriptor: nothing to return; stop this turn. */
+            why = R_BAD_HEAD;
+            goto ring_error;
         }
         e->head = head;
         w.gathered = 0;
@@ -392,6 +385,14 @@ uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_
         push_used(q, head);
         returned++;
         ne++;
+        continue;
+    ring_error:
+        /* An error of the ring as a whole: an entry without a head, and the turn ends. */
+        e->head = NO_HEAD;
+        e->status = (uint16_t)why;
+        ne++;
+        more = 0;
+        break;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE);
     res->entries = ne;

@@ -7,9 +7,12 @@ is injected so deadlines are exact; the back-end's own timers are real.
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
-from vhost_user_cpufreq.guest.frontend import connect_guest
+from vhost_user_cpufreq.backend.policy import RecordingPolicy
+from vhost_user_cpufreq.guest.frontend import ModelledGuest, connect_guest
 
 from .helpers import make_service, until
 
@@ -22,11 +25,17 @@ class Clock:
         return self.ns
 
 
-async def _setup(tmp_path: Path, **kw: object):  # type: ignore[no-untyped-def]
-    svc, _, pol, slots = await make_service(tmp_path, ("vm", (0, 0, 1, 2)))
+@asynccontextmanager
+async def _setup(tmp_path: Path, **kw: object) -> AsyncIterator[tuple[RecordingPolicy, ModelledGuest, Clock]]:
+    """A service with one 4-vCPU VM and a guest whose driver runs on an injected clock."""
+    svc, _, pol, _ = await make_service(tmp_path, ("vm", (0, 0, 1, 2)))
     clock = Clock()
     g = await connect_guest(str(tmp_path / "vm.sock"), clock_ns=clock, **kw)
-    return svc, pol, g, clock
+    try:
+        yield pol, g, clock
+    finally:
+        await g.close()
+        await svc.close()
 
 
 async def _settle() -> None:
@@ -34,8 +43,7 @@ async def _settle() -> None:
 
 
 async def test_a_rise_kicks_at_once_and_a_fall_waits_for_the_deadline(tmp_path: Path) -> None:
-    svc, pol, g, clock = await _setup(tmp_path)
-    try:
+    async with _setup(tmp_path) as (pol, g, clock):
         d = g.driver
         d.set_util(0, 600)  # first value for the vCPU: urgent
         d.flush()
@@ -57,14 +65,10 @@ async def test_a_rise_kicks_at_once_and_a_fall_waits_for_the_deadline(tmp_path: 
         d.flush()  # the deadline passed: the held kick goes out
         await until(lambda: [r.util for r in pol.records["vm"]] == [600, 200], what="lazy record")
         assert d.stats.kicks == 2 and d.stats.urgent_kicks == 1
-    finally:
-        await g.close()
-        await svc.close()
 
 
 async def test_a_small_rise_is_lazy_and_a_big_one_flushes_what_waited(tmp_path: Path) -> None:
-    svc, pol, g, clock = await _setup(tmp_path, urgent_delta=128)
-    try:
+    async with _setup(tmp_path, urgent_delta=128) as (pol, g, clock):
         d = g.driver
         d.set_util(1, 500)
         d.flush()
@@ -78,14 +82,10 @@ async def test_a_small_rise_is_lazy_and_a_big_one_flushes_what_waited(tmp_path: 
         d.flush()
         await until(lambda: [(r.vcpu, r.util) for r in pol.records["vm"]] == [(1, 500), (1, 627), (2, 300)])
         assert d.stats.kicks == 2
-    finally:
-        await g.close()
-        await svc.close()
 
 
 async def test_lazy_records_kick_once_enough_wait(tmp_path: Path) -> None:
-    svc, pol, g, clock = await _setup(tmp_path, lazy_records=6)
-    try:
+    async with _setup(tmp_path, lazy_records=6) as (pol, g, clock):
         d = g.driver
         for v in range(4):
             d.set_util(v, 900)
@@ -102,14 +102,10 @@ async def test_lazy_records_kick_once_enough_wait(tmp_path: Path) -> None:
                 assert d.stats.kicks == kicks and len(pol.records["vm"]) == 4
         assert d.stats.kicks == kicks + 1
         await until(lambda: len(pol.records["vm"]) >= 12, what="records after the count-triggered kick")
-    finally:
-        await g.close()
-        await svc.close()
 
 
 async def test_lazy_records_zero_kicks_whenever_the_device_asks(tmp_path: Path) -> None:
-    svc, pol, g, clock = await _setup(tmp_path, lazy_records=0)
-    try:
+    async with _setup(tmp_path, lazy_records=0) as (pol, g, clock):
         d = g.driver
         for u in (800, 700, 600):  # falls, each kicked
             d.set_util(0, u)
@@ -117,6 +113,3 @@ async def test_lazy_records_zero_kicks_whenever_the_device_asks(tmp_path: Path) 
             await until(lambda: pol.records["vm"] and pol.records["vm"][-1].util == u, what=f"util {u}")
             await _settle()
         assert d.stats.kicks == 3 and d.stats.deferred_kicks == 0
-    finally:
-        await g.close()
-        await svc.close()

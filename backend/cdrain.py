@@ -104,7 +104,11 @@ def build_library(compiler: str | None = None) -> Path:
             errors.append(f"{d}: {exc.strerror}")
             continue
         try:
-            res = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            try:
+                res = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                     timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from None
             if res.returncode != 0:
                 raise RuntimeError(f"{cc} failed building {SOURCE.name}: {res.stderr.strip()[:2000]}")
             os.replace(tmp, d / name)  # atomic: concurrent builders each install a whole file

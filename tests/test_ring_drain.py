@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -331,3 +333,25 @@ async def test_a_flood_of_bad_buffers_is_counted_in_full_and_logged_within_budge
     finally:
         await g.close()
         await svc.close()
+
+
+def _dataplane_in_child(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """The data-plane choice of a fresh process with empty cache directories."""
+    e = {k: v for k, v in os.environ.items() if k not in ("VUC_DATAPLANE", "CC", "VUC_CACHE_DIR", "CACHE_DIRECTORY")}
+    e.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path), **env)
+    return subprocess.run([sys.executable, "-m", "vhost_user_cpufreq.backend.cdrain"], env=e,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc")
+    assert r.returncode == 1 and r.stdout.startswith("python pure Python: cannot run the C compiler"), r
+    assert "data plane degraded to the pure-Python reference" in r.stderr
+    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc", VUC_DATAPLANE="c")
+    assert r.returncode != 0 and "VUC_DATAPLANE=c but the C data plane is unavailable" in r.stderr, r
+
+
+def test_the_c_drain_is_built_into_an_empty_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    c_lib()  # a compiler is here (or the test skips, or fails in CI)
+    r = _dataplane_in_child(tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"c C ({tmp_path}/cache/vhost-user-cpufreq/ring_drain-"), r

@@ -289,6 +289,7 @@ async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:
     assert seen[0] == seen[1]
     records, n, batches, bad_util, short = seen[1]
     assert records[-1] == (2, 5, 0) and n == len(records) == 21 and (bad_util, short) == (1, 1)
+    assert batches == 21  # 20 from the driver, 1 hostile with one good record; the short one is not a batch
 
 
 def test_every_reason_is_explained() -> None:

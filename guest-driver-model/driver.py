@@ -41,7 +41,7 @@ class DriverStats:
     config_refreshes: int = 0
     torn_reads: int = 0
     queue_full: int = 0
-    deferred_kicks: int = 0  # kicks the device asked for that waited for an urgent record or a deadline
+    deferred_kicks: int = 0  # flushes whose kick (asked for by the device) was held back (SPEC 6.4)
     urgent_kicks: int = 0
 
 

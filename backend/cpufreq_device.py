@@ -283,11 +283,8 @@ class CpufreqDevice:
             self.seq.age(host_ns, ts)
             batches += 1
             accepted.extend(mine)
-        if lost:
-            counters.inc("lost_batches", n=lost)
-        if batches:
-            counters.inc("batches", n=batches)
         if accepted:
+            self._deliver(accepted, now)  # first: the host acts sooner; bookkeeping can wait
             counters.inc("records", n=len(accepted))
             vcpus = self.vcpus
             for v, u, p in accepted:
@@ -295,7 +292,10 @@ class CpufreqDevice:
                 st.util = u
                 st.perf_khz = p
                 st.updated = now
-            self._deliver(accepted, now)
+        if lost:
+            counters.inc("lost_batches", n=lost)
+        if batches:
+            counters.inc("batches", n=batches)
 
     def _may_log(self) -> bool:
         ok = self._log_budget.allow(self._clock())

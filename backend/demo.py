@@ -117,7 +117,8 @@ async def run_demo(opts: DemoOptions, out=sys.stdout) -> dict[str, float]:  # ty
             _draw(out, tty, now - start, opts, driver, policy, vmap, host_cur, cap_from <= now < cap_to, slot)
         await asyncio.sleep(TICK_MS / 1000)
 
-    # Let the last notification land, then compare views.
+    # Send what the driver still holds back (SPEC 6.4), let the last notification land, then compare views.
+    driver.kick_held()
     await asyncio.sleep(0.15)
     if driver.config_changed.is_set():
         on_guest_refresh()

@@ -221,6 +221,16 @@ class CpufreqDriver:
         self.stats.records += sent
         return sent
 
+    def kick_held(self) -> bool:
+        """Send a kick held back under SPEC 6.4 now (driver unbind, end of a run); True if one was."""
+        if self._owed_since is None:
+            return False
+        self._owed_since = None
+        self._owed_records = 0
+        self.stats.kicks += 1
+        self.t.notify(abi.REQUEST_QUEUE)
+        return True
+
     def _is_urgent(self, v: int) -> bool:
         """A request for more speed that matters: latency counts (the ramp-up case)."""
         if self._sent[v] < 0:

@@ -113,3 +113,18 @@ async def test_lazy_records_zero_kicks_whenever_the_device_asks(tmp_path: Path) 
             await until(lambda: pol.records["vm"] and pol.records["vm"][-1].util == u, what=f"util {u}")
             await _settle()
         assert d.stats.kicks == 3 and d.stats.deferred_kicks == 0
+
+
+async def test_kick_held_sends_what_waits(tmp_path: Path) -> None:
+    async with _setup(tmp_path) as (pol, g, clock):
+        d = g.driver
+        d.set_util(2, 900)
+        d.flush()
+        await until(lambda: len(pol.records["vm"]) == 1)
+        await _settle()
+        d.set_util(2, 850)  # a fall: held
+        d.flush()
+        await _settle()
+        assert len(pol.records["vm"]) == 1
+        assert d.kick_held() and not d.kick_held()  # once
+        await until(lambda: [r.util for r in pol.records["vm"]] == [900, 850], what="the held record")

@@ -215,7 +215,7 @@ struct vcf_dev {
 	u64 stat_batches;
 	u64 stat_records;
 	u64 stat_notifies;
-	u64 stat_deferred;
+	atomic64_t stat_deferred;	/* flushes run from irq_work and the timer, unlocked */
 	u64 stat_refreshes;
 	u64 stat_starved;
 	u64 stat_add_errors;
@@ -481,15 +481,16 @@ static bool vcf_flush_locked(struct vcf_dev *vi)
 
 static void vcf_flush(struct vcf_dev *vi, bool force)
 {
+	unsigned int lazy = READ_ONCE(lazy_ms);
 	unsigned long flags;
 	bool notify, starved;
 
-	if (!force && lazy_ms && !atomic_read(&vi->urgent) &&
+	if (!force && lazy && !atomic_read(&vi->urgent) &&
 	    (unsigned int)atomic_read(&vi->lazy) < READ_ONCE(lazy_records)) {
 		/* Nothing urgent: come back within lazy_ms (timer_reduce only brings it closer). */
 		if (!READ_ONCE(vi->removing))
-			timer_reduce(&vi->timer, jiffies + msecs_to_jiffies(lazy_ms));
-		vi->stat_deferred++;
+			timer_reduce(&vi->timer, jiffies + msecs_to_jiffies(lazy));
+		atomic64_inc(&vi->stat_deferred);
 		return;
 	}
 	atomic_set(&vi->urgent, 0);
@@ -716,7 +717,7 @@ VCF_STAT_ATTR(requests, atomic64_read(&vi->stat_requests));
 VCF_STAT_ATTR(batches, READ_ONCE(vi->stat_batches));
 VCF_STAT_ATTR(records, READ_ONCE(vi->stat_records));
 VCF_STAT_ATTR(notifies, READ_ONCE(vi->stat_notifies));
-VCF_STAT_ATTR(deferred, READ_ONCE(vi->stat_deferred));
+VCF_STAT_ATTR(deferred, atomic64_read(&vi->stat_deferred));
 VCF_STAT_ATTR(refreshes, READ_ONCE(vi->stat_refreshes));
 VCF_STAT_ATTR(starved, READ_ONCE(vi->stat_starved));
 VCF_STAT_ATTR(add_errors, READ_ONCE(vi->stat_add_errors));

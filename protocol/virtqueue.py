@@ -319,22 +319,31 @@ class DeviceQueue:
             raise RingError("address-out-of-range", exc.detail, head=head) from exc
 
     def _walk(self, head: int) -> Chain:
-        desc = self._desc
+        """Walk the chain at ``head``: the ring's table, then at most one indirect table.
+
+        One loop serves both tables (as in backend/ring_drain.c): an indirect
+        descriptor switches ``table`` to the indirect one, which restarts the
+        index and the loop bound, and the walk goes on there.
+        """
         view = self._memory.view
-        size = self.size
         limit = self.max_chain_bytes
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         rlen = wlen = 0
         seen_writable = False  # not ``wlen > 0``: zero-length descriptors count too
-        idx = head
-        count = 0
+        table, n, idx = self._desc, self.size, head
+        indirect = False  # walking an indirect table
+        walked = 0  # descriptors walked in the ring's table, once in an indirect one
+        count = 0  # descriptors walked in the current table
         while True:
-            if count == size:
-                raise RingError("descriptor-loop", f"chain has more than {size} descriptors", head=head)
+            if count == n:
+                what = "indirect chain" if indirect else "chain"
+                raise RingError("descriptor-loop", f"{what} has more than {n} descriptors", head=head)
             count += 1
-            addr, length, flags, nxt = _DESC.unpack_from(desc, DESC_SIZE * idx)
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
             if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise RingError("nested-indirect", f"indirect table entry {idx} is indirect", head=head)
                 # Cannot have NEXT, so it ends the direct part; the spec says to ignore its WRITE flag.
                 if not self.indirect:
                     raise RingError("indirect-not-negotiated", f"descriptor {idx} is indirect", head=head)
@@ -346,10 +355,9 @@ class DeviceQueue:
                     # Zero-length entries escape max_chain_bytes: bound the walk itself.
                     raise RingError("chain-too-long", f"indirect table of {length // DESC_SIZE} descriptors, "
                                     f"this device takes {self.max_indirect}", head=head)
-                table = view(addr, length)
-                rlen, wlen, n = self._walk_indirect(head, table, readable, writable, rlen, wlen, seen_writable)
-                count += n
-                break
+                table, n, idx = view(addr, length), length // DESC_SIZE, 0
+                indirect, walked, count = True, count, 0
+                continue
             if rlen + wlen + length > limit:
                 raise RingError("chain-too-long", f"chain exceeds {limit} bytes", head=head)
             if flags & VIRTQ_DESC_F_WRITE:
@@ -359,57 +367,19 @@ class DeviceQueue:
                 wlen += length
             else:
                 if seen_writable:
-                    raise RingError("readable-after-writable", f"descriptor {idx} is readable", head=head)
+                    where = "indirect entry" if indirect else "descriptor"
+                    raise RingError("readable-after-writable", f"{where} {idx} is readable", head=head)
                 if length:
                     readable.append(view(addr, length))
                 rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
-            if nxt >= size:
-                raise RingError("next-out-of-range", f"descriptor {idx} chains to {nxt}, size {size}", head=head)
-            idx = nxt
-        return Chain(head, tuple(readable), tuple(writable), rlen, wlen, count)
-
-    def _walk_indirect(
-        self,
-        head: int,
-        table: memoryview,
-        readable: list[memoryview],
-        writable: list[memoryview],
-        rlen: int,
-        wlen: int,
-        seen_writable: bool,
-    ) -> tuple[int, int, int]:
-        n = table.nbytes // DESC_SIZE
-        limit = self.max_chain_bytes
-        view = self._memory.view
-        idx = 0
-        count = 0
-        while True:
-            if count == n:
-                raise RingError("descriptor-loop", f"indirect chain has more than {n} descriptors", head=head)
-            count += 1
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                raise RingError("nested-indirect", f"indirect table entry {idx} is indirect", head=head)
-            if rlen + wlen + length > limit:
-                raise RingError("chain-too-long", f"chain exceeds {limit} bytes", head=head)
-            if flags & VIRTQ_DESC_F_WRITE:
-                seen_writable = True
-                if length:
-                    writable.append(view(addr, length))
-                wlen += length
-            else:
-                if seen_writable:
-                    raise RingError("readable-after-writable", f"indirect entry {idx} is readable", head=head)
-                if length:
-                    readable.append(view(addr, length))
-                rlen += length
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return rlen, wlen, count
             if nxt >= n:
-                raise RingError("next-out-of-range", f"indirect entry {idx} chains to {nxt}, table {n}", head=head)
+                where = f"indirect entry {idx} chains to {nxt}, table" if indirect else \
+                    f"descriptor {idx} chains to {nxt}, size"
+                raise RingError("next-out-of-range", f"{where} {n}", head=head)
             idx = nxt
+        return Chain(head, tuple(readable), tuple(writable), rlen, wlen, walked + count)
 
     # -- completing ------------------------------------------------------------
 

@@ -250,6 +250,21 @@ def test_ring_error_has_no_head() -> None:
     assert d.returned == 0
 
 
+def _offer_raw(g, *buffers: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Put ``buffers`` on the guest's request ring behind its driver's back, and kick.
+
+    A function, so no view of guest RAM outlives it: the guest's close must be
+    able to unmap its RAM.
+    """
+    ram, q = g.transport.ram, g.driver.queue
+    for data in buffers:
+        gpa = ram.alloc(len(data), 8)
+        ram.memory.view(gpa, len(data))[:] = data
+        q.add([(gpa, len(data))])
+    q.publish()
+    g.transport.notify(0)
+
+
 async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The device over a real session with either drain: same records, same counted rejections."""
     from vhost_user_cpufreq.backend import cdrain
@@ -272,13 +287,7 @@ async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:
                 g.driver.set_util(i % 4, 40 * i)
                 g.driver.flush()
             # Two hostile buffers straight onto the ring: a record with util 2000, and a short batch.
-            ram, q = g.transport.ram, g.driver.queue
-            for data in (encode_batch(Batch(10**6, 0, (Record(1, 2000), Record(2, 5)))), b"\x01\x02"):
-                gpa = ram.alloc(len(data), 8)
-                ram.memory.view(gpa, len(data))[:] = data
-                q.add([(gpa, len(data))])
-            q.publish()
-            g.transport.notify(0)
+            _offer_raw(g, encode_batch(Batch(10**6, 0, (Record(1, 2000), Record(2, 5)))), b"\x01\x02")
             await until(lambda: slots["vm"].counters.get("rejected", "short-batch") == 1, what="rejections")
             c = slots["vm"].counters
             seen.append(([tuple(r) for r in pol.records["vm"]], c.get("records"), c.get("batches"),
@@ -317,17 +326,12 @@ async def test_a_flood_of_bad_buffers_is_counted_in_full_and_logged_within_budge
     g = await start_guest(str(tmp_path / "vm.sock"))
     caplog.set_level(logging.WARNING)
     try:
-        ram, q = g.transport.ram, g.driver.queue
-        gpa = ram.alloc(8, 8)
-        for _ in range(40):  # 40 short batches in one go
-            q.add([(gpa, 8)])
-        q.publish()
-        g.transport.notify(0)
+        _offer_raw(g, *[bytes(8)] * 40)  # 40 short batches in one go
         await until(lambda: slots["vm"].counters.get("rejected", "short-batch") == 40, what="40 rejections")
         lines = [r.getMessage() for r in caplog.records if "short-batch" in r.getMessage()]
         assert 1 <= len(lines) <= 10, lines
         assert "shorter than the 16-byte batch header" in lines[0]
-        assert len(q.reclaim()) == 40  # ours, not the driver's: take them back before it flushes
+        assert len(g.driver.queue.reclaim()) == 40  # ours, not the driver's: take them back before it flushes
         g.driver.set_util(1, 700)  # the VM is still served
         g.driver.flush()
         await until(lambda: pol.records["vm"] and pol.records["vm"][-1].util == 700, what="a good record")

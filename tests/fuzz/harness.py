@@ -1062,6 +1062,9 @@ class FuzzBed:
 
     @classmethod
     async def create(cls, workdir: Path | None = None) -> FuzzBed:
+        # Leak checks compare mappings and fds before and after each case: garbage
+        # an earlier test left in reference cycles must not be freed in the middle.
+        gc.collect()
         bed = cls(Path(workdir or tempfile.mkdtemp(prefix="vuc-fuzz-")))
         await bed._start()
         return bed

@@ -174,6 +174,10 @@ def _check_abi(lib: Any) -> None:
             raise RuntimeError(f"C data plane reason {code} is not {name!r}")
 
 
+class _Misaligned(ValueError):
+    pass
+
+
 class CDrainer:
     """One queue's C drain: the ring and region pointers, output arrays, cursor copy-in/out."""
 
@@ -186,11 +190,10 @@ class CDrainer:
         guest memory that does not list its regions (the reference copes with both)."""
         if not hasattr(queue.memory, "spans"):
             return None
-        desc, avail, used = queue.areas()
-        addrs = [int(_ffi.cast("uintptr_t", _ffi.from_buffer(v))) for v in (desc, avail, used)]
-        if addrs[1] % 2 or addrs[2] % 4:
+        try:
+            return cls(lib, queue, budget)
+        except _Misaligned:
             return None
-        return cls(lib, queue, budget)
 
     def __init__(self, lib: Any, queue: DeviceQueue, budget: int) -> None:
         if not 1 <= budget <= MAX_BUDGET:
@@ -199,6 +202,9 @@ class CDrainer:
         self._queue = queue
         desc, avail, used = queue.areas()
         bufs = (_ffi.from_buffer(desc), _ffi.from_buffer(avail), _ffi.from_buffer(used, require_writable=True))
+        # The C code loads ring indices as aligned 16-bit words (virtio 1.x 2.7 requires the alignment).
+        if int(_ffi.cast("uintptr_t", bufs[1])) % 2 or int(_ffi.cast("uintptr_t", bufs[2])) % 4:
+            raise _Misaligned("avail or used ring not aligned as virtio requires")
         q = _ffi.new("vuc_queue *")
         q.desc = _ffi.cast("uint8_t *", bufs[0])
         q.avail = _ffi.cast("uint16_t *", bufs[1])

@@ -100,22 +100,20 @@ class HostPolicy:
     # -- Policy interface ---------------------------------------------------------------
     def on_record(self, vm: str, record: Record, domain: Domain, now: float) -> Decision:
         b = self.vms.get(vm)
-        clamp = None
-        if b is not None:
-            self._apply(b, b.engine.on_record(record.vcpu, record.util, record.perf_khz, now))
-            clamp = b.engine.vcpus.get(record.vcpu)
-            self._arm(b)
-        d = Decision(vm, record.vcpu, record.util, schedutil_khz(record.util, domain), now, clamp)
-        if b is not None:
-            b.latest[record.vcpu] = d
-        return d
+        if b is None:
+            return Decision(vm, record.vcpu, record.util, schedutil_khz(record.util, domain), now)
+        self._decide(b, {record.vcpu: (record.util, record.perf_khz)}, lambda _v: domain, now)
+        return b.latest[record.vcpu]
 
     def on_records(self, vm: str, records: list[tuple[int, int, int]], config: DeviceConfig, now: float) -> None:
         """One drain's records: the engine sees each vCPU's newest (newest wins, as it would anyway)."""
-        newest = {v: (u, p) for v, u, p in records}
         b = self.vms.get(vm)
-        if b is None:
-            return
+        if b is not None:
+            self._decide(b, {v: (u, p) for v, u, p in records}, config.domain_of, now)
+
+    def _decide(self, b: VmBinding, newest: dict[int, tuple[int, int]], domain_of: Callable[[int], Domain],
+                now: float) -> None:
+        """Feed the engine each vCPU's (util, perf_khz), apply what changed, remember the decisions."""
         changes: list[ClampChange] = []
         for v, (u, p) in newest.items():
             changes += b.engine.on_record(v, u, p, now)
@@ -123,7 +121,7 @@ class HostPolicy:
         self._arm(b)
         applied = b.engine.vcpus
         for v, (u, _) in newest.items():
-            b.latest[v] = Decision(vm, v, u, schedutil_khz(u, config.domain_of(v)), now, applied.get(v))
+            b.latest[v] = Decision(b.vm, v, u, schedutil_khz(u, domain_of(v)), now, applied.get(v))
 
     def on_vm_reset(self, vm: str) -> None:
         b = self.vms.get(vm)

@@ -51,10 +51,10 @@ from vhost_user_cpufreq.backend.counters import Counters  # noqa: E402
 from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits  # noqa: E402
 from vhost_user_cpufreq.backend.host_policy import HostPolicy  # noqa: E402
 from vhost_user_cpufreq.backend.hosts import PIXEL6, PIXEL6_OPPS_KHZ  # noqa: E402
-from vhost_user_cpufreq.backend.policy import Decision, schedutil_khz  # noqa: E402
+from vhost_user_cpufreq.backend.policy import Decision  # noqa: E402
 from vhost_user_cpufreq.backend.service import Service, VmConfig  # noqa: E402
 from vhost_user_cpufreq.backend.session import Session  # noqa: E402
-from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record  # noqa: E402
+from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig  # noqa: E402
 
 SLOT = struct.Struct("<QQ")  # decision stamp (ns), decisions so far
 SLOT_SIZE = SLOT.size
@@ -83,7 +83,10 @@ def mono_ns() -> int:
 
 
 class StampPolicy:
-    """RecordingPolicy's answer, latest decision only; optional shared-memory stamps."""
+    """RecordingPolicy's answer, latest decision only; optional shared-memory stamps.
+
+    Only the batch form (``on_records``): the device calls that when a policy has it.
+    """
 
     def __init__(self, stamps: mmap.mmap | None, vm_index: dict[str, int], vcpus: int,
                  follow: StaticSource | None = None, vmap: tuple[int, ...] = ()) -> None:
@@ -98,24 +101,6 @@ class StampPolicy:
         self.split: KickSplit | None = None
         self._want: dict[str, list[int]] = {}
         self.host_changes = 0
-
-    def on_record(self, vm: str, record: Record, domain: Domain, now: float) -> Decision:
-        d = Decision(vm, record.vcpu, record.util, schedutil_khz(record.util, domain), now)
-        latest = self.latest.get(vm)
-        if latest is None:
-            latest = self.latest[vm] = {}
-        latest[record.vcpu] = d
-        if self.stamps is not None:
-            off = slot_offset(self.vm_index[vm], record.vcpu, self.vcpus)
-            n = self.count.get(off, 0) + 1
-            self.count[off] = n
-            t = mono_ns()
-            SLOT.pack_into(self.stamps, off, t, n)  # stamp first, then count (x86: in order)
-            if self.split is not None:
-                self.split.decided(t)
-        if self.follow is not None:
-            self._follow(vm, record.vcpu, d.target_khz)
-        return d
 
     def on_records(self, vm: str, records: list[tuple[int, int, int]], config: DeviceConfig, now: float) -> None:
         """The batch form the device prefers: decide once per vCPU, on its newest record of the drain."""

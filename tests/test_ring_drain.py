@@ -360,3 +360,16 @@ def test_the_c_drain_is_built_into_an_empty_cache(tmp_path) -> None:  # type: ig
     c_lib()  # a compiler is here (or the test skips, or fails in CI)
     r = _dataplane_in_child(tmp_path)
     assert r.returncode == 0 and r.stdout.startswith(f"c C ({tmp_path}/cache/vhost-user-cpufreq/ring_drain-"), r
+
+
+def test_misaligned_rings_are_left_to_the_reference() -> None:
+    from vhost_user_cpufreq.backend.cdrain import DataPlane
+
+    lib = c_lib()
+    mem = TwoRegions(bytearray(REGION1), bytearray(REGION2_SIZE))
+    q = DeviceQueue(4, mem.view(DESC_GPA, 64), mem.view(AVAIL_GPA + 1, 14), mem.view(USED_GPA, 38), mem)
+    assert CDrainer.for_queue(lib, q, 8) is None
+    assert DataPlane("c", "C", lib).drainer(q, 8) is drain
+    aligned = make_queue(bytearray(REGION1), bytearray(REGION2_SIZE), 4, indirect=True, max_chain=64,
+                         max_indirect=4, base=0)
+    assert isinstance(CDrainer.for_queue(lib, aligned, 8), CDrainer)

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 import pytest
 
+from .helpers import unavailable
 from .qemu.fixture import QemuInstall, QemuLab, QemuUnavailable, describe_skip, find_qemu
 
 
@@ -20,9 +21,7 @@ def _qemu_or_skip() -> QemuInstall:
     try:
         return find_qemu()
     except QemuUnavailable as exc:
-        if os.environ.get("VUC_REQUIRE_QEMU") == "1":
-            pytest.fail(f"VUC_REQUIRE_QEMU=1 but {describe_skip(exc)}", pytrace=False)
-        pytest.skip(describe_skip(exc))
+        unavailable("VUC_REQUIRE_QEMU", describe_skip(exc))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

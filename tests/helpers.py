@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
+
+import pytest
 
 from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
@@ -17,6 +21,25 @@ from vhost_user_cpufreq.guest.frontend import ModelledGuest, connect_guest
 
 
 Guest = ModelledGuest
+
+
+def unavailable(require_var: str, why: str) -> NoReturn:
+    """Something a test needs is missing: fail when CI demands it (``require_var=1``), else skip."""
+    if os.environ.get(require_var) == "1":
+        pytest.fail(f"{require_var}=1 but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@contextmanager
+def short_tmpdir(prefix: str, mode: int | None = None) -> Iterator[Path]:
+    """A directory under /tmp with a short path: sun_path holds 107 bytes, pytest's tmp_path can be longer."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    if mode is not None:
+        d.chmod(mode)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 async def start_guest(sock: str, **driver_kw: object) -> Guest:

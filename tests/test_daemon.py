@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -27,7 +26,7 @@ from vhost_user_cpufreq.backend.config import ConfigError, load_config
 from vhost_user_cpufreq.backend.daemon import Daemon, query_status
 from vhost_user_cpufreq.backend.engine import VmLimits
 
-from .helpers import named_vcpu_threads, start_guest, until
+from .helpers import named_vcpu_threads, short_tmpdir, start_guest, until
 from .sysfs_tree import HostSpec, make_sysfs_tree
 
 # cpu0-3: a little cluster (capacity 256), cpu4-7: a big one (1024).
@@ -36,12 +35,8 @@ HOST = HostSpec.big_little([(4, 300000, 1800000, 256), (4, 500000, 2800000, 1024
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    """Short paths for sockets (sun_path is 107 bytes; pytest's tmp_path can be longer)."""
-    d = Path(tempfile.mkdtemp(prefix="vuc-d-", dir="/tmp"))
-    try:
+    with short_tmpdir("vuc-d-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def vm_table(workdir: Path, name: str, **kw: Any) -> str:

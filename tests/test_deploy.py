@@ -40,7 +40,7 @@ import pytest
 from vhost_user_cpufreq.backend.config import load_config, parse_config
 from vhost_user_cpufreq.backend.daemon import Daemon
 
-from .helpers import until
+from .helpers import short_tmpdir, unavailable, until
 from .qemu.fixture import QemuInstall
 from .sysfs_tree import HostSpec, make_sysfs_tree
 from .test_systemd import run_activation_scenario, service_argv
@@ -61,10 +61,7 @@ HOST = HostSpec.big_little([(4, 300000, 1800000, 256), (4, 500000, 2800000, 1024
 def require_tool(name: str, why: str) -> str:
     path = shutil.which(name)
     if path is None:
-        msg = f"{name} not installed ({why})"
-        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {msg}", pytrace=False)
-        pytest.skip(msg)
+        unavailable("VUC_REQUIRE_TOOLS", f"{name} not installed ({why})")
     return path
 
 
@@ -79,11 +76,8 @@ def require_module(name: str, why: str) -> Any:
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vuc-dep-", dir="/tmp"))
-    try:
+    with short_tmpdir("vuc-dep-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def unit_settings(path: Path) -> dict[tuple[str, str], list[str]]:
@@ -282,10 +276,7 @@ def sandbox_argv(workdir: Path) -> list[str]:
     probe = subprocess.run([system_python, "-c", "import seccomp"], capture_output=True) if os.path.exists(
         system_python) else None
     if probe is None or probe.returncode != 0:
-        msg = "no libseccomp binding for /usr/bin/python3 (apt-get install python3-seccomp)"
-        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {msg}", pytrace=False)
-        pytest.skip(msg)
+        unavailable("VUC_REQUIRE_TOOLS", "no libseccomp binding for /usr/bin/python3 (apt-get install python3-seccomp)")
     script = workdir / "sandbox.py"
     script.write_text(_SANDBOX)
     return [system_python, str(script)]

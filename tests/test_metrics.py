@@ -35,7 +35,7 @@ from vhost_user_cpufreq.backend.daemon import Daemon
 from vhost_user_cpufreq.backend.metrics import parse_address, render, start_metrics_server
 from vhost_user_cpufreq.protocol import cpufreq as abi
 
-from .helpers import named_vcpu_threads, Guest, start_guest, until
+from .helpers import named_vcpu_threads, Guest, start_guest, unavailable, until
 from .sysfs_tree import HostSpec, make_sysfs_tree, set_cur_freq
 
 HOST = HostSpec.big_little([(4, 300000, 1800000, 160), (3, 400000, 2200000, 498), (1, 500000, 2800000, 1024)])
@@ -51,10 +51,7 @@ def _tool(name: str) -> str:
     """Path of a Prometheus tool; skips (or fails under VUC_REQUIRE_TOOLS=1) without it."""
     path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
     if path is None:
-        why = f"{name} not found (Debian package 'prometheus'; `bash .ci/tools.sh` installs it)"
-        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {why}", pytrace=False)
-        pytest.skip(why)
+        unavailable("VUC_REQUIRE_TOOLS", f"{name} not found (Debian package 'prometheus'; `bash .ci/tools.sh` installs it)")
     return path
 
 

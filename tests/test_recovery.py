@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from .helpers import named_vcpu_threads, start_guest, until
+from .helpers import named_vcpu_threads, short_tmpdir, start_guest, until
 
 pytestmark = pytest.mark.root
 NOBODY = 65534
@@ -35,10 +34,8 @@ def vcpu_threads() -> Iterator[list[int]]:
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory an unprivileged service can use (pytest's tmp_path is root-only)."""
-    d = Path(tempfile.mkdtemp(prefix="vuc-nobody-", dir="/tmp"))
-    d.chmod(0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with short_tmpdir("vuc-nobody-", mode=0o777) as d:
+        yield d
 
 
 def _config(d: Path, *, extra_vm: bool = False, **service: object) -> Path:

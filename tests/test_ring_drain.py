@@ -32,6 +32,8 @@ from vhost_user_cpufreq.protocol.virtqueue import (
     DriverQueue,
 )
 
+from .helpers import make_service, start_guest, unavailable, until
+
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 
@@ -62,9 +64,7 @@ class TwoRegions:
 def c_lib():
     dp = dataplane()
     if dp.kind != "c":
-        if os.environ.get("VUC_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"VUC_REQUIRE_TOOLS=1 but {dp.detail}", pytrace=False)
-        pytest.skip(dp.detail)
+        unavailable("VUC_REQUIRE_TOOLS", dp.detail)
     return dp.lib
 
 
@@ -270,7 +270,6 @@ async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:
     from vhost_user_cpufreq.backend import cdrain
     from vhost_user_cpufreq.protocol.cpufreq import Batch, Record, encode_batch
 
-    from .helpers import make_service, start_guest, until
 
     c_lib()  # both must exist for the comparison to mean anything
     seen = []
@@ -320,7 +319,6 @@ def test_log_budget() -> None:
 async def test_a_flood_of_bad_buffers_is_counted_in_full_and_logged_within_budget(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     import logging
 
-    from .helpers import make_service, start_guest, until
 
     svc, _, pol, slots = await make_service(tmp_path, ("vm", (0, 0, 1, 2)))
     g = await start_guest(str(tmp_path / "vm.sock"))

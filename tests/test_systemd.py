@@ -22,7 +22,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import pytest
 from vhost_user_cpufreq.backend import systemd
 from vhost_user_cpufreq.backend.daemon import query_status
 
-from .helpers import start_guest
+from .helpers import short_tmpdir, start_guest
 from .sysfs_tree import HostSpec, make_sysfs_tree
 
 HOST = HostSpec.big_little([(4, 300000, 1800000, 256), (4, 500000, 2800000, 1024)])
@@ -41,12 +40,8 @@ HOST = HostSpec.big_little([(4, 300000, 1800000, 256), (4, 500000, 2800000, 1024
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    """A short directory for sockets (sun_path holds 107 bytes; pytest's tmp_path can be longer)."""
-    d = Path(tempfile.mkdtemp(prefix="vuc-sd-", dir="/tmp"))
-    try:
+    with short_tmpdir("vuc-sd-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _dgram_server(addr: str) -> socket.socket:

@@ -43,11 +43,12 @@ Wire facts worth knowing before reading the code:
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid as _uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
 from typing import ClassVar, Final, Literal, Self, TypeAlias, Union
 
@@ -311,6 +312,46 @@ def _field_error(exc: LocalProtocolError) -> MessageError:
     return MessageError("bad-field", exc.detail)
 
 
+class _Fixed:
+    """Mixin for a payload that is exactly one struct of unsigned fields, in field order.
+
+    A subclass (a frozen, slotted dataclass) names its ``_STRUCT`` and the
+    ``_WHAT`` its size errors say.  Each field is checked against the width of
+    its struct code (B, H, I, Q); ``MIN_SIZE`` and ``MAX_SIZE`` are the
+    struct's size.  A subclass with further rules extends ``__post_init__``;
+    ``decode`` turns any field error into the peer's fault.
+    """
+
+    __slots__ = ()
+    MIN_SIZE: ClassVar[int]
+    MAX_SIZE: ClassVar[int]
+    _STRUCT: ClassVar[struct.Struct]
+    _WHAT: ClassVar[str]
+    _BITS: ClassVar[tuple[int, ...]]
+
+    def __init_subclass__(cls, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        cls.MIN_SIZE = cls.MAX_SIZE = cls._STRUCT.size
+        codes = re.sub(r"\d*x", "", cls._STRUCT.format.lstrip("<"))
+        cls._BITS = tuple(8 * struct.calcsize(c) for c in codes)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for f, bits in zip(fields(self), self._BITS):  # type: ignore[arg-type]
+            _check_uint(owner, f.name, getattr(self, f.name), bits)
+
+    def encode(self) -> bytes:
+        return self._STRUCT.pack(*(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+
+    @classmethod
+    def decode(cls, b: bytes) -> Self:
+        _check_size(cls._WHAT, len(b), cls._STRUCT.size, cls._STRUCT.size)
+        try:
+            return cls(*cls._STRUCT.unpack(b))
+        except LocalProtocolError as exc:
+            raise _field_error(exc) from None
+
+
 # ---------------------------------------------------------------------------
 # Payload types
 #
@@ -323,55 +364,32 @@ def _field_error(exc: LocalProtocolError) -> MessageError:
 
 
 @dataclass(frozen=True, slots=True)
-class U64:
+class U64(_Fixed):
     """A single 64-bit integer (spec "A single 64-bit integer")."""
 
-    MIN_SIZE: ClassVar[int] = 8
-    MAX_SIZE: ClassVar[int] = 8
+    _STRUCT: ClassVar[struct.Struct] = _U64
+    _WHAT: ClassVar[str] = "u64"
 
     value: int
 
-    def __post_init__(self) -> None:
-        _check_uint("U64", "value", self.value, 64)
-
-    def encode(self) -> bytes:
-        return _U64.pack(self.value)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("u64", len(b), 8, 8)
-        return cls(_U64.unpack(b)[0])
-
 
 @dataclass(frozen=True, slots=True)
-class VringState:
+class VringState(_Fixed):
     """A vring state description / descriptor index (``struct vhost_vring_state``)."""
 
-    MIN_SIZE: ClassVar[int] = 8
-    MAX_SIZE: ClassVar[int] = 8
+    _STRUCT: ClassVar[struct.Struct] = _U32x2
+    _WHAT: ClassVar[str] = "vring state"
 
     index: int
     num: int
 
-    def __post_init__(self) -> None:
-        _check_uint("VringState", "index", self.index, 32)
-        _check_uint("VringState", "num", self.num, 32)
-
-    def encode(self) -> bytes:
-        return _U32x2.pack(self.index, self.num)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("vring state", len(b), 8, 8)
-        return cls(*_U32x2.unpack(b))
-
 
 @dataclass(frozen=True, slots=True)
-class VringAddr:
+class VringAddr(_Fixed):
     """A vring address description (``struct vhost_vring_addr``, 40 bytes)."""
 
-    MIN_SIZE: ClassVar[int] = 40
-    MAX_SIZE: ClassVar[int] = 40
+    _STRUCT: ClassVar[struct.Struct] = _VRING_ADDR
+    _WHAT: ClassVar[str] = "vring address"
     #: ``flags`` bit: log writes to the used ring (VHOST_VRING_F_LOG).
     F_LOG: ClassVar[int] = 1 << 0
 
@@ -382,56 +400,19 @@ class VringAddr:
     avail_user_addr: int
     log_guest_addr: int
 
-    def __post_init__(self) -> None:
-        _check_uint("VringAddr", "index", self.index, 32)
-        _check_uint("VringAddr", "flags", self.flags, 32)
-        _check_uint("VringAddr", "desc_user_addr", self.desc_user_addr, 64)
-        _check_uint("VringAddr", "used_user_addr", self.used_user_addr, 64)
-        _check_uint("VringAddr", "avail_user_addr", self.avail_user_addr, 64)
-        _check_uint("VringAddr", "log_guest_addr", self.log_guest_addr, 64)
-
-    def encode(self) -> bytes:
-        return _VRING_ADDR.pack(
-            self.index,
-            self.flags,
-            self.desc_user_addr,
-            self.used_user_addr,
-            self.avail_user_addr,
-            self.log_guest_addr,
-        )
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("vring address", len(b), 40, 40)
-        return cls(*_VRING_ADDR.unpack(b))
-
 
 @dataclass(frozen=True, slots=True)
-class MemoryRegion:
+class MemoryRegion(_Fixed):
     """A memory region description (32 bytes; not a message payload by itself)."""
 
+    _STRUCT: ClassVar[struct.Struct] = _REGION
+    _WHAT: ClassVar[str] = "memory region"
     SIZE: ClassVar[int] = 32
 
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
     mmap_offset: int
-
-    def __post_init__(self) -> None:
-        _check_uint("MemoryRegion", "guest_phys_addr", self.guest_phys_addr, 64)
-        _check_uint("MemoryRegion", "memory_size", self.memory_size, 64)
-        _check_uint("MemoryRegion", "userspace_addr", self.userspace_addr, 64)
-        _check_uint("MemoryRegion", "mmap_offset", self.mmap_offset, 64)
-
-    def encode(self) -> bytes:
-        return _REGION.pack(
-            self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-        )
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("memory region", len(b), 32, 32)
-        return cls(*_REGION.unpack(b))
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,91 +542,53 @@ class ConfigSpace:
 
 
 @dataclass(frozen=True, slots=True)
-class Log:
+class Log(_Fixed):
     """Log description: ``u64 mmap_size, u64 mmap_offset`` (16 bytes)."""
 
-    MIN_SIZE: ClassVar[int] = 16
-    MAX_SIZE: ClassVar[int] = 16
+    _STRUCT: ClassVar[struct.Struct] = _LOG
+    _WHAT: ClassVar[str] = "log description"
 
     mmap_size: int
     mmap_offset: int
 
-    def __post_init__(self) -> None:
-        _check_uint("Log", "mmap_size", self.mmap_size, 64)
-        _check_uint("Log", "mmap_offset", self.mmap_offset, 64)
-
-    def encode(self) -> bytes:
-        return _LOG.pack(self.mmap_size, self.mmap_offset)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("log description", len(b), 16, 16)
-        return cls(*_LOG.unpack(b))
-
 
 @dataclass(frozen=True, slots=True)
-class InflightDesc:
+class InflightDesc(_Fixed):
     """Inflight description: ``u64, u64, u16 num_queues, u16 queue_size`` + 4 pad = 24."""
 
-    MIN_SIZE: ClassVar[int] = 24
-    MAX_SIZE: ClassVar[int] = 24
+    _STRUCT: ClassVar[struct.Struct] = _INFLIGHT
+    _WHAT: ClassVar[str] = "inflight description"
 
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
 
-    def __post_init__(self) -> None:
-        _check_uint("InflightDesc", "mmap_size", self.mmap_size, 64)
-        _check_uint("InflightDesc", "mmap_offset", self.mmap_offset, 64)
-        _check_uint("InflightDesc", "num_queues", self.num_queues, 16)
-        _check_uint("InflightDesc", "queue_size", self.queue_size, 16)
-
-    def encode(self) -> bytes:
-        return _INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("inflight description", len(b), 24, 24)
-        return cls(*_INFLIGHT.unpack(b))
-
 
 @dataclass(frozen=True, slots=True)
-class DeviceStateTransfer:
+class DeviceStateTransfer(_Fixed):
     """Device state transfer parameters: ``u32 direction, u32 phase``.
 
     Values are not restricted to the known enums here (the spec expects new
     phases); the session decides what it supports.
     """
 
-    MIN_SIZE: ClassVar[int] = 8
-    MAX_SIZE: ClassVar[int] = 8
+    _STRUCT: ClassVar[struct.Struct] = _U32x2
+    _WHAT: ClassVar[str] = "device state transfer"
 
     direction: int
     phase: int
 
-    def __post_init__(self) -> None:
-        _check_uint("DeviceStateTransfer", "direction", self.direction, 32)
-        _check_uint("DeviceStateTransfer", "phase", self.phase, 32)
-
-    def encode(self) -> bytes:
-        return _U32x2.pack(self.direction, self.phase)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("device state transfer", len(b), 8, 8)
-        return cls(*_U32x2.unpack(b))
-
 
 @dataclass(frozen=True, slots=True)
-class IotlbMsg:
+class IotlbMsg(_Fixed):
     """``struct vhost_iotlb_msg``: ``u64 iova, u64 size, u64 uaddr, u8 perm, u8 type`` + 6 pad.
 
     ``perm`` must be 0..3 and ``msg_type`` 1..4 (spec "An IOTLB message").
     """
 
-    MIN_SIZE: ClassVar[int] = 32
-    MAX_SIZE: ClassVar[int] = 32
+    _STRUCT: ClassVar[struct.Struct] = _IOTLB
+    _WHAT: ClassVar[str] = "iotlb message"
 
     iova: int
     size: int
@@ -654,43 +597,23 @@ class IotlbMsg:
     msg_type: int
 
     def __post_init__(self) -> None:
-        _check_uint("IotlbMsg", "iova", self.iova, 64)
-        _check_uint("IotlbMsg", "size", self.size, 64)
-        _check_uint("IotlbMsg", "uaddr", self.uaddr, 64)
-        _check_uint("IotlbMsg", "perm", self.perm, 8)
-        _check_uint("IotlbMsg", "msg_type", self.msg_type, 8)
+        _Fixed.__post_init__(self)
         if self.perm > IotlbPerm.READ_WRITE:
             raise LocalProtocolError("bad-field", f"IotlbMsg.perm={self.perm} not in 0..3")
         if not IotlbType.MISS <= self.msg_type <= IotlbType.ACCESS_FAIL:
             raise LocalProtocolError("bad-field", f"IotlbMsg.msg_type={self.msg_type} not in 1..4")
 
-    def encode(self) -> bytes:
-        return _IOTLB.pack(self.iova, self.size, self.uaddr, self.perm, self.msg_type)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("iotlb message", len(b), 32, 32)
-        try:
-            return cls(*_IOTLB.unpack(b))
-        except LocalProtocolError as exc:
-            raise _field_error(exc) from None
-
 
 @dataclass(frozen=True, slots=True)
-class VringArea:
+class VringArea(_Fixed):
     """Vring area description: ``u64 (index | NOFD), u64 size, u64 offset`` (24 bytes)."""
 
-    MIN_SIZE: ClassVar[int] = 24
-    MAX_SIZE: ClassVar[int] = 24
+    _STRUCT: ClassVar[struct.Struct] = _VRING_AREA
+    _WHAT: ClassVar[str] = "vring area"
 
     u64: int
     size: int
     offset: int
-
-    def __post_init__(self) -> None:
-        _check_uint("VringArea", "u64", self.u64, 64)
-        _check_uint("VringArea", "size", self.size, 64)
-        _check_uint("VringArea", "offset", self.offset, 64)
 
     @property
     def index(self) -> int:
@@ -699,14 +622,6 @@ class VringArea:
     @property
     def nofd(self) -> bool:
         return bool(self.u64 & VRING_NOFD_MASK)
-
-    def encode(self) -> bytes:
-        return _VRING_AREA.pack(self.u64, self.size, self.offset)
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("vring area", len(b), 24, 24)
-        return cls(*_VRING_AREA.unpack(b))
 
 
 @dataclass(frozen=True, slots=True)
@@ -790,34 +705,17 @@ class ShmemConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ShmemMap:
+class ShmemMap(_Fixed):
     """``VhostUserMMap``: ``u8 shmid, 7 pad, u64 fd_offset, shm_offset, len, flags`` (40)."""
 
-    MIN_SIZE: ClassVar[int] = 40
-    MAX_SIZE: ClassVar[int] = 40
+    _STRUCT: ClassVar[struct.Struct] = _SHMEM_MAP
+    _WHAT: ClassVar[str] = "shmem map"
 
     shmid: int
     fd_offset: int
     shm_offset: int
     length: int
     flags: int
-
-    def __post_init__(self) -> None:
-        _check_uint("ShmemMap", "shmid", self.shmid, 8)
-        _check_uint("ShmemMap", "fd_offset", self.fd_offset, 64)
-        _check_uint("ShmemMap", "shm_offset", self.shm_offset, 64)
-        _check_uint("ShmemMap", "length", self.length, 64)
-        _check_uint("ShmemMap", "flags", self.flags, 64)
-
-    def encode(self) -> bytes:
-        return _SHMEM_MAP.pack(
-            self.shmid, self.fd_offset, self.shm_offset, self.length, self.flags
-        )
-
-    @classmethod
-    def decode(cls, b: bytes) -> Self:
-        _check_size("shmem map", len(b), 40, 40)
-        return cls(*_SHMEM_MAP.unpack(b))
 
 
 @dataclass(frozen=True, slots=True)

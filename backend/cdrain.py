@@ -1,10 +1,12 @@
-"""The request-queue drain in C (``ring_drain.c``), built on first use and loaded through cffi.
+"""The C data plane (``ring_drain.c``, ``kick_lane.c``), built on first use and loaded through cffi.
 
 The pure-Python :func:`vhost_user_cpufreq.protocol.requests.drain` is the
 reference and the fallback; this module runs the same drain in C when it can
 and returns the same :class:`~vhost_user_cpufreq.protocol.requests.Drained`.
 
-Build: the C file is compiled with the system's C compiler into a shared
+The same library holds the kick lane (``backend/lane.py``).
+
+Build: the C files are compiled with the system's C compiler into a shared
 library (no Python headers needed: cffi's ABI mode loads it), named after a
 hash of its source, in the first writable cache directory of
 ``$VUC_CACHE_DIR``, ``$CACHE_DIRECTORY`` (systemd's ``CacheDirectory=``),
@@ -13,7 +15,8 @@ A library already there is reused, so a service whose file system is read
 only can run one built at install time (``vhost-user-cpufreq check`` builds
 it).  Choice: ``VUC_DATAPLANE=c`` demands C (start fails without it),
 ``python`` forces the reference, ``auto`` (the default) uses C when it loads
-and says so once in the log when it does not.
+and says so once in the log when it does not.  ``VUC_KICK_LANE=0`` keeps the
+C drain but serves every kick on the event loop (the lane is on by default).
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, REASONS, Dra
 from vhost_user_cpufreq.protocol.requests import drain as reference_drain
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
-__all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "SOURCE"]
+__all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "SOURCES", "ffi"]
 
 log = logging.getLogger("vhost_user_cpufreq.dataplane")
 
-SOURCE = Path(__file__).with_name("ring_drain.c")
-_CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "ring_drain.c", _HERE / "kick_lane.c")
+_HEADERS = (_HERE / "vuc.h",)
+_CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror")
 _RECORD = abi.RECORD_SIZE
 
 _ffi = cffi.FFI()
@@ -61,8 +66,66 @@ _ffi.cdef(
     uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_vcpus,
                        uint32_t perf_request, void *entries, uint8_t *records,
                        uint32_t *rejects, uint8_t *scratch, vuc_result *res);
+
+    /* kick_lane.c */
+    typedef struct { int32_t vcpu; int32_t value; int32_t reason; } vuc_change;
+    typedef struct { int32_t vcpu, pcpu_cap, vcpu_cap, pad; int64_t max_khz; } vuc_placement;
+    typedef struct vuc_engine vuc_engine;
+    vuc_engine *vuc_engine_new(void);
+    void vuc_engine_free(vuc_engine *e);
+    int vuc_engine_configure(vuc_engine *e, uint32_t n, const vuc_placement *p, int32_t floor, int32_t ceiling,
+                             int32_t hysteresis, double min_interval, double stale_after, double headroom);
+    void vuc_engine_set_thread(vuc_engine *e, int32_t vcpu, int32_t tid);
+    void vuc_engine_set_actuation(vuc_engine *e, int32_t actuate);
+    uint32_t vuc_engine_record(vuc_engine *e, int32_t vcpu, int32_t util, int64_t perf, double now,
+                               vuc_change *out);
+    uint32_t vuc_engine_tick(vuc_engine *e, double now, vuc_change *out);
+    int vuc_engine_next_deadline(vuc_engine *e, double *due);
+    uint32_t vuc_engine_release_all(vuc_engine *e, vuc_change *out);
+    void vuc_engine_applied(vuc_engine *e, int32_t *out);
+
+    typedef struct { uint16_t kind, reason; uint32_t head, seq, mask; uint16_t nbad, ntotal; int32_t err; } vuc_event;
+    typedef struct { uint32_t util, perf_khz; double updated; uint64_t mark; uint32_t fresh, pad; } vuc_vstate;
+    typedef struct {
+        vuc_queue *q;
+        uint8_t *entries, *records, *scratch;
+        uint32_t *rejects;
+        vuc_engine *engine;
+        uint64_t *stamps;
+        vuc_vstate *vs;
+        int32_t kick_fd, call_fd;
+        uint32_t budget, num_vcpus, perf_request, event_idx, max_ahead;
+        double batch_delay;
+        double bounds[13];
+        uint64_t cursor;
+        int32_t signalled;
+        int32_t seq_has, off_has;
+        uint32_t seq_last;
+        int64_t min_off, last_age;
+        uint64_t seq_lost, seq_stale;
+        uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped;
+        uint64_t rejected[19];
+        uint64_t clamps_applied, clamps_recorded, clamp_failed;
+        uint64_t k2d[14];
+        double k2d_sum;
+        vuc_event ev[64];
+        uint32_t ev_head, ev_tail;
+        uint64_t ev_dropped;
+        double rate, last_drain, deadline;
+        int32_t has_last, again, uclamp_refused, id;
+    } vuc_slot;
+    typedef struct vuc_lane vuc_lane;
+    vuc_lane *vuc_lane_new(int notice_fd);
+    void vuc_lane_free(vuc_lane *l);
+    int vuc_lane_attach(vuc_lane *l, vuc_slot *s);
+    void vuc_lane_detach(vuc_lane *l, vuc_slot *s);
+    void vuc_lane_set_call(vuc_lane *l, vuc_slot *s, int fd);
+    uint32_t vuc_lane_events(vuc_lane *l, vuc_slot *s, vuc_event *out, uint32_t max);
+    void vuc_lane_snapshot(vuc_lane *l, const vuc_slot *s, vuc_slot *out);
+    int vuc_lane_abi(void);
     """
 )
+ffi = _ffi
 
 
 def _cache_dirs() -> list[Path]:
@@ -77,8 +140,11 @@ def _cache_dirs() -> list[Path]:
 
 
 def _library_name() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + platform.machine().encode())
-    return f"ring_drain-{h.hexdigest()[:16]}.so"
+    h = hashlib.sha256()
+    for f in (*SOURCES, *_HEADERS):
+        h.update(f.read_bytes())
+    h.update(" ".join(_CFLAGS).encode() + platform.machine().encode())
+    return f"dataplane-{h.hexdigest()[:16]}.so"
 
 
 def build_library(compiler: str | None = None) -> Path:
@@ -105,12 +171,12 @@ def build_library(compiler: str | None = None) -> Path:
             continue
         try:
             try:
-                res = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                     timeout=120)
+                res = subprocess.run([cc, *_CFLAGS, "-I", str(_HERE), "-o", tmp, *map(str, SOURCES), "-lm"],
+                                     capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from None
             if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed building {SOURCE.name}: {res.stderr.strip()[:2000]}")
+                raise RuntimeError(f"{cc} failed building the C data plane: {res.stderr.strip()[:2000]}")
             os.replace(tmp, d / name)  # atomic: concurrent builders each install a whole file
             return d / name
         finally:
@@ -126,6 +192,7 @@ class DataPlane:
     kind: str  # "c" or "python"
     detail: str
     lib: Any = None
+    lane: bool = False  # request queues may be served by the C kick lane (backend/lane.py)
 
     def drainer(self, queue: DeviceQueue, budget: int) -> Callable[..., Drained]:
         """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``."""
@@ -160,7 +227,8 @@ def dataplane(refresh: bool = False) -> DataPlane:
         _selected = DataPlane("python", f"pure Python: {exc}")
         log.warning("data plane degraded to the pure-Python reference: %s", exc)
         return _selected
-    _selected = DataPlane("c", f"C ({path})", lib)
+    lane = os.environ.get("VUC_KICK_LANE", "1") not in ("0", "off", "no")
+    _selected = DataPlane("c", f"C ({path})" + ("" if lane else ", kick lane off (VUC_KICK_LANE=0)"), lib, lane)
     return _selected
 
 
@@ -168,6 +236,9 @@ def _check_abi(lib: Any) -> None:
     want = ENTRY.size << 16 | _ffi.sizeof("vuc_queue") << 8 | _ffi.sizeof("vuc_region")
     if lib.vuc_abi_sizes() != want:
         raise RuntimeError(f"C data plane layout {lib.vuc_abi_sizes():#x} does not match {want:#x}")
+    want = _ffi.sizeof("vuc_slot") << 16 | _ffi.sizeof("vuc_event") << 8 | _ffi.sizeof("vuc_change")
+    if lib.vuc_lane_abi() != want:
+        raise RuntimeError(f"C kick lane layout {lib.vuc_lane_abi():#x} does not match {want:#x}")
     for code, name in enumerate(REASONS):
         got = lib.vuc_reason_name(code)
         if got == _ffi.NULL or _ffi.string(got).decode() != name:

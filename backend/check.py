@@ -52,7 +52,8 @@ def _dataplane() -> Finding:
     except RuntimeError as exc:  # VUC_DATAPLANE=c and no C
         return Finding("dataplane", "degraded", str(exc))
     if dp.kind == "c":
-        return Finding("dataplane", "ok", f"request queue drained in {dp.detail}")
+        how = "kicks served by the C kick lane" if dp.lane else "kicks served on the event loop"
+        return Finding("dataplane", "ok", f"request queue drained in {dp.detail}; {how}")
     return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
 
 

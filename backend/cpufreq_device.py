@@ -11,10 +11,17 @@ valid or not, with used length 0.  Then it tracks sequence numbers (loss,
 duplicates, staleness) and batch age, counts every rejection by reason (and
 logs them within a budget, so a hostile guest cannot flood the journal), and
 hands the drain's valid records to the policy in one call.
+
+Offload: when the C data plane is loaded and the policy can give a C clamp
+engine for the VM (``lane_binding``), a started request queue is served by
+the kick lane instead (backend/lane.py): the same drain, bookkeeping and
+decision, made in a C thread.  The device then only logs the rejections the
+lane reports and reads the per-vCPU state from it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ from .cdrain import DataPlane, dataplane
 from .counters import Counters
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
+from .lane import EV_BUFFER, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
 from .policy import Policy
 from .ratelimit import LogBudget
 
@@ -122,7 +130,8 @@ class CpufreqDevice:
         )
         self._acked = 0
         self._host: DeviceHost | None = None
-        self.vcpus = [VcpuState() for _ in vcpu_host_domain]
+        self._vcpus = [VcpuState() for _ in vcpu_host_domain]
+        self._lane_slot: LaneSlot | None = None
         self.seq = SeqTracker()
         self.mirror_threshold = mirror_threshold
         self._host_domains: list[object] = []
@@ -136,6 +145,13 @@ class CpufreqDevice:
         self._deliver: Callable[[list[tuple[int, int, int]], float], None] = (
             (lambda recs, now: batch(vm, recs, self.config, now)) if batch is not None else self._deliver_each
         )
+
+    @property
+    def vcpus(self) -> list[VcpuState]:
+        """Each vCPU's last request (read from the lane while it serves the queue)."""
+        if self._lane_slot is not None:
+            return [VcpuState(u, p, t) for u, p, t in self._lane_slot.vcpu_states()]
+        return self._vcpus
 
     # -- config space ------------------------------------------------------------
     def _build_config(self, snap: HostSnapshot, vcpu_host_domain: Sequence[int], generation: int) -> abi.DeviceConfig:
@@ -218,8 +234,8 @@ class CpufreqDevice:
         self._drain = drain_requests
 
     def _release(self) -> None:
-        if any(st.updated is not None for st in self.vcpus):
-            self.vcpus = [VcpuState() for _ in self.vcpus]
+        if any(st.updated is not None for st in self._vcpus):
+            self._vcpus = [VcpuState() for _ in self._vcpus]
             self.policy.on_vm_reset(self.vm)
 
     def reset(self) -> None:
@@ -239,7 +255,7 @@ class CpufreqDevice:
         if self._drain_queue is not queue:
             self._drain_queue = queue
             self._drain = self._dataplane.drainer(queue, self.work_budget)
-        d = self._drain(queue, self.work_budget, num_vcpus=len(self.vcpus), perf_request=self.perf_request)
+        d = self._drain(queue, self.work_budget, num_vcpus=len(self._vcpus), perf_request=self.perf_request)
         if d.entries:
             self._account(d)
             if self._host is not None and d.returned:
@@ -286,7 +302,7 @@ class CpufreqDevice:
         if accepted:
             self._deliver(accepted, now)  # first: the host acts sooner; bookkeeping can wait
             counters.inc("records", n=len(accepted))
-            vcpus = self.vcpus
+            vcpus = self._vcpus
             for v, u, p in accepted:
                 st = vcpus[v]
                 st.util = u
@@ -296,6 +312,57 @@ class CpufreqDevice:
             counters.inc("lost_batches", n=lost)
         if batches:
             counters.inc("batches", n=batches)
+
+    # -- the kick lane ----------------------------------------------------------
+    def offload(self, index: int, queue: DeviceQueue, kick_fd: int, call_fd: int | None,
+                batch_delay: float) -> "_LaneOffload | None":
+        """Serve the request queue from the C kick lane, if the data plane and the policy can."""
+        if self._dataplane.lib is None or not self._dataplane.lane:
+            return None
+        get = getattr(self.policy, "lane_binding", None)
+        binding = get(self.vm, lambda: self._policy_changed(index)) if get is not None else None
+        if binding is None:
+            return None
+        try:
+            lane = lane_for(self._dataplane.lib, asyncio.get_running_loop())
+            slot = LaneSlot(lane, queue, kick_fd=kick_fd, call_fd=call_fd, budget=self.work_budget,
+                            num_vcpus=len(self._vcpus), perf_request=self.perf_request, batch_delay=batch_delay,
+                            binding=binding, seq=self.seq, vcpus=self._vcpus, counters=self.counters,
+                            on_event=self._on_lane_event)
+        except (OSError, ValueError) as exc:
+            self.log.warning("request queue stays on the event loop: %s", exc)
+            return None
+        self._lane_slot = slot
+        self.log.debug("request queue served by the kick lane")
+        return _LaneOffload(self, slot)
+
+    def _policy_changed(self, index: int) -> None:
+        if self._host is not None and self._lane_slot is not None:
+            self._host.refresh_offload(index)
+
+    def _lane_detached(self, slot: LaneSlot) -> None:
+        self._vcpus = [VcpuState(u, p, t) for u, p, t in slot.vcpu_states()]
+        if self._lane_slot is slot:
+            self._lane_slot = None
+
+    def _on_lane_event(self, kind: int, reason: int, head: int, seq: int, mask: int, nbad: int, ntotal: int,
+                       err: int) -> None:
+        """Log what the lane rejected (it counted it already), within the log budget."""
+        if kind < 0:  # the lane's event queue overflowed: those are counted, not logged
+            self._log_budget.suppressed += nbad
+            return
+        if not self._may_log():
+            return
+        if kind in (EV_RING, EV_BUFFER):
+            name = REASONS[reason]
+            where = "the ring" if kind == EV_RING else f"buffer {head}"
+            self.log.warning("rejected %s: %s (%s)", where, name, EXPLAIN[name])
+        elif kind == EV_RECORDS:
+            names = [REASONS[c] for c in range(len(REASONS)) if mask >> c & 1]
+            self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", nbad, ntotal, seq,
+                             "; ".join(f"{n} ({EXPLAIN[n]})" for n in names))
+        elif kind == EV_STALE:
+            self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, err & 0xFFFFFFFF)
 
     def _may_log(self) -> bool:
         ok = self._log_budget.allow(self._clock())
@@ -308,3 +375,18 @@ class CpufreqDevice:
         cfg = self.config
         for r in records:
             self.policy.on_record(self.vm, Record(*r), cfg.domain_of(r[0]), now)
+
+
+class _LaneOffload:
+    """The session's handle on a request queue the lane serves."""
+
+    def __init__(self, device: CpufreqDevice, slot: LaneSlot) -> None:
+        self._device = device
+        self._slot = slot
+
+    def set_call(self, fd: int | None) -> None:
+        self._slot.set_call(fd)
+
+    def detach(self) -> None:
+        self._slot.detach()
+        self._device._lane_detached(self._slot)

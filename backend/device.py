@@ -5,6 +5,11 @@ owns rings and eventfds; it knows nothing about cpufreq.  A device is this
 small interface, after rust-vmm's ``VhostUserBackend`` trait: the session
 calls it only for enabled, started rings, and the kick's queue index is the
 only event it sees.
+
+A device may also serve a ring itself, off the event loop: if it has
+``offload(index, queue, kick_fd, call_fd, batch_delay)`` and that returns an
+:class:`Offload`, the session stops reading the kick fd and calls
+``detach()`` before it changes the ring, its memory or its kick fd.
 """
 
 from __future__ import annotations
@@ -13,7 +18,19 @@ from typing import Protocol
 
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
-__all__ = ["VirtioDevice", "DeviceHost"]
+__all__ = ["VirtioDevice", "DeviceHost", "Offload"]
+
+
+class Offload(Protocol):
+    """A ring served outside the event loop (the C kick lane)."""
+
+    def set_call(self, fd: int | None) -> None:
+        """The ring's call fd changed (the old one is closed after this returns)."""
+        ...
+
+    def detach(self) -> None:
+        """Give the ring back: cursor and state into its DeviceQueue; the kick fd is not read any more."""
+        ...
 
 
 class DeviceHost(Protocol):
@@ -25,6 +42,10 @@ class DeviceHost(Protocol):
 
     def signal_used(self, index: int) -> None:
         """Publish used entries of queue ``index`` and interrupt the guest if it asked."""
+        ...
+
+    def refresh_offload(self, index: int) -> None:
+        """Ask the device again whether it serves ring ``index`` itself (its policy changed)."""
         ...
 
 

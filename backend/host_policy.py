@@ -6,12 +6,20 @@ ids found for the connected QEMU, and one timer armed at the engine's next
 deadline (deferred values and stale-hint decay).  Attaching a VM pins each
 vCPU thread to its planned pCPU; detaching releases the clamps and gives every
 thread back its original affinity and clamps.
+
+With the C data plane the engine is a :class:`~.lane.CClampEngine`, and
+:meth:`HostPolicy.lane_binding` lets the device hand the VM's request queue
+to the kick lane, which then decides and clamps in C (per-thread clamps only:
+a VM clamped through cgroups stays on the event loop).  The engine object
+outlives rebinding (it is reconfigured in place), so the lane never holds a
+stale one; a change of clamp mechanism tells the device to ask again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -21,7 +29,9 @@ from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
 from pathlib import Path
 
 from .actuators import CgroupClampActuator, ThreadActuator
+from .cdrain import dataplane
 from .engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits, domain_clamps
+from .lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
 from .policy import Decision, schedutil_khz
 
 __all__ = ["HostPolicy", "VmBinding"]
@@ -32,13 +42,14 @@ log = logging.getLogger("vhost_user_cpufreq.policy")
 @dataclass
 class VmBinding:
     vm: str
-    engine: ClampEngine
+    engine: ClampEngine | CClampEngine
     tids: dict[int, int] = field(default_factory=dict)  # vCPU -> thread id
     timer: asyncio.TimerHandle | None = None
     latest: dict[int, Decision] = field(default_factory=dict)
     #: cgroup v2 path template: "{vcpu}" for one cgroup per vCPU (libvirt), "{domain}"
     #: for one per frequency domain (the domain's clamp is the max of its vCPUs')
     cgroup: str | None = None
+    on_change: Callable[[], None] | None = None  # the lane's holder, told when the binding changes
 
 
 class HostPolicy:
@@ -49,24 +60,67 @@ class HostPolicy:
         config: EngineConfig = EngineConfig(),
         clock: Callable[[], float] = time.monotonic,
         cgroups: CgroupClampActuator | None = None,
+        c_engine: bool | None = None,
     ) -> None:
         self.actuator = actuator
         self.cgroups = cgroups or CgroupClampActuator(actuator.counters, dry_run=actuator.dry_run)
         self.config = config
         self.clock = clock
         self.vms: dict[str, VmBinding] = {}
+        #: the C library for C engines (None: engine.py's ClampEngine); by default when the lane can run
+        dp = dataplane() if c_engine is not False else None
+        self._lib = dp.lib if dp is not None and (c_engine or dp.lane) else None
 
     # -- VM lifecycle ------------------------------------------------------------------
     def bind(self, vm: str, placements: Sequence[VcpuPlacement], limits: VmLimits,
              cgroup: str | None = None) -> VmBinding:
         """Set up (or replace) the engine of a VM; threads come with :meth:`attach_threads`."""
         old = self.vms.get(vm)
-        b = VmBinding(vm, ClampEngine(placements, limits, self.config), cgroup=cgroup)
+        engine: ClampEngine | CClampEngine
+        if old is not None and isinstance(old.engine, CClampEngine):
+            engine = old.engine  # the lane may hold it: start it afresh in place
+            engine.configure(placements, limits, self.config)
+        elif self._lib is not None:
+            engine = CClampEngine(self._lib, placements, limits, self.config)
+        else:
+            engine = ClampEngine(placements, limits, self.config)
+        b = VmBinding(vm, engine, cgroup=cgroup)
         if old is not None:
             b.tids = old.tids
+            b.on_change = old.on_change
             self._cancel(old)
         self.vms[vm] = b
+        self._lane_threads(b)
+        if old is not None and b.on_change is not None and (old.cgroup is None) != (cgroup is None):
+            b.on_change()  # per-thread <-> cgroup: the lane takes or leaves the VM
         return b
+
+    def lane_binding(self, vm: str, on_change: Callable[[], None]) -> LaneBinding | None:
+        """What the kick lane needs to decide for ``vm`` in C, or None if it cannot."""
+        b = self.vms.get(vm)
+        if b is None or b.cgroup is not None or not isinstance(b.engine, CClampEngine):
+            return None
+        b.on_change = on_change
+        return LaneBinding(b.engine, self.actuator.counters, self._lane_clamp_event, self.lane_stamps(vm))
+
+    def lane_stamps(self, vm: str) -> object:
+        """A buffer where the lane stamps each decision (16 bytes per vCPU), or None (the bench's hook)."""
+        return None
+
+    def _lane_threads(self, b: VmBinding) -> None:
+        """The C engine clamps the threads the actuator has remembered (so it can restore them)."""
+        if isinstance(b.engine, CClampEngine):
+            b.engine.set_threads({v: t for v, t in b.tids.items() if t in self.actuator.originals})
+            b.engine.set_actuation(self.actuator.degraded is None)
+
+    def _lane_clamp_event(self, kind: int, tid: int, err: int) -> None:
+        if kind == EV_UCLAMP_REFUSED:
+            self.actuator.degraded = f"kernel refused util clamps: {os.strerror(err)}"
+            log.warning("util clamps unavailable, recording instead: %s", os.strerror(err))
+            for b in self.vms.values():
+                self._lane_threads(b)
+        else:
+            log.warning("could not clamp thread %d: %s", tid, os.strerror(err))
 
     def attach_threads(self, vm: str, tids: dict[int, int]) -> None:
         """Pin each known vCPU thread to its pCPU (thread ids already verified)."""
@@ -76,12 +130,19 @@ class HostPolicy:
         b.tids = {v: t for v, t in tids.items() if v in known}
         pinned = sum(self.actuator.pin(tid, b.engine.placement(v).pcpu) for v, tid in b.tids.items())
         log.info("[%s] pinned %d of %d vCPU threads", vm, pinned, len(b.tids))
+        self._lane_threads(b)
 
     def detach(self, vm: str) -> None:
         """The VM's QEMU went away: no boost stays, every thread gets its original state."""
         b = self.vms.get(vm)
         if b is None:
             return
+        if isinstance(b.engine, CClampEngine):
+            b.engine.set_threads({})  # the lane stops clamping before the threads are restored
+            for v, applied in b.engine.vcpus.items():
+                tid = b.tids.get(v)
+                if tid is not None and applied is not None:
+                    self.actuator.clamps.setdefault(tid, applied)  # restore() puts the original clamp back
         self._apply(b, b.engine.release_all())
         for tid in b.tids.values():
             self.actuator.restore(tid)

@@ -141,7 +141,7 @@ class DaemonCollector:
             PREFIX + "kick_to_decision_seconds",
             "Time from reading a guest kick to every record of it decided on.", labels=["vm"])
         for vm, s in slots:
-            h = s.counters.histograms.get("kick_to_decision_seconds")
+            h = s.counters.histogram("kick_to_decision_seconds")
             cum = h.cumulative() if h is not None else [(b, 0) for b in (*LATENCY_BUCKETS, float("inf"))]
             # The count comes from the +Inf bucket, so buckets and count always agree in one scrape.
             hist.add_metric([vm], [(_le(b), n) for b, n in cum], h.sum if h is not None else 0.0)

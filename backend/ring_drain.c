@@ -22,50 +22,11 @@
  * stores, and Python stores used.idx afterwards (x86 keeps store order; the
  * release fence below covers weaker machines).
  */
-#include <stddef.h>
-#include <stdint.h>
 #include <string.h>
 
-#define VIRTQ_DESC_F_NEXT 1u
-#define VIRTQ_DESC_F_WRITE 2u
-#define VIRTQ_DESC_F_INDIRECT 4u
-#define DESC_SIZE 16u
-#define MAX_INDIRECT_DESCS 32768u
+#include "vuc.h"
 
-#define BATCH_HEADER_SIZE 16u
-#define RECORD_SIZE 8u
-#define MAX_RECORDS 256u
-#define MAX_BATCH_BYTES (BATCH_HEADER_SIZE + MAX_RECORDS * RECORD_SIZE)
-#define BATCH_F_RESYNC 1u
-#define UTIL_SCALE 1024u
-#define DESCRIPTORS_PER_UNIT 8u
-#define NO_HEAD 0xFFFFFFFFu
-
-/* Must match protocol/requests.py REASONS, index for index (a test checks). */
-enum reason {
-    R_OK,
-    R_AVAIL_INDEX_JUMP,
-    R_BAD_HEAD,
-    R_ADDRESS_OUT_OF_RANGE,
-    R_DESCRIPTOR_LOOP,
-    R_INDIRECT_NOT_NEGOTIATED,
-    R_INDIRECT_WITH_NEXT,
-    R_BAD_INDIRECT_LENGTH,
-    R_CHAIN_TOO_LONG,
-    R_READABLE_AFTER_WRITABLE,
-    R_NEXT_OUT_OF_RANGE,
-    R_NESTED_INDIRECT,
-    R_SHORT_BATCH,
-    R_BAD_BATCH_FLAGS,
-    R_BAD_RECORD_COUNT,
-    R_BAD_BATCH_SIZE,
-    R_BAD_VCPU,
-    R_BAD_UTIL,
-    R_PERF_NOT_NEGOTIATED,
-    R_COUNT
-};
-
-static const char *const reason_names[R_COUNT] = {
+static const char *const reason_names[REASON_COUNT] = {
     "ok", "avail-index-jump", "bad-head", "address-out-of-range", "descriptor-loop",
     "indirect-not-negotiated", "indirect-with-next", "bad-indirect-length", "chain-too-long",
     "readable-after-writable", "next-out-of-range", "nested-indirect", "short-batch",
@@ -73,54 +34,8 @@ static const char *const reason_names[R_COUNT] = {
     "perf-not-negotiated",
 };
 
-typedef struct {
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *host;
-} vuc_region;
-
-typedef struct {
-    uint8_t *desc;
-    uint16_t *avail;
-    uint8_t *used;
-    uint32_t size;
-    uint32_t indirect;
-    uint32_t max_chain_bytes;
-    uint32_t max_indirect;
-    uint32_t num_vcpus;
-    uint32_t perf_request;
-    const vuc_region *regions;
-    uint32_t nregions;
-    /* The cursor, shared with DeviceQueue: passed in and returned packed by vuc_drain. */
-    uint32_t last_avail;
-    uint32_t avail_shadow;
-    uint32_t used_idx;
-    uint32_t broken;
-} vuc_queue;
-
-/* 24 bytes, struct "<IHHIHHQ" on the Python side. */
-typedef struct {
-    uint32_t head;
-    uint16_t status;
-    uint16_t nvalid;
-    uint32_t seq;
-    uint16_t flags;
-    uint16_t ntotal;
-    uint64_t ts;
-} vuc_entry;
-
-typedef struct {
-    uint32_t entries;
-    uint32_t records;
-    uint32_t rejects;
-    uint32_t descriptors;
-    uint32_t spent;
-    uint32_t more;
-    uint32_t returned;
-} vuc_result;
-
 const char *vuc_reason_name(int code) {
-    return (code >= 0 && code < R_COUNT) ? reason_names[code] : NULL;
+    return (code >= 0 && code < REASON_COUNT) ? reason_names[code] : NULL;
 }
 
 int vuc_abi_sizes(void) {
@@ -176,34 +91,34 @@ static void gather(walk *w, const uint8_t *src, uint32_t len) {
     }
 }
 
-/* One direct or indirect descriptor's data part; returns a reason or R_OK. */
+/* One direct or indirect descriptor's data part; returns a reason or REASON_OK. */
 static int take(const vuc_queue *q, walk *w, uint64_t addr, uint32_t len, uint16_t flags) {
     if (w->rlen + w->wlen + len > q->max_chain_bytes)
-        return R_CHAIN_TOO_LONG;
+        return REASON_CHAIN_TOO_LONG;
     if (flags & VIRTQ_DESC_F_WRITE) {
         w->seen_writable = 1;
         if (len && !translate(q, addr, len))
-            return R_ADDRESS_OUT_OF_RANGE;
+            return REASON_ADDRESS_OUT_OF_RANGE;
         w->wlen += len;
     } else {
         if (w->seen_writable)
-            return R_READABLE_AFTER_WRITABLE;
+            return REASON_READABLE_AFTER_WRITABLE;
         if (len) {
             const uint8_t *src = translate(q, addr, len);
             if (!src)
-                return R_ADDRESS_OUT_OF_RANGE;
+                return REASON_ADDRESS_OUT_OF_RANGE;
             gather(w, src, len);
         }
         w->rlen += len;
     }
-    return R_OK;
+    return REASON_OK;
 }
 
 static int walk_indirect(const vuc_queue *q, walk *w, const uint8_t *table, uint32_t n) {
     uint32_t idx = 0, count = 0;
     for (;;) {
         if (count == n)
-            return R_DESCRIPTOR_LOOP;
+            return REASON_DESCRIPTOR_LOOP;
         count++;
         w->count++;
         const uint8_t *d = table + (size_t)DESC_SIZE * idx;
@@ -212,14 +127,14 @@ static int walk_indirect(const vuc_queue *q, walk *w, const uint8_t *table, uint
         uint16_t flags = load16(d + 12);
         uint16_t next = load16(d + 14);
         if (flags & VIRTQ_DESC_F_INDIRECT)
-            return R_NESTED_INDIRECT;
+            return REASON_NESTED_INDIRECT;
         int r = take(q, w, addr, len, flags);
         if (r)
             return r;
         if (!(flags & VIRTQ_DESC_F_NEXT))
-            return R_OK;
+            return REASON_OK;
         if (next >= n)
-            return R_NEXT_OUT_OF_RANGE;
+            return REASON_NEXT_OUT_OF_RANGE;
         idx = next;
     }
 }
@@ -228,7 +143,7 @@ static int walk_chain(const vuc_queue *q, walk *w, uint32_t head) {
     uint32_t idx = head;
     for (;;) {
         if (w->count == q->size)
-            return R_DESCRIPTOR_LOOP;
+            return REASON_DESCRIPTOR_LOOP;
         w->count++;
         const uint8_t *d = q->desc + (size_t)DESC_SIZE * idx;
         uint64_t addr = load64(d);
@@ -237,25 +152,25 @@ static int walk_chain(const vuc_queue *q, walk *w, uint32_t head) {
         uint16_t next = load16(d + 14);
         if (flags & VIRTQ_DESC_F_INDIRECT) {
             if (!q->indirect)
-                return R_INDIRECT_NOT_NEGOTIATED;
+                return REASON_INDIRECT_NOT_NEGOTIATED;
             if (flags & VIRTQ_DESC_F_NEXT)
-                return R_INDIRECT_WITH_NEXT;
+                return REASON_INDIRECT_WITH_NEXT;
             if (len == 0 || len % DESC_SIZE || len > DESC_SIZE * MAX_INDIRECT_DESCS)
-                return R_BAD_INDIRECT_LENGTH;
+                return REASON_BAD_INDIRECT_LENGTH;
             if (len > (uint64_t)DESC_SIZE * q->max_indirect)
-                return R_CHAIN_TOO_LONG;
+                return REASON_CHAIN_TOO_LONG;
             const uint8_t *table = translate(q, addr, len);
             if (!table)
-                return R_ADDRESS_OUT_OF_RANGE;
+                return REASON_ADDRESS_OUT_OF_RANGE;
             return walk_indirect(q, w, table, len / DESC_SIZE);
         }
         int r = take(q, w, addr, len, flags);
         if (r)
             return r;
         if (!(flags & VIRTQ_DESC_F_NEXT))
-            return R_OK;
+            return REASON_OK;
         if (next >= q->size)
-            return R_NEXT_OUT_OF_RANGE;
+            return REASON_NEXT_OUT_OF_RANGE;
         idx = next;
     }
 }
@@ -272,22 +187,22 @@ static void push_used(vuc_queue *q, uint32_t head) {
 static uint32_t decode(const vuc_queue *q, const walk *w, vuc_entry *e, uint32_t entry_index,
                        uint8_t *records, uint32_t *nrec, uint32_t *rejects, uint32_t *nrej) {
     if (w->rlen < BATCH_HEADER_SIZE) {
-        e->status = R_SHORT_BATCH;
+        e->status = REASON_SHORT_BATCH;
         return 1;
     }
     uint32_t seq = load32(w->buf);
     uint16_t n = load16(w->buf + 4);
     uint16_t flags = load16(w->buf + 6);
     if (flags & ~BATCH_F_RESYNC) {
-        e->status = R_BAD_BATCH_FLAGS;
+        e->status = REASON_BAD_BATCH_FLAGS;
         return 1;
     }
     if (n < 1 || n > MAX_RECORDS) {
-        e->status = R_BAD_RECORD_COUNT;
+        e->status = REASON_BAD_RECORD_COUNT;
         return 1;
     }
     if (w->rlen != BATCH_HEADER_SIZE + (uint64_t)n * RECORD_SIZE) {
-        e->status = R_BAD_BATCH_SIZE;
+        e->status = REASON_BAD_BATCH_SIZE;
         return 1;
     }
     e->seq = seq;
@@ -299,13 +214,13 @@ static uint32_t decode(const vuc_queue *q, const walk *w, vuc_entry *e, uint32_t
         const uint8_t *r = w->buf + BATCH_HEADER_SIZE + RECORD_SIZE * i;
         uint16_t vcpu = load16(r), util = load16(r + 2);
         uint32_t perf = load32(r + 4);
-        int why = R_OK;
+        int why = REASON_OK;
         if (vcpu >= q->num_vcpus)
-            why = R_BAD_VCPU;
+            why = REASON_BAD_VCPU;
         else if (util > UTIL_SCALE)
-            why = R_BAD_UTIL;
+            why = REASON_BAD_UTIL;
         else if (perf && !q->perf_request)
-            why = R_PERF_NOT_NEGOTIATED;
+            why = REASON_PERF_NOT_NEGOTIATED;
         if (why) {
             rejects[(*nrej)++] = entry_index << 16 | (uint32_t)why;
         } else {
@@ -340,7 +255,7 @@ uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_
         int why; /* the reason of an error of the whole ring */
         memset(e, 0, sizeof *e);
         if (q->broken) {
-            why = R_AVAIL_INDEX_JUMP;
+            why = REASON_AVAIL_INDEX_JUMP;
             goto ring_error;
         }
         uint32_t last = q->last_avail;
@@ -353,7 +268,7 @@ uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_
             }
             if (pending > q->size) {
                 q->broken = 1;
-                why = R_AVAIL_INDEX_JUMP;
+                why = REASON_AVAIL_INDEX_JUMP;
                 goto ring_error;
             }
             q->avail_shadow = avail_idx;
@@ -362,7 +277,7 @@ uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_
         q->last_avail = (last + 1) & 0xFFFF;
         if (head >= q->size) {
             /* Consumed, but not a descriptor: nothing to return; stop this turn. */
-            why = R_BAD_HEAD;
+            why = REASON_BAD_HEAD;
             goto ring_error;
         }
         e->head = head;

@@ -50,7 +50,7 @@ from vhost_user_cpufreq.protocol.virtqueue import (
 )
 
 from .counters import Counters
-from .device import VirtioDevice
+from .device import Offload, VirtioDevice
 from .memory import MAX_REGIONS, MemoryMap, map_region
 from .ratelimit import KickBatcher, NotifyCoalescer
 
@@ -128,6 +128,7 @@ class Ring:
     scheduled: bool = False
     batcher: KickBatcher | None = None
     deadline: asyncio.TimerHandle | None = None  # drain without a kick (kick batching)
+    offload: Offload | None = None  # served by the device off the loop (the C kick lane)
 
 
 class Session:
@@ -291,6 +292,8 @@ class Session:
         self._replace_memory(new)
 
     def _on_add_mem_reg(self, msg: "vu.Message") -> None:
+        for ring in self.rings:
+            self._unoffload(ring)  # an offloaded ring holds the old region table
         _map_into(self.memory, msg.fds[0], msg.payload.region)
         self._retranslate_rings()
 
@@ -364,10 +367,13 @@ class Session:
         nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
         if not nofd:
             _require_eventfd(msg.fds[0], "call")
-        _close_fd(ring.call_fd)
+        old = ring.call_fd
         ring.call_fd = None if nofd else self._take_fd()
         if ring.call_fd is not None:
             os.set_blocking(ring.call_fd, False)
+        if ring.offload is not None:
+            ring.offload.set_call(ring.call_fd)
+        _close_fd(old)
 
     def _on_set_vring_err(self, msg: "vu.Message") -> None:
         ring = self._ring_of(msg)
@@ -387,6 +393,7 @@ class Session:
         self._update_ring(ring)
 
     def _set_kick(self, ring: Ring, fd: int | None) -> None:
+        self._unoffload(ring)
         if ring.kick_fd is not None:
             self.loop.remove_reader(ring.kick_fd)
             _close_fd(ring.kick_fd)
@@ -401,6 +408,7 @@ class Session:
             self._drop_queue(ring)
             return
         if ring.queue is not None:
+            self._offload(ring)  # a new kick fd, or memory changed under an offloaded ring
             return
         if ring.addr is None or ring.num == 0:
             raise SessionStateError("ring-not-configured", f"ring {ring.index} started without size or addresses")
@@ -422,10 +430,46 @@ class Session:
         ring.queue.set_base(ring.base)
         self.device.queue_ready(ring.index, ring.queue)
         self.log.debug("ring %d ready: size %d base %d", ring.index, ring.num, ring.base)
-        # Buffers made available before the ring started are not signalled again.
-        self._schedule(ring)
+        # Buffers made available before the ring started are not signalled again
+        # (an offloaded ring is drained once by the lane on attach).
+        if not self._offload(ring):
+            self._schedule(ring)
+
+    def _offload(self, ring: Ring) -> bool:
+        """Let the device serve the ring off the loop if it can; True if it does."""
+        if ring.offload is not None:
+            return True
+        make = getattr(self.device, "offload", None)
+        if make is None or ring.queue is None or ring.kick_fd is None or ring.queue.broken:
+            return False
+        off = make(ring.index, ring.queue, ring.kick_fd, ring.call_fd, self.kick_batch_delay)
+        if off is None:
+            return False
+        self.loop.remove_reader(ring.kick_fd)
+        if ring.deadline is not None:
+            ring.deadline.cancel()
+            ring.deadline = None
+        ring.batcher = None
+        ring.offload = off
+        return True
+
+    def _unoffload(self, ring: Ring) -> None:
+        if ring.offload is None:
+            return
+        off, ring.offload = ring.offload, None
+        off.detach()
+        if ring.kick_fd is not None:
+            self.loop.add_reader(ring.kick_fd, self._on_kick, ring)
+        if ring.queue is not None:
+            self._schedule(ring)  # kicks that came during the hand-over are not lost
+
+    def refresh_offload(self, index: int) -> None:
+        ring = self.rings[index]
+        self._unoffload(ring)
+        self._offload(ring)
 
     def _drop_queue(self, ring: Ring) -> None:
+        self._unoffload(ring)
         if ring.deadline is not None:
             ring.deadline.cancel()
             ring.deadline = None
@@ -462,7 +506,7 @@ class Session:
 
     def _process(self, ring: Ring) -> None:
         q = ring.queue
-        if q is None or q.broken:
+        if q is None or q.broken or ring.offload is not None:
             return
         q.disable_notifications()
         before = q.last_avail_idx
@@ -557,6 +601,8 @@ class Session:
             raise SessionStateError("bad-status", f"status {status:#x}")
         self.status = status
         if status == 0:
+            for ring in self.rings:
+                self._unoffload(ring)  # the device's state is about to go: take the rings back first
             self.device.reset()
 
     def _on_get_status(self, msg: "vu.Message") -> "vu.U64":

@@ -159,13 +159,17 @@ class EngineStampPolicy(HostPolicy):
 
     Each VM is bound with PIXEL6 placements and this process's thread id for
     every vCPU (dry run: pins and clamps are recorded, not applied), so the
-    engine and the actuator do all their work; decisions are stamped as
+    engine and the actuator do all their work.  With ``lane`` (the daemon's
+    default when the C data plane loads) the request queues are served by the
+    kick lane, which stamps each decision into the VM's stamp slots itself;
+    otherwise the engine runs on the event loop and decisions are stamped as
     StampPolicy stamps them, after the engine decided.
     """
 
-    def __init__(self, stamper: StampPolicy, names: list[str], vmap: tuple[int, ...]) -> None:
-        super().__init__(ThreadActuator(Counters(), dry_run=True))
+    def __init__(self, stamper: StampPolicy, names: list[str], vmap: tuple[int, ...], lane: bool = True) -> None:
+        super().__init__(ThreadActuator(Counters(), dry_run=True), c_engine=None if lane else False)
         self.stamper = stamper
+        self.vcpus = len(vmap)
         for name in names:
             used: dict[int, int] = {}
             placements = []
@@ -181,6 +185,12 @@ class EngineStampPolicy(HostPolicy):
         super().on_records(vm, records, config, now)
         if self.stamper.stamps is not None:
             self.stamper.stamp(vm, records)
+
+    def lane_stamps(self, vm: str) -> object:
+        if self.stamper.stamps is None:
+            return None
+        off = slot_offset(self.stamper.vm_index[vm], 0, self.vcpus)
+        return memoryview(self.stamper.stamps)[off : off + SLOT_SIZE * self.vcpus]
 
     def on_vm_reset(self, vm: str) -> None:
         super().on_vm_reset(vm)
@@ -274,7 +284,8 @@ async def main(args: argparse.Namespace) -> None:
         split = KickSplit()
         split.install()
         stamper.split = split
-    policy = stamper if args.policy == "stamp" else EngineStampPolicy(stamper, names, vmap)
+    policy = (stamper if args.policy == "stamp"
+              else EngineStampPolicy(stamper, names, vmap, lane=args.policy == "engine"))
     svc = Service(source, policy)  # type: ignore[arg-type]
     for n in names:
         await svc.add_vm(VmConfig(n, os.path.join(args.dir, f"{n}.sock"), vmap,
@@ -306,7 +317,7 @@ async def main(args: argparse.Namespace) -> None:
                 tot[key] = tot.get(key, 0) + c.total(key)
             rej = c.total("rejected")
             tot["rejected"] = tot.get("rejected", 0) + rej
-            h = c.histograms.get("kick_to_decision_seconds")
+            h = c.histogram("kick_to_decision_seconds")
             if h is not None:
                 tot["k2d_sum_s"] = tot.get("k2d_sum_s", 0.0) + h.sum
                 tot["k2d_count"] = tot.get("k2d_count", 0) + h.count
@@ -388,8 +399,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", required=True, help="directory for the VMs' sockets")
     p.add_argument("--vms", type=int, default=1)
     p.add_argument("--vcpus", type=int, default=8)
-    p.add_argument("--policy", choices=("stamp", "engine"), default="stamp",
-                   help="stamp: schedutil's answer per vCPU; engine: the daemon's clamp engine and actuator, dry run")
+    p.add_argument("--policy", choices=("stamp", "engine", "engine-loop"), default="stamp",
+                   help="stamp: schedutil's answer per vCPU, on the event loop; engine: the daemon's clamp engine "
+                        "and actuator (dry run) on its default path, the C kick lane when the C data plane loads; "
+                        "engine-loop: the same on the event loop")
     p.add_argument("--stamp-fd", type=int, default=None, help="memfd for decision stamps (inherited)")
     p.add_argument("--sysfs", default=None, help="sysfs root: use SysfsSource sampling every --period")
     p.add_argument("--period", type=float, default=0.05)

@@ -285,6 +285,17 @@ class DeviceQueue:
         self._used_idx = c >> 32 & 0xFFFF
         self._broken = bool(c >> 48 & 1)
 
+    @property
+    def signalled(self) -> int | None:
+        """The used index the driver was last asked about (None: unknown, err towards interrupting)."""
+        return self._signalled
+
+    def hand_back(self, cursor: int, signalled: int | None) -> None:
+        """Take the ring back from a second implementation that consumed, published and signalled."""
+        self.packed_cursor = cursor
+        self._published = self._used_idx
+        self._signalled = signalled
+
     # -- consuming -------------------------------------------------------------
 
     def pop(self) -> Chain | None:

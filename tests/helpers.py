@@ -30,6 +30,15 @@ def unavailable(require_var: str, why: str) -> NoReturn:
     pytest.skip(why)
 
 
+def require_c_dataplane() -> None:
+    """The C data plane (drain and kick lane) must load: CI demands it (VUC_REQUIRE_TOOLS=1)."""
+    from vhost_user_cpufreq.backend.cdrain import dataplane
+
+    dp = dataplane()
+    if dp.kind != "c" or not dp.lane:
+        unavailable("VUC_REQUIRE_TOOLS", f"the C data plane with its kick lane is not in use: {dp.detail}")
+
+
 @contextmanager
 def short_tmpdir(prefix: str, mode: int | None = None) -> Iterator[Path]:
     """A directory under /tmp with a short path: sun_path holds 107 bytes, pytest's tmp_path can be longer."""

@@ -57,7 +57,8 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     lat = data["latency"]
     _summary_ok(lat["device"]["kick_to_decision"])
     _summary_ok(lat["device"]["kick_to_ack_rtt"])
-    _summary_ok(lat["device_engine"]["kick_to_decision"])
+    _summary_ok(lat["device_engine_loop"]["kick_to_decision"])
+    _summary_ok(lat["device_stamp_loop"]["kick_to_decision"])
     for kind in ("c", "python", "asyncio"):
         f = lat["floor"][kind]
         if "skipped" in f:
@@ -70,7 +71,8 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     for b in (1, 8, 64):
         _rate_ok(tp[f"batch_{b}"])
     for b in (1, 64):
-        _rate_ok(tp[f"engine_batch_{b}"])
+        _rate_ok(tp[f"loop_batch_{b}"])
+    assert tp["policy"] == "engine"
     assert data["dataplane"].startswith(("C (", "pure Python")), data["dataplane"]
     assert len(tp["driver_model"]) == 3 and all(x["records_per_s"] > 0 for x in tp["driver_model"])
 
@@ -86,6 +88,7 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     assert _num(idle["cpu_share"]) and _num(idle["rss_mib"]["VmRSS"])
     assert idle["connected"] == sc["vms"]
     for variant in ("per-buffer", "default"):
+        assert sc[variant]["policy"] == "engine"
         load = sc[variant]["load"]
         assert load["records"] > 0 and _num(load["cpu_share"])
 

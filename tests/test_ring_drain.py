@@ -357,7 +357,7 @@ def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path) -> None:  
 def test_the_c_drain_is_built_into_an_empty_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]
     c_lib()  # a compiler is here (or the test skips, or fails in CI)
     r = _dataplane_in_child(tmp_path)
-    assert r.returncode == 0 and r.stdout.startswith(f"c C ({tmp_path}/cache/vhost-user-cpufreq/ring_drain-"), r
+    assert r.returncode == 0 and r.stdout.startswith(f"c C ({tmp_path}/cache/vhost-user-cpufreq/dataplane-"), r
 
 
 def test_misaligned_rings_are_left_to_the_reference() -> None:

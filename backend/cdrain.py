@@ -40,7 +40,7 @@ from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, REASONS, Dra
 from vhost_user_cpufreq.protocol.requests import drain as reference_drain
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
-__all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "SOURCES", "ffi"]
+__all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "pointer_to", "SOURCES", "ffi"]
 
 log = logging.getLogger("vhost_user_cpufreq.dataplane")
 
@@ -245,6 +245,22 @@ def _check_abi(lib: Any) -> None:
             raise RuntimeError(f"C data plane reason {code} is not {name!r}")
 
 
+def pointer_to(view: Any, *, writable: bool = False) -> Any:
+    """A ``uint8_t *`` to the memory of ``view`` (a memoryview), without a lasting export of it.
+
+    The caller keeps ``view`` alive: its own export keeps the memory mapped
+    (an mmap cannot be closed under it).  A cffi buffer kept on the
+    memoryview would leave the memoryview itself exported, and CPython 3.11
+    crashes in memory_dealloc when the garbage collector clears such a
+    memoryview in a reference cycle (as an exception's traceback can make).
+    """
+    buf = _ffi.from_buffer(view, require_writable=writable)
+    try:
+        return _ffi.cast("uint8_t *", buf)
+    finally:
+        _ffi.release(buf)
+
+
 class _Misaligned(ValueError):
     pass
 
@@ -272,20 +288,20 @@ class CDrainer:
         self._lib = lib
         self._queue = queue
         desc, avail, used = queue.areas()
-        bufs = (_ffi.from_buffer(desc), _ffi.from_buffer(avail), _ffi.from_buffer(used, require_writable=True))
+        ptrs = (pointer_to(desc), pointer_to(avail), pointer_to(used, writable=True))
         # The C code loads ring indices as aligned 16-bit words (virtio 1.x 2.7 requires the alignment).
-        if int(_ffi.cast("uintptr_t", bufs[1])) % 2 or int(_ffi.cast("uintptr_t", bufs[2])) % 4:
+        if int(_ffi.cast("uintptr_t", ptrs[1])) % 2 or int(_ffi.cast("uintptr_t", ptrs[2])) % 4:
             raise _Misaligned("avail or used ring not aligned as virtio requires")
         q = _ffi.new("vuc_queue *")
-        q.desc = _ffi.cast("uint8_t *", bufs[0])
-        q.avail = _ffi.cast("uint16_t *", bufs[1])
-        q.used = _ffi.cast("uint8_t *", bufs[2])
+        q.desc = ptrs[0]
+        q.avail = _ffi.cast("uint16_t *", ptrs[1])
+        q.used = ptrs[2]
         q.size = queue.size
         q.indirect = int(queue.indirect)
         q.max_chain_bytes = queue.max_chain_bytes
         q.max_indirect = queue.max_indirect
         self._q = q
-        self._keep = bufs
+        self._keep = (desc, avail, used)  # the views keep the memory mapped while C points into it
         self._regions: Any = None
         self._mem_gen: int | None = None
         self._cap = budget
@@ -301,11 +317,10 @@ class CDrainer:
         regions = _ffi.new("vuc_region[]", max(1, len(spans)))
         keep = []
         for i, (gpa, view) in enumerate(spans):
-            buf = _ffi.from_buffer(view)
-            keep.append(buf)
+            keep.append(view)
             regions[i].gpa = gpa
             regions[i].size = view.nbytes
-            regions[i].host = _ffi.cast("uint8_t *", buf)
+            regions[i].host = pointer_to(view)
         self._regions = (regions, keep)
         self._q.regions = regions
         self._q.nregions = len(spans)

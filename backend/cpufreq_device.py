@@ -337,8 +337,8 @@ class CpufreqDevice:
         return _LaneOffload(self, slot)
 
     def _policy_changed(self, index: int) -> None:
-        if self._host is not None and self._lane_slot is not None:
-            self._host.refresh_offload(index)
+        if self._host is not None:
+            self._host.refresh_offload(index)  # onto the lane, off it, or onto it with the new binding
 
     def _lane_detached(self, slot: LaneSlot) -> None:
         self._vcpus = [VcpuState(u, p, t) for u, p, t in slot.vcpu_states()]

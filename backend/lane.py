@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 from vhost_user_cpufreq.protocol.requests import REASONS
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
-from .cdrain import CDrainer, ffi
+from .cdrain import CDrainer, ffi, pointer_to
 from .counters import LATENCY_BUCKETS, Counters
 from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
@@ -195,8 +195,9 @@ class LaneSlot:
         s.entries, s.records, s.scratch, s.rejects = (drainer._entries, drainer._records, drainer._scratch,
                                                       drainer._rejects)
         s.engine = binding.engine.handle
-        self._stamps = ffi.from_buffer(binding.stamps, require_writable=True) if binding.stamps is not None else None
-        s.stamps = ffi.cast("uint64_t *", self._stamps) if self._stamps is not None else ffi.NULL
+        self._stamps = binding.stamps  # kept alive while the lane writes into it
+        s.stamps = (ffi.cast("uint64_t *", pointer_to(memoryview(binding.stamps), writable=True))
+                    if binding.stamps is not None else ffi.NULL)
         self._vs = ffi.new("vuc_vstate[]", max(1, num_vcpus))
         for i, st in enumerate(vcpus):
             self._vs[i].util, self._vs[i].perf_khz = st.util, st.perf_khz

@@ -341,6 +341,7 @@ class Session:
 
     def _on_get_vring_base(self, msg: "vu.Message") -> "vu.VringState":
         ring = self._ring_of(msg)
+        self._unoffload(ring)  # the lane's cursor first: it is the one that moved
         next_avail = ring.queue.last_avail_idx if ring.queue is not None else ring.base
         ring.base = next_avail
         ring.started = False

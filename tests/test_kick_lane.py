@@ -1,0 +1,387 @@
+"""The kick lane (backend/kick_lane.c, backend/lane.py) against the Python it replaces.
+
+Three layers, each compared with its reference:
+
+* the clamp engine in C against engine.py's ClampEngine, on generated
+  placements, limits and sequences of records, ticks and releases;
+* the lane's drain bookkeeping (sequence tracking, counters, per-vCPU
+  state, the decision) against CpufreqDevice's own, on the hostile rings of
+  tests/test_ring_drain.py: the same ring served once by the lane thread and
+  once by the device on this thread must leave the same state behind;
+* whole VMs over real sockets with the daemon's policy, on the lane and on
+  the event loop: the same records, rejections, log lines and clamps, and
+  the hand-overs (ring restart, new call fd, clamp mechanism change, a
+  kernel that refuses util clamps) that only the lane has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vhost_user_cpufreq.backend import sched
+from vhost_user_cpufreq.backend.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.cdrain import ffi
+from vhost_user_cpufreq.backend.counters import Counters
+from vhost_user_cpufreq.backend.cpufreq_device import CpufreqDevice
+from vhost_user_cpufreq.backend.engine import ClampEngine, EngineConfig, VcpuPlacement, VmLimits, util_to_clamp
+from vhost_user_cpufreq.backend.host_policy import HostPolicy
+from vhost_user_cpufreq.backend.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.hosts import PIXEL6
+from vhost_user_cpufreq.backend.lane import CClampEngine, KickLane, LaneSlot
+from vhost_user_cpufreq.backend.service import Service, VmConfig
+from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
+from vhost_user_cpufreq.protocol.requests import EXPLAIN
+
+from .helpers import named_vcpu_threads, require_c_dataplane, start_guest, until
+from .test_ring_drain import AVAIL_GPA, U16, USED_GPA, _offer_raw, c_lib, make_queue, scenario
+
+
+# -- 1. the engine ----------------------------------------------------------------------------
+
+@st.composite
+def engine_case(draw: st.DrawFn) -> dict[str, Any]:
+    ids = draw(st.lists(st.integers(0, 12), min_size=1, max_size=6, unique=True))
+    places = []
+    for v in ids:
+        pcap = draw(st.sampled_from([160, 498, 1024, 1]))
+        places.append(VcpuPlacement(v, draw(st.integers(0, 7)), pcap, draw(st.sampled_from([160, 498, 1024])),
+                                    draw(st.sampled_from([0, 1803000, 2802000, 1])), draw(st.integers(0, 2))))
+    a, b = sorted((draw(st.integers(0, 1024)), draw(st.integers(0, 1024))))
+    cfg = EngineConfig(hysteresis=draw(st.sampled_from([0, 1, 16, 32, 1024])),
+                       min_interval=draw(st.sampled_from([0.0, 0.004, 0.008, 0.05])),
+                       stale_after=draw(st.sampled_from([0.01, 0.1, 0.5])),
+                       headroom=draw(st.sampled_from([0.8, 1.0, 0.33])))
+    ops = draw(st.lists(st.one_of(
+        st.tuples(st.just("record"), st.integers(-1, 14), st.integers(0, 1024),
+                  st.sampled_from([0, 0, 1, 300000, 1803000, 2802000, 9_999_999]), st.integers(0, 20)),
+        st.tuples(st.just("tick"), st.integers(0, 200)),
+        st.tuples(st.just("release")),
+    ), max_size=40))
+    return dict(places=places, limits=VmLimits(a, b), cfg=cfg, ops=ops)
+
+
+@settings(max_examples=int(os.environ.get("VUC_ENGINE_EXAMPLES", "600")), deadline=None)
+@given(engine_case())
+def test_c_engine_matches_the_reference(case: dict[str, Any]) -> None:
+    lib = c_lib()
+    ref = ClampEngine(case["places"], case["limits"], case["cfg"])
+    eng = CClampEngine(lib, case["places"], case["limits"], case["cfg"])
+    now = 100.0
+    for op in case["ops"]:
+        if op[0] == "record":
+            _, v, util, perf, dt_ms = op
+            now += dt_ms / 1000
+            assert eng.on_record(v, util, perf, now) == ref.on_record(v, util, perf, now)
+        elif op[0] == "tick":
+            now += op[1] / 1000
+            assert eng.tick(now) == ref.tick(now)
+        else:
+            assert eng.release_all() == ref.release_all()
+        assert eng.vcpus == ref.vcpus
+        assert eng.next_deadline() == ref.next_deadline()
+
+
+def test_reconfiguring_starts_afresh_and_keeps_threads() -> None:
+    lib = c_lib()
+    big = VcpuPlacement(0, 7, 1024, 1024, 2802000)
+    eng = CClampEngine(lib, [big])
+    eng.set_threads({0: 4242})
+    assert [c.uclamp_min for c in eng.on_record(0, 600, 0, 1.0)] == [600]
+    eng.configure([big, VcpuPlacement(1, 0, 160, 160, 1803000)], VmLimits(100, 900), EngineConfig())
+    assert eng.vcpus == {0: None, 1: None}  # as a new ClampEngine
+    assert [c.uclamp_min for c in eng.on_record(0, 1000, 0, 2.0)] == [900]  # the new ceiling
+
+
+# -- 2. the lane's bookkeeping on hostile rings -----------------------------------------------
+
+def _device(policy: HostPolicy, n: int) -> CpufreqDevice:
+    return CpufreqDevice("vm", (0,) * n, StaticSource(PIXEL6), policy, counters=Counters())
+
+
+def _policy(n: int, c_engine: bool) -> HostPolicy:
+    pol = HostPolicy(ThreadActuator(Counters(), dry_run=True), config=EngineConfig(min_interval=0.0, stale_after=60),
+                     c_engine=c_engine)
+    pol.bind("vm", [VcpuPlacement(v, v, 1024, 1024 if v % 2 else 498, 2802000) for v in range(n)], VmLimits(0, 1024))
+    return pol
+
+
+def _wait_idle(lane: KickLane, slot: LaneSlot, kicks: int) -> None:
+    """Until the lane took ``kicks`` kicks and has no turn left to run (read under its lock)."""
+    snap = ffi.new("vuc_slot *")
+    deadline = time.monotonic() + 10
+    while True:
+        lane._lib.vuc_lane_snapshot(lane.handle, slot._s, snap)
+        if snap.kicks >= kicks and not snap.again and snap.deadline == 0:
+            return
+        assert time.monotonic() < deadline, "the lane did not finish the ring"
+        time.sleep(0.0005)
+
+
+def _state(dev: CpufreqDevice, pol: HostPolicy, q: Any, a: bytearray, b: bytearray) -> tuple[Any, ...]:
+    counts = {k: v for k, v in dev.counters.snapshot().items() if k[0] not in ("kicks", "interrupts_dropped") and v}
+    seq = dev.seq
+    vcpus = [(s.util, s.perf_khz, s.updated is None) for s in dev.vcpus]
+    mem = bytearray(a)
+    size = q.size
+    U16.pack_into(mem, USED_GPA, 0)  # used.flags and avail_event: the lane asks for kicks, the bare device does not
+    U16.pack_into(mem, USED_GPA + 4 + 8 * size, 0)
+    return (counts, (seq.last, seq.lost, seq.stale), vcpus, dict(pol.vms["vm"].engine.vcpus), q.packed_cursor,
+            bytes(mem), bytes(b))
+
+
+@settings(max_examples=int(os.environ.get("VUC_LANE_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenario())
+def test_lane_leaves_the_state_the_device_would(s: dict) -> None:
+    lib = c_lib()
+    n = s["num_vcpus"]
+    geometry = dict(indirect=s["indirect"], max_chain=s["max_chain"], max_indirect=s["max_indirect"], base=s["base"])
+    budget = s["budget"]
+
+    loop = asyncio.new_event_loop()
+    try:
+        ref, got = loop.run_until_complete(_both(lib, s, n, geometry, budget, loop))
+    finally:
+        loop.close()
+    assert got == ref
+
+
+async def _both(lib: Any, s: dict, n: int, geometry: dict, budget: int,
+                loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+    # The reference: the device on this thread, turn after turn as the session would run it.
+    ra, rb = bytearray(s["a"]), bytearray(s["b"])
+    rq = make_queue(ra, rb, s["size"], **geometry)
+    rpol = _policy(n, c_engine=False)
+    rdev = _device(rpol, n)
+    rdev.work_budget = budget
+    rdev.set_features(1 << F_PERF_REQUEST if s["perf_request"] else 0)
+    for _ in range(0x10000):
+        more = rdev.handle_queue(0, rq)
+        rq.publish()
+        avail = U16.unpack_from(ra, AVAIL_GPA + 2)[0]
+        if rq.broken or (not more and avail == rq.last_avail_idx):
+            break
+    ref = _state(rdev, rpol, rq, ra, rb)
+    rpol.close()
+
+    # The lane, kicked once.
+    la, lb = bytearray(s["a"]), bytearray(s["b"])
+    lq = make_queue(la, lb, s["size"], **geometry)
+    lpol = _policy(n, c_engine=True)
+    ldev = _device(lpol, n)
+    ldev.work_budget = budget
+    ldev.set_features(1 << F_PERF_REQUEST if s["perf_request"] else 0)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    lane = KickLane(lib, loop)
+    try:
+        binding = lpol.lane_binding("vm", lambda: None)
+        assert binding is not None
+        slot = LaneSlot(lane, lq, kick_fd=kick, call_fd=None, budget=budget, num_vcpus=n,
+                        perf_request=ldev.perf_request, batch_delay=0.0, binding=binding, seq=ldev.seq,
+                        vcpus=ldev.vcpus, counters=ldev.counters, on_event=lambda *e: None)
+        ldev._lane_slot = slot
+        try:
+            os.eventfd_write(kick, 1)
+            _wait_idle(lane, slot, 1)
+        finally:
+            slot.detach()
+            ldev._lane_detached(slot)
+    finally:
+        lane.close()
+        os.close(kick)
+    got = _state(ldev, lpol, lq, la, lb)
+    lpol.close()
+    return ref, got
+
+
+
+# -- 3. whole VMs -------------------------------------------------------------------------------
+
+async def _vm(tmp_path, vcpus: int = 4, *, lane: bool, dry_run: bool = True, **kw: Any):  # type: ignore[no-untyped-def]
+    counters = Counters()
+    pol = HostPolicy(ThreadActuator(counters, dry_run=dry_run), config=EngineConfig(min_interval=0.0, hysteresis=1),
+                     c_engine=None if lane else False)
+    vmap = tuple(range(min(vcpus, 3))) + (2,) * max(0, vcpus - 3)
+    places = [VcpuPlacement(v, v, PIXEL6.domains[d].capacity, PIXEL6.domains[d].capacity, PIXEL6.domains[d].max_khz, d)
+              for v, d in enumerate(vmap)]
+    pol.bind("vm", places, VmLimits(), **kw)
+    svc = Service(StaticSource(PIXEL6), pol)
+    slot = await svc.add_vm(VmConfig("vm", str(tmp_path / "vm.sock"), vmap, notify_interval=0.01))
+    return svc, pol, slot, counters
+
+
+@pytest.mark.parametrize("path", ["kick-lane", "event-loop"])
+async def test_the_lane_and_the_loop_serve_a_vm_alike(tmp_path, caplog, path: str) -> None:  # type: ignore[no-untyped-def]
+    if path == "kick-lane":
+        require_c_dataplane()
+    caplog.set_level(logging.INFO, logger="vhost_user_cpufreq")
+    svc, pol, slot, _ = await _vm(tmp_path, lane=path == "kick-lane")
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    try:
+        await until(lambda: slot.device.features() and slot.connection is not None)
+        for i in range(30):
+            g.driver.set_util(i % 4, 30 * i)
+            g.driver.flush()
+        await until(lambda: slot.counters.get("records") == 30, what="records")
+        assert (slot.device._lane_slot is not None) == (path == "kick-lane")
+        # Hostile buffers straight onto the ring: a bad util, a bad vCPU, a short batch, a replayed seq.
+        _offer_raw(g, encode_batch(Batch(10**6, 0, (Record(1, 2000), Record(2, 5)))),
+                   encode_batch(Batch(10**6 + 1, 0, (Record(9, 5),))), b"\x01\x02",
+                   encode_batch(Batch(10**6, 0, (Record(3, 7),))))
+        await until(lambda: slot.counters.get("rejected", "stale-batch") == 1, what="rejections")
+        c = slot.counters
+        got = (c.get("records"), c.get("batches"), c.get("rejected", "bad-util"), c.get("rejected", "bad-vcpu"),
+               c.get("rejected", "short-batch"), c.get("rejected", "stale-batch"))
+        assert got == (31, 32, 1, 1, 1, 1)
+        utils = [840, 870, 5, 810]  # each vCPU's last valid record
+        assert [(v.util, v.perf_khz) for v in slot.device.vcpus] == [(u, 0) for u in utils]
+        caps = [160, 498, 1024, 1024]
+        assert dict(pol.vms["vm"].engine.vcpus) == {v: util_to_clamp(u, caps[v], caps[v]) for v, u in enumerate(utils)}
+        await until(lambda: sum("stale or duplicate" in r.message for r in caplog.records) == 1, what="log lines")
+        lines = sorted(r.message.removeprefix("[vm] ") for r in caplog.records
+                       if "rejected" in r.message or "dropped" in r.message)
+        assert len(lines) == 4, lines
+        assert lines[0] == f"dropped 1 of 1 record(s) of batch seq=1000001: bad-vcpu ({EXPLAIN['bad-vcpu']})"
+        assert lines[1] == f"dropped 1 of 2 record(s) of batch seq=1000000: bad-util ({EXPLAIN['bad-util']})"
+        assert lines[2] == "dropped stale or duplicate batch seq=1000000 (last 1000001)"
+        assert lines[3].startswith("rejected buffer ") and lines[3].endswith(f": short-batch ({EXPLAIN['short-batch']})")
+        # Served afterwards (the driver model does not know the raw buffers: more of them), and the
+        # histogram saw every kick.
+        _offer_raw(g, encode_batch(Batch(10**6 + 2, 0, (Record(0, 1),))))
+        await until(lambda: slot.device.vcpus[0].util == 1)
+        h = slot.counters.histogram("kick_to_decision_seconds")
+        assert h is not None and h.count == slot.counters.get("kicks") > 0
+    finally:
+        await g.close()
+        await svc.close()
+
+
+async def test_ring_restart_and_a_new_call_fd_hand_the_ring_over(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_c_dataplane()
+    svc, pol, slot, _ = await _vm(tmp_path, lane=True)
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    try:
+        for i in range(10):
+            g.driver.set_util(i % 4, 10 + i)
+            g.driver.flush()
+        await until(lambda: slot.counters.get("records") == 10)
+        lane_slot = slot.device._lane_slot
+        assert lane_slot is not None
+        # A new call fd while the lane serves the ring: interrupts go to the new one.
+        from vhost_user_cpufreq.protocol import vhost_user as vu
+
+        new_call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        await g.fe.request(vu.FrontendRequest.SET_VRING_CALL, vu.U64(0), (new_call,), need_reply=True)
+        g.driver.queue.set_interrupt_suppression(False)
+        g.driver.set_util(1, 900)
+        g.driver.flush()
+        await until(lambda: slot.device.vcpus[1].util == 900)
+        await until(lambda: _readable(new_call), what="an interrupt on the new call fd")
+        os.close(new_call)
+        assert slot.device._lane_slot is lane_slot  # the same slot: no hand-over was needed
+        # Stop the ring: the lane's cursor comes back with GET_VRING_BASE; sequence tracking survives.
+        last = await g.fe.stop_ring(0)
+        assert slot.device._lane_slot is None
+        assert last == g.driver.queue.avail_idx
+        assert slot.device.seq.last == g.driver.seq - 1 and slot.counters.get("rejected", "stale-batch") == 0
+        assert slot.counters.get("records") == 11 and slot.counters.get("batches") == 11
+    finally:
+        await g.close()
+        await svc.close()
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+async def test_changing_the_clamp_mechanism_moves_the_vm_between_lane_and_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_c_dataplane()
+    svc, pol, slot, _ = await _vm(tmp_path, lane=True)
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    try:
+        g.driver.set_util(3, 500)
+        g.driver.flush()
+        await until(lambda: slot.device.vcpus[3].util == 500)
+        assert slot.device._lane_slot is not None
+        places = [pol.vms["vm"].engine.placement(v) for v in range(4)]
+        cg = tmp_path / "cg{vcpu}"
+        for v in range(4):
+            (tmp_path / f"cg{v}").mkdir()
+            (tmp_path / f"cg{v}" / "cpu.uclamp.min").write_text("0.00\n")
+        pol.bind("vm", places, VmLimits(), cgroup=str(cg))
+        assert slot.device._lane_slot is None  # cgroup clamps are written from the event loop
+        g.driver.set_util(3, 700)
+        g.driver.flush()
+        await until(lambda: pol.cgroups.values.get(tmp_path / "cg3") == 700, what="cgroup clamp")
+        pol.bind("vm", places, VmLimits())
+        assert slot.device._lane_slot is not None  # back to per-thread clamps: back on the lane
+        g.driver.set_util(3, 100)
+        g.driver.flush()
+        await until(lambda: pol.vms["vm"].engine.vcpus[3] == 100)
+        assert slot.counters.get("records") == 3 and slot.counters.total("rejected") == 0
+    finally:
+        await g.close()
+        await svc.close()
+
+
+async def test_the_lane_clamps_threads_for_real_or_says_why_not(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """sched_setattr from the lane thread on this kernel: applied, or refused and degraded clearly."""
+    require_c_dataplane()
+    caplog.set_level(logging.WARNING, logger="vhost_user_cpufreq")
+    with named_vcpu_threads(4) as tids:
+        svc, pol, slot, counters = await _vm(tmp_path, lane=True, dry_run=False)
+        probe = pol.actuator.degraded
+        pol.attach_threads("vm", dict(enumerate(tids)))
+        pol.actuator.degraded = None  # make the lane try, whatever the probe found
+        pol.vms["vm"].engine.set_actuation(True)
+        g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+        try:
+            g.driver.set_util(2, 512)
+            g.driver.flush()
+            await until(lambda: counters.get("clamps_applied") + counters.get("clamps_recorded") >= 1)
+            if probe is None:  # this kernel clamps: the thread has the engine's value
+                assert sched.sched_getattr(tids[2]).util_min == pol.vms["vm"].engine.vcpus[2] == 512
+                assert counters.get("clamps_applied") == 1
+            else:
+                await until(lambda: pol.actuator.degraded is not None, what="degraded")
+                assert "kernel refused util clamps" in pol.actuator.degraded
+                assert counters.get("clamps_recorded") == 1 and counters.get("clamp_failed") == 0
+                assert any("util clamps unavailable" in r.message for r in caplog.records)
+                # From now on recorded without a system call, still decided.
+                g.driver.set_util(2, 100)
+                g.driver.flush()
+                await until(lambda: counters.get("clamps_recorded") == 2)
+        finally:
+            await g.close()
+            await svc.close()
+        pol.close()  # what the daemon does when it stops (the host side detaches a VM's threads the same way)
+        assert pol.actuator.originals == {} and pol.actuator.clamps == {}  # every thread got back what it had
+
+
+async def test_the_lane_thread_lives_only_while_it_serves_a_ring(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_c_dataplane()
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    svc, pol, slot, _ = await _vm(tmp_path, lane=True)
+    g = await start_guest(str(tmp_path / "vm.sock"))
+    await until(lambda: slot.device._lane_slot is not None)
+    assert threads() == before + 1
+    await g.close()
+    await until(lambda: slot.connection is None)
+    assert threads() == before
+    await svc.close()
+    assert threading.active_count() >= 1

@@ -829,7 +829,8 @@ async def bench_qemu(cfg: Config, tmp: str) -> dict[str, Any]:
                                    "QEMU turns into the kick eventfd; the ack is QEMU's INTx report"}
     d = tempfile.mkdtemp(prefix="vuc-bench-", dir=install.tmpdir())
     try:
-        async with Backend(d, vms=1, vcpus=64, stamps=True) as be:
+        out["policy"] = "engine"  # the daemon's path, as the in-process headline figures
+        async with Backend(d, vms=1, vcpus=64, stamps=True, policy="engine") as be:
             async with QemuVm(install, be.sock(0), smp=1, vq_size=256, workdir=Path(d) / "q") as vm:
                 t = await vm.open_transport()
                 drv = CpufreqDriver(t, queue_size=256, lazy_records=0)  # every timed request is kicked

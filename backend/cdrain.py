@@ -112,6 +112,7 @@ _ffi.cdef(
         uint32_t ev_head, ev_tail;
         uint64_t ev_dropped;
         double rate, last_drain, deadline;
+        double engine_due;
         int32_t has_last, again, uclamp_refused, id;
     } vuc_slot;
     typedef struct vuc_lane vuc_lane;

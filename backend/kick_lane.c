@@ -359,6 +359,7 @@ typedef struct {
     uint64_t ev_dropped;
     /* Lane-private. */
     double rate, last_drain, deadline;
+    double engine_due; /* the engine's next deadline as of the lane's last call into it; 0: none */
     int32_t has_last, again, uclamp_refused, id;
 } vuc_slot;
 
@@ -630,6 +631,8 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
             if (engine_record(s->engine, (int32_t)v, (int32_t)s->vs[v].util, s->vs[v].perf_khz, now, &c))
                 actuate(l, s, &c);
         }
+        double due;
+        s->engine_due = engine_deadline(s->engine, &due) ? due : 0;
         pthread_mutex_unlock(&s->engine->mu);
     }
     if (s->stamps) {
@@ -702,6 +705,10 @@ static void observe(vuc_slot *s, double seconds) {
     s->k2d_sum += seconds;
 }
 
+/* Run the engine's due deadlines (deferred values, stale hints) and note the next one.
+ * Python's own engine calls only ever remove deadlines (release, reconfigure) or run
+ * them (a tick): a cached deadline is never later than the engine's, at worst earlier,
+ * which costs one empty tick. */
 static void tick_engine(vuc_lane *l, vuc_slot *s, double now) {
     double due;
     vuc_engine *e = s->engine;
@@ -712,6 +719,7 @@ static void tick_engine(vuc_lane *l, vuc_slot *s, double now) {
         for (uint32_t i = 0; i < k; i++)
             actuate(l, s, &out[i]);
     }
+    s->engine_due = engine_deadline(e, &due) ? due : 0;
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -733,12 +741,10 @@ static int housekeeping(vuc_lane *l) {
         }
         if (s->deadline != 0 && s->deadline < next)
             next = s->deadline;
-        if (s->engine) {
+        if (s->engine && s->engine_due != 0 && s->engine_due <= now)
             tick_engine(l, s, now);
-            double due;
-            if (vuc_engine_next_deadline(s->engine, &due) && due < next)
-                next = due;
-        }
+        if (s->engine_due != 0 && s->engine_due < next)
+            next = s->engine_due;
     }
     if (again)
         return 0;
@@ -864,6 +870,7 @@ int vuc_lane_attach(vuc_lane *l, vuc_slot *s) {
     s->id = id;
     s->again = 1;
     s->deadline = 0;
+    s->engine_due = now_s(); /* a first look at the engine Python handed over */
     l->slot[id] = s;
     if ((uint32_t)id >= l->nslots)
         l->nslots = (uint32_t)id + 1;

@@ -385,3 +385,41 @@ async def test_the_lane_thread_lives_only_while_it_serves_a_ring(tmp_path) -> No
     assert threads() == before
     await svc.close()
     assert threading.active_count() >= 1
+
+
+async def test_the_lane_runs_the_engines_deadlines_without_kicks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A deferred value lands at min_interval and a silent guest's boost decays at stale_after, both
+    from the lane's own timer: no kick, no Python timer (HostPolicy arms none for a VM on the lane)."""
+    require_c_dataplane()
+    counters = Counters()
+    pol = HostPolicy(ThreadActuator(counters, dry_run=True),
+                     config=EngineConfig(min_interval=0.05, stale_after=0.3, hysteresis=1))
+    big = PIXEL6.domains[2]
+    pol.bind("vm", [VcpuPlacement(0, 7, big.capacity, big.capacity, big.max_khz, 2)], VmLimits())
+    pol.attach_threads("vm", {0: threading.get_native_id()})  # dry run: remembered, not changed
+    svc = Service(StaticSource(PIXEL6), pol)
+    slot = await svc.add_vm(VmConfig("vm", str(tmp_path / "vm.sock"), (2,), notify_interval=0.01))
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    engine = pol.vms["vm"].engine
+    try:
+        await until(lambda: slot.device._lane_slot is not None)
+        g.driver.set_util(0, 500)
+        g.driver.flush()
+        await until(lambda: engine.vcpus[0] == 500)
+        t0 = time.monotonic()
+        g.driver.set_util(0, 900)
+        g.driver.flush()
+        await until(lambda: slot.device.vcpus[0].util == 900)
+        assert engine.vcpus[0] == 500  # within min_interval of the last change: deferred
+        kicks = slot.counters.get("kicks")
+        await until(lambda: engine.vcpus[0] == 900, what="the deferred value")
+        assert time.monotonic() - t0 >= 0.04
+        await until(lambda: engine.vcpus[0] == 0, timeout=3, what="the stale boost dropped")
+        assert time.monotonic() - t0 >= 0.25
+        assert slot.counters.get("kicks") == kicks  # the lane's timer did both
+        assert pol.vms["vm"].timer is None
+        assert counters.get("clamps_recorded") == 3  # 500, 900, then 0
+    finally:
+        await g.close()
+        await svc.close()
+        pol.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import threading
 import time
 from typing import Any
@@ -39,7 +40,7 @@ from vhost_user_cpufreq.backend.hosts import PIXEL6
 from vhost_user_cpufreq.backend.lane import CClampEngine, KickLane, LaneSlot
 from vhost_user_cpufreq.backend.service import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
-from vhost_user_cpufreq.protocol.requests import EXPLAIN
+from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
 
 from .helpers import named_vcpu_threads, require_c_dataplane, start_guest, until
 from .test_ring_drain import AVAIL_GPA, U16, USED_GPA, _offer_raw, c_lib, make_queue, scenario
@@ -423,3 +424,128 @@ async def test_the_lane_runs_the_engines_deadlines_without_kicks(tmp_path) -> No
         await g.close()
         await svc.close()
         pol.close()
+
+
+def test_a_guest_scribbling_over_its_ring_cannot_hurt_the_lane_or_its_neighbour() -> None:
+    """Torn rings: a thread writes random bytes over a ring's descriptors, avail ring and batches while
+    the lane drains it, round after round.  Every buffer the lane consumed is accounted for (a batch or a
+    rejection), every one with a head is returned, and a well-behaved VM on the same lane gets every record."""
+    import random
+
+    from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue, DriverQueue
+
+    from .test_ring_drain import DATA_GPA, DESC_GPA, REGION1, REGION2_SIZE, TwoRegions
+
+    lib = c_lib()
+    loop = asyncio.new_event_loop()
+    lane = KickLane(lib, loop)
+    rng = random.Random(7)
+    # The neighbour: a driver queue of its own, valid batches only.
+    wmem = bytearray(REGION1)
+    wflat = TwoRegions(wmem, bytearray(REGION2_SIZE))
+    wdrv = DriverQueue(64, wflat.view(DESC_GPA, 1024), wflat.view(AVAIL_GPA, 6 + 128), wflat.view(USED_GPA, 6 + 512),
+                       wflat)
+    wq = DeviceQueue(64, wflat.view(DESC_GPA, 1024), wflat.view(AVAIL_GPA, 6 + 128), wflat.view(USED_GPA, 6 + 512), wflat,
+                  max_chain_bytes=65536)
+    wpol = _policy(4, c_engine=True)
+    wdev = _device(wpol, 4)
+    wkick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    wbind = wpol.lane_binding("vm", lambda: None)
+    assert wbind is not None
+    wslot = LaneSlot(lane, wq, kick_fd=wkick, call_fd=None, budget=64, num_vcpus=4, perf_request=False,
+                     batch_delay=0.0, binding=wbind, seq=wdev.seq, vcpus=wdev.vcpus, counters=wdev.counters,
+                     on_event=lambda *e: None)
+    wdev._lane_slot = wslot
+    sent = 0
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    pol = _policy(8, c_engine=True)
+    dev = _device(pol, 8)
+    try:
+        for rnd in range(25):
+            a, b = bytearray(REGION1), bytearray(REGION2_SIZE)
+            size = 16
+            base = rng.randrange(0x10000)
+            for i in range(size):  # valid batches to start from, then noise on top
+                data = encode_batch(Batch(rnd * 100 + i, 0, (Record(i % 8, rng.randrange(1025)),)))
+                gpa = DATA_GPA + 64 * i
+                a[gpa : gpa + len(data)] = data
+                a[DESC_GPA + 16 * i : DESC_GPA + 16 * i + 16] = struct.pack("<QIHH", gpa, len(data), 0, 0)
+                U16.pack_into(a, AVAIL_GPA + 4 + 2 * i, i)
+            U16.pack_into(a, AVAIL_GPA + 2, (base + size) & 0xFFFF)  # all sixteen published
+            q = make_queue(a, b, size, indirect=True, max_chain=2064, max_indirect=64, base=base)
+            binding = pol.lane_binding("vm", lambda: None)
+            assert binding is not None
+            before = dev.counters.snapshot()
+            slot = LaneSlot(lane, q, kick_fd=kick, call_fd=None, budget=512, num_vcpus=8, perf_request=False,
+                            batch_delay=0.0, binding=binding, seq=dev.seq, vcpus=dev.vcpus, counters=dev.counters,
+                            on_event=lambda *e: None)
+            stop = threading.Event()
+
+            def scribble(seed: int = rnd, base: int = base, first_seq: int = rnd * 100 + size) -> None:
+                r = random.Random(seed)
+                published, seq = base + size, first_seq
+                while not stop.is_set():
+                    time.sleep(0.00005)
+                    if r.random() < 0.5:  # noise anywhere in the descriptors, avail entries and batches
+                        off, span = r.choice([(DESC_GPA, 16 * size), (AVAIL_GPA + 4, 2 * size),
+                                              (DATA_GPA, 64 * size)])
+                        n = r.randrange(1, 9)
+                        at = off + r.randrange(span)
+                        a[at : at + n] = r.randbytes(n)
+                    else:  # a fresh valid batch in a random slot, named by its descriptor and avail entry
+                        i = r.randrange(size)
+                        data = encode_batch(Batch(seq, 0, (Record(r.randrange(8), r.randrange(1025)),)))
+                        seq += 1
+                        gpa = DATA_GPA + 64 * i
+                        a[gpa : gpa + len(data)] = data
+                        a[DESC_GPA + 16 * i : DESC_GPA + 16 * i + 16] = struct.pack("<QIHH", gpa, len(data), 0, 0)
+                        U16.pack_into(a, AVAIL_GPA + 4 + 2 * (published % size), i)
+                    # Publish as a driver would (at most a ring ahead of what came back), or, rarely, a jump.
+                    used = U16.unpack_from(a, USED_GPA + 2)[0]
+                    if r.random() < 0.002:
+                        published += r.randrange(size + 1, 0x10000)
+                    elif ((published - used) & 0xFFFF) < size:
+                        published += 1
+                    U16.pack_into(a, AVAIL_GPA + 2, published & 0xFFFF)
+
+            t = threading.Thread(target=scribble)
+            t.start()
+            end = time.monotonic() + 0.06
+            while time.monotonic() < end:
+                os.eventfd_write(kick, 1)
+                # The neighbour sends one batch per pass and must be served throughout.
+                data = encode_batch(Batch(sent, 0, (Record(sent % 4, sent % 1025),)))
+                gpa = DATA_GPA + 64 * (sent % 64)
+                wmem[gpa : gpa + len(data)] = data
+                wdrv.add([(gpa, len(data))])
+                wdrv.publish()
+                os.eventfd_write(wkick, 1)
+                sent += 1
+                time.sleep(0.0005)
+                wdrv.reclaim()
+            stop.set()
+            t.join()
+            _wait_idle(lane, slot, 1)
+            slot.detach()
+            delta = {k: v - before.get(k, 0) for k, v in dev.counters.snapshot().items() if v != before.get(k, 0)}
+            consumed = (q.last_avail_idx - base) & 0xFFFF
+            rej = {r: k for (e, r), k in delta.items() if e == "rejected"}
+            explained = delta.get(("batches", ""), 0) + sum(
+                k for r, k in rej.items() if r not in ("bad-vcpu", "bad-util", "perf-not-negotiated",
+                                                       "avail-index-jump"))
+            assert explained == consumed, (rnd, consumed, delta)
+            assert ((q.used_idx - base) & 0xFFFF) == consumed - rej.get("bad-head", 0), (rnd, delta)
+            assert set(rej) <= set(REASONS) | {"stale-batch"}
+        _wait_idle(lane, wslot, 1)
+        deadline = time.monotonic() + 5
+        while wdev.counters.get("records") < sent and time.monotonic() < deadline:
+            os.eventfd_write(wkick, 1)
+            time.sleep(0.01)
+        assert wdev.counters.get("records") == sent and wdev.counters.total("rejected") == 0
+        assert [v.util for v in wdev.vcpus] == [max(i for i in range(sent) if i % 4 == v) % 1025 for v in range(4)]
+    finally:
+        wslot.detach()
+        lane.close()
+        loop.close()
+        os.close(kick)
+        os.close(wkick)

@@ -105,7 +105,8 @@ _ffi.cdef(
         uint64_t seq_lost, seq_stale;
         uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped;
         uint64_t rejected[19];
-        uint64_t clamps_applied, clamps_recorded, clamp_failed;
+        uint64_t clamps_applied, clamps_recorded, clamp_failed, memory_faults;
+        uint64_t clamp_errno[64];
         uint64_t k2d[14];
         double k2d_sum;
         vuc_event ev[64];

@@ -43,7 +43,7 @@ from .cdrain import DataPlane, dataplane
 from .counters import Counters
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
-from .lane import EV_BUFFER, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
+from .lane import EV_BUFFER, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
 from .policy import Policy
 from .ratelimit import LogBudget
 
@@ -350,6 +350,11 @@ class CpufreqDevice:
         """Log what the lane rejected (it counted it already), within the log budget."""
         if kind < 0:  # the lane's event queue overflowed: those are counted, not logged
             self._log_budget.suppressed += nbad
+            return
+        if kind == EV_MEMORY_FAULT:
+            if self._host is not None:
+                self._host.fail("guest-memory-gone", "guest RAM was shrunk under the request queue (SIGBUS); "
+                                "the ring is left alone")
             return
         if not self._may_log():
             return

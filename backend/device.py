@@ -48,6 +48,10 @@ class DeviceHost(Protocol):
         """Ask the device again whether it serves ring ``index`` itself (its policy changed)."""
         ...
 
+    def fail(self, reason: str, detail: str) -> None:
+        """The device cannot go on with this front-end (its guest memory vanished): close the session."""
+        ...
+
 
 class VirtioDevice(Protocol):
     num_queues: int

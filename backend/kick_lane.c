@@ -29,6 +29,7 @@
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -307,8 +308,9 @@ void vuc_engine_applied(vuc_engine *e, int32_t *out) {
 
 #define VUC_EVENTS 64
 #define VUC_BUCKETS 14
+#define VUC_ERRNOS 64
 
-enum event_kind { EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED };
+enum event_kind { EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT };
 
 typedef struct {
     uint16_t kind, reason;
@@ -350,7 +352,8 @@ typedef struct {
     /* Cumulative counters, read by Python. */
     uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped;
     uint64_t rejected[REASON_COUNT];
-    uint64_t clamps_applied, clamps_recorded, clamp_failed;
+    uint64_t clamps_applied, clamps_recorded, clamp_failed, memory_faults;
+    uint64_t clamp_errno[VUC_ERRNOS]; /* clamp_failed by errno (the last one: any errno above) */
     uint64_t k2d[VUC_BUCKETS];
     double k2d_sum;
     /* Events for Python to log; ev_dropped counts those the queue had no room for. */
@@ -528,12 +531,66 @@ static void actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {
             ev.kind = EV_UCLAMP_REFUSED;
         } else {
             s->clamp_failed++;
+            s->clamp_errno[err > 0 && err < VUC_ERRNOS ? err : VUC_ERRNOS - 1]++;
             ev.kind = EV_CLAMP_FAILED;
         }
         push_event(l, s, &ev);
         return;
     }
     s->clamps_applied++;
+}
+
+/* -- guest memory that disappears ---------------------------------------------------------
+ *
+ * Guest RAM is a file the front-end shares with us.  If it shrinks the file under the
+ * mapping (a memfd without F_SEAL_SHRINK, or a plain file), the next access raises
+ * SIGBUS.  The lane thread touches guest memory only inside process(), with
+ * fault_guard set: the handler jumps back there, the ring is marked broken and Python
+ * is told to close the session.  Any other SIGBUS goes to the handler that was there
+ * before, or ends the process as it always did. */
+
+static __thread sigjmp_buf *fault_guard;
+static struct sigaction prev_sigbus;
+static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
+
+static void on_sigbus(int sig, siginfo_t *info, void *ctx) {
+    sigjmp_buf *guard = fault_guard;
+    if (guard) {
+        fault_guard = NULL;
+        siglongjmp(*guard, 1);
+    }
+    if (prev_sigbus.sa_flags & SA_SIGINFO) {
+        if (prev_sigbus.sa_sigaction) {
+            prev_sigbus.sa_sigaction(sig, info, ctx);
+            return;
+        }
+    } else if (prev_sigbus.sa_handler != SIG_DFL && prev_sigbus.sa_handler != SIG_IGN) {
+        prev_sigbus.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL); /* returning retries the access, which now ends the process */
+}
+
+static void install_sigbus(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &prev_sigbus);
+}
+
+static void guest_memory_fault(vuc_lane *l, vuc_slot *s) {
+    sigset_t bus;
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &bus, NULL); /* left blocked by the jump out of the handler */
+    s->cursor |= (uint64_t)1 << 48;           /* broken: not touched again until set up anew */
+    s->again = 0;
+    s->deadline = 0;
+    s->memory_faults++;
+    vuc_event ev = {.kind = EV_MEMORY_FAULT};
+    push_event(l, s, &ev);
 }
 
 /* -- one drain and its bookkeeping (CpufreqDevice.handle_queue and _account) -- */
@@ -665,6 +722,12 @@ static void process(vuc_lane *l, vuc_slot *s) {
     s->again = 0;
     if ((s->cursor >> 48) & 1)
         return; /* broken: nothing until the ring is set up again */
+    sigjmp_buf guard;
+    if (sigsetjmp(guard, 0)) {
+        guest_memory_fault(l, s);
+        return;
+    }
+    fault_guard = &guard;
     double now = now_s();
     disable_notifications(s);
     uint32_t before = last_avail(s);
@@ -673,11 +736,14 @@ static void process(vuc_lane *l, vuc_slot *s) {
     s->cursor = vuc_drain(s->q, s->cursor, s->budget, s->num_vcpus, s->perf_request,
                           (vuc_entry *)(void *)s->entries, s->records, s->rejects, s->scratch, &res);
     if (res.entries) {
+        fault_guard = NULL; /* private buffers and the engine: not guest memory */
         account(l, s, &res, now);
+        fault_guard = &guard;
         if (res.returned)
             signal_used(s);
     }
     if (res.more) {
+        fault_guard = NULL;
         s->again = 1; /* budget spent: other rings get their turn first */
         return;
     }
@@ -693,6 +759,7 @@ static void process(vuc_lane *l, vuc_slot *s) {
     } else {
         pending = enable_notifications(s);
     }
+    fault_guard = NULL;
     if (pending)
         s->again = 1;
 }
@@ -806,9 +873,12 @@ vuc_lane *vuc_lane_new(int notice_fd) {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_KEY};
     if (l->epfd < 0 || l->wakefd < 0 || epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->wakefd, &ev) < 0)
         goto fail;
-    /* Signals stay with Python's main thread: the lane blocks them all. */
+    /* Signals stay with Python's main thread: the lane blocks them all but SIGBUS, which
+     * a vanished guest RAM raises in the thread that touched it (see on_sigbus). */
+    pthread_once(&sigbus_once, install_sigbus);
     sigset_t all, old;
     sigfillset(&all);
+    sigdelset(&all, SIGBUS);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&l->thread, NULL, lane_main, l);
     pthread_sigmask(SIG_SETMASK, &old, NULL);

@@ -24,6 +24,7 @@ thread ids and actuation switch the lane needs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -37,13 +38,14 @@ from .counters import LATENCY_BUCKETS, Counters
 from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
 __all__ = ["CClampEngine", "KickLane", "LaneSlot", "LaneBinding", "lane_for", "EV_RING", "EV_BUFFER", "EV_RECORDS",
-           "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED"]
+           "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT"]
 
 log = logging.getLogger("vhost_user_cpufreq.lane")
 
 _CHANGE_REASONS = ("request", "deferred", "stale", "release")
-EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED = range(6)
+EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT = range(7)
 _EVENTS_PER_READ = 64
+_ERRNOS = 64  # kick_lane.c VUC_ERRNOS
 
 
 class CClampEngine:
@@ -294,6 +296,10 @@ class LaneSlot:
 
     def _clamp_counts(self) -> dict[tuple[str, str], int]:
         s = self._s
-        out = {("clamps_applied", ""): s.clamps_applied, ("clamps_recorded", ""): s.clamps_recorded,
-               ("clamp_failed", "lane"): s.clamp_failed}
-        return {k: int(v) for k, v in out.items() if v}
+        out = {("clamps_applied", ""): int(s.clamps_applied), ("clamps_recorded", ""): int(s.clamps_recorded)}
+        if s.clamp_failed:
+            for err in range(1, _ERRNOS):
+                if s.clamp_errno[err]:
+                    name = "error" if err == _ERRNOS - 1 else errno.errorcode.get(err, "error").lower()
+                    out[("clamp_failed", name)] = out.get(("clamp_failed", name), 0) + int(s.clamp_errno[err])
+        return {k: v for k, v in out.items() if v}

@@ -167,6 +167,8 @@ class Session:
         self.coalescer = NotifyCoalescer(notify_interval)
         self._notify_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        #: set by the transport: closes the connection with a reason (a session cannot close its socket)
+        self.on_fatal: Callable[[str], None] | None = None
         self._untaken: list[int] = []
         device.attach(self)
 
@@ -463,6 +465,11 @@ class Session:
             self.loop.add_reader(ring.kick_fd, self._on_kick, ring)
         if ring.queue is not None:
             self._schedule(ring)  # kicks that came during the hand-over are not lost
+
+    def fail(self, reason: str, detail: str) -> None:
+        self.log.error("closing session: %s: %s", reason, detail)
+        if self.on_fatal is not None and not self.closed:
+            self.loop.call_soon(self.on_fatal, reason)  # not from inside the device's callback
 
     def refresh_offload(self, index: int) -> None:
         ring = self.rings[index]

@@ -87,6 +87,13 @@ class Connection:
         self.peer_pid, self.peer_uid, self.peer_gid = peer_credentials(sock)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
+        session.on_fatal = self._fatal
+
+    def _fatal(self, reason: str) -> None:
+        """The session (its device) cannot go on: closed and counted as a protocol error would be."""
+        if not self.closed.done():
+            self.counters.inc("sessions_closed", reason)
+            self.close(reason)
 
     def _readable(self) -> None:
         try:

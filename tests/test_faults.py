@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import socket
@@ -51,7 +52,7 @@ from .fuzz.harness import (
     settle,
     wire,
 )
-from .helpers import Guest, make_service, start_guest, until
+from .helpers import Guest, make_service, require_c_dataplane, start_guest, until
 
 F = vu.FrontendRequest
 PF = vu.ProtocolFeature
@@ -563,11 +564,13 @@ asyncio.run(main())
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known limitation: guest RAM stays shared with the front-end.  map_region seals memfds that allow "
-    "it with F_SEAL_SHRINK (QEMU's memory-backend-memfd is sealed by default), but a memfd created "
-    "without MFD_ALLOW_SEALING, as here, or a plain file can still be shrunk after SET_MEM_TABLE; the "
-    "next ring read raises SIGBUS and the service dies (systemd restarts it and recovery undoes what it "
-    "left on threads).  Surviving needs a SIGBUS handler around guest-memory access, in C"))
+    "known limitation of the event-loop path: guest RAM stays shared with the front-end.  map_region "
+    "seals memfds that allow it with F_SEAL_SHRINK (QEMU's memory-backend-memfd is sealed by default), but "
+    "a memfd created without MFD_ALLOW_SEALING, as here, or a plain file can still be shrunk after "
+    "SET_MEM_TABLE; the next ring read from Python raises SIGBUS and the service dies (systemd restarts it "
+    "and recovery undoes what it left on threads).  A VM on the kick lane survives (the next test): the "
+    "lane reads guest memory under a SIGBUS handler; this service's policy has no C engine, so its ring "
+    "is served on the event loop"))
 async def test_guest_ram_shrunk_by_the_front_end_does_not_kill_the_service(tmp_path: Path) -> None:
     path = str(tmp_path / "vm.sock")
     proc = await asyncio.create_subprocess_exec(
@@ -596,6 +599,75 @@ async def test_guest_ram_shrunk_by_the_front_end_does_not_kill_the_service(tmp_p
             proc.kill()
             await proc.wait()
     assert alive, f"the service died with {rc} (-7 is SIGBUS)"
+
+
+_SIGBUS_SERVICE_LANE = """
+import asyncio, json, sys
+from vhost_user_cpufreq.backend.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.cdrain import dataplane
+from vhost_user_cpufreq.backend.counters import Counters
+from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.host_policy import HostPolicy
+from vhost_user_cpufreq.backend.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.hosts import PIXEL6
+from vhost_user_cpufreq.backend.service import Service, VmConfig
+
+async def main():
+    policy = HostPolicy(ThreadActuator(Counters(), dry_run=True))
+    dom = PIXEL6.domains[0]
+    policy.bind("vm", [VcpuPlacement(v, v, dom.capacity, dom.capacity, dom.max_khz, 0) for v in (0, 1)], VmLimits())
+    svc = Service(StaticSource(PIXEL6), policy)
+    slot = await svc.add_vm(VmConfig("vm", sys.argv[1], (0, 0)))
+    def closed(slot, conn):
+        print(json.dumps({"closed": conn.closed.result(), "counters": {f"{e}:{r}": n for (e, r), n in
+                                                                       slot.counters.snapshot().items()}}), flush=True)
+    svc.close_hooks.append(closed)
+    print("ready", "lane" if dataplane().lane else dataplane().detail, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_session(tmp_path: Path) -> None:
+    """The daemon's path: the lane's SIGBUS handler turns the fault into a closed session, counted."""
+    require_c_dataplane()
+    path = str(tmp_path / "vm.sock")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SIGBUS_SERVICE_LANE, path, stdout=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"ready lane"
+        g = await start_guest(path, util_threshold=1)
+        g.driver.set_util(0, 100)
+        g.driver.flush()
+        await asyncio.sleep(0.1)
+        os.ftruncate(g.transport.ram.fd, 0)  # from here on, nobody may touch that RAM (not us either)
+        g.transport.notify(0)
+        report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 5))
+        assert report["closed"] == "guest-memory-gone"
+        assert report["counters"]["sessions_closed:guest-memory-gone"] == 1
+        assert report["counters"]["records:"] == 1  # the record sent before the RAM went
+        await g.fe.close()
+        g.transport.ram.close()
+        assert proc.returncode is None
+        # The VM is served again once its front-end comes back with memory that stays.
+        g2 = await start_guest(path, util_threshold=1)
+        try:
+            g2.driver.set_util(1, 700)
+            g2.driver.flush()
+            deadline = asyncio.get_running_loop().time() + 5
+            while not g2.driver.queue.reclaim():
+                assert asyncio.get_running_loop().time() < deadline, "the new session was not served"
+                await asyncio.sleep(0.01)
+        finally:
+            await g2.close()
+        assert proc.returncode is None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 class _KeepRecords(logging.Handler):

@@ -467,8 +467,10 @@ class Session:
             self._schedule(ring)  # kicks that came during the hand-over are not lost
 
     def fail(self, reason: str, detail: str) -> None:
+        if self.closed:
+            return
         self.log.error("closing session: %s: %s", reason, detail)
-        if self.on_fatal is not None and not self.closed:
+        if self.on_fatal is not None:
             self.loop.call_soon(self.on_fatal, reason)  # not from inside the device's callback
 
     def refresh_offload(self, index: int) -> None:

@@ -632,6 +632,7 @@ asyncio.run(main())
 async def test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_session(tmp_path: Path) -> None:
     """The daemon's path: the lane's SIGBUS handler turns the fault into a closed session, counted."""
     require_c_dataplane()
+    maps0 = memfd_maps()
     path = str(tmp_path / "vm.sock")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SIGBUS_SERVICE_LANE, path, stdout=asyncio.subprocess.PIPE,
@@ -649,6 +650,7 @@ async def test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_s
         assert report["closed"] == "guest-memory-gone"
         assert report["counters"]["sessions_closed:guest-memory-gone"] == 1
         assert report["counters"]["records:"] == 1  # the record sent before the RAM went
+        await g.driver.remove()  # its views of the RAM go first, so closing the RAM unmaps it now
         await g.fe.close()
         g.transport.ram.close()
         assert proc.returncode is None
@@ -664,6 +666,7 @@ async def test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_s
         finally:
             await g2.close()
         assert proc.returncode is None
+        assert memfd_maps() == maps0  # both guests' RAM unmapped here: nothing left for a later test to see go
     finally:
         if proc.returncode is None:
             proc.kill()

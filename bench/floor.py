@@ -4,6 +4,8 @@ Three responders, one pinger pattern (the "guest": sleep ``gap``, stamp, write
 eventfd A, block reading eventfd B, stamp):
 
 * ``c``       - bench/eventfd_rtt.c, compiled with gcc into a temporary directory;
+* ``c-cross``  - the same with the two processes pinned to different CPUs, so each
+  wake-up is of an idle CPU (unpinned, the scheduler mostly runs both on one);
 * ``python``  - two Python processes, blocking ``os.eventfd_read``/``eventfd_write``;
 * ``asyncio`` - a Python pinger and an asyncio responder (``loop.add_reader`` on A),
   the shape of the back-end's kick handler without any virtqueue work.
@@ -123,12 +125,15 @@ def _parse(text: str) -> list[tuple[int, int]]:
 
 def measure(kind: str, n: int, gap_us: int, warmup: int = 50) -> tuple[list[tuple[int, int]], str | None]:
     """Samples (rtt_ns, oneway_ns) for ``kind`` in a fresh process; (samples, reason-if-skipped)."""
-    if kind == "c":
+    if kind in ("c", "c-cross"):
+        if kind == "c-cross" and len(os.sched_getaffinity(0)) < 2:
+            return [], "fewer than 2 CPUs to pin to"
         with tempfile.TemporaryDirectory(prefix="vuc-bench-") as tmp:
             exe = build_c(tmp)
             if exe is None:
                 return [], "no C compiler (gcc/cc) found"
-            r = subprocess.run([exe, str(n), str(gap_us), str(warmup)], capture_output=True, text=True, timeout=600)
+            r = subprocess.run([exe, str(n), str(gap_us), str(warmup), "1" if kind == "c-cross" else "0"],
+                               capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 return [], f"eventfd_rtt exited {r.returncode}: {r.stderr.strip()[:200]}"
             return _parse(r.stdout), None

@@ -307,34 +307,58 @@ def _pair_summaries(samples: list[tuple[int, int]]) -> dict[str, Any]:
     return {"rtt": summary([s[0] for s in samples], "us", 1e-3), "oneway": summary([s[1] for s in samples], "us", 1e-3)}
 
 
+def _pin_process(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` onto ``cpu``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except ProcessLookupError:
+            pass
+
+
 async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {"gap_us": cfg.lat_gap_us, "kick_batch_delay_s": DEFAULT_KICK_BATCH_DELAY, "floor": {},
                            "note": "requests spaced gap_us apart: slow enough that the session's KickBatcher "
                                    "asks for a kick per buffer (an idle back-end)"}
-    for kind in ("c", "python", "asyncio"):
+    for kind in ("c", "c-cross", "python", "asyncio"):
         log(f"latency: eventfd floor ({kind}, n={cfg.floor_n})")
         samples, why = floor.measure(kind, cfg.floor_n, cfg.lat_gap_us)
         out["floor"][kind] = _pair_summaries(samples) if samples else {"skipped": why}
     # "device" is the daemon's own path (judged): its clamp engine, on the C kick lane when the C data
-    # plane loads.  The other two keep every kick on the event loop, for comparison.
-    for policy, key in (("engine", "device"), ("engine-loop", "device_engine_loop"), ("stamp", "device_stamp_loop")):
-        log(f"latency: device kick -> decision, {policy} policy (n={cfg.lat_n})")
-        d = os.path.join(tmp, f"lat-{policy}")
+    # plane loads, placed where the scheduler puts it.  The pinned runs place guest and back-end as the
+    # pinned floors are placed (one CPU, or one each), for like-for-like ratios.  The loop variants keep
+    # every kick on the event loop, for comparison.
+    two_cpus = len(os.sched_getaffinity(0)) >= 2
+    variants = [("engine", "device", None), ("engine-loop", "device_engine_loop", None),
+                ("stamp", "device_stamp_loop", None)]
+    if two_cpus:
+        variants[1:1] = [("engine", "device_same_cpu", "same"), ("engine", "device_cross_cpu", "cross")]
+    for policy, key, placement in variants:
+        log(f"latency: device kick -> decision, {policy} policy{f', {placement} CPU' if placement else ''} "
+            f"(n={cfg.lat_n})")
+        d = os.path.join(tmp, f"lat-{key}")
         os.mkdir(d)
         async with Backend(d, vms=1, vcpus=8, stamps=True, split=True, policy=policy) as be:
             # Every request is timed, urgent or not: the driver kicks whenever the device asks.
             g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
+            mine = os.sched_getaffinity(0)
             try:
+                if placement is not None:
+                    await asyncio.sleep(0.1)  # the lane thread exists once the ring is served
+                    _pin_process(be.pid, 0 if placement == "same" else 1)
+                    os.sched_setaffinity(0, {0})  # this thread: the guest
                 await be.cmd("reset-age")
                 s0 = await be.stats()
                 assert be.stamps is not None
                 lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, cfg.lat_n, cfg.lat_gap_us)
                 s1 = await be.stats()
             finally:
+                os.sched_setaffinity(0, mine)
                 await g.close()
         k2d_n = delta(s0, s1, "k2d_count")
         out[key] = {
             "policy": policy,
+            "placement": placement or "scheduler",
             "kick_to_decision": summary(lat.kick_to_decision_ns, "us", 1e-3),
             "kick_to_ack_rtt": summary(lat.kick_to_ack_ns, "us", 1e-3),
             "split_handler_entry_to_decision": summary(
@@ -356,6 +380,15 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
         py = out["floor"].get("asyncio", {})
         if "rtt" in py:
             out["ratios"]["rtt_p50_vs_asyncio_rtt_p50"] = round(dev["kick_to_ack_rtt"]["median"] / py["rtt"]["median"], 2)
+        # Like for like: the device pinned as each C floor is placed.
+        for key, fl in (("device_same_cpu", "c"), ("device_cross_cpu", "c-cross")):
+            x, f = out.get(key), out["floor"].get(fl, {})
+            if x and "rtt" in f and x["kick_to_decision"]["median"]:
+                out["ratios"][key] = {
+                    "kick_to_decision_p50_vs_c_rtt_p50": round(x["kick_to_decision"]["median"] / f["rtt"]["median"], 2),
+                    "rtt_p50_vs_c_rtt_p50": round(x["kick_to_ack_rtt"]["median"] / f["rtt"]["median"], 2),
+                    "kick_to_decision_p99_vs_c_oneway_p99": round(x["kick_to_decision"]["p99"] / f["oneway"]["p99"], 2),
+                }
     return out
 
 
@@ -1066,14 +1099,16 @@ def print_table(r: dict[str, Any]) -> None:
                          + ("  <- protocol/virtqueue.py uses this" if at.get("protocol_virtqueue_uses") == k else "")))
     lat = ok.get("latency")
     if lat:
-        for k in ("c", "python", "asyncio"):
+        for k in ("c", "c-cross", "python", "asyncio"):
             f = lat["floor"].get(k, {})
             if "rtt" in f:
                 rows.append((f"latency  eventfd RTT floor ({k})", _fmt_s(f["rtt"])))
                 rows.append((f"latency  eventfd one-way floor ({k})", _fmt_s(f["oneway"])))
             else:
                 rows.append((f"latency  eventfd floor ({k})", f"skipped: {f.get('skipped')}"))
-        for key, what in (("device", "daemon's path"), ("device_engine_loop", "engine on the event loop"),
+        for key, what in (("device", "daemon's path"), ("device_same_cpu", "daemon's path, one CPU"),
+                          ("device_cross_cpu", "daemon's path, guest and back-end on different CPUs"),
+                          ("device_engine_loop", "engine on the event loop"),
                           ("device_stamp_loop", "bench policy on the event loop")):
             x = lat.get(key)
             if not x:
@@ -1083,7 +1118,11 @@ def print_table(r: dict[str, Any]) -> None:
             rows.append((f"latency  kick->decision->ack (RTT), {what}", _fmt_s(x["kick_to_ack_rtt"])))
             if x["split_handler_entry_to_decision"]["n"]:
                 rows.append((f"latency  of which handler entry->decision", _fmt_s(x["split_handler_entry_to_decision"])))
-        rows.append(("latency  ratios", ", ".join(f"{k}={v}" for k, v in lat.get("ratios", {}).items())))
+        ratios = lat.get("ratios", {})
+        rows.append(("latency  ratios", ", ".join(f"{k}={v}" for k, v in ratios.items() if not isinstance(v, dict))))
+        for k, v in ratios.items():
+            if isinstance(v, dict):
+                rows.append((f"latency  ratios, {k} (its own floor)", ", ".join(f"{a}={b}" for a, b in v.items())))
     tp = ok.get("throughput")
     if tp:
         for b in (1, 8, 64):

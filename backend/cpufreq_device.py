@@ -274,11 +274,8 @@ class CpufreqDevice:
             rejects_by_entry.setdefault(i, []).append(code)
         for i, (head, status, nvalid, seq, flags, ntotal, ts) in enumerate(d.entries):
             if status:
-                reason = REASONS[status]
-                counters.inc("rejected", reason)
-                if self._may_log():
-                    where = "the ring" if head == NO_HEAD else f"buffer {head}"
-                    self.log.warning("rejected %s: %s (%s)", where, reason, EXPLAIN[reason])
+                counters.inc("rejected", REASONS[status])
+                self._log_rejected(head, status)
                 continue
             mine = records[pos : pos + nvalid]
             pos += nvalid
@@ -286,14 +283,11 @@ class CpufreqDevice:
             if bad:
                 for code in bad:
                     counters.inc("rejected", REASONS[code])
-                if self._may_log():
-                    self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", len(bad), ntotal, seq,
-                                     "; ".join(f"{REASONS[c]} ({EXPLAIN[REASONS[c]]})" for c in sorted(set(bad))))
+                self._log_dropped(sorted(set(bad)), len(bad), ntotal, seq)
             lost_before = self.seq.lost
             if not self.seq.accept(seq, bool(flags & abi.BATCH_F_RESYNC)):
                 counters.inc("rejected", "stale-batch")
-                if self._may_log():
-                    self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, self.seq.last)
+                self._log_stale(seq, self.seq.last)
                 continue
             lost += self.seq.lost - lost_before
             self.seq.age(host_ns, ts)
@@ -356,18 +350,29 @@ class CpufreqDevice:
                 self._host.fail("guest-memory-gone", "guest RAM was shrunk under the request queue (SIGBUS); "
                                 "the ring is left alone")
             return
-        if not self._may_log():
-            return
-        if kind in (EV_RING, EV_BUFFER):
-            name = REASONS[reason]
-            where = "the ring" if kind == EV_RING else f"buffer {head}"
-            self.log.warning("rejected %s: %s (%s)", where, name, EXPLAIN[name])
+        if kind in (EV_RING, EV_BUFFER):  # a ring error's head is NO_HEAD, as in a drain's entries
+            self._log_rejected(head, reason)
         elif kind == EV_RECORDS:
-            names = [REASONS[c] for c in range(len(REASONS)) if mask >> c & 1]
-            self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", nbad, ntotal, seq,
-                             "; ".join(f"{n} ({EXPLAIN[n]})" for n in names))
+            self._log_dropped([c for c in range(len(REASONS)) if mask >> c & 1], nbad, ntotal, seq)
         elif kind == EV_STALE:
-            self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, err & 0xFFFFFFFF)
+            self._log_stale(seq, err & 0xFFFFFFFF)
+
+    # -- rejection log lines (both paths), within the log budget -----------------
+    def _log_rejected(self, head: int, code: int) -> None:
+        if self._may_log():
+            reason = REASONS[code]
+            where = "the ring" if head == NO_HEAD else f"buffer {head}"
+            self.log.warning("rejected %s: %s (%s)", where, reason, EXPLAIN[reason])
+
+    def _log_dropped(self, codes: Sequence[int], nbad: int, ntotal: int, seq: int) -> None:
+        """``codes``: the distinct reasons, in code order."""
+        if self._may_log():
+            self.log.warning("dropped %d of %d record(s) of batch seq=%d: %s", nbad, ntotal, seq,
+                             "; ".join(f"{REASONS[c]} ({EXPLAIN[REASONS[c]]})" for c in codes))
+
+    def _log_stale(self, seq: int, last: int | None) -> None:
+        if self._may_log():
+            self.log.info("dropped stale or duplicate batch seq=%d (last %s)", seq, last)
 
     def _may_log(self) -> bool:
         ok = self._log_budget.allow(self._clock())

@@ -257,10 +257,6 @@ class LaneSlot:
         """(util, perf_khz, updated) per vCPU, as the lane last wrote them."""
         return [(v.util, v.perf_khz, None if v.updated < 0 else v.updated) for v in self._vs[0:self._s.num_vcpus]]
 
-    @property
-    def last_age_ns(self) -> int:
-        return int(self._s.last_age)
-
     # -- events and counters ------------------------------------------------------------------
     def take_events(self) -> None:
         while True:

@@ -563,6 +563,27 @@ asyncio.run(main())
 """
 
 
+async def _shrink_ram_under_a_ring(script: str, path: str, ready: bytes) -> tuple[Any, Guest]:
+    """Start ``script`` serving a VM at ``path``; a guest sends a record, truncates its RAM and kicks."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, path, stdout=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == ready
+        g = await start_guest(path, util_threshold=1)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    g.driver.set_util(0, 100)
+    g.driver.flush()
+    await asyncio.sleep(0.1)
+    os.ftruncate(g.transport.ram.fd, 0)  # from here on, nobody may touch that RAM (not us either)
+    g.transport.notify(0)
+    return proc, g
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "known limitation of the event-loop path: guest RAM stays shared with the front-end.  map_region "
     "seals memfds that allow it with F_SEAL_SHRINK (QEMU's memory-backend-memfd is sealed by default), but "
@@ -572,19 +593,8 @@ asyncio.run(main())
     "lane reads guest memory under a SIGBUS handler; this service's policy has no C engine, so its ring "
     "is served on the event loop"))
 async def test_guest_ram_shrunk_by_the_front_end_does_not_kill_the_service(tmp_path: Path) -> None:
-    path = str(tmp_path / "vm.sock")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SIGBUS_SERVICE, path, stdout=asyncio.subprocess.PIPE,
-        cwd=str(Path(__file__).resolve().parent.parent))
+    proc, g = await _shrink_ram_under_a_ring(_SIGBUS_SERVICE, str(tmp_path / "vm.sock"), b"ready")
     try:
-        assert proc.stdout is not None
-        assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"ready"
-        g = await start_guest(path, util_threshold=1)
-        g.driver.set_util(0, 100)
-        g.driver.flush()
-        await asyncio.sleep(0.1)
-        os.ftruncate(g.transport.ram.fd, 0)  # from here on, nobody may touch that RAM (not us either)
-        g.transport.notify(0)
         try:
             await asyncio.wait_for(proc.wait(), 1.0)
         except TimeoutError:
@@ -634,18 +644,9 @@ async def test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_s
     require_c_dataplane()
     maps0 = memfd_maps()
     path = str(tmp_path / "vm.sock")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SIGBUS_SERVICE_LANE, path, stdout=asyncio.subprocess.PIPE,
-        cwd=str(Path(__file__).resolve().parent.parent))
+    proc, g = await _shrink_ram_under_a_ring(_SIGBUS_SERVICE_LANE, path, b"ready lane")
     try:
         assert proc.stdout is not None
-        assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"ready lane"
-        g = await start_guest(path, util_threshold=1)
-        g.driver.set_util(0, 100)
-        g.driver.flush()
-        await asyncio.sleep(0.1)
-        os.ftruncate(g.transport.ram.fd, 0)  # from here on, nobody may touch that RAM (not us either)
-        g.transport.notify(0)
         report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 5))
         assert report["closed"] == "guest-memory-gone"
         assert report["counters"]["sessions_closed:guest-memory-gone"] == 1

@@ -156,15 +156,21 @@ def test_lane_leaves_the_state_the_device_would(s: dict) -> None:
     assert got == ref
 
 
+def _copy(s: dict, n: int, geometry: dict, budget: int, *, c_engine: bool) -> tuple[Any, ...]:
+    """A fresh copy of the scenario's memory and ring, and a device with its own policy over them."""
+    a, b = bytearray(s["a"]), bytearray(s["b"])
+    q = make_queue(a, b, s["size"], **geometry)
+    pol = _policy(n, c_engine=c_engine)
+    dev = _device(pol, n)
+    dev.work_budget = budget
+    dev.set_features(1 << F_PERF_REQUEST if s["perf_request"] else 0)
+    return a, b, q, pol, dev
+
+
 async def _both(lib: Any, s: dict, n: int, geometry: dict, budget: int,
                 loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
     # The reference: the device on this thread, turn after turn as the session would run it.
-    ra, rb = bytearray(s["a"]), bytearray(s["b"])
-    rq = make_queue(ra, rb, s["size"], **geometry)
-    rpol = _policy(n, c_engine=False)
-    rdev = _device(rpol, n)
-    rdev.work_budget = budget
-    rdev.set_features(1 << F_PERF_REQUEST if s["perf_request"] else 0)
+    ra, rb, rq, rpol, rdev = _copy(s, n, geometry, budget, c_engine=False)
     for _ in range(0x10000):
         more = rdev.handle_queue(0, rq)
         rq.publish()
@@ -175,12 +181,7 @@ async def _both(lib: Any, s: dict, n: int, geometry: dict, budget: int,
     rpol.close()
 
     # The lane, kicked once.
-    la, lb = bytearray(s["a"]), bytearray(s["b"])
-    lq = make_queue(la, lb, s["size"], **geometry)
-    lpol = _policy(n, c_engine=True)
-    ldev = _device(lpol, n)
-    ldev.work_budget = budget
-    ldev.set_features(1 << F_PERF_REQUEST if s["perf_request"] else 0)
+    la, lb, lq, lpol, ldev = _copy(s, n, geometry, budget, c_engine=True)
     kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     lane = KickLane(lib, loop)
     try:

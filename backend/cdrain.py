@@ -103,7 +103,7 @@ _ffi.cdef(
         uint32_t seq_last;
         int64_t min_off, last_age;
         uint64_t seq_lost, seq_stale;
-        uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped;
+        uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped, polls;
         uint64_t rejected[19];
         uint64_t clamps_applied, clamps_recorded, clamp_failed, memory_faults;
         uint64_t clamp_errno[64];
@@ -112,9 +112,10 @@ _ffi.cdef(
         vuc_event ev[64];
         uint32_t ev_head, ev_tail;
         uint64_t ev_dropped;
-        double rate, last_drain, deadline;
+        double win_start, deadline;
         double engine_due;
-        int32_t has_last, again, uclamp_refused, id;
+        uint32_t win_buffers, busy;
+        int32_t again, uclamp_refused, id;
     } vuc_slot;
     typedef struct vuc_lane vuc_lane;
     vuc_lane *vuc_lane_new(int notice_fd);

@@ -63,7 +63,7 @@ class ServiceConfig:
     sample_period: float = 0.05
     mirror_threshold: float = 0.02
     max_notifications_per_second: float = 20.0
-    kick_batch_delay: float = 0.008
+    kick_batch_delay: float = 0.004
     nominal_khz: int | None = None
     dry_run: bool = False
     engine: EngineConfig = EngineConfig()
@@ -191,7 +191,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
         mirror_threshold=float(r.get(svc, p, "mirror_threshold", num, 0.02, lambda v: 0 <= v < 1, "a fraction 0..1")),
         max_notifications_per_second=float(r.get(svc, p, "max_notifications_per_second", num, 20.0,
                                                  lambda v: 0 < v <= 1000, "a rate 0..1000")),
-        kick_batch_delay=float(r.get(svc, p, "kick_batch_delay", num, 0.008, lambda v: 0 <= v <= 0.1,
+        kick_batch_delay=float(r.get(svc, p, "kick_batch_delay", num, 0.004, lambda v: 0 <= v <= 0.1,
                                      "seconds 0..0.1")),
         nominal_khz=r.get(svc, p, "nominal_khz", int, None, lambda v: 1000 <= v <= 20_000_000, "kHz 1000..20000000"),
         dry_run=r.get(svc, p, "dry_run", bool, False, None, "true or false"),

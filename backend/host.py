@@ -76,7 +76,7 @@ class HostSide:
         return VmPlan(pinning, tuple(doms), tuple(places))
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
-                     listen_sock: socket.socket | None = None, kick_batch_delay: float = 0.008) -> VmSlot:
+                     listen_sock: socket.socket | None = None, kick_batch_delay: float = 0.004) -> VmSlot:
         plan = self.plan(s)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,

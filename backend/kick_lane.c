@@ -350,7 +350,7 @@ typedef struct {
     int64_t min_off, last_age;
     uint64_t seq_lost, seq_stale;
     /* Cumulative counters, read by Python. */
-    uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped;
+    uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped, polls;
     uint64_t rejected[REASON_COUNT];
     uint64_t clamps_applied, clamps_recorded, clamp_failed, memory_faults;
     uint64_t clamp_errno[VUC_ERRNOS]; /* clamp_failed by errno (the last one: any errno above) */
@@ -361,9 +361,10 @@ typedef struct {
     uint32_t ev_head, ev_tail;
     uint64_t ev_dropped;
     /* Lane-private. */
-    double rate, last_drain, deadline;
+    double win_start, deadline; /* KickBatcher: the rate window's start (0: none yet); the next poll */
     double engine_due; /* the engine's next deadline as of the lane's last call into it; 0: none */
-    int32_t has_last, again, uclamp_refused, id;
+    uint32_t win_buffers, busy;
+    int32_t again, uclamp_refused, id;
 } vuc_slot;
 
 /* ---- the lane ------------------------------------------------------------------------------ */
@@ -704,18 +705,28 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
     }
 }
 
-/* KickBatcher.drained: how far ahead to ask for the next kick. */
-static uint32_t batcher(vuc_slot *s, double now, uint32_t buffers) {
-    const double weight = 0.3;
-    if (s->has_last && now > s->last_drain) {
-        double inst = buffers / (now - s->last_drain);
-        s->rate += weight * (inst - s->rate);
+/* KickBatcher (backend/ratelimit.py): a ring is busy while its buffers arrive at
+ * BUSY_ENTER_RATE or more per second over BUSY_WINDOW seconds, until the rate falls
+ * below BUSY_LEAVE_RATE; a busy ring is drained on a grid of batch_delay seconds
+ * and asks for a kick only after max_ahead buffers. */
+#define BUSY_ENTER_RATE 50.0
+#define BUSY_LEAVE_RATE 20.0
+#define BUSY_WINDOW 0.1
+
+static void batcher(vuc_slot *s, double now, uint32_t buffers) {
+    if (s->win_start == 0)
+        s->win_start = now;
+    s->win_buffers += buffers;
+    double elapsed = now - s->win_start;
+    if (elapsed >= BUSY_WINDOW) {
+        double rate = s->win_buffers / elapsed;
+        if (rate >= BUSY_ENTER_RATE)
+            s->busy = 1;
+        else if (rate < BUSY_LEAVE_RATE)
+            s->busy = 0;
+        s->win_start = now;
+        s->win_buffers = 0;
     }
-    s->has_last = 1;
-    s->last_drain = now;
-    double want = s->rate * s->batch_delay;
-    uint32_t ahead = want >= s->max_ahead ? s->max_ahead : (uint32_t)want;
-    return ahead ? ahead : 1;
 }
 
 static void process(vuc_lane *l, vuc_slot *s) {
@@ -747,16 +758,19 @@ static void process(vuc_lane *l, vuc_slot *s) {
         s->again = 1; /* budget spent: other rings get their turn first */
         return;
     }
-    uint32_t ahead = 1;
-    if (s->event_idx && s->batch_delay > 0)
-        ahead = batcher(s, now, (last_avail(s) - before) & 0xFFFF);
+    int busy = 0;
+    if (s->event_idx && s->batch_delay > 0) {
+        batcher(s, now, (last_avail(s) - before) & 0xFFFF);
+        busy = s->busy;
+    }
     int pending;
-    if (ahead > 1) {
-        /* Sustained load: be kicked only after ``ahead`` more buffers; drain at the deadline anyway. */
-        pending = set_avail_event(s, last_avail(s) + ahead - 1);
+    if (busy) {
+        /* Drained on the poll grid every busy ring shares; kicked only by a burst of max_ahead. */
+        pending = set_avail_event(s, last_avail(s) + s->max_ahead - 1);
         if (s->deadline == 0)
-            s->deadline = now + s->batch_delay;
+            s->deadline = (floor(now / s->batch_delay) + 1) * s->batch_delay;
     } else {
+        s->deadline = 0;
         pending = enable_notifications(s);
     }
     fault_guard = NULL;
@@ -800,6 +814,7 @@ static int housekeeping(vuc_lane *l) {
             continue;
         if (s->deadline != 0 && s->deadline <= now) {
             s->deadline = 0;
+            s->polls++;
             process(l, s);
         }
         if (s->again) {
@@ -940,6 +955,8 @@ int vuc_lane_attach(vuc_lane *l, vuc_slot *s) {
     s->id = id;
     s->again = 1;
     s->deadline = 0;
+    s->win_start = 0; /* kicked until the lane's own window finds the ring busy */
+    s->win_buffers = s->busy = 0;
     s->engine_due = now_s(); /* a first look at the engine Python handed over */
     l->slot[id] = s;
     if ((uint32_t)id >= l->nslots)

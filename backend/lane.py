@@ -278,7 +278,8 @@ class LaneSlot:
         s = self._s
         out = {("kicks", ""): s.kicks, ("records", ""): s.accepted, ("batches", ""): s.batches,
                ("lost_batches", ""): s.seq_lost - self._lost0, ("rejected", "stale-batch"): s.seq_stale - self._stale0,
-               ("interrupts_dropped", "call-fd-full"): s.interrupts_dropped}
+               ("interrupts_dropped", "call-fd-full"): s.interrupts_dropped,
+               ("polls", ""): s.polls}
         rej = s.rejected
         for code in range(1, len(REASONS)):
             if rej[code]:

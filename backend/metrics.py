@@ -65,6 +65,7 @@ VM_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
     ("batches", "batches_total", "Request batches accepted.", False),
     ("lost_batches", "lost_batches_total", "Batches missing from the guest's sequence numbers.", False),
     ("kicks", "kicks_total", "Request queue kicks received.", False),
+    ("polls", "polls_total", "Request queue drains without a kick, on the poll grid of a busy ring.", False),
     ("sessions", "sessions_total", "Front-end connections accepted.", False),
     ("sessions_closed", "sessions_closed_total", "Sessions closed by the back-end for a protocol error, by reason.",
      True),

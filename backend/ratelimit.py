@@ -1,4 +1,4 @@
-"""Notification coalescing, kick batching and log budgets, with injected time (pure).
+"""Notification coalescing, kick batching (busy polling) and log budgets, with injected time (pure).
 
 ``NotifyCoalescer`` lets the first change of a quiet period through at once,
 then at most one notification per ``min_interval`` seconds, and always one
@@ -48,34 +48,61 @@ class NotifyCoalescer:
 
 
 class KickBatcher:
-    """How many buffers the device lets the driver add before the next kick.
+    """When a ring wants its next kick, and when the device drains it without one.
 
     With VIRTIO_RING_F_EVENT_IDX the device names the avail index it wants a
-    kick for.  Asking for the very next buffer (``1``) gives the lowest
-    latency and one kick per buffer.  Under sustained load the device asks
-    for a kick only after the number of buffers expected within
-    ``max_delay`` seconds, and drains on a timer at that deadline, so a
-    request waits at most ``max_delay`` while kicks drop by that factor.
-    The arrival rate is a moving average over drains, so a burst's end
-    brings the device back to kick-per-buffer after a few quiet deadlines.
+    kick for.  A ring starts *kicked*: the device asks for a kick on the very
+    next buffer, the lowest latency, one kick (a VM exit) per buffer.
+
+    A ring whose buffers arrive at ``enter_rate`` or more, measured over
+    ``window`` seconds, turns *busy*: the device drains it every ``period``
+    seconds without being asked, on a grid of that period which every busy
+    ring shares (one wake-up of the device serves them all), and asks for a
+    kick only after ``max_ahead`` buffers (a burst that would otherwise fill
+    the ring before the next drain).  A busy VM thus sends almost no kicks,
+    and a buffer waits at most ``period`` for the device.  Below
+    ``leave_rate`` the ring turns kicked again.
+
+    Polling is cheap where kicks are dear: a poll of an idle ring is a load
+    of its avail index, and one wake-up serves every busy ring; a kick is a
+    VM exit, an eventfd write and a wake-up per buffer.  The rates are the
+    break-even with margin on both sides, so a ring does not flap.
     """
 
-    def __init__(self, max_delay: float = 0.008, max_ahead: int = 32, weight: float = 0.3) -> None:
-        if max_delay < 0 or max_ahead < 1 or not 0 < weight <= 1:
-            raise ValueError("need max_delay >= 0, max_ahead >= 1, 0 < weight <= 1")
-        self.max_delay = max_delay
+    def __init__(self, period: float = 0.004, max_ahead: int = 32, *, enter_rate: float = 50.0,
+                 leave_rate: float = 20.0, window: float = 0.1) -> None:
+        if period < 0 or max_ahead < 1 or not 0 <= leave_rate <= enter_rate or window <= 0:
+            raise ValueError("need period >= 0, max_ahead >= 1, 0 <= leave_rate <= enter_rate, window > 0")
+        self.period = period
         self.max_ahead = max_ahead
-        self.weight = weight
-        self.rate = 0.0  # buffers per second
-        self._last: float | None = None
+        self.enter_rate = enter_rate
+        self.leave_rate = leave_rate
+        self.window = window
+        self.busy = False
+        self.rate = 0.0  # buffers per second over the last closed window
+        self._win_start: float | None = None
+        self._win_buffers = 0
 
     def drained(self, now: float, buffers: int) -> int:
         """A drain handled ``buffers`` at ``now``: how far ahead to ask for the next kick (>= 1)."""
-        if self._last is not None and now > self._last:
-            inst = buffers / (now - self._last)
-            self.rate += self.weight * (inst - self.rate)
-        self._last = now
-        return max(1, min(self.max_ahead, int(self.rate * self.max_delay)))
+        if self._win_start is None:
+            self._win_start = now
+        self._win_buffers += buffers
+        elapsed = now - self._win_start
+        if elapsed >= self.window:
+            self.rate = self._win_buffers / elapsed
+            if self.period > 0 and self.rate >= self.enter_rate:
+                self.busy = True
+            elif self.rate < self.leave_rate:
+                self.busy = False
+            self._win_start, self._win_buffers = now, 0
+        return self.max_ahead if self.busy else 1
+
+    def next_poll(self, now: float) -> float | None:
+        """When a busy ring is drained next (a point of the shared grid after ``now``), or None if kicked."""
+        if not self.busy:
+            return None
+        return (int(now / self.period) + 1) * self.period
 
 
 class LogBudget:

@@ -47,7 +47,7 @@ class VmConfig:
     mirror_threshold: float = 0.0  # fraction of a domain's max frequency
     socket_owner: int | None = None
     socket_group: int | None = None
-    kick_batch_delay: float = 0.008  # under sustained load, the longest a buffer waits without a kick
+    kick_batch_delay: float = 0.004  # poll period of a busy ring: the longest a buffer waits without a kick
 
 
 @dataclass(slots=True)

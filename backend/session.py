@@ -144,7 +144,7 @@ class Session:
         log: logging.LoggerAdapter[logging.Logger],
         notify_interval: float = 0.01,
         poll_interval: float = 0.001,
-        kick_batch_delay: float = 0.008,
+        kick_batch_delay: float = 0.004,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
@@ -524,17 +524,23 @@ class Session:
         if more:
             self._schedule(ring)  # work budget spent: come back after other sessions had their turn
             return
-        ahead = 1
+        batcher = None
         if q.event_idx and self.kick_batch_delay > 0:
             if ring.batcher is None:
                 ring.batcher = KickBatcher(self.kick_batch_delay, max_ahead=max(1, ring.num // 2))
-            ahead = ring.batcher.drained(self.clock(), (q.last_avail_idx - before) & 0xFFFF)
-        if ahead > 1:
-            # Sustained load: be kicked only after `ahead` more buffers, and drain at the deadline anyway.
-            pending = q.set_avail_event((q.last_avail_idx + ahead - 1) & 0xFFFF)
+            batcher = ring.batcher
+            batcher.drained(self.clock(), (q.last_avail_idx - before) & 0xFFFF)
+        if batcher is not None and batcher.busy:
+            # A busy ring: drained on the shared poll grid, kicked only by a burst of max_ahead buffers.
+            pending = q.set_avail_event((q.last_avail_idx + batcher.max_ahead - 1) & 0xFFFF)
             if ring.deadline is None:
-                ring.deadline = self.loop.call_later(self.kick_batch_delay, self._deadline, ring)
+                due = batcher.next_poll(self.clock())
+                assert due is not None
+                ring.deadline = self.loop.call_at(self.loop.time() + (due - self.clock()), self._deadline, ring)
         else:
+            if ring.deadline is not None:
+                ring.deadline.cancel()
+                ring.deadline = None
             pending = q.enable_notifications()
         if pending:
             self._schedule(ring)  # buffers arrived while notifications were off
@@ -544,6 +550,7 @@ class Session:
     def _deadline(self, ring: Ring) -> None:
         ring.deadline = None
         if not self.closed:
+            self.counters.inc("polls")
             self._process(ring)
 
     # -- DeviceHost --------------------------------------------------------------------

@@ -586,6 +586,11 @@ class DriverQueue:
         self._a16[_IDX >> 1] = self._avail_idx
         self._published = self._avail_idx
 
+    @property
+    def avail_event(self) -> int:
+        """The avail index whose publication the device wants a kick for (VIRTIO_RING_F_EVENT_IDX)."""
+        return int(self._u16[self._avail_event_off >> 1])
+
     def kick_needed(self) -> bool:
         """After publish(): must the device be kicked for what was published since the last call?"""
         new = self._published

@@ -9,10 +9,14 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import pytest
 
+from vhost_user_cpufreq.backend.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.counters import Counters
+from vhost_user_cpufreq.backend.engine import EngineConfig, VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.host_policy import HostPolicy
 from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
 from vhost_user_cpufreq.backend.policy import RecordingPolicy
@@ -69,6 +73,21 @@ async def make_service(tmp_path: Path, *vms: tuple[str, tuple[int, ...]]) -> tup
     for name, vmap in vms:
         slots[name] = await svc.add_vm(VmConfig(name, str(tmp_path / f"{name}.sock"), vmap, notify_interval=0.01))
     return svc, source, policy, slots
+
+
+async def engine_vm(tmp_path: Path, vcpus: int = 4, *, lane: bool, dry_run: bool = True, **kw: Any
+                    ) -> tuple[Service, HostPolicy, VmSlot, Counters]:
+    """One VM served with the daemon's policy (clamp engine, thread actuator), on the kick lane or the loop."""
+    counters = Counters()
+    pol = HostPolicy(ThreadActuator(counters, dry_run=dry_run), config=EngineConfig(min_interval=0.0, hysteresis=1),
+                     c_engine=None if lane else False)
+    vmap = tuple(range(min(vcpus, 3))) + (2,) * max(0, vcpus - 3)
+    places = [VcpuPlacement(v, v, PIXEL6.domains[d].capacity, PIXEL6.domains[d].capacity, PIXEL6.domains[d].max_khz, d)
+              for v, d in enumerate(vmap)]
+    pol.bind("vm", places, VmLimits(), **kw)
+    svc = Service(StaticSource(PIXEL6), pol)
+    slot = await svc.add_vm(VmConfig("vm", str(tmp_path / "vm.sock"), vmap, notify_interval=0.01))
+    return svc, pol, slot, counters
 
 
 async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

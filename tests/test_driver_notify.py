@@ -39,7 +39,7 @@ async def _setup(tmp_path: Path, **kw: object) -> AsyncIterator[tuple[RecordingP
 
 
 async def _settle() -> None:
-    await asyncio.sleep(0.05)  # longer than the back-end's 8 ms kick-batching deadline
+    await asyncio.sleep(0.05)  # longer than the back-end's poll period (4 ms) and rate window (0.1 s)
 
 
 async def test_a_rise_kicks_at_once_and_a_fall_waits_for_the_deadline(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from vhost_user_cpufreq.backend.service import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
 
-from .helpers import named_vcpu_threads, require_c_dataplane, start_guest, until
+from .helpers import engine_vm, named_vcpu_threads, require_c_dataplane, start_guest, until
 from .test_ring_drain import AVAIL_GPA, U16, USED_GPA, _offer_raw, c_lib, make_queue, scenario
 
 
@@ -208,25 +208,12 @@ async def _both(lib: Any, s: dict, n: int, geometry: dict, budget: int,
 
 # -- 3. whole VMs -------------------------------------------------------------------------------
 
-async def _vm(tmp_path, vcpus: int = 4, *, lane: bool, dry_run: bool = True, **kw: Any):  # type: ignore[no-untyped-def]
-    counters = Counters()
-    pol = HostPolicy(ThreadActuator(counters, dry_run=dry_run), config=EngineConfig(min_interval=0.0, hysteresis=1),
-                     c_engine=None if lane else False)
-    vmap = tuple(range(min(vcpus, 3))) + (2,) * max(0, vcpus - 3)
-    places = [VcpuPlacement(v, v, PIXEL6.domains[d].capacity, PIXEL6.domains[d].capacity, PIXEL6.domains[d].max_khz, d)
-              for v, d in enumerate(vmap)]
-    pol.bind("vm", places, VmLimits(), **kw)
-    svc = Service(StaticSource(PIXEL6), pol)
-    slot = await svc.add_vm(VmConfig("vm", str(tmp_path / "vm.sock"), vmap, notify_interval=0.01))
-    return svc, pol, slot, counters
-
-
 @pytest.mark.parametrize("path", ["kick-lane", "event-loop"])
 async def test_the_lane_and_the_loop_serve_a_vm_alike(tmp_path, caplog, path: str) -> None:  # type: ignore[no-untyped-def]
     if path == "kick-lane":
         require_c_dataplane()
     caplog.set_level(logging.INFO, logger="vhost_user_cpufreq")
-    svc, pol, slot, _ = await _vm(tmp_path, lane=path == "kick-lane")
+    svc, pol, slot, _ = await engine_vm(tmp_path, lane=path == "kick-lane")
     g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
     try:
         await until(lambda: slot.device.features() and slot.connection is not None)
@@ -269,7 +256,7 @@ async def test_the_lane_and_the_loop_serve_a_vm_alike(tmp_path, caplog, path: st
 
 async def test_ring_restart_and_a_new_call_fd_hand_the_ring_over(tmp_path) -> None:  # type: ignore[no-untyped-def]
     require_c_dataplane()
-    svc, pol, slot, _ = await _vm(tmp_path, lane=True)
+    svc, pol, slot, _ = await engine_vm(tmp_path, lane=True)
     g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
     try:
         for i in range(10):
@@ -309,7 +296,7 @@ def _readable(fd: int) -> bool:
 
 async def test_changing_the_clamp_mechanism_moves_the_vm_between_lane_and_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
     require_c_dataplane()
-    svc, pol, slot, _ = await _vm(tmp_path, lane=True)
+    svc, pol, slot, _ = await engine_vm(tmp_path, lane=True)
     g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
     try:
         g.driver.set_util(3, 500)
@@ -342,7 +329,7 @@ async def test_the_lane_clamps_threads_for_real_or_says_why_not(tmp_path, caplog
     require_c_dataplane()
     caplog.set_level(logging.WARNING, logger="vhost_user_cpufreq")
     with named_vcpu_threads(4) as tids:
-        svc, pol, slot, counters = await _vm(tmp_path, lane=True, dry_run=False)
+        svc, pol, slot, counters = await engine_vm(tmp_path, lane=True, dry_run=False)
         probe = pol.actuator.degraded
         pol.attach_threads("vm", dict(enumerate(tids)))
         pol.actuator.degraded = None  # make the lane try, whatever the probe found
@@ -378,7 +365,7 @@ async def test_the_lane_thread_lives_only_while_it_serves_a_ring(tmp_path) -> No
         return len(os.listdir("/proc/self/task"))
 
     before = threads()
-    svc, pol, slot, _ = await _vm(tmp_path, lane=True)
+    svc, pol, slot, _ = await engine_vm(tmp_path, lane=True)
     g = await start_guest(str(tmp_path / "vm.sock"))
     await until(lambda: slot.device._lane_slot is not None)
     assert threads() == before + 1

@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import mmap
 import os
+import random
 import select
 import struct
 import time
@@ -258,7 +259,7 @@ def _utils(i: int, vcpus: int) -> tuple[int, int]:
 
 
 def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: int, vcpus: int,
-                      n: int, gap_us: int, warmup: int = 50) -> LatencySamples:
+                      n: int, gap_us: int, warmup: int = 50, jitter_us: int = 0) -> LatencySamples:
     """Blocking loop (the asyncio loop is not needed while it runs).
 
     The guest blocks for the ack right after its kick, inside the notify
@@ -293,12 +294,15 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
     k2a: list[int] = []
     not_armed = not_kicked = 0
     gap = gap_us / 1e6
+    # A request at a fixed pace can lock onto the phase of a polling device's grid (published just
+    # before each poll, or just after): a seeded jitter of up to one poll period spreads it evenly.
+    rng = random.Random(1)
     try:
         for i in range(n + warmup):
-            time.sleep(gap)
+            time.sleep(gap + rng.uniform(0, jitter_us / 1e6))
             v, util = _utils(i, vcpus)
             d.set_util(v, util)
-            armed = _wait_armed(q)
+            armed = _wait_armed(q, 0.0 if jitter_us else 0.002)  # a polling device never arms
             kicks = d.stats.kicks
             t_kick[0] = t_acked[0] = 0
             sent = d.flush()

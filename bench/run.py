@@ -355,7 +355,8 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
                 await be.cmd("reset-age")
                 s0 = await be.stats()
                 assert be.stamps is not None
-                lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, cfg.lat_n, cfg.lat_gap_us)
+                lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, cfg.lat_n, cfg.lat_gap_us,
+                                                 jitter_us=int(DEFAULT_KICK_BATCH_DELAY * 1e6) if polled else 0)
                 s1 = await be.stats()
             finally:
                 os.sched_setaffinity(0, mine)

@@ -527,7 +527,13 @@ class Session:
         batcher = None
         if q.event_idx and self.kick_batch_delay > 0:
             if ring.batcher is None:
-                ring.batcher = KickBatcher(self.kick_batch_delay, max_ahead=max(1, ring.num // 2))
+                # On the event loop a poll costs about what a kick's wake-up does (a timer and a
+                # drain in Python), so a ring is polled only once each poll finds a buffer on
+                # average; the kick lane polls an idle ring for a load of its index, and so from
+                # KickBatcher's lower default rates on.
+                ring.batcher = KickBatcher(self.kick_batch_delay, max_ahead=max(1, ring.num // 2),
+                                           enter_rate=1.0 / self.kick_batch_delay,
+                                           leave_rate=0.4 / self.kick_batch_delay)
             batcher = ring.batcher
             batcher.drained(self.clock(), (q.last_avail_idx - before) & 0xFFFF)
         if batcher is not None and batcher.busy:

@@ -148,5 +148,6 @@ async def test_a_busy_vm_is_polled_without_kicks_and_an_idle_one_kicks(tmp_path,
         assert slot.device.vcpus[0].util == 1024
         assert pol.vms["vm"].engine.vcpus[0] == 160  # vCPU 0's capacity: the rise was decided on
     finally:
+        del q  # no view of guest RAM may outlive the guest's close (it unmaps and closes the memfd)
         await g.close()
         await svc.close()

@@ -235,17 +235,20 @@ async def test_linux_guest_binds_and_drives_the_device(qemu_lab: QemuLab, guest_
 
     # Every batch both driver instances made available reached the back-end, in
     # sequence (the second instance starts over with RESYNC).
-    removed = re.findall(r"removed after (\d+) batches, (\d+) records, \d+ notifications, (\d+) config reads",
+    removed = re.findall(r"removed after (\d+) batches, (\d+) records, (\d+) notifications, (\d+) config reads",
                          output)
     assert len(removed) == 2, ctx
-    assert sum(int(b) for b, _, _ in removed) == slot.counters.get("batches"), (removed, slot.counters.snapshot())
-    assert sum(int(r) for _, r, _ in removed) == slot.counters.get("records"), (removed, slot.counters.snapshot())
-    assert sum(int(c) for _, _, c in removed) == reads, (removed, reads)
+    assert sum(int(b) for b, _, _, _ in removed) == slot.counters.get("batches"), (removed, slot.counters.snapshot())
+    assert sum(int(r) for _, r, _, _ in removed) == slot.counters.get("records"), (removed, slot.counters.snapshot())
+    assert sum(int(c) for _, _, _, c in removed) == reads, (removed, reads)
     assert slot.counters.total("rejected") == 0 and slot.counters.get("lost_batches") == 0, slot.counters.snapshot()
     # Notification policy (SPEC 6.4): requests that were not urgent waited, and went out together.
     end = parse_stats(lines, "end")
     print(f"\nlinux guest notification policy: {end}", file=sys.stderr)
-    assert end["deferred"] > 0 and end["notifies"] <= end["batches"] <= end["requests"], end
+    assert end["deferred"] > 0 and end["batches"] <= end["requests"], end
+    # At most one notification per batch, from the driver's own totals at removal: the "end"
+    # line reads its sysfs files one by one while the driver runs (batches before notifies).
+    assert all(int(n) <= int(b) for b, _, n, _ in removed), removed
     assert parse_stats(lines, "rebound")["batches"] > 0, ctx
     assert parse_stats(lines, "end")["add_errors"] == parse_stats(lines, "rebound")["add_errors"] == 0, ctx
     assert lab.policy.resets["linux"] >= 1  # the unbind stopped the ring: no boost outlives the driver

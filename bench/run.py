@@ -1039,7 +1039,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_round(_g(sc, lab, 'load', 'kicks_per_record'), 4)}"
             for lab in ("per-buffer",) if lab in gc or lab in sc)
         polled = _g(lat, "device_busy_polled", "kick_to_decision")
-        if polled:
+        if polled and _g(lat, "device_busy_polled", "requests_not_kicked") == polled["n"]:
             others += (f"; what polling costs a request: publication->decision p50 {polled['median']} us, "
                        f"p99 {polled['p99']} us (poll period {DEFAULT_KICK_BATCH_DELAY * 1e3:g} ms)")
         add("kicks per record under sustained load (default: busy rings polled)", "<= 1/32 (0.03125)",

@@ -524,8 +524,9 @@ class Session:
         if more:
             self._schedule(ring)  # work budget spent: come back after other sessions had their turn
             return
-        batcher = None
+        ahead, due = 1, None
         if q.event_idx and self.kick_batch_delay > 0:
+            now = self.clock()
             if ring.batcher is None:
                 # On the event loop a poll costs about what a kick's wake-up does (a timer and a
                 # drain in Python), so a ring is polled only once each poll finds a buffer on
@@ -534,15 +535,13 @@ class Session:
                 ring.batcher = KickBatcher(self.kick_batch_delay, max_ahead=max(1, ring.num // 2),
                                            enter_rate=1.0 / self.kick_batch_delay,
                                            leave_rate=0.4 / self.kick_batch_delay)
-            batcher = ring.batcher
-            batcher.drained(self.clock(), (q.last_avail_idx - before) & 0xFFFF)
-        if batcher is not None and batcher.busy:
-            # A busy ring: drained on the shared poll grid, kicked only by a burst of max_ahead buffers.
-            pending = q.set_avail_event((q.last_avail_idx + batcher.max_ahead - 1) & 0xFFFF)
+            ahead = ring.batcher.drained(now, (q.last_avail_idx - before) & 0xFFFF)
+            due = ring.batcher.next_poll(now)
+        if due is not None:
+            # A busy ring: drained on the shared poll grid, kicked only by a burst of `ahead` buffers.
+            pending = q.set_avail_event((q.last_avail_idx + ahead - 1) & 0xFFFF)
             if ring.deadline is None:
-                due = batcher.next_poll(self.clock())
-                assert due is not None
-                ring.deadline = self.loop.call_at(self.loop.time() + (due - self.clock()), self._deadline, ring)
+                ring.deadline = self.loop.call_at(self.loop.time() + (due - now), self._deadline, ring)
         else:
             if ring.deadline is not None:
                 ring.deadline.cancel()

@@ -235,14 +235,10 @@ class LatencySamples:
     not_kicked: int
 
 
-def _avail_event(queue: DriverQueue) -> int:
-    return queue._used.cast("H")[2 + 4 * queue.size]  # noqa: SLF001 - one 16-bit load
-
-
 def _wait_armed(queue: DriverQueue, limit_s: float = 0.002) -> bool:
     """Wait briefly until the device asked for a kick on our next buffer (it is idle, waiting)."""
     end = time.monotonic() + limit_s
-    while _avail_event(queue) != queue.avail_idx:
+    while queue.avail_event != queue.avail_idx:
         if time.monotonic() > end:
             return False
     return True
@@ -259,7 +255,7 @@ def _utils(i: int, vcpus: int) -> tuple[int, int]:
 
 
 def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: int, vcpus: int,
-                      n: int, gap_us: int, warmup: int = 50, jitter_us: int = 0) -> LatencySamples:
+                      n: int, gap_us: int, warmup: int = 50, poll_period_us: int = 0) -> LatencySamples:
     """Blocking loop (the asyncio loop is not needed while it runs).
 
     The guest blocks for the ack right after its kick, inside the notify
@@ -294,15 +290,17 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
     k2a: list[int] = []
     not_armed = not_kicked = 0
     gap = gap_us / 1e6
-    # A request at a fixed pace can lock onto the phase of a polling device's grid (published just
-    # before each poll, or just after): a seeded jitter of up to one poll period spreads it evenly.
+    # ``poll_period_us``: the device polls the ring on a grid of that period and never asks for a
+    # kick.  A request at a fixed pace would lock onto the grid's phase (published just before each
+    # poll, or just after): a seeded jitter of up to one period spreads it evenly.
+    jitter = poll_period_us / 1e6
     rng = random.Random(1)
     try:
         for i in range(n + warmup):
-            time.sleep(gap + rng.uniform(0, jitter_us / 1e6))
+            time.sleep(gap + rng.uniform(0, jitter))
             v, util = _utils(i, vcpus)
             d.set_util(v, util)
-            armed = _wait_armed(q, 0.0 if jitter_us else 0.002)  # a polling device never arms
+            armed = _wait_armed(q, 0.0 if poll_period_us else 0.002)
             kicks = d.stats.kicks
             t_kick[0] = t_acked[0] = 0
             sent = d.flush()

@@ -118,7 +118,8 @@ _ffi.cdef(
         int32_t again, uclamp_refused, id;
     } vuc_slot;
     typedef struct vuc_lane vuc_lane;
-    vuc_lane *vuc_lane_new(int notice_fd);
+    vuc_lane *vuc_lane_new(int notice_fd, uint64_t slice_ns);
+    void vuc_lane_sched(const vuc_lane *l, int32_t *tid, uint64_t *slice_ns, int32_t *err);
     void vuc_lane_free(vuc_lane *l);
     int vuc_lane_attach(vuc_lane *l, vuc_slot *s);
     void vuc_lane_detach(vuc_lane *l, vuc_slot *s);

@@ -7,6 +7,7 @@ any finding is degraded, so provisioning scripts can gate on it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from . import sched
 from .cdrain import dataplane
+from .lane import DEFAULT_LANE_SLICE_US, KickLane, LaneSched
 from .sysfs import read_host_model
 
 __all__ = ["Finding", "run_checks"]
@@ -52,9 +54,24 @@ def _dataplane() -> Finding:
     except RuntimeError as exc:  # VUC_DATAPLANE=c and no C
         return Finding("dataplane", "degraded", str(exc))
     if dp.kind == "c":
-        how = "kicks served by the C kick lane" if dp.lane else "kicks served on the event loop"
-        return Finding("dataplane", "ok", f"request queue drained in {dp.detail}; {how}")
+        if not dp.lane:
+            return Finding("dataplane", "ok", f"request queue drained in {dp.detail}; kicks served on the event loop")
+        sched = _lane_sched(dp.lib)
+        state = "ok" if sched.applied else "degraded"
+        return Finding("dataplane", state, f"request queue drained in {dp.detail}; kicks served by the C kick lane; "
+                       f"{sched.describe()}")
     return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
+
+
+def _lane_sched(lib: object) -> LaneSched:
+    """Start a kick lane as the service would, for what the kernel made of its slice request."""
+    loop = asyncio.new_event_loop()
+    try:
+        lane = KickLane(lib, loop, DEFAULT_LANE_SLICE_US)
+        lane.close()
+        return lane.sched
+    finally:
+        loop.close()
 
 
 def _uclamp() -> Finding:

@@ -12,6 +12,7 @@ Example::
     sample_period = 0.05            # seconds between frequency samples
     mirror_threshold = 0.02         # notify when a domain moves by 2% of its max
     max_notifications_per_second = 20
+    lane_slice_us = 100             # the kick lane's scheduler slice (0: the kernel's)
     nominal_khz = 2000000           # when the host has no cpufreq
 
     [vm.web1]
@@ -64,6 +65,7 @@ class ServiceConfig:
     mirror_threshold: float = 0.02
     max_notifications_per_second: float = 20.0
     kick_batch_delay: float = 0.004
+    lane_slice_us: int = 100  # the kick lane thread's EEVDF slice; 0: the kernel's default
     nominal_khz: int | None = None
     dry_run: bool = False
     engine: EngineConfig = EngineConfig()
@@ -79,7 +81,7 @@ class ServiceConfig:
 _SERVICE_KEYS = {
     "sysfs_root", "sample_period", "mirror_threshold", "max_notifications_per_second", "nominal_khz", "dry_run",
     "hysteresis", "min_interval", "stale_after", "headroom", "control_socket", "metrics_address",
-    "state_file", "allowed_uids", "allowed_gids", "kick_batch_delay",
+    "state_file", "allowed_uids", "allowed_gids", "kick_batch_delay", "lane_slice_us",
 }
 _VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "clamp", "cgroup", "socket_mode",
             "socket_owner", "socket_group"}
@@ -193,6 +195,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
                                                  lambda v: 0 < v <= 1000, "a rate 0..1000")),
         kick_batch_delay=float(r.get(svc, p, "kick_batch_delay", num, 0.004, lambda v: 0 <= v <= 0.1,
                                      "seconds 0..0.1")),
+        lane_slice_us=r.get(svc, p, "lane_slice_us", int, 100, lambda v: v == 0 or 100 <= v <= 100_000,
+                            "0 or microseconds 100..100000 (the kernel's range for a slice)"),
         nominal_khz=r.get(svc, p, "nominal_khz", int, None, lambda v: 1000 <= v <= 20_000_000, "kHz 1000..20000000"),
         dry_run=r.get(svc, p, "dry_run", bool, False, None, "true or false"),
         engine=engine,

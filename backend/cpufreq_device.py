@@ -43,7 +43,7 @@ from .cdrain import DataPlane, dataplane
 from .counters import Counters
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
-from .lane import EV_BUFFER, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
+from .lane import DEFAULT_LANE_SLICE_US, EV_BUFFER, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
 from .policy import Policy
 from .ratelimit import LogBudget
 
@@ -114,12 +114,14 @@ class CpufreqDevice:
         clock: Callable[[], float] = time.monotonic,
         log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
         data_plane: DataPlane | None = None,
+        lane_slice_us: int = DEFAULT_LANE_SLICE_US,
     ) -> None:
         self.vm = vm
         self.source = source
         self.policy = policy
         self.counters = counters or Counters()
         self.work_budget = work_budget
+        self.lane_slice_us = lane_slice_us  # the kick lane's slice, if this device starts the lane
         self._clock = clock
         self.log = log or logging.LoggerAdapter(logging.getLogger(__name__), {"vm": vm})
         self._offered = (
@@ -318,7 +320,7 @@ class CpufreqDevice:
         if binding is None:
             return None
         try:
-            lane = lane_for(self._dataplane.lib, asyncio.get_running_loop())
+            lane = lane_for(self._dataplane.lib, asyncio.get_running_loop(), self.lane_slice_us)
             slot = LaneSlot(lane, queue, kick_fd=kick_fd, call_fd=call_fd, budget=self.work_budget,
                             num_vcpus=len(self._vcpus), perf_request=self.perf_request, batch_delay=batch_delay,
                             binding=binding, seq=self.seq, vcpus=self._vcpus, counters=self.counters,

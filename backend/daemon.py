@@ -26,6 +26,7 @@ from .config import ConfigError, ServiceConfig, VmSettings, load_config
 from .counters import Counters
 from .host import HostSide
 from .host_policy import HostPolicy
+from .lane import running_lanes
 from .service import Service
 from .statefile import StateFile, recover
 from .sysfs import SysfsSource
@@ -46,7 +47,7 @@ class Daemon:
         self.actuator = ThreadActuator(self.counters, dry_run=config.dry_run, state=self.state)
         self.policy = HostPolicy(self.actuator, config=config.engine)
         self.service = Service(self.source, self.policy, allowed_uids=config.allowed_uids,
-                               allowed_gids=config.allowed_gids)
+                               allowed_gids=config.allowed_gids, lane_slice_us=config.lane_slice_us)
         self.host = HostSide(self.service, self.source, self.policy)
         self._tasks: list[asyncio.Task[None]] = []
         self._control: asyncio.AbstractServer | None = None
@@ -121,7 +122,7 @@ class Daemon:
                 raise ConfigError("no configuration file to reload (started from flags)")
             new = load_config(self.config_path)
         old = self.config
-        fixed = ("sysfs_root", "control_socket", "metrics_address", "dry_run", "state_file")
+        fixed = ("sysfs_root", "control_socket", "metrics_address", "dry_run", "state_file", "lane_slice_us")
         for key in fixed:
             if getattr(new, key) != getattr(old, key):
                 raise ConfigError(f"{new.source}: service.{key}: cannot change on reload (restart the service)")
@@ -202,6 +203,9 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started, 3),
             "degraded": {"cpufreq": model.degraded, "uclamp": self.actuator.degraded,
                          "hotplug": self.host.hotplug.unavailable_reason if self.host.hotplug else "not started"},
+            "kick_lanes": [{"thread": lane.sched.tid, "slice_requested_us": lane.sched.requested_ns // 1000,
+                            "slice_us": lane.sched.slice_ns / 1000, "slice_applied": lane.sched.applied,
+                            "queues": len(lane.slots)} for lane in running_lanes()],
             "host": {"online_cpus": list(model.online_cpus()),
                      "domains": [{"cpus": list(d.cpus), "cur_khz": d.cur_khz, "max_khz": d.max_khz,
                                   "capacity": d.capacity} for d in model.snapshot().domains]},

@@ -29,6 +29,7 @@
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -374,9 +375,14 @@ typedef struct {
 
 typedef struct vuc_lane {
     pthread_mutex_t mu;
+    pthread_cond_t started;
     pthread_t thread;
     int epfd, wakefd, notice_fd;
     int stop;
+    /* The lane thread's scheduling, set by the thread itself before it serves anything. */
+    int ready;
+    int32_t tid, slice_err;
+    uint64_t slice_req, slice_ns; /* requested; read back after the request (0: none asked) */
     vuc_slot *slot[MAX_SLOTS];
     uint32_t gen[MAX_SLOTS];
     uint32_t nslots; /* high-water mark of used indices */
@@ -836,10 +842,47 @@ static int housekeeping(vuc_lane *l) {
     return ms < 0 ? 0 : ms > 60000 ? 60000 : (int)ms;
 }
 
+/* A kick costs the lane a few microseconds.  Under EEVDF (Linux 6.12+) a fair thread may
+ * ask for a slice that long through sched_attr.sched_runtime, and a thread whose slice is
+ * shorter than the running thread's preempts it on wake-up.  Without it a kick that wakes
+ * the lane on a CPU where a vCPU thread is busy waits until that thread's slice (about
+ * 1-3 ms) runs out.  Older kernels ignore the field for fair threads and read back 0. */
+static void request_slice(vuc_lane *l) {
+    l->tid = (int32_t)syscall(SYS_gettid);
+    if (!l->slice_req)
+        return;
+    struct sched_attr_v1 a;
+    memset(&a, 0, sizeof a);
+    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) != 0) {
+        l->slice_err = errno;
+        return;
+    }
+    if (a.sched_policy != SCHED_OTHER && a.sched_policy != SCHED_BATCH) {
+        l->slice_err = EINVAL; /* started real-time or idle: not ours to change */
+        return;
+    }
+    a.size = sizeof a;
+    a.sched_flags &= SCHED_FLAG_RESET_ON_FORK; /* policy and nice as they are, clamps untouched */
+    a.sched_runtime = l->slice_req;
+    a.sched_deadline = a.sched_period = 0;
+    if (syscall(SYS_sched_setattr, 0, &a, 0) != 0) {
+        l->slice_err = errno;
+        return;
+    }
+    memset(&a, 0, sizeof a);
+    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0)
+        l->slice_ns = a.sched_runtime;
+}
+
 static void *lane_main(void *arg) {
     vuc_lane *l = arg;
     struct epoll_event evs[64];
     int timeout = -1;
+    pthread_mutex_lock(&l->mu);
+    request_slice(l);
+    l->ready = 1;
+    pthread_cond_broadcast(&l->started);
+    pthread_mutex_unlock(&l->mu);
     for (;;) {
         int n = epoll_wait(l->epfd, evs, 64, timeout);
         pthread_mutex_lock(&l->mu);
@@ -877,12 +920,14 @@ static void wake(vuc_lane *l) {
 
 /* A lane with its thread running; NULL with errno set on failure.  ``notice_fd``
  * (an eventfd, or -1) is written when a slot's event queue becomes non-empty. */
-vuc_lane *vuc_lane_new(int notice_fd) {
+vuc_lane *vuc_lane_new(int notice_fd, uint64_t slice_ns) {
     vuc_lane *l = calloc(1, sizeof *l);
     if (!l)
         return NULL;
     pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->started, NULL);
     l->notice_fd = notice_fd;
+    l->slice_req = slice_ns;
     l->epfd = epoll_create1(EPOLL_CLOEXEC);
     l->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_KEY};
@@ -901,6 +946,10 @@ vuc_lane *vuc_lane_new(int notice_fd) {
         errno = rc;
         goto fail;
     }
+    pthread_mutex_lock(&l->mu);
+    while (!l->ready)
+        pthread_cond_wait(&l->started, &l->mu);
+    pthread_mutex_unlock(&l->mu);
     return l;
 fail: {
     int err = errno;
@@ -908,6 +957,8 @@ fail: {
         close(l->epfd);
     if (l->wakefd >= 0)
         close(l->wakefd);
+    pthread_cond_destroy(&l->started);
+    pthread_mutex_destroy(&l->mu);
     free(l);
     errno = err;
     return NULL;
@@ -922,8 +973,16 @@ void vuc_lane_free(vuc_lane *l) {
     pthread_join(l->thread, NULL);
     close(l->epfd);
     close(l->wakefd);
+    pthread_cond_destroy(&l->started);
     pthread_mutex_destroy(&l->mu);
     free(l);
+}
+
+/* The lane thread's id and what became of its slice request (see request_slice). */
+void vuc_lane_sched(const vuc_lane *l, int32_t *tid, uint64_t *slice_ns, int32_t *err) {
+    *tid = l->tid;
+    *slice_ns = l->slice_ns;
+    *err = l->slice_err;
 }
 
 /* Serve ``s``: its kick fd joins the epoll set and the ring is drained once (buffers

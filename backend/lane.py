@@ -37,7 +37,8 @@ from .cdrain import CDrainer, ffi, pointer_to
 from .counters import LATENCY_BUCKETS, Counters
 from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
-__all__ = ["CClampEngine", "KickLane", "LaneSlot", "LaneBinding", "lane_for", "EV_RING", "EV_BUFFER", "EV_RECORDS",
+__all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
+           "DEFAULT_LANE_SLICE_US", "EV_RING", "EV_BUFFER", "EV_RECORDS",
            "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT"]
 
 log = logging.getLogger("vhost_user_cpufreq.lane")
@@ -46,6 +47,11 @@ _CHANGE_REASONS = ("request", "deferred", "stale", "release")
 EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT = range(7)
 _EVENTS_PER_READ = 64
 _ERRNOS = 64  # kick_lane.c VUC_ERRNOS
+
+#: The lane thread's EEVDF slice: the kernel's shortest (0.1 ms), still far above the few
+#: microseconds a kick costs the lane, so the lane preempts a busy thread on its CPU when a
+#: kick wakes it instead of waiting out that thread's slice (kick_lane.c, request_slice).
+DEFAULT_LANE_SLICE_US = 100
 
 
 class CClampEngine:
@@ -125,20 +131,51 @@ class LaneBinding:
     stamps: Any = None  # a writable buffer of 16 bytes per vCPU: (decided ns, records decided)
 
 
+@dataclass(frozen=True, slots=True)
+class LaneSched:
+    """The lane thread, and what became of its request for a short scheduler slice."""
+
+    tid: int
+    requested_ns: int  # 0: none asked (the kernel's default slice)
+    slice_ns: int  # read back from the kernel after the request; 0 where fair threads have no slice
+    error: int  # errno of a refused request, else 0
+
+    @property
+    def applied(self) -> bool:
+        return self.requested_ns > 0 and self.error == 0 and self.slice_ns == self.requested_ns
+
+    def describe(self) -> str:
+        if not self.requested_ns:
+            return f"kick lane thread {self.tid}: the kernel's default slice (lane_slice_us = 0)"
+        if self.error:
+            return (f"kick lane thread {self.tid}: slice of {self.requested_ns // 1000} us refused: "
+                    f"{os.strerror(self.error)}; a kick may wait out a busy thread's slice on the lane's CPU")
+        if not self.applied:
+            return (f"kick lane thread {self.tid}: this kernel keeps its own slice (it reads back "
+                    f"{self.slice_ns} ns; a slice for fair threads needs Linux 6.12+); a kick may wait out "
+                    f"a busy thread's slice on the lane's CPU")
+        return (f"kick lane thread {self.tid}: EEVDF slice {self.slice_ns // 1000} us, so a kick preempts "
+                f"a busy thread on the lane's CPU")
+
+
 class KickLane:
     """The C thread of one event loop, and the eventfd it wakes the loop with when it has events."""
 
-    def __init__(self, lib: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, lib: Any, loop: asyncio.AbstractEventLoop, slice_us: int = DEFAULT_LANE_SLICE_US) -> None:
         self._lib = lib
         self._loop = loop
         self._notice = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        lane = lib.vuc_lane_new(self._notice)
+        lane = lib.vuc_lane_new(self._notice, max(0, slice_us) * 1000)
         if lane == ffi.NULL:
             err = ffi.errno
             os.close(self._notice)
             raise OSError(err, f"cannot start the kick lane: {os.strerror(err)}")
         self.handle = lane
         self.slots: set[LaneSlot] = set()
+        tid, got, err = ffi.new("int32_t *"), ffi.new("uint64_t *"), ffi.new("int32_t *")
+        lib.vuc_lane_sched(lane, tid, got, err)
+        self.sched = LaneSched(tid[0], max(0, slice_us) * 1000, got[0], err[0])
+        (log.info if self.sched.applied or not self.sched.requested_ns else log.warning)("%s", self.sched.describe())
         loop.add_reader(self._notice, self._on_notice)
 
     def _on_notice(self) -> None:
@@ -159,12 +196,20 @@ class KickLane:
 _lanes: dict[asyncio.AbstractEventLoop, KickLane] = {}
 
 
-def lane_for(lib: Any, loop: asyncio.AbstractEventLoop) -> KickLane:
-    """The loop's lane, started on first use (and stopped when its last slot leaves)."""
+def lane_for(lib: Any, loop: asyncio.AbstractEventLoop, slice_us: int = DEFAULT_LANE_SLICE_US) -> KickLane:
+    """The loop's lane, started on first use (and stopped when its last slot leaves).
+
+    ``slice_us`` applies when the lane starts; every VM of a service asks for the same.
+    """
     lane = _lanes.get(loop)
     if lane is None:
-        lane = _lanes[loop] = KickLane(lib, loop)
+        lane = _lanes[loop] = KickLane(lib, loop, slice_us)
     return lane
+
+
+def running_lanes() -> list[KickLane]:
+    """The lanes serving queues now (one per event loop that has offloaded one)."""
+    return list(_lanes.values())
 
 
 def _release_lane(lane: KickLane) -> None:

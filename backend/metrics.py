@@ -39,6 +39,7 @@ from prometheus_client.metrics_core import (
 from .cdrain import dataplane
 from .counters import LATENCY_BUCKETS
 from .engine import CAPACITY_SCALE
+from .lane import running_lanes
 
 if TYPE_CHECKING:  # the daemon imports this module lazily; no import cycle at run time
     from wsgiref.simple_server import WSGIServer
@@ -215,12 +216,20 @@ class DaemonCollector:
         degraded = GaugeMetricFamily(
             PREFIX + "degraded",
             "1 while a component runs degraded: cpufreq (nominal frequencies), uclamp (clamps recorded, not "
-            "applied), hotplug (no uevents; periodic rebuilds only).", labels=["component"])
+            "applied), hotplug (no uevents; periodic rebuilds only), dataplane (pure Python), lane_slice (the "
+            "kick lane asked for a short scheduler slice and did not get it).", labels=["component"])
         degraded.add_metric(["cpufreq"], 1 if model.degraded is not None else 0)
         degraded.add_metric(["uclamp"], 1 if d.actuator.degraded is not None else 0)
         degraded.add_metric(["hotplug"], 0 if hp is not None and hp.available else 1)
         degraded.add_metric(["dataplane"], 0 if dataplane().kind == "c" else 1)
+        lanes = running_lanes()
+        degraded.add_metric(["lane_slice"], 1 if any(ln.sched.requested_ns and not ln.sched.applied for ln in lanes) else 0)
         yield degraded
+        if lanes:
+            yield GaugeMetricFamily(
+                PREFIX + "kick_lane_slice_seconds",
+                "Scheduler slice of the kick lane thread as the kernel reports it (0: the kernel's default slice "
+                "applies); present while the lane runs.", value=max(ln.sched.slice_ns for ln in lanes) / 1e9)
 
         yield GaugeMetricFamily(PREFIX + "start_time_seconds", "Start time of the service, seconds since the epoch.",
                                 value=d.started)

@@ -81,6 +81,7 @@ class SchedAttr:
     priority: int
     util_min: int
     util_max: int
+    runtime: int = 0  # a fair thread's slice in ns (Linux 6.12+), or a deadline thread's runtime
 
 
 def _numbers() -> tuple[int, int]:
@@ -98,7 +99,7 @@ def sched_getattr(tid: int) -> SchedAttr:
         e = _ffi.errno
         raise OSError(e, f"sched_getattr({tid}): {os.strerror(e)}")
     return SchedAttr(attr.sched_policy, attr.sched_flags, attr.sched_nice, attr.sched_priority,
-                     attr.sched_util_min, attr.sched_util_max)
+                     attr.sched_util_min, attr.sched_util_max, attr.sched_runtime)
 
 
 def sched_setattr_clamp(tid: int, util_min: int | None, util_max: int | None = None, *,

@@ -20,6 +20,7 @@ from typing import Callable
 from .counters import Counters
 from .cpufreq_device import CpufreqDevice
 from .hostfreq import FrequencySource
+from .lane import DEFAULT_LANE_SLICE_US
 from .policy import Policy
 from .session import Session
 from .transport import Connection, peer_credentials
@@ -64,9 +65,12 @@ class VmSlot:
 
 class Service:
     def __init__(self, source: FrequencySource, policy: Policy, *,
-                 allowed_uids: tuple[int, ...] | None = None, allowed_gids: tuple[int, ...] | None = None) -> None:
+                 allowed_uids: tuple[int, ...] | None = None, allowed_gids: tuple[int, ...] | None = None,
+                 lane_slice_us: int = DEFAULT_LANE_SLICE_US) -> None:
         self.source = source
         self.policy = policy
+        #: the kick lane thread's scheduler slice (0: the kernel's default), see lane.py
+        self.lane_slice_us = lane_slice_us
         #: SO_PEERCRED allowlist: a peer whose uid or gid is listed may connect (None: no check)
         self.allowed_uids = allowed_uids
         self.allowed_gids = allowed_gids
@@ -84,7 +88,7 @@ class Service:
         counters = Counters()
         vlog = VmLog(log, {"vm": cfg.name})
         device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
-                               mirror_threshold=cfg.mirror_threshold)
+                               mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us)
         sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,
                                                                    cfg.socket_owner, cfg.socket_group)
         sock.setblocking(False)

@@ -43,6 +43,12 @@ def require_c_dataplane() -> None:
         unavailable("VUC_REQUIRE_TOOLS", f"the C data plane with its kick lane is not in use: {dp.detail}")
 
 
+def kernel_has_fair_slices() -> bool:
+    """Linux 6.12+ (EEVDF) takes sched_attr.sched_runtime as a fair thread's slice; older kernels ignore it."""
+    release = os.uname().release.split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (6, 12)
+
+
 @contextmanager
 def short_tmpdir(prefix: str, mode: int | None = None) -> Iterator[Path]:
     """A directory under /tmp with a short path: sun_path holds 107 bytes, pytest's tmp_path can be longer."""

@@ -193,6 +193,11 @@ async def test_invalid_reload_keeps_the_running_configuration(daemon: Daemon, wo
                     .replace('\n[vm.c]\nsocket = "relative.sock"\n', ""))
     with pytest.raises(ConfigError, match=r"service\.control_socket: cannot change on reload"):
         await daemon.reload()
+    # The kick lane's slice is set once, when its thread starts.
+    path.write_text(path.read_text().replace(str(workdir / "other.sock"), str(workdir / "control.sock"))
+                    .replace("[service]\n", "[service]\nlane_slice_us = 500\n"))
+    with pytest.raises(ConfigError, match=r"service\.lane_slice_us: cannot change on reload"):
+        await daemon.reload()
 
 
 async def test_reload_without_a_file_is_refused(workdir: Path, sysfs: Path) -> None:
@@ -232,7 +237,10 @@ def test_config_errors_name_file_and_key(workdir: Path, extra: str, key: str, wh
     ('[services]\n', "services", "unknown section"),
     ('[vm.a]\nvcpus = 1\n', "vm.a.socket", "is required"),
     ('[vm."a b"]\nsocket = "/run/a.sock"\n', "vm.a b", "letters, digits"),
-], ids=["duplicate socket", "unknown service key", "unknown section", "missing socket", "VM name"])
+    ('[service]\nlane_slice_us = 50\n', "service.lane_slice_us", "0 or microseconds 100..100000"),
+    ('[service]\nlane_slice_us = 1.5\n', "service.lane_slice_us", "got 1.5"),
+], ids=["duplicate socket", "unknown service key", "unknown section", "missing socket", "VM name",
+        "lane slice below the kernel's", "lane slice not an integer"])
 def test_more_config_errors(workdir: Path, text: str, key: str, why: str) -> None:
     path = workdir / "bad.toml"
     path.write_text(text)

@@ -17,6 +17,7 @@ Three layers, each compared with its reference:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import struct
@@ -42,7 +43,7 @@ from vhost_user_cpufreq.backend.service import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
 
-from .helpers import engine_vm, named_vcpu_threads, require_c_dataplane, start_guest, until
+from .helpers import engine_vm, kernel_has_fair_slices, named_vcpu_threads, require_c_dataplane, start_guest, until
 from .test_ring_drain import AVAIL_GPA, U16, USED_GPA, _offer_raw, c_lib, make_queue, scenario
 
 
@@ -374,6 +375,67 @@ async def test_the_lane_thread_lives_only_while_it_serves_a_ring(tmp_path) -> No
     assert threads() == before
     await svc.close()
     assert threading.active_count() >= 1
+
+
+def _lane_in_thread(lib: Any, slice_us: int, setup: Any) -> tuple[KickLane, sched.SchedAttr, sched.SchedAttr]:
+    """Start a lane from a fresh thread prepared by ``setup()`` (the lane inherits its scheduling)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        setup()
+        loop = asyncio.new_event_loop()
+        try:
+            lane = KickLane(lib, loop, slice_us)
+            out["attr"] = sched.sched_getattr(lane.sched.tid)  # while the lane thread lives
+            out["creator"] = sched.sched_getattr(0)
+            lane.close()
+            out["lane"] = lane
+        finally:
+            loop.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out["lane"], out["attr"], out["creator"]
+
+
+def test_the_lane_thread_asks_for_a_short_slice_and_keeps_the_rest(caplog) -> None:  # type: ignore[no-untyped-def]
+    """The lane's own thread requests its slice, keeping the policy and nice value it inherited."""
+    require_c_dataplane()
+    lib = c_lib()
+
+    def nice5() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # this thread only
+
+    with caplog.at_level(logging.INFO, logger="vhost_user_cpufreq.lane"):
+        lane, attr, creator = _lane_in_thread(lib, 250, nice5)
+    assert lane.sched.tid != threading.get_native_id() and lane.sched.requested_ns == 250_000
+    assert lane.sched.error == 0 and attr.policy == os.SCHED_OTHER and attr.nice == 5
+    if kernel_has_fair_slices():
+        # The kernel itself, asked from outside the lane, says the lane thread's slice is 250 us;
+        # the thread that started it kept the default.
+        assert lane.sched.applied and attr.runtime == lane.sched.slice_ns == 250_000
+        assert creator.runtime != 250_000
+        assert "EEVDF slice 250 us" in caplog.text
+    else:  # older kernels ignore the request for fair threads: said, not hidden
+        assert not lane.sched.applied and "needs Linux 6.12+" in caplog.text
+
+    lane, attr, creator = _lane_in_thread(lib, 0, lambda: None)  # lane_slice_us = 0: left alone
+    assert not lane.sched.applied and lane.sched.slice_ns == 0 and attr.runtime == creator.runtime
+    assert "the kernel's default slice" in lane.sched.describe()
+
+
+def test_a_lane_started_by_an_idle_class_thread_refuses_the_slice_and_says_why(caplog) -> None:  # type: ignore[no-untyped-def]
+    require_c_dataplane()
+
+    def idle() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only
+
+    with caplog.at_level(logging.WARNING, logger="vhost_user_cpufreq.lane"):
+        lane, attr, _ = _lane_in_thread(c_lib(), 100, idle)
+    assert lane.sched.error == errno.EINVAL and not lane.sched.applied
+    assert attr.policy == os.SCHED_IDLE  # not ours to change
+    assert "slice of 100 us refused" in caplog.text and "busy thread's slice" in caplog.text
 
 
 async def test_the_lane_runs_the_engines_deadlines_without_kicks(tmp_path) -> None:  # type: ignore[no-untyped-def]

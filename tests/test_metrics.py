@@ -32,10 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vhost_user_cpufreq.backend.config import VmSettings, parse_config
 from vhost_user_cpufreq.backend.daemon import Daemon
+from vhost_user_cpufreq.backend.lane import running_lanes
 from vhost_user_cpufreq.backend.metrics import parse_address, render, start_metrics_server
 from vhost_user_cpufreq.protocol import cpufreq as abi
 
-from .helpers import named_vcpu_threads, Guest, start_guest, unavailable, until
+from .helpers import kernel_has_fair_slices, named_vcpu_threads, Guest, start_guest, unavailable, until
 from .sysfs_tree import HostSpec, make_sysfs_tree, set_cur_freq
 
 HOST = HostSpec.big_little([(4, 300000, 1800000, 160), (3, 400000, 2200000, 498), (1, 500000, 2800000, 1024)])
@@ -86,7 +87,7 @@ async def _running(tmp_path: Path, *, metrics_address: str | None = None) -> Run
     """A started daemon with one connected guest that sent records, one malformed batch and saw a frequency move."""
     root = make_sysfs_tree(tmp_path / "sys", HOST)
     service: dict[str, Any] = {"sysfs_root": str(root), "sample_period": 0.01, "dry_run": True,
-                               "mirror_threshold": 0.01, "min_interval": 0.0}
+                               "mirror_threshold": 0.01, "min_interval": 0.0, "lane_slice_us": 250}
     if metrics_address is not None:
         service["metrics_address"] = metrics_address
     config = parse_config({"service": service, "vm": {"vm0": {"socket": str(tmp_path / "vm0.sock"), "vcpus": 4}}})
@@ -186,6 +187,17 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
     from vhost_user_cpufreq.backend.cdrain import dataplane
 
     assert _value(s, P + "degraded", component="dataplane") == (0 if dataplane().kind == "c" else 1)
+    # The kick lane serves vm0's queue with the configured slice, where the C lane runs at all.
+    lanes = running_lanes()
+    if dataplane().kind == "c" and dataplane().lane:
+        assert len(lanes) == 1 and lanes[0].sched.requested_ns == 250_000
+        applied = lanes[0].sched.applied
+        assert applied == kernel_has_fair_slices()
+        assert _value(s, P + "kick_lane_slice_seconds") == (250e-6 if applied else lanes[0].sched.slice_ns / 1e9)
+        assert _value(s, P + "degraded", component="lane_slice") == (0 if applied else 1)
+    else:
+        assert not lanes and not [k for k in s if k[0] == P + "kick_lane_slice_seconds"]
+        assert _value(s, P + "degraded", component="lane_slice") == 0
     assert _value(s, P + "vms_configured") == 1
     assert _value(s, P + "reloads_total") == 0 and _value(s, P + "reload_failures_total") == 0
     assert _value(s, P + "start_time_seconds") == d.started

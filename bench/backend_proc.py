@@ -286,7 +286,7 @@ async def main(args: argparse.Namespace) -> None:
         stamper.split = split
     policy = (stamper if args.policy == "stamp"
               else EngineStampPolicy(stamper, names, vmap, lane=args.policy == "engine"))
-    svc = Service(source, policy)  # type: ignore[arg-type]
+    svc = Service(source, policy, **({} if args.lane_slice_us is None else {"lane_slice_us": args.lane_slice_us}))  # type: ignore[arg-type]
     for n in names:
         await svc.add_vm(VmConfig(n, os.path.join(args.dir, f"{n}.sock"), vmap,
                                   notify_interval=args.notify_interval, **kick_kw))
@@ -410,6 +410,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--notify-interval", type=float, default=0.01)
     p.add_argument("--kick-batch-delay", type=float, default=None,
                    help="VmConfig.kick_batch_delay (default: the service's); 0 = a kick per buffer")
+    p.add_argument("--lane-slice-us", type=int, default=None,
+                   help="Service.lane_slice_us, the kick lane thread's scheduler slice (default: the service's; "
+                        "0 = the kernel's default slice)")
     p.add_argument("--age", action="store_true", help="record each batch's age at decision")
     p.add_argument("--split", action="store_true", help="stamp the kick handler's entry too (needs --stamp-fd)")
     return p.parse_args(argv)

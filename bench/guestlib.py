@@ -335,6 +335,63 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
     return LatencySamples(k2d, k2a, not_armed, not_kicked)
 
 
+class BusyVcpu:
+    """A vCPU that goes on running guest code after its kick, as a real one does.
+
+    The Linux driver's kick is an MMIO write whose exit returns at once: the vCPU
+    thread never blocks for the device.  Here the guest spins for
+    ``busy_before_us`` before each request (guest code it was running), kicks, and
+    spins reading the decision stamp until the decision shows.  On the back-end's
+    CPU the lane runs only if its wake-up preempts this thread.
+    """
+
+    def __init__(self, g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: int, vcpus: int) -> None:
+        self.g, self.stamps, self.vcpus = g, stamps, vcpus
+        self.offs = [slot_offset(vm_index, v, slot_vcpus) for v in range(vcpus)]
+        self.counts = [SLOT.unpack_from(stamps, o)[1] for o in self.offs]
+        self.sent = 0  # this guest's own sequence: each request moves its vCPU's util far from the last
+
+    def run(self, n: int, gap_us: int, busy_before_us: int, limit_s: float = 0.5) -> list[int]:
+        """``n`` requests, kick -> decision in ns each."""
+        d, q = self.g.driver, self.g.driver.queue
+        t_kick = [0]
+        orig_notify = self.g.transport.notify
+
+        def notify(index: int) -> None:
+            t_kick[0] = mono_ns()
+            orig_notify(index)
+
+        self.g.transport.notify = notify  # type: ignore[method-assign]
+        out: list[int] = []
+        try:
+            for _ in range(n):
+                time.sleep(gap_us / 1e6)
+                end = time.monotonic() + busy_before_us / 1e6
+                while time.monotonic() < end:
+                    pass
+                v = self.sent % self.vcpus
+                util = 200 if (self.sent // self.vcpus) % 2 == 0 else 800
+                self.sent += 1
+                d.set_util(v, util)
+                if not _wait_armed(q):
+                    raise RuntimeError("the device does not ask for kicks (kick batching must be off here)")
+                t_kick[0] = 0
+                sent = d.flush()
+                assert sent == 1 and t_kick[0], (sent, t_kick[0])
+                self.counts[v] += 1
+                off, deadline = self.offs[v], time.monotonic() + limit_s
+                while True:
+                    ts, c = SLOT.unpack_from(self.stamps, off)
+                    if c >= self.counts[v]:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no decision {limit_s} s after the kick")
+                out.append(ts - t_kick[0])
+        finally:
+            self.g.transport.notify = orig_notify  # type: ignore[method-assign]
+        return out
+
+
 async def latency_qemu(driver: CpufreqDriver, transport, stamps: mmap.mmap, vm_index: int,  # type: ignore[no-untyped-def]
                        slot_vcpus: int, vcpus: int, n: int, gap_us: int, warmup: int = 20) -> LatencySamples:
     """The same through QEMU: the kick is a qtest MMIO write, the ack QEMU's INTx report."""

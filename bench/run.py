@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import mmap
 import os
@@ -46,6 +47,7 @@ from stats import (  # noqa: E402
     system_busy,
 )
 
+from vhost_user_cpufreq.backend import sched  # noqa: E402
 from vhost_user_cpufreq.backend.policy import schedutil_khz  # noqa: E402
 from vhost_user_cpufreq.backend.service import VmConfig  # noqa: E402
 from vhost_user_cpufreq.guest.workload import BurstyWorkload, PeltTracker  # noqa: E402
@@ -116,13 +118,15 @@ class Backend:
     def __init__(self, sock_dir: str, *, vms: int = 1, vcpus: int = 8, stamps: bool = False,
                  sysfs: str | None = None, period: float = 0.05, follow: bool = False,
                  kick_batch_delay: float | None = None, age: bool = False, split: bool = False,
-                 policy: str = "stamp") -> None:
+                 policy: str = "stamp", lane_slice_us: int | None = None) -> None:
         self.dir = sock_dir
         self.vms = vms
         self.vcpus = vcpus
         self.args = ["--dir", sock_dir, "--vms", str(vms), "--vcpus", str(vcpus), "--policy", policy]
         if kick_batch_delay is not None:
             self.args += ["--kick-batch-delay", str(kick_batch_delay)]
+        if lane_slice_us is not None:
+            self.args += ["--lane-slice-us", str(lane_slice_us)]
         if sysfs:
             self.args += ["--sysfs", sysfs, "--period", str(period)]
         if follow:
@@ -376,6 +380,8 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
                 round(delta(s0, s1, "k2d_sum_s") / k2d_n * 1e6, 2) if k2d_n else None,
             "backend_kicks": delta(s0, s1, "kicks"),
         }
+    log(f"latency: vCPU busy after its kick, one CPU, lane slice default vs the kernel's")
+    out["busy_vcpu"] = await _busy_vcpu(cfg, tmp)
     c = out["floor"].get("c", {})
     if "rtt" in c and c["rtt"]["median"]:
         dev = out["device"]
@@ -396,6 +402,55 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
                     "rtt_p50_vs_c_rtt_p50": round(x["kick_to_ack_rtt"]["median"] / f["rtt"]["median"], 2),
                     "kick_to_decision_p99_vs_c_oneway_p99": round(x["kick_to_decision"]["p99"] / f["oneway"]["p99"], 2),
                 }
+    return out
+
+
+BUSY_ARMS = (("lane_slice_default", None), ("kernel_slice", 0))  # Service.lane_slice_us: the default, or 0
+BUSY_BEFORE_US = (0, 3000)
+
+
+async def _busy_vcpu(cfg: Config, tmp: str) -> dict[str, Any]:
+    """Kick -> decision while the kicking vCPU keeps its CPU busy, with the lane on that CPU.
+
+    Two back-ends, one per arm, served alternately in blocks so both see the
+    same machine: the lane asking for the service's default slice, and the
+    lane left at the kernel's slice.  Busy polling is off (every request kicks).
+    """
+    n = max(20, cfg.lat_n // 5)
+    block = max(10, min(50, n // 4))
+    out: dict[str, Any] = {"n_per_arm": n, "gap_us": cfg.lat_gap_us, "placement": "guest and back-ends on CPU 0",
+                           "arms": {}}
+    async with contextlib.AsyncExitStack() as stack:
+        arms = []
+        for label, lane_slice in BUSY_ARMS:
+            d = os.path.join(tmp, f"lat-busy-{label}")
+            os.mkdir(d)
+            be = await stack.enter_async_context(Backend(d, vms=1, vcpus=8, stamps=True, policy="engine",
+                                                         kick_batch_delay=0.0, lane_slice_us=lane_slice))
+            g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
+            stack.push_async_callback(g.close)
+            assert be.stamps is not None
+            arms.append((label, be, guestlib.BusyVcpu(g, be.stamps, 0, 8, 8)))
+        await asyncio.sleep(0.1)  # the lane threads exist once the rings are served
+        mine = os.sched_getaffinity(0)
+        for label, be, _ in arms:
+            _pin_process(be.pid, 0)
+            # What the kernel says of each thread's slice: the lane's is the one that differs.
+            out["arms"][label] = {"thread_slices_us": sorted(sched.sched_getattr(int(t)).runtime / 1e3
+                                                             for t in os.listdir(f"/proc/{be.pid}/task"))}
+        os.sched_setaffinity(0, {0})
+        try:
+            for before in BUSY_BEFORE_US:
+                got: dict[str, list[int]] = {label: [] for label, _, _ in arms}
+                while any(len(v) < n for v in got.values()):
+                    for label, _, busy in arms:
+                        got[label] += busy.run(block, cfg.lat_gap_us, before)
+                for label, v in got.items():
+                    out["arms"][label][f"busy_before_{before}us"] = summary(v[:n], "us", 1e-3)
+                    # waits of a slice's length (the kernel's is over 1 ms): the lane did not preempt
+                    out["arms"][label][f"busy_before_{before}us_over_1ms"] = sum(1 for x in v[:n] if x > 1_000_000)
+        finally:
+            os.sched_setaffinity(0, mine)
     return out
 
 
@@ -1132,6 +1187,17 @@ def print_table(r: dict[str, Any]) -> None:
             rows.append((f"latency  kick->decision->ack (RTT), {what}", _fmt_s(x["kick_to_ack_rtt"])))
             if x["split_handler_entry_to_decision"]["n"]:
                 rows.append((f"latency  of which handler entry->decision", _fmt_s(x["split_handler_entry_to_decision"])))
+        busy = lat.get("busy_vcpu")
+        for label, arm in (busy or {}).get("arms", {}).items():
+            what = "lane slice default" if label == "lane_slice_default" else "lane at the kernel's slice"
+            for before in BUSY_BEFORE_US:
+                x = arm.get(f"busy_before_{before}us")
+                if x:
+                    rows.append((f"latency  kick->decision, vCPU busy {before / 1000:g} ms before and on after its "
+                                 f"kick, one CPU, {what}", _fmt_s(x) + f"  ({arm.get(f'busy_before_{before}us_over_1ms')}"
+                                 " over 1 ms)"))
+            rows.append((f"latency  thread slices of that back-end ({what})",
+                         ", ".join(f"{v:g} us" for v in arm["thread_slices_us"])))
         ratios = lat.get("ratios", {})
         rows.append(("latency  ratios", ", ".join(f"{k}={v}" for k, v in ratios.items() if not isinstance(v, dict))))
         for k, v in ratios.items():

@@ -15,6 +15,8 @@ from numbers import Number
 from pathlib import Path
 from typing import Any
 
+from .helpers import kernel_has_fair_slices
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,6 +70,17 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     _summary_ok(polled["kick_to_decision"])
     on_lane = data["dataplane"].startswith("C (") and "kick lane off" not in data["dataplane"]
     assert polled["requests_not_kicked"] == (polled["kick_to_decision"]["n"] if on_lane else 0), data["dataplane"]
+    # The busy vCPU: both arms measured at both busy stretches; the kernel says which lane got the
+    # short slice (only the default arm's, and only where a lane runs on a kernel with fair slices).
+    busy = lat["busy_vcpu"]
+    for label in ("lane_slice_default", "kernel_slice"):
+        arm = busy["arms"][label]
+        for before in (0, 3000):
+            _summary_ok(arm[f"busy_before_{before}us"])
+            assert arm[f"busy_before_{before}us"]["n"] == busy["n_per_arm"]
+            assert 0 <= arm[f"busy_before_{before}us_over_1ms"] <= busy["n_per_arm"]
+    short = [100.0 in busy["arms"][label]["thread_slices_us"] for label in ("lane_slice_default", "kernel_slice")]
+    assert short == [on_lane and kernel_has_fair_slices(), False], (short, busy["arms"])
     for kind in ("c", "c-cross", "python", "asyncio"):
         f = lat["floor"][kind]
         if "skipped" in f:

@@ -380,6 +380,8 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
                 round(delta(s0, s1, "k2d_sum_s") / k2d_n * 1e6, 2) if k2d_n else None,
             "backend_kicks": delta(s0, s1, "kicks"),
         }
+    log(f"latency: the daemon's path, lane slice default vs the kernel's, alternating (n={max(20, cfg.lat_n // 3)} each)")
+    out["slice_ab"] = await _slice_ab(cfg, tmp)
     log(f"latency: vCPU busy after its kick, one CPU, lane slice default vs the kernel's")
     out["busy_vcpu"] = await _busy_vcpu(cfg, tmp)
     c = out["floor"].get("c", {})
@@ -405,46 +407,77 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
     return out
 
 
-BUSY_ARMS = (("lane_slice_default", None), ("kernel_slice", 0))  # Service.lane_slice_us: the default, or 0
+SLICE_ARMS = (("lane_slice_default", None), ("kernel_slice", 0))  # Service.lane_slice_us: the default, or 0
 BUSY_BEFORE_US = (0, 3000)
+
+
+async def _slice_arms(stack: contextlib.AsyncExitStack, tmp: str, tag: str) -> list[tuple[str, Backend, guestlib.Guest]]:
+    """One back-end per lane slice setting, each with its guest; busy polling off (every request kicks)."""
+    arms = []
+    for label, lane_slice in SLICE_ARMS:
+        d = os.path.join(tmp, f"lat-{tag}-{label}")
+        os.mkdir(d)
+        be = await stack.enter_async_context(Backend(d, vms=1, vcpus=8, stamps=True, policy="engine",
+                                                     kick_batch_delay=0.0, lane_slice_us=lane_slice))
+        g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
+        stack.push_async_callback(g.close)
+        arms.append((label, be, g))
+    await asyncio.sleep(0.1)  # the lane threads exist once the rings are served
+    return arms
+
+
+def _thread_slices_us(pid: int) -> list[float]:
+    """What the kernel says of each thread's slice: the lane's is the one that differs."""
+    return sorted(sched.sched_getattr(int(t)).runtime / 1e3 for t in os.listdir(f"/proc/{pid}/task"))
+
+
+async def _slice_ab(cfg: Config, tmp: str) -> dict[str, Any]:
+    """The daemon's path as judged (scheduler placement, guest blocking for its ack), with the lane at
+    the service's slice and at the kernel's: two back-ends served alternately in blocks of 50."""
+    n = max(20, cfg.lat_n // 3)
+    out: dict[str, Any] = {"n_per_arm": n, "gap_us": cfg.lat_gap_us, "placement": "scheduler", "arms": {}}
+    async with contextlib.AsyncExitStack() as stack:
+        arms = await _slice_arms(stack, tmp, "slice")
+        got: dict[str, list[int]] = {}
+        for label, be, _ in arms:
+            out["arms"][label] = {"thread_slices_us": _thread_slices_us(be.pid)}
+            got[label] = []
+        while any(len(v) < n for v in got.values()):
+            for label, be, g in arms:
+                assert be.stamps is not None
+                got[label] += guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, min(50, n), cfg.lat_gap_us,
+                                                         warmup=3).kick_to_decision_ns
+        for label, v in got.items():
+            out["arms"][label]["kick_to_decision"] = summary(v[:n], "us", 1e-3)
+    return out
 
 
 async def _busy_vcpu(cfg: Config, tmp: str) -> dict[str, Any]:
     """Kick -> decision while the kicking vCPU keeps its CPU busy, with the lane on that CPU.
 
-    Two back-ends, one per arm, served alternately in blocks so both see the
-    same machine: the lane asking for the service's default slice, and the
-    lane left at the kernel's slice.  Busy polling is off (every request kicks).
+    Two back-ends, one per lane slice setting, served alternately in blocks so
+    both see the same machine.
     """
     n = max(20, cfg.lat_n // 5)
     block = max(10, min(50, n // 4))
     out: dict[str, Any] = {"n_per_arm": n, "gap_us": cfg.lat_gap_us, "placement": "guest and back-ends on CPU 0",
                            "arms": {}}
     async with contextlib.AsyncExitStack() as stack:
-        arms = []
-        for label, lane_slice in BUSY_ARMS:
-            d = os.path.join(tmp, f"lat-busy-{label}")
-            os.mkdir(d)
-            be = await stack.enter_async_context(Backend(d, vms=1, vcpus=8, stamps=True, policy="engine",
-                                                         kick_batch_delay=0.0, lane_slice_us=lane_slice))
-            g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
-            stack.push_async_callback(g.close)
-            assert be.stamps is not None
-            arms.append((label, be, guestlib.BusyVcpu(g, be.stamps, 0, 8, 8)))
-        await asyncio.sleep(0.1)  # the lane threads exist once the rings are served
+        arms = await _slice_arms(stack, tmp, "busy")
         mine = os.sched_getaffinity(0)
-        for label, be, _ in arms:
+        busy = {}
+        for label, be, g in arms:
             _pin_process(be.pid, 0)
-            # What the kernel says of each thread's slice: the lane's is the one that differs.
-            out["arms"][label] = {"thread_slices_us": sorted(sched.sched_getattr(int(t)).runtime / 1e3
-                                                             for t in os.listdir(f"/proc/{be.pid}/task"))}
+            out["arms"][label] = {"thread_slices_us": _thread_slices_us(be.pid)}
+            assert be.stamps is not None
+            busy[label] = guestlib.BusyVcpu(g, be.stamps, 0, 8, 8)
         os.sched_setaffinity(0, {0})
         try:
             for before in BUSY_BEFORE_US:
-                got: dict[str, list[int]] = {label: [] for label, _, _ in arms}
+                got: dict[str, list[int]] = {label: [] for label in busy}
                 while any(len(v) < n for v in got.values()):
-                    for label, _, busy in arms:
-                        got[label] += busy.run(block, cfg.lat_gap_us, before)
+                    for label, b in busy.items():
+                        got[label] += b.run(block, cfg.lat_gap_us, before)
                 for label, v in got.items():
                     out["arms"][label][f"busy_before_{before}us"] = summary(v[:n], "us", 1e-3)
                     # waits of a slice's length (the kernel's is over 1 ms): the lane did not preempt
@@ -1187,6 +1220,11 @@ def print_table(r: dict[str, Any]) -> None:
             rows.append((f"latency  kick->decision->ack (RTT), {what}", _fmt_s(x["kick_to_ack_rtt"])))
             if x["split_handler_entry_to_decision"]["n"]:
                 rows.append((f"latency  of which handler entry->decision", _fmt_s(x["split_handler_entry_to_decision"])))
+        for label, arm in lat.get("slice_ab", {}).get("arms", {}).items():
+            what = "lane slice default" if label == "lane_slice_default" else "lane at the kernel's slice"
+            rows.append((f"latency  kick->decision, daemon's path, alternating, {what}",
+                         _fmt_s(arm["kick_to_decision"]) + "  (thread slices "
+                         + ", ".join(f"{v:g}" for v in arm["thread_slices_us"]) + " us)"))
         busy = lat.get("busy_vcpu")
         for label, arm in (busy or {}).get("arms", {}).items():
             what = "lane slice default" if label == "lane_slice_default" else "lane at the kernel's slice"

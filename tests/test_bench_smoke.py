@@ -79,8 +79,13 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
             _summary_ok(arm[f"busy_before_{before}us"])
             assert arm[f"busy_before_{before}us"]["n"] == busy["n_per_arm"]
             assert 0 <= arm[f"busy_before_{before}us_over_1ms"] <= busy["n_per_arm"]
-    short = [100.0 in busy["arms"][label]["thread_slices_us"] for label in ("lane_slice_default", "kernel_slice")]
-    assert short == [on_lane and kernel_has_fair_slices(), False], (short, busy["arms"])
+    ab = lat["slice_ab"]
+    for section in (busy, ab):
+        short = [100.0 in section["arms"][label]["thread_slices_us"] for label in ("lane_slice_default", "kernel_slice")]
+        assert short == [on_lane and kernel_has_fair_slices(), False], (short, section["arms"])
+    for label in ("lane_slice_default", "kernel_slice"):
+        _summary_ok(ab["arms"][label]["kick_to_decision"])
+        assert ab["arms"][label]["kick_to_decision"]["n"] == ab["n_per_arm"]
     for kind in ("c", "c-cross", "python", "asyncio"):
         f = lat["floor"][kind]
         if "skipped" in f:

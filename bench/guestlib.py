@@ -26,7 +26,8 @@ import random
 import select
 import struct
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
@@ -233,6 +234,50 @@ class LatencySamples:
     #: active); the driver then does not kick and the request is timed from its publication
     not_armed: int
     not_kicked: int
+    #: from the driver model's notify call instead of the eventfd write (kicked requests only)
+    notify_to_decision_ns: list[int] = field(default_factory=list)
+
+
+class KickClock:
+    """Stamps the guest model's kicks, at the eventfd write itself and at the driver's notify call.
+
+    The write is the kick: the floors stamp right before theirs, and so does
+    this, after the transport found the ring's kick fd.  The notify stamp is
+    taken where the driver model hands the kick to its transport, so
+    ``notify_to_*`` figures add the model's own Python bookkeeping on the way
+    (a few microseconds, more when its code is cache-cold after a sleep).
+    ``after_kick`` runs right after the write, inside the kick, as the floor's
+    parent blocks right after its own.
+    """
+
+    def __init__(self, g: Guest, after_kick: Callable[[], None] | None = None) -> None:
+        self.g = g
+        self.after_kick = after_kick
+        self.t_notify = self.t_kick = 0
+        self._orig_notify = g.transport.notify
+
+    def _notify(self, index: int) -> None:
+        self.t_notify = mono_ns()
+        self._orig_notify(index)
+
+    def _kick(self, index: int) -> None:  # VhostUserFrontend.kick, stamped
+        fd = self.g.fe.rings[index].kick
+        self.t_kick = mono_ns()
+        os.eventfd_write(fd, 1)
+        if self.after_kick is not None:
+            self.after_kick()
+
+    def reset(self) -> None:
+        self.t_notify = self.t_kick = 0
+
+    def __enter__(self) -> "KickClock":
+        self.g.transport.notify = self._notify  # type: ignore[method-assign]
+        self.g.fe.kick = self._kick  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.g.transport.notify = self._orig_notify  # type: ignore[method-assign]
+        del self.g.fe.kick  # back to the class's method
 
 
 def _wait_armed(queue: DriverQueue, limit_s: float = 0.002) -> bool:
@@ -244,12 +289,13 @@ def _wait_armed(queue: DriverQueue, limit_s: float = 0.002) -> bool:
     return True
 
 
-_req = itertools.count()
+#: each driver's own request sequence (guests may take turns, each must still alternate)
+_req: "weakref.WeakKeyDictionary[CpufreqDriver, itertools.count[int]]" = weakref.WeakKeyDictionary()
 
 
-def _utils(i: int, vcpus: int) -> tuple[int, int]:
-    """vCPU and util of request ``i``: a util far from the vCPU's previous one, so it is always sent."""
-    k = next(_req)
+def _utils(d: CpufreqDriver, vcpus: int) -> tuple[int, int]:
+    """vCPU and util of ``d``'s next request: a util far from the vCPU's previous one, so it is always sent."""
+    k = next(_req.setdefault(d, itertools.count()))
     v = k % vcpus
     return v, (200 if (k // vcpus) % 2 == 0 else 800)
 
@@ -258,11 +304,12 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
                       n: int, gap_us: int, warmup: int = 50, poll_period_us: int = 0) -> LatencySamples:
     """Blocking loop (the asyncio loop is not needed while it runs).
 
-    The guest blocks for the ack right after its kick, inside the notify
-    call, as the floor's parent (bench/eventfd_rtt.c) blocks right after its
-    write: Python bookkeeping the driver model does after a kick would
-    otherwise keep a device woken on this CPU waiting, and be counted as
-    device latency.
+    A request is timed from its kick, the eventfd write (:class:`KickClock`),
+    and also from the driver's notify call.  The guest blocks for the ack
+    right after the write, as the floor's parent (bench/eventfd_rtt.c) blocks
+    right after its own: Python bookkeeping the driver model does after a
+    kick would otherwise keep a device woken on this CPU waiting, and be
+    counted as device latency.
     """
     d = g.driver
     q = d.queue
@@ -274,20 +321,17 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
         os.eventfd_read(call_fd)
     except BlockingIOError:
         pass
-    t_kick = [0]
     t_acked = [0]
-    orig_notify = g.transport.notify
 
-    def notify(index: int) -> None:
-        t_kick[0] = mono_ns()
-        orig_notify(index)
+    def wait_ack() -> None:
         if poller.poll(1000):
             t_acked[0] = mono_ns()
 
-    g.transport.notify = notify  # type: ignore[method-assign]
+    clock = KickClock(g, after_kick=wait_ack)
     counts = [SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))[1] for v in range(vcpus)]
     k2d: list[int] = []
     k2a: list[int] = []
+    n2d: list[int] = []
     not_armed = not_kicked = 0
     gap = gap_us / 1e6
     # ``poll_period_us``: the device polls the ring on a grid of that period and never asks for a
@@ -296,43 +340,46 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
     jitter = poll_period_us / 1e6
     rng = random.Random(1)
     try:
-        for i in range(n + warmup):
-            time.sleep(gap + rng.uniform(0, jitter))
-            v, util = _utils(i, vcpus)
-            d.set_util(v, util)
-            armed = _wait_armed(q, 0.0 if poll_period_us else 0.002)
-            kicks = d.stats.kicks
-            t_kick[0] = t_acked[0] = 0
-            sent = d.flush()
-            t_pub = mono_ns()
-            assert sent == 1, sent
-            kicked = d.stats.kicks != kicks
-            if t_acked[0]:
-                t_ack = t_acked[0]
-            else:  # no kick (the device did not ask for one), or no ack yet: wait here
-                if not poller.poll(1000):
-                    raise TimeoutError("no used-buffer interrupt within 1 s")
-                t_ack = mono_ns()
-            os.eventfd_read(call_fd)
-            counts[v] += 1
-            off = slot_offset(vm_index, v, slot_vcpus)
-            deadline = time.monotonic() + 1.0
-            while True:
-                ts, c = SLOT.unpack_from(stamps, off)
-                if c >= counts[v]:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("decision stamp never appeared")
-            if i >= warmup:
-                not_armed += not armed
-                not_kicked += not kicked
-                t0 = t_kick[0] if kicked else t_pub
-                k2d.append(ts - t0)
-                k2a.append(t_ack - t0)
+        with clock:
+            for i in range(n + warmup):
+                time.sleep(gap + rng.uniform(0, jitter))
+                v, util = _utils(d, vcpus)
+                d.set_util(v, util)
+                armed = _wait_armed(q, 0.0 if poll_period_us else 0.002)
+                kicks = d.stats.kicks
+                clock.reset()
+                t_acked[0] = 0
+                sent = d.flush()
+                t_pub = mono_ns()
+                assert sent == 1, sent
+                kicked = d.stats.kicks != kicks
+                if t_acked[0]:
+                    t_ack = t_acked[0]
+                else:  # no kick (the device did not ask for one), or no ack yet: wait here
+                    if not poller.poll(1000):
+                        raise TimeoutError("no used-buffer interrupt within 1 s")
+                    t_ack = mono_ns()
+                os.eventfd_read(call_fd)
+                counts[v] += 1
+                off = slot_offset(vm_index, v, slot_vcpus)
+                deadline = time.monotonic() + 1.0
+                while True:
+                    ts, c = SLOT.unpack_from(stamps, off)
+                    if c >= counts[v]:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("decision stamp never appeared")
+                if i >= warmup:
+                    not_armed += not armed
+                    not_kicked += not kicked
+                    t0 = clock.t_kick if kicked else t_pub
+                    k2d.append(ts - t0)
+                    k2a.append(t_ack - t0)
+                    if kicked:
+                        n2d.append(ts - clock.t_notify)
     finally:
-        g.transport.notify = orig_notify  # type: ignore[method-assign]
         q.set_interrupt_suppression(True)
-    return LatencySamples(k2d, k2a, not_armed, not_kicked)
+    return LatencySamples(k2d, k2a, not_armed, not_kicked, n2d)
 
 
 class BusyVcpu:
@@ -349,35 +396,24 @@ class BusyVcpu:
         self.g, self.stamps, self.vcpus = g, stamps, vcpus
         self.offs = [slot_offset(vm_index, v, slot_vcpus) for v in range(vcpus)]
         self.counts = [SLOT.unpack_from(stamps, o)[1] for o in self.offs]
-        self.sent = 0  # this guest's own sequence: each request moves its vCPU's util far from the last
 
     def run(self, n: int, gap_us: int, busy_before_us: int, limit_s: float = 0.5) -> list[int]:
         """``n`` requests, kick -> decision in ns each."""
         d, q = self.g.driver, self.g.driver.queue
-        t_kick = [0]
-        orig_notify = self.g.transport.notify
-
-        def notify(index: int) -> None:
-            t_kick[0] = mono_ns()
-            orig_notify(index)
-
-        self.g.transport.notify = notify  # type: ignore[method-assign]
         out: list[int] = []
-        try:
+        with KickClock(self.g) as clock:
             for _ in range(n):
                 time.sleep(gap_us / 1e6)
                 end = time.monotonic() + busy_before_us / 1e6
                 while time.monotonic() < end:
                     pass
-                v = self.sent % self.vcpus
-                util = 200 if (self.sent // self.vcpus) % 2 == 0 else 800
-                self.sent += 1
+                v, util = _utils(d, self.vcpus)
                 d.set_util(v, util)
                 if not _wait_armed(q):
                     raise RuntimeError("the device does not ask for kicks (kick batching must be off here)")
-                t_kick[0] = 0
+                clock.reset()
                 sent = d.flush()
-                assert sent == 1 and t_kick[0], (sent, t_kick[0])
+                assert sent == 1 and clock.t_kick, (sent, clock.t_kick)
                 self.counts[v] += 1
                 off, deadline = self.offs[v], time.monotonic() + limit_s
                 while True:
@@ -386,9 +422,7 @@ class BusyVcpu:
                         break
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"no decision {limit_s} s after the kick")
-                out.append(ts - t_kick[0])
-        finally:
-            self.g.transport.notify = orig_notify  # type: ignore[method-assign]
+                out.append(ts - clock.t_kick)
         return out
 
 
@@ -432,7 +466,7 @@ async def latency_qemu(driver: CpufreqDriver, transport, stamps: mmap.mmap, vm_i
         await asyncio.sleep(0.05)
         for i in range(n + warmup):
             await asyncio.sleep(gap_us / 1e6)
-            v, util = _utils(i, vcpus)
+            v, util = _utils(driver, vcpus)
             driver.set_util(v, util)
             armed = _wait_armed(q)
             irqs_before = transport.queue_interrupts

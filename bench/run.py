@@ -372,6 +372,7 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
             "kick_batch_delay_s": DEFAULT_KICK_BATCH_DELAY if polled else 0.0,
             "kick_to_decision": summary(lat.kick_to_decision_ns, "us", 1e-3),
             "kick_to_ack_rtt": summary(lat.kick_to_ack_ns, "us", 1e-3),
+            "notify_to_decision": summary(lat.notify_to_decision_ns, "us", 1e-3),
             "split_handler_entry_to_decision": summary(
                 s1.get("handler_to_decision_ns", [])[-len(lat.kick_to_decision_ns):], "us", 1e-3),
             "requests_not_armed": lat.not_armed,
@@ -1218,6 +1219,8 @@ def print_table(r: dict[str, Any]) -> None:
             rows.append((f"latency  {start}->decision, {what}", _fmt_s(x["kick_to_decision"])
                          + f"  ({x['requests_not_kicked']} requests without a kick)"))
             rows.append((f"latency  kick->decision->ack (RTT), {what}", _fmt_s(x["kick_to_ack_rtt"])))
+            if key == "device" and x.get("notify_to_decision", {}).get("n"):
+                rows.append((f"latency  driver's notify call->decision, {what}", _fmt_s(x["notify_to_decision"])))
             if x["split_handler_entry_to_decision"]["n"]:
                 rows.append((f"latency  of which handler entry->decision", _fmt_s(x["split_handler_entry_to_decision"])))
         for label, arm in lat.get("slice_ab", {}).get("arms", {}).items():

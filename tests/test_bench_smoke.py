@@ -59,6 +59,10 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     lat = data["latency"]
     _summary_ok(lat["device"]["kick_to_decision"])
     _summary_ok(lat["device"]["kick_to_ack_rtt"])
+    # Each request's notify call comes before its eventfd write, so every order statistic does too.
+    n2d, k2d = lat["device"]["notify_to_decision"], lat["device"]["kick_to_decision"]
+    _summary_ok(n2d)
+    assert n2d["n"] == k2d["n"] and all(n2d[k] >= k2d[k] for k in ("min", "p25", "median", "p75", "p99", "max"))
     _summary_ok(lat["device_engine_loop"]["kick_to_decision"])
     _summary_ok(lat["device_stamp_loop"]["kick_to_decision"])
     # The kick path is timed with busy polling off: every request a kick.  At the same pace the

@@ -158,6 +158,21 @@ class LaneSched:
                 f"a busy thread on the lane's CPU")
 
 
+_last_outcome: tuple[int, int, int] | None = None
+
+
+def _report(sched: LaneSched) -> None:
+    """Log what became of the slice request; a lane restarted with the same outcome only at debug level
+    (the lane stops with its last ring and starts with the next)."""
+    global _last_outcome
+    outcome = (sched.requested_ns, sched.slice_ns, sched.error)
+    if outcome == _last_outcome:
+        log.debug("%s", sched.describe())
+        return
+    _last_outcome = outcome
+    (log.info if sched.applied or not sched.requested_ns else log.warning)("%s", sched.describe())
+
+
 class KickLane:
     """The C thread of one event loop, and the eventfd it wakes the loop with when it has events."""
 
@@ -175,7 +190,7 @@ class KickLane:
         tid, got, err = ffi.new("int32_t *"), ffi.new("uint64_t *"), ffi.new("int32_t *")
         lib.vuc_lane_sched(lane, tid, got, err)
         self.sched = LaneSched(tid[0], max(0, slice_us) * 1000, got[0], err[0])
-        (log.info if self.sched.applied or not self.sched.requested_ns else log.warning)("%s", self.sched.describe())
+        _report(self.sched)
         loop.add_reader(self._notice, self._on_notice)
 
     def _on_notice(self) -> None:

@@ -407,7 +407,7 @@ def test_the_lane_thread_asks_for_a_short_slice_and_keeps_the_rest(caplog) -> No
     def nice5() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # this thread only
 
-    with caplog.at_level(logging.INFO, logger="vhost_user_cpufreq.lane"):
+    with caplog.at_level(logging.DEBUG, logger="vhost_user_cpufreq.lane"):
         lane, attr, creator = _lane_in_thread(lib, 250, nice5)
     assert lane.sched.tid != threading.get_native_id() and lane.sched.requested_ns == 250_000
     assert lane.sched.error == 0 and attr.policy == os.SCHED_OTHER and attr.nice == 5
@@ -431,11 +431,27 @@ def test_a_lane_started_by_an_idle_class_thread_refuses_the_slice_and_says_why(c
     def idle() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only
 
-    with caplog.at_level(logging.WARNING, logger="vhost_user_cpufreq.lane"):
+    with caplog.at_level(logging.DEBUG, logger="vhost_user_cpufreq.lane"):
         lane, attr, _ = _lane_in_thread(c_lib(), 100, idle)
     assert lane.sched.error == errno.EINVAL and not lane.sched.applied
     assert attr.policy == os.SCHED_IDLE  # not ours to change
     assert "slice of 100 us refused" in caplog.text and "busy thread's slice" in caplog.text
+
+
+def test_a_restarted_lane_reports_an_unchanged_slice_only_at_debug_level(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The lane stops with its last ring and starts with the next: one VM reconnecting must not log each time."""
+    require_c_dataplane()
+    from vhost_user_cpufreq.backend import lane as lane_mod
+
+    monkeypatch.setattr(lane_mod, "_last_outcome", None)
+    with caplog.at_level(logging.DEBUG, logger="vhost_user_cpufreq.lane"):
+        for _ in range(3):
+            _lane_in_thread(c_lib(), 100, lambda: None)
+        _lane_in_thread(c_lib(), 0, lambda: None)  # a different outcome is reported again
+    reports = [(r.levelno, r.getMessage()) for r in caplog.records if "kick lane thread" in r.getMessage()]
+    assert [lvl for lvl, _ in reports] == [logging.INFO if kernel_has_fair_slices() else logging.WARNING,
+                                          logging.DEBUG, logging.DEBUG, logging.INFO], reports
+    assert "the kernel's default slice" in reports[-1][1]
 
 
 async def test_the_lane_runs_the_engines_deadlines_without_kicks(tmp_path) -> None:  # type: ignore[no-untyped-def]

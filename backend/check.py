@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 
 from . import sched
 from .cdrain import dataplane
-from .lane import DEFAULT_LANE_SLICE_US, KickLane, LaneSched
+from .defaults import LANE_SLICE_US
+from .lane import KickLane, LaneSched
 from .sysfs import read_host_model
 
 __all__ = ["Finding", "run_checks"]
@@ -67,7 +68,7 @@ def _lane_sched(lib: object) -> LaneSched:
     """Start a kick lane as the service would, for what the kernel made of its slice request."""
     loop = asyncio.new_event_loop()
     try:
-        lane = KickLane(lib, loop, DEFAULT_LANE_SLICE_US)
+        lane = KickLane(lib, loop, LANE_SLICE_US)
         lane.close()
         return lane.sched
     finally:

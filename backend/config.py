@@ -34,6 +34,7 @@ from typing import Any
 
 from vhost_user_cpufreq.protocol.errors import CpufreqError
 
+from .defaults import KICK_BATCH_DELAY, LANE_SLICE_US
 from .engine import EngineConfig, VmLimits
 
 __all__ = ["ConfigError", "VmSettings", "ServiceConfig", "load_config", "parse_config"]
@@ -64,8 +65,8 @@ class ServiceConfig:
     sample_period: float = 0.05
     mirror_threshold: float = 0.02
     max_notifications_per_second: float = 20.0
-    kick_batch_delay: float = 0.004
-    lane_slice_us: int = 100  # the kick lane thread's EEVDF slice; 0: the kernel's default
+    kick_batch_delay: float = KICK_BATCH_DELAY
+    lane_slice_us: int = LANE_SLICE_US  # the kick lane thread's EEVDF slice; 0: the kernel's default
     nominal_khz: int | None = None
     dry_run: bool = False
     engine: EngineConfig = EngineConfig()
@@ -193,9 +194,9 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
         mirror_threshold=float(r.get(svc, p, "mirror_threshold", num, 0.02, lambda v: 0 <= v < 1, "a fraction 0..1")),
         max_notifications_per_second=float(r.get(svc, p, "max_notifications_per_second", num, 20.0,
                                                  lambda v: 0 < v <= 1000, "a rate 0..1000")),
-        kick_batch_delay=float(r.get(svc, p, "kick_batch_delay", num, 0.004, lambda v: 0 <= v <= 0.1,
+        kick_batch_delay=float(r.get(svc, p, "kick_batch_delay", num, KICK_BATCH_DELAY, lambda v: 0 <= v <= 0.1,
                                      "seconds 0..0.1")),
-        lane_slice_us=r.get(svc, p, "lane_slice_us", int, 100, lambda v: v == 0 or 100 <= v <= 100_000,
+        lane_slice_us=r.get(svc, p, "lane_slice_us", int, LANE_SLICE_US, lambda v: v == 0 or 100 <= v <= 100_000,
                             "0 or microseconds 100..100000 (the kernel's range for a slice)"),
         nominal_khz=r.get(svc, p, "nominal_khz", int, None, lambda v: 1000 <= v <= 20_000_000, "kHz 1000..20000000"),
         dry_run=r.get(svc, p, "dry_run", bool, False, None, "true or false"),

@@ -41,9 +41,10 @@ from vhost_user_cpufreq.protocol.virtqueue import (
 
 from .cdrain import DataPlane, dataplane
 from .counters import Counters
+from .defaults import LANE_SLICE_US
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
-from .lane import DEFAULT_LANE_SLICE_US, EV_BUFFER, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
+from .lane import EV_BUFFER, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
 from .policy import Policy
 from .ratelimit import LogBudget
 
@@ -114,7 +115,7 @@ class CpufreqDevice:
         clock: Callable[[], float] = time.monotonic,
         log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
         data_plane: DataPlane | None = None,
-        lane_slice_us: int = DEFAULT_LANE_SLICE_US,
+        lane_slice_us: int = LANE_SLICE_US,
     ) -> None:
         self.vm = vm
         self.source = source

@@ -20,6 +20,7 @@ import socket
 from dataclasses import dataclass
 
 from .config import VmSettings
+from .defaults import KICK_BATCH_DELAY
 from .engine import VcpuPlacement, plan_pinning
 from .host_policy import HostPolicy
 from .hotplug import CpuHotplugMonitor
@@ -76,7 +77,7 @@ class HostSide:
         return VmPlan(pinning, tuple(doms), tuple(places))
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
-                     listen_sock: socket.socket | None = None, kick_batch_delay: float = 0.004) -> VmSlot:
+                     listen_sock: socket.socket | None = None, kick_batch_delay: float = KICK_BATCH_DELAY) -> VmSlot:
         plan = self.plan(s)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,

@@ -35,10 +35,11 @@ from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
 from .cdrain import CDrainer, ffi, pointer_to
 from .counters import LATENCY_BUCKETS, Counters
+from .defaults import LANE_SLICE_US
 from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
 __all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
-           "DEFAULT_LANE_SLICE_US", "EV_RING", "EV_BUFFER", "EV_RECORDS",
+           "EV_RING", "EV_BUFFER", "EV_RECORDS",
            "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT"]
 
 log = logging.getLogger("vhost_user_cpufreq.lane")
@@ -47,11 +48,6 @@ _CHANGE_REASONS = ("request", "deferred", "stale", "release")
 EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT = range(7)
 _EVENTS_PER_READ = 64
 _ERRNOS = 64  # kick_lane.c VUC_ERRNOS
-
-#: The lane thread's EEVDF slice: the kernel's shortest (0.1 ms), still far above the few
-#: microseconds a kick costs the lane, so the lane preempts a busy thread on its CPU when a
-#: kick wakes it instead of waiting out that thread's slice (kick_lane.c, request_slice).
-DEFAULT_LANE_SLICE_US = 100
 
 
 class CClampEngine:
@@ -176,7 +172,7 @@ def _report(sched: LaneSched) -> None:
 class KickLane:
     """The C thread of one event loop, and the eventfd it wakes the loop with when it has events."""
 
-    def __init__(self, lib: Any, loop: asyncio.AbstractEventLoop, slice_us: int = DEFAULT_LANE_SLICE_US) -> None:
+    def __init__(self, lib: Any, loop: asyncio.AbstractEventLoop, slice_us: int = LANE_SLICE_US) -> None:
         self._lib = lib
         self._loop = loop
         self._notice = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -211,7 +207,7 @@ class KickLane:
 _lanes: dict[asyncio.AbstractEventLoop, KickLane] = {}
 
 
-def lane_for(lib: Any, loop: asyncio.AbstractEventLoop, slice_us: int = DEFAULT_LANE_SLICE_US) -> KickLane:
+def lane_for(lib: Any, loop: asyncio.AbstractEventLoop, slice_us: int = LANE_SLICE_US) -> KickLane:
     """The loop's lane, started on first use (and stopped when its last slot leaves).
 
     ``slice_us`` applies when the lane starts; every VM of a service asks for the same.

@@ -8,6 +8,8 @@ the latest state however many changes happened.
 
 from __future__ import annotations
 
+from .defaults import KICK_BATCH_DELAY
+
 __all__ = ["NotifyCoalescer", "KickBatcher", "LogBudget"]
 
 
@@ -69,7 +71,7 @@ class KickBatcher:
     break-even with margin on both sides, so a ring does not flap.
     """
 
-    def __init__(self, period: float = 0.004, max_ahead: int = 32, *, enter_rate: float = 50.0,
+    def __init__(self, period: float = KICK_BATCH_DELAY, max_ahead: int = 32, *, enter_rate: float = 50.0,
                  leave_rate: float = 20.0, window: float = 0.1) -> None:
         if period < 0 or max_ahead < 1 or not 0 <= leave_rate <= enter_rate or window <= 0:
             raise ValueError("need period >= 0, max_ahead >= 1, 0 <= leave_rate <= enter_rate, window > 0")

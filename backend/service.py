@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .counters import Counters
+from .defaults import KICK_BATCH_DELAY, LANE_SLICE_US
 from .cpufreq_device import CpufreqDevice
 from .hostfreq import FrequencySource
-from .lane import DEFAULT_LANE_SLICE_US
 from .policy import Policy
 from .session import Session
 from .transport import Connection, peer_credentials
@@ -48,7 +48,7 @@ class VmConfig:
     mirror_threshold: float = 0.0  # fraction of a domain's max frequency
     socket_owner: int | None = None
     socket_group: int | None = None
-    kick_batch_delay: float = 0.004  # poll period of a busy ring: the longest a buffer waits without a kick
+    kick_batch_delay: float = KICK_BATCH_DELAY  # poll period of a busy ring: the longest a buffer waits without a kick
 
 
 @dataclass(slots=True)
@@ -66,7 +66,7 @@ class VmSlot:
 class Service:
     def __init__(self, source: FrequencySource, policy: Policy, *,
                  allowed_uids: tuple[int, ...] | None = None, allowed_gids: tuple[int, ...] | None = None,
-                 lane_slice_us: int = DEFAULT_LANE_SLICE_US) -> None:
+                 lane_slice_us: int = LANE_SLICE_US) -> None:
         self.source = source
         self.policy = policy
         #: the kick lane thread's scheduler slice (0: the kernel's default), see lane.py

@@ -50,6 +50,7 @@ from vhost_user_cpufreq.protocol.virtqueue import (
 )
 
 from .counters import Counters
+from .defaults import KICK_BATCH_DELAY
 from .device import Offload, VirtioDevice
 from .memory import MAX_REGIONS, MemoryMap, map_region
 from .ratelimit import KickBatcher, NotifyCoalescer
@@ -144,7 +145,7 @@ class Session:
         log: logging.LoggerAdapter[logging.Logger],
         notify_interval: float = 0.01,
         poll_interval: float = 0.001,
-        kick_batch_delay: float = 0.004,
+        kick_batch_delay: float = KICK_BATCH_DELAY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device

@@ -127,6 +127,7 @@ _ffi.cdef(
     uint32_t vuc_lane_events(vuc_lane *l, vuc_slot *s, vuc_event *out, uint32_t max);
     void vuc_lane_snapshot(vuc_lane *l, const vuc_slot *s, vuc_slot *out);
     int vuc_lane_abi(void);
+    int vuc_busy_rule(vuc_slot *s, double now, uint32_t buffers, double *next_poll);
     """
 )
 ffi = _ffi

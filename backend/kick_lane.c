@@ -735,6 +735,18 @@ static void batcher(vuc_slot *s, double now, uint32_t buffers) {
     }
 }
 
+/* The next point of the poll grid every busy ring shares (KickBatcher.next_poll). */
+static double next_grid_point(double now, double period) { return (floor(now / period) + 1) * period; }
+
+/* The busy rule alone, for tests against KickBatcher: one drain of ``buffers`` at ``now`` on
+ * a slot no lane serves.  Returns 1 if that leaves the ring busy, with the grid point of its
+ * next poll in *next_poll (0 when kicked). */
+int vuc_busy_rule(vuc_slot *s, double now, uint32_t buffers, double *next_poll) {
+    batcher(s, now, buffers);
+    *next_poll = s->busy ? next_grid_point(now, s->batch_delay) : 0;
+    return (int)s->busy;
+}
+
 static void process(vuc_lane *l, vuc_slot *s) {
     s->again = 0;
     if ((s->cursor >> 48) & 1)
@@ -774,7 +786,7 @@ static void process(vuc_lane *l, vuc_slot *s) {
         /* Drained on the poll grid every busy ring shares; kicked only by a burst of max_ahead. */
         pending = set_avail_event(s, last_avail(s) + s->max_ahead - 1);
         if (s->deadline == 0)
-            s->deadline = (floor(now / s->batch_delay) + 1) * s->batch_delay;
+            s->deadline = next_grid_point(now, s->batch_delay);
     } else {
         s->deadline = 0;
         pending = enable_notifications(s);

@@ -1,8 +1,9 @@
 """Busy polling (SPEC 6.3): a busy ring is drained on a shared grid without kicks; an idle one is kicked.
 
 The rule is ``KickBatcher`` in ``backend/ratelimit.py``; the kick lane carries
-a C port of it. The pure tests pin the rule down, and the whole-VM test runs
-it on both paths over real sockets and eventfds.
+a C port of it. The pure tests pin the rule down, a differential test runs the
+C port against it on the same drains, and the whole-VM test runs it on both
+paths over real sockets and eventfds.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vhost_user_cpufreq.backend.cdrain import dataplane, ffi
 from vhost_user_cpufreq.backend.ratelimit import KickBatcher
 
 from .helpers import engine_vm, require_c_dataplane, start_guest, until
@@ -93,6 +95,54 @@ def test_the_state_changes_only_as_the_rates_say(steps: list[tuple[float, int]],
         if due is not None:
             assert t < due <= t + period + 1e-9
             assert abs(due / period - round(due / period)) < 1e-6  # a point of the shared grid
+
+
+# From a start time that is a power of two, steps of 0.25 or 0.5 s are exact in binary, so a
+# window's rate can be exactly a threshold (20 or 50 buffers/s); arbitrary floats cover the rest.
+_DT = st.one_of(st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.5]), st.floats(0.0, 0.05))
+
+
+@settings(deadline=None)  # the first example may load (or build) the C data plane
+@given(st.lists(st.tuples(_DT, st.integers(0, 12) | st.integers(0, 60)), max_size=300),
+       st.sampled_from([0.001, 0.004, 0.01]), st.sampled_from([1024.0, 65536.0]) | st.floats(1.0, 1e6))
+def test_the_lanes_c_rule_is_kickbatchers(steps: list[tuple[float, int]], period: float, t0: float) -> None:
+    """The kick lane's batcher() (kick_lane.c) against KickBatcher on the same drains: the same state
+    after every drain, and the same grid point for a busy ring's next poll.  Times start above 0,
+    as CLOCK_MONOTONIC does (the C slot takes a window start of 0 to mean none yet)."""
+    _same_rule(steps, period, t0)
+
+
+@pytest.mark.parametrize("windows", [
+    [(0.5, 25), (0.5, 10), (0.5, 9), (0.5, 24), (0.5, 25), (0.5, 9)],  # 50 busy, 20 stays, 18 leaves, 48 not yet
+    [(0.5, 26), (0.5, 24), (0.5, 10), (0.5, 9), (0.5, 10), (0.5, 25), (0.5, 0)],
+    [(0.5, 25), (2.0, 40), (2.0, 39)],  # 20.0 stays busy, 19.5 leaves
+])
+def test_the_lanes_c_rule_at_the_thresholds(windows: list[tuple[float, int]]) -> None:
+    """Windows whose lengths are exact in binary, so rates fall exactly on and just off each threshold,
+    crossed both ways."""
+    steps = [(0.0, 0), *windows]
+    ref, t, states = KickBatcher(0.004), 1024.0, []
+    for dt, n in steps:
+        t += dt
+        states.append(ref.drained(t, n) > 1)
+    assert True in states and states[-1] is False  # each sequence does go busy and back
+    _same_rule(steps, 0.004, 1024.0)
+
+
+def _same_rule(steps: list[tuple[float, int]], period: float, t0: float) -> None:
+    require_c_dataplane()
+    lib = dataplane().lib
+    slot = ffi.new("vuc_slot *")
+    slot.batch_delay = period
+    due = ffi.new("double *")
+    ref = KickBatcher(period, max_ahead=32)  # the lane's rates and window are KickBatcher's defaults
+    t = t0
+    for dt, n in steps:
+        t += dt
+        ref.drained(t, n)
+        busy = lib.vuc_busy_rule(slot, t, n, due)
+        assert bool(busy) == ref.busy, (t, n, ref.rate)
+        assert due[0] == (ref.next_poll(t) or 0.0)
 
 
 # -- whole VMs, on the kick lane and on the event loop ---------------------------------------

@@ -300,6 +300,17 @@ def _utils(d: CpufreqDriver, vcpus: int) -> tuple[int, int]:
     return v, (200 if (k // vcpus) % 2 == 0 else 800)
 
 
+def _decision_stamp(stamps: mmap.mmap, off: int, count: int, limit_s: float) -> int:
+    """Spin until the decision slot at ``off`` has counted ``count`` decisions; its stamp (ns)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        ts, c = SLOT.unpack_from(stamps, off)
+        if c >= count:
+            return int(ts)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no decision stamp within {limit_s} s")
+
+
 def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: int, vcpus: int,
                       n: int, gap_us: int, warmup: int = 50, poll_period_us: int = 0) -> LatencySamples:
     """Blocking loop (the asyncio loop is not needed while it runs).
@@ -361,14 +372,7 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
                     t_ack = mono_ns()
                 os.eventfd_read(call_fd)
                 counts[v] += 1
-                off = slot_offset(vm_index, v, slot_vcpus)
-                deadline = time.monotonic() + 1.0
-                while True:
-                    ts, c = SLOT.unpack_from(stamps, off)
-                    if c >= counts[v]:
-                        break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("decision stamp never appeared")
+                ts = _decision_stamp(stamps, slot_offset(vm_index, v, slot_vcpus), counts[v], 1.0)
                 if i >= warmup:
                     not_armed += not armed
                     not_kicked += not kicked
@@ -415,13 +419,7 @@ class BusyVcpu:
                 sent = d.flush()
                 assert sent == 1 and clock.t_kick, (sent, clock.t_kick)
                 self.counts[v] += 1
-                off, deadline = self.offs[v], time.monotonic() + limit_s
-                while True:
-                    ts, c = SLOT.unpack_from(self.stamps, off)
-                    if c >= self.counts[v]:
-                        break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"no decision {limit_s} s after the kick")
+                ts = _decision_stamp(self.stamps, self.offs[v], self.counts[v], limit_s)  # spinning: guest code
                 out.append(ts - clock.t_kick)
         return out
 

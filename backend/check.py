@@ -57,10 +57,10 @@ def _dataplane() -> Finding:
     if dp.kind == "c":
         if not dp.lane:
             return Finding("dataplane", "ok", f"request queue drained in {dp.detail}; kicks served on the event loop")
-        sched = _lane_sched(dp.lib)
-        state = "ok" if sched.applied else "degraded"
+        lane = _lane_sched(dp.lib)
+        state = "ok" if lane.applied else "degraded"
         return Finding("dataplane", state, f"request queue drained in {dp.detail}; kicks served by the C kick lane; "
-                       f"{sched.describe()}")
+                       f"{lane.describe()}")
     return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
 
 

@@ -409,6 +409,7 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
 
 
 SLICE_ARMS = (("lane_slice_default", None), ("kernel_slice", 0))  # Service.lane_slice_us: the default, or 0
+SLICE_ARM_NAMES = {"lane_slice_default": "lane slice default", "kernel_slice": "lane at the kernel's slice"}
 BUSY_BEFORE_US = (0, 3000)
 
 
@@ -1224,13 +1225,13 @@ def print_table(r: dict[str, Any]) -> None:
             if x["split_handler_entry_to_decision"]["n"]:
                 rows.append((f"latency  of which handler entry->decision", _fmt_s(x["split_handler_entry_to_decision"])))
         for label, arm in lat.get("slice_ab", {}).get("arms", {}).items():
-            what = "lane slice default" if label == "lane_slice_default" else "lane at the kernel's slice"
+            what = SLICE_ARM_NAMES[label]
             rows.append((f"latency  kick->decision, daemon's path, alternating, {what}",
                          _fmt_s(arm["kick_to_decision"]) + "  (thread slices "
                          + ", ".join(f"{v:g}" for v in arm["thread_slices_us"]) + " us)"))
         busy = lat.get("busy_vcpu")
         for label, arm in (busy or {}).get("arms", {}).items():
-            what = "lane slice default" if label == "lane_slice_default" else "lane at the kernel's slice"
+            what = SLICE_ARM_NAMES[label]
             for before in BUSY_BEFORE_US:
                 x = arm.get(f"busy_before_{before}us")
                 if x:

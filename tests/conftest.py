@@ -9,6 +9,7 @@ skipped unless running as root, and fails instead when ``VUC_REQUIRE_ROOT=1``.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import AsyncIterator
 
 import pytest
@@ -51,3 +52,22 @@ async def qemu_lab(qemu_install: QemuInstall) -> AsyncIterator[QemuLab]:
         yield lab
     finally:
         await lab.close()
+
+
+_stale_lanes_named: set[int] = set()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Name a test that ends with a kick lane still serving a ring for an event loop that is closed.
+
+    Such a lane's thread lives until the process exits, and later tests that count lanes or
+    threads see it.  A warning (not a failure) names the test where it happened.
+    """
+    from vhost_user_cpufreq.backend.lane import running_lanes
+
+    stale = [lane for lane in running_lanes() if lane._loop.is_closed() and id(lane) not in _stale_lanes_named]
+    if stale:
+        _stale_lanes_named.update(id(lane) for lane in stale)  # named once, by the test that left it
+        warnings.warn(f"{item.nodeid} left {len(stale)} kick lane(s) serving rings of a closed event loop "
+                      f"({sum(len(lane.slots) for lane in stale)} ring(s))", pytest.PytestWarning, stacklevel=1)

@@ -38,7 +38,7 @@ from vhost_user_cpufreq.backend.engine import ClampEngine, EngineConfig, VcpuPla
 from vhost_user_cpufreq.backend.host_policy import HostPolicy
 from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.lane import CClampEngine, KickLane, LaneSlot
+from vhost_user_cpufreq.backend.lane import CClampEngine, KickLane, LaneSlot, running_lanes
 from vhost_user_cpufreq.backend.service import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
@@ -360,21 +360,32 @@ async def test_the_lane_clamps_threads_for_real_or_says_why_not(tmp_path, caplog
 
 
 async def test_the_lane_thread_lives_only_while_it_serves_a_ring(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """This loop's lane starts with its first ring and its thread is gone when the last ring leaves.
+
+    It follows its own lane's thread by id: counting the process's threads would also count
+    threads that other tests' loops and executors start or end meanwhile.
+    """
     require_c_dataplane()
+    loop = asyncio.get_running_loop()
 
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
+    def own_lanes() -> list[KickLane]:
+        return [lane for lane in running_lanes() if lane._loop is loop]
 
-    before = threads()
+    def thread_ids() -> set[int]:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
     svc, pol, slot, _ = await engine_vm(tmp_path, lane=True)
+    assert own_lanes() == []  # no ring yet, so no lane thread
     g = await start_guest(str(tmp_path / "vm.sock"))
     await until(lambda: slot.device._lane_slot is not None)
-    assert threads() == before + 1
+    (lane,) = own_lanes()
+    tid = lane.sched.tid
+    assert tid in thread_ids() and tid != threading.get_native_id()
     await g.close()
     await until(lambda: slot.connection is None)
-    assert threads() == before
+    assert own_lanes() == [] and lane.handle is None
+    assert tid not in thread_ids()  # the thread was joined, not left to linger
     await svc.close()
-    assert threading.active_count() >= 1
 
 
 def _lane_in_thread(lib: Any, slice_us: int, setup: Any) -> tuple[KickLane, sched.SchedAttr, sched.SchedAttr]:

@@ -104,7 +104,7 @@ class HostPolicy:
         return LaneBinding(b.engine, self.actuator.counters, self._lane_clamp_event, self.lane_stamps(vm))
 
     def lane_stamps(self, vm: str) -> object:
-        """A buffer where the lane stamps each decision (16 bytes per vCPU), or None (the bench's hook)."""
+        """A buffer where the lane stamps each decision (``lane.STAMP_BYTES`` per vCPU), or None (the bench's hook)."""
         return None
 
     def _lane_threads(self, b: VmBinding) -> None:

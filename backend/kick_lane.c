@@ -336,7 +336,7 @@ typedef struct {
     uint8_t *entries, *records, *scratch;
     uint32_t *rejects;
     vuc_engine *engine; /* NULL: records are only tracked */
-    uint64_t *stamps;   /* NULL or per vCPU: decided_ns, records decided */
+    uint64_t *stamps;   /* NULL or per vCPU: decided_ns, records decided, woke_ns of that drain */
     vuc_vstate *vs;     /* per vCPU */
     int32_t kick_fd, call_fd;
     uint32_t budget, num_vcpus, perf_request, event_idx, max_ahead;
@@ -383,6 +383,7 @@ typedef struct vuc_lane {
     int ready;
     int32_t tid, slice_err;
     uint64_t slice_req, slice_ns; /* requested; read back after the request (0: none asked) */
+    uint64_t woke_ns; /* when epoll_wait last returned: splits a stamped kick -> decision in two */
     vuc_slot *slot[MAX_SLOTS];
     uint32_t gen[MAX_SLOTS];
     uint32_t nslots; /* high-water mark of used indices */
@@ -704,9 +705,11 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
         for (uint32_t v = first; v <= last; v++) {
             if (s->vs[v].mark != s->drains)
                 continue;
-            __atomic_store_n(&s->stamps[2 * v], t, __ATOMIC_RELAXED);
-            /* The count last, with release: a reader that sees it sees the stamp. */
-            __atomic_store_n(&s->stamps[2 * v + 1], s->stamps[2 * v + 1] + s->vs[v].fresh, __ATOMIC_RELEASE);
+            uint64_t *st = &s->stamps[3 * v];
+            __atomic_store_n(&st[0], t, __ATOMIC_RELAXED);
+            __atomic_store_n(&st[2], l->woke_ns, __ATOMIC_RELAXED);
+            /* The count last, with release: a reader that sees it sees both stamps. */
+            __atomic_store_n(&st[1], st[1] + s->vs[v].fresh, __ATOMIC_RELEASE);
         }
     }
 }
@@ -897,7 +900,9 @@ static void *lane_main(void *arg) {
     pthread_mutex_unlock(&l->mu);
     for (;;) {
         int n = epoll_wait(l->epfd, evs, 64, timeout);
+        uint64_t woke = now_ns(); /* before the lock: waiting for it is the lane's time, not the scheduler's */
         pthread_mutex_lock(&l->mu);
+        l->woke_ns = woke;
         if (l->stop) {
             pthread_mutex_unlock(&l->mu);
             return NULL;

@@ -40,13 +40,15 @@ from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
 __all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
            "EV_RING", "EV_BUFFER", "EV_RECORDS",
-           "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT"]
+           "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT", "STAMP_BYTES"]
 
 log = logging.getLogger("vhost_user_cpufreq.lane")
 
 _CHANGE_REASONS = ("request", "deferred", "stale", "release")
 EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT = range(7)
 _EVENTS_PER_READ = 64
+#: the lane's decision stamp per vCPU (kick_lane.c account()): three native u64s
+STAMP_BYTES = 24
 _ERRNOS = 64  # kick_lane.c VUC_ERRNOS
 
 
@@ -124,7 +126,8 @@ class LaneBinding:
     engine: CClampEngine
     counters: Counters  # clamps_applied / clamps_recorded / clamp_failed
     on_clamp_event: Callable[[int, int, int], None]  # (kind, thread id, errno)
-    stamps: Any = None  # a writable buffer of 16 bytes per vCPU: (decided ns, records decided)
+    #: a writable buffer of STAMP_BYTES per vCPU: (decided ns, records decided, lane woke ns), native u64
+    stamps: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +256,8 @@ class LaneSlot:
         s.entries, s.records, s.scratch, s.rejects = (drainer._entries, drainer._records, drainer._scratch,
                                                       drainer._rejects)
         s.engine = binding.engine.handle
+        if binding.stamps is not None and memoryview(binding.stamps).nbytes < STAMP_BYTES * num_vcpus:
+            raise ValueError(f"decision stamps need {STAMP_BYTES} bytes per vCPU")
         self._stamps = binding.stamps  # kept alive while the lane writes into it
         s.stamps = (ffi.cast("uint64_t *", pointer_to(memoryview(binding.stamps), writable=True))
                     if binding.stamps is not None else ffi.NULL)

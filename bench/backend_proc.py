@@ -50,14 +50,18 @@ from vhost_user_cpufreq.backend.actuators import ThreadActuator  # noqa: E402
 from vhost_user_cpufreq.backend.counters import Counters  # noqa: E402
 from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits  # noqa: E402
 from vhost_user_cpufreq.backend.host_policy import HostPolicy  # noqa: E402
+from vhost_user_cpufreq.backend.lane import STAMP_BYTES  # noqa: E402
 from vhost_user_cpufreq.backend.hosts import PIXEL6, PIXEL6_OPPS_KHZ  # noqa: E402
 from vhost_user_cpufreq.backend.policy import Decision  # noqa: E402
 from vhost_user_cpufreq.backend.service import Service, VmConfig  # noqa: E402
 from vhost_user_cpufreq.backend.session import Session  # noqa: E402
 from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig  # noqa: E402
 
-SLOT = struct.Struct("<QQ")  # decision stamp (ns), decisions so far
+#: decision stamp (ns), decisions so far, and when the kick lane woke for that decision (ns; 0 when
+#: decided on the event loop).  The lane writes the same layout (backend/lane.py STAMP_BYTES).
+SLOT = struct.Struct("<QQQ")
 SLOT_SIZE = SLOT.size
+assert SLOT_SIZE == STAMP_BYTES
 #: slot 0 of the stamp area is the frequency source's: (detection stamp, changes so far)
 MIRROR_SLOT = 0
 
@@ -130,7 +134,7 @@ class StampPolicy:
             n = self.count.get(off, 0) + k
             self.count[off] = n
             t = mono_ns()
-            SLOT.pack_into(self.stamps, off, t, n)  # stamp first, then count (x86: in order)
+            SLOT.pack_into(self.stamps, off, t, n, 0)  # stamp first, then count (x86: in order)
             if self.split is not None:
                 self.split.decided(t)
 
@@ -269,7 +273,7 @@ async def main(args: argparse.Namespace) -> None:
 
         def on_snapshot(_snap: object) -> None:  # subscribed before any device: stamps detection
             mirror_count[0] += 1
-            SLOT.pack_into(stamps, MIRROR_SLOT, mono_ns(), mirror_count[0])
+            SLOT.pack_into(stamps, MIRROR_SLOT, mono_ns(), mirror_count[0], 0)
 
         source.subscribe(on_snapshot)
     age = AgeHistogram() if args.age else None

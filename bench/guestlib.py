@@ -236,6 +236,10 @@ class LatencySamples:
     not_kicked: int
     #: from the driver model's notify call instead of the eventfd write (kicked requests only)
     notify_to_decision_ns: list[int] = field(default_factory=list)
+    #: kicked requests the kick lane decided, split where its thread woke (epoll_wait returned):
+    #: kick -> woke is the scheduler's wake-up, woke -> decision the back-end's own work
+    kick_to_lane_woke_ns: list[int] = field(default_factory=list)
+    lane_woke_to_decision_ns: list[int] = field(default_factory=list)
 
 
 class KickClock:
@@ -300,13 +304,18 @@ def _utils(d: CpufreqDriver, vcpus: int) -> tuple[int, int]:
     return v, (200 if (k // vcpus) % 2 == 0 else 800)
 
 
-def _decision_stamp(stamps: mmap.mmap, off: int, count: int, limit_s: float) -> int:
-    """Spin until the decision slot at ``off`` has counted ``count`` decisions; its stamp (ns)."""
+def _decision_stamp(stamps: mmap.mmap, off: int, count: int, limit_s: float) -> tuple[int, int]:
+    """Spin until the decision slot at ``off`` has counted ``count`` decisions.
+
+    Returns its stamps (ns): the decision, and when the kick lane woke for it (0: decided on
+    the event loop).  The slot is read again once the count shows, because the writer stores
+    the stamps before the count and a read that overlapped the write may hold older stamps.
+    """
     deadline = time.monotonic() + limit_s
     while True:
-        ts, c = SLOT.unpack_from(stamps, off)
-        if c >= count:
-            return int(ts)
+        if SLOT.unpack_from(stamps, off)[1] >= count:
+            ts, _, woke = SLOT.unpack_from(stamps, off)
+            return int(ts), int(woke)
         if time.monotonic() > deadline:
             raise TimeoutError(f"no decision stamp within {limit_s} s")
 
@@ -343,6 +352,8 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
     k2d: list[int] = []
     k2a: list[int] = []
     n2d: list[int] = []
+    k2w: list[int] = []
+    w2d: list[int] = []
     not_armed = not_kicked = 0
     gap = gap_us / 1e6
     # ``poll_period_us``: the device polls the ring on a grid of that period and never asks for a
@@ -372,7 +383,7 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
                     t_ack = mono_ns()
                 os.eventfd_read(call_fd)
                 counts[v] += 1
-                ts = _decision_stamp(stamps, slot_offset(vm_index, v, slot_vcpus), counts[v], 1.0)
+                ts, woke = _decision_stamp(stamps, slot_offset(vm_index, v, slot_vcpus), counts[v], 1.0)
                 if i >= warmup:
                     not_armed += not armed
                     not_kicked += not kicked
@@ -381,9 +392,12 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
                     k2a.append(t_ack - t0)
                     if kicked:
                         n2d.append(ts - clock.t_notify)
+                        if woke >= t0:  # the wake-up this kick caused (not a timer's just before it)
+                            k2w.append(woke - t0)
+                            w2d.append(ts - woke)
     finally:
         q.set_interrupt_suppression(True)
-    return LatencySamples(k2d, k2a, not_armed, not_kicked, n2d)
+    return LatencySamples(k2d, k2a, not_armed, not_kicked, n2d, k2w, w2d)
 
 
 class BusyVcpu:
@@ -419,7 +433,7 @@ class BusyVcpu:
                 sent = d.flush()
                 assert sent == 1 and clock.t_kick, (sent, clock.t_kick)
                 self.counts[v] += 1
-                ts = _decision_stamp(self.stamps, self.offs[v], self.counts[v], limit_s)  # spinning: guest code
+                ts, _ = _decision_stamp(self.stamps, self.offs[v], self.counts[v], limit_s)  # spinning: guest code
                 out.append(ts - clock.t_kick)
         return out
 
@@ -485,7 +499,7 @@ async def latency_qemu(driver: CpufreqDriver, transport, stamps: mmap.mmap, vm_i
                     raise TimeoutError("QEMU's ISR read did not complete within 2 s")
                 await asyncio.sleep(0)
             counts[v] += 1
-            ts, c = SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))
+            ts, c, _ = SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))
             if c < counts[v]:
                 raise RuntimeError("interrupt before the decision stamp")
             if i >= warmup and irq_at:

@@ -74,6 +74,24 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     _summary_ok(polled["kick_to_decision"])
     on_lane = data["dataplane"].startswith("C (") and "kick lane off" not in data["dataplane"]
     assert polled["requests_not_kicked"] == (polled["kick_to_decision"]["n"] if on_lane else 0), data["dataplane"]
+    # The lane stamps when its thread woke: each kicked request it decided splits in two parts, each
+    # no longer than the whole, so every order statistic of a part is bounded by the whole's.  The
+    # event loop stamps no wake-up.
+    for key in ("device", "device_same_cpu", "device_cross_cpu"):
+        if key not in lat:
+            continue
+        woke, work, whole = (lat[key][k] for k in ("split_kick_to_lane_woke", "split_lane_woke_to_decision",
+                                                   "kick_to_decision"))
+        if not on_lane:
+            assert woke["n"] == work["n"] == 0, key
+            continue
+        _summary_ok(woke)
+        _summary_ok(work)
+        assert woke["n"] == work["n"] == whole["n"], key
+        assert all(part[k] <= whole[k] for part in (woke, work) for k in ("min", "p25", "median", "p75", "p99", "max"))
+        assert woke["min"] >= 0 and work["min"] >= 0
+    for key in ("device_engine_loop", "device_stamp_loop"):
+        assert lat[key]["split_kick_to_lane_woke"]["n"] == 0
     # The busy vCPU: both arms measured at both busy stretches; the kernel says which lane got the
     # short slice (only the default arm's, and only where a lane runs on a kernel with fair slices).
     busy = lat["busy_vcpu"]

@@ -38,7 +38,7 @@ from vhost_user_cpufreq.backend.engine import ClampEngine, EngineConfig, VcpuPla
 from vhost_user_cpufreq.backend.host_policy import HostPolicy
 from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.lane import CClampEngine, KickLane, LaneSlot, running_lanes
+from vhost_user_cpufreq.backend.lane import STAMP_BYTES, CClampEngine, KickLane, LaneSlot, running_lanes
 from vhost_user_cpufreq.backend.service import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
@@ -626,3 +626,57 @@ def test_a_guest_scribbling_over_its_ring_cannot_hurt_the_lane_or_its_neighbour(
         loop.close()
         os.close(kick)
         os.close(wkick)
+
+
+def test_the_lane_stamps_each_decision_with_its_wake_up() -> None:
+    """Where a policy asks for stamps, the lane writes per vCPU: when it decided, how many records
+    that covers, and when its thread woke for that drain (the bench splits kick -> decision there)."""
+    require_c_dataplane()
+    from .test_ring_drain import DATA_GPA, DESC_GPA, REGION1, REGION2_SIZE
+
+    lib = c_lib()
+    loop = asyncio.new_event_loop()
+    lane = KickLane(lib, loop)
+    pol = _policy(8, c_engine=True)
+    dev = _device(pol, 8)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    a, b = bytearray(REGION1), bytearray(REGION2_SIZE)
+    q = make_queue(a, b, 16, indirect=False, max_chain=2064, max_indirect=0, base=0)
+    binding = pol.lane_binding("vm", lambda: None)
+    assert binding is not None
+
+    def slot_with(stamps: bytearray) -> LaneSlot:
+        binding.stamps = stamps
+        return LaneSlot(lane, q, kick_fd=kick, call_fd=None, budget=64, num_vcpus=8, perf_request=False,
+                        batch_delay=0.0, binding=binding, seq=dev.seq, vcpus=dev.vcpus, counters=dev.counters,
+                        on_event=lambda *e: None)
+
+    try:
+        with pytest.raises(ValueError, match="24 bytes per vCPU"):
+            slot_with(bytearray(STAMP_BYTES * 8 - 1))  # the lane would write past its end
+        stamps = bytearray(STAMP_BYTES * 8)
+        slot = slot_with(stamps)
+        try:
+            _wait_idle(lane, slot, 0)  # the drain on attach is done: the next wake-up is our kick's
+            data = encode_batch(Batch(1, 0, (Record(2, 700), Record(5, 300), Record(2, 900))))
+            a[DATA_GPA : DATA_GPA + len(data)] = data
+            a[DESC_GPA : DESC_GPA + 16] = struct.pack("<QIHH", DATA_GPA, len(data), 0, 0)
+            U16.pack_into(a, AVAIL_GPA + 4, 0)
+            U16.pack_into(a, AVAIL_GPA + 2, 1)
+            t_kick = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            os.eventfd_write(kick, 1)
+            _wait_idle(lane, slot, 1)
+            t_after = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            got = [struct.unpack_from("=QQQ", stamps, STAMP_BYTES * v) for v in range(8)]
+        finally:
+            slot.detach()
+        decided, count, woke = got[2]
+        assert count == 2  # both of vCPU 2's records, decided once on the newest
+        assert t_kick <= woke <= decided <= t_after
+        assert got[5][1] == 1 and got[5][2] == woke  # the same drain, the same wake-up
+        assert all(got[v] == (0, 0, 0) for v in (0, 1, 3, 4, 6, 7))
+    finally:
+        lane.close()
+        loop.close()
+        os.close(kick)
+        pol.close()

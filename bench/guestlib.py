@@ -242,6 +242,40 @@ class LatencySamples:
     lane_woke_to_decision_ns: list[int] = field(default_factory=list)
 
 
+class CKick:
+    """bench/kick_wait.c, compiled at bench time: the kick and the wait for its ack in C."""
+
+    def __init__(self, so_path: str) -> None:
+        from cffi import FFI
+
+        self.ffi = FFI()
+        self.ffi.cdef("int vuc_bench_kick_wait(int kick_fd, int call_fd, int timeout_ms, int64_t out[2]);")
+        self.lib = self.ffi.dlopen(so_path)
+        self.out = self.ffi.new("int64_t[2]")
+        self.calls = 0
+
+    @staticmethod
+    def build(tmpdir: str) -> str | None:
+        """The shared object's path, or None if there is no C compiler."""
+        import shutil
+        import subprocess
+
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            return None
+        so = os.path.join(tmpdir, "kick_wait.so")
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kick_wait.c")
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", so, src], check=True, capture_output=True)
+        return so
+
+    def kick_wait(self, kick_fd: int, call_fd: int, timeout_ms: int) -> tuple[int, int]:
+        """(time of the write, time the ack showed or 0), both ns."""
+        self.calls += 1
+        if self.lib.vuc_bench_kick_wait(kick_fd, call_fd, timeout_ms, self.out) != 0:
+            raise OSError("kick eventfd write failed")
+        return int(self.out[0]), int(self.out[1])
+
+
 class KickClock:
     """Stamps the guest model's kicks, at the eventfd write itself and at the driver's notify call.
 
@@ -251,13 +285,17 @@ class KickClock:
     ``notify_to_*`` figures add the model's own Python bookkeeping on the way
     (a few microseconds, more when its code is cache-cold after a sleep).
     ``after_kick`` runs right after the write, inside the kick, as the floor's
-    parent blocks right after its own.
+    parent blocks right after its own.  With ``c_kick`` the write and the wait
+    for ``ack_fd`` are one C call instead (:class:`CKick`); ``t_ack`` is then
+    when that wait returned.
     """
 
-    def __init__(self, g: Guest, after_kick: Callable[[], None] | None = None) -> None:
+    def __init__(self, g: Guest, after_kick: Callable[[], None] | None = None, c_kick: CKick | None = None,
+                 ack_fd: int = -1) -> None:
         self.g = g
         self.after_kick = after_kick
-        self.t_notify = self.t_kick = 0
+        self.c_kick, self.ack_fd = c_kick, ack_fd
+        self.t_notify = self.t_kick = self.t_ack = 0
         self._orig_notify = g.transport.notify
 
     def _notify(self, index: int) -> None:
@@ -266,13 +304,16 @@ class KickClock:
 
     def _kick(self, index: int) -> None:  # VhostUserFrontend.kick, stamped
         fd = self.g.fe.rings[index].kick
+        if self.c_kick is not None:
+            self.t_kick, self.t_ack = self.c_kick.kick_wait(fd, self.ack_fd, 1000)
+            return
         self.t_kick = mono_ns()
         os.eventfd_write(fd, 1)
         if self.after_kick is not None:
             self.after_kick()
 
     def reset(self) -> None:
-        self.t_notify = self.t_kick = 0
+        self.t_notify = self.t_kick = self.t_ack = 0
 
     def __enter__(self) -> "KickClock":
         self.g.transport.notify = self._notify  # type: ignore[method-assign]
@@ -321,7 +362,8 @@ def _decision_stamp(stamps: mmap.mmap, off: int, count: int, limit_s: float) -> 
 
 
 def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: int, vcpus: int,
-                      n: int, gap_us: int, warmup: int = 50, poll_period_us: int = 0) -> LatencySamples:
+                      n: int, gap_us: int, warmup: int = 50, poll_period_us: int = 0,
+                      c_kick: CKick | None = None) -> LatencySamples:
     """Blocking loop (the asyncio loop is not needed while it runs).
 
     A request is timed from its kick, the eventfd write (:class:`KickClock`),
@@ -347,7 +389,7 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
         if poller.poll(1000):
             t_acked[0] = mono_ns()
 
-    clock = KickClock(g, after_kick=wait_ack)
+    clock = KickClock(g, after_kick=wait_ack, c_kick=c_kick, ack_fd=call_fd)
     counts = [SLOT.unpack_from(stamps, slot_offset(vm_index, v, slot_vcpus))[1] for v in range(vcpus)]
     k2d: list[int] = []
     k2a: list[int] = []
@@ -375,6 +417,8 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
                 t_pub = mono_ns()
                 assert sent == 1, sent
                 kicked = d.stats.kicks != kicks
+                if clock.t_ack:
+                    t_acked[0] = clock.t_ack
                 if t_acked[0]:
                     t_ack = t_acked[0]
                 else:  # no kick (the device did not ask for one), or no ack yet: wait here

@@ -386,6 +386,9 @@ async def bench_latency(cfg: Config, tmp: str) -> dict[str, Any]:
         }
     log(f"latency: the daemon's path, lane slice default vs the kernel's, alternating (n={max(20, cfg.lat_n // 3)} each)")
     out["slice_ab"] = await _slice_ab(cfg, tmp)
+    log(f"latency: the daemon's path, kicked by the Python guest model vs in C, alternating "
+        f"(n={max(20, cfg.lat_n // 3)} each)")
+    out["kick_ab"] = await _kick_ab(cfg, tmp)
     log(f"latency: vCPU busy after its kick, one CPU, lane slice default vs the kernel's")
     out["busy_vcpu"] = await _busy_vcpu(cfg, tmp)
     c = out["floor"].get("c", {})
@@ -459,6 +462,49 @@ async def _slice_ab(cfg: Config, tmp: str) -> dict[str, Any]:
                                                          warmup=3).kick_to_decision_ns
         for label, v in got.items():
             out["arms"][label]["kick_to_decision"] = summary(v[:n], "us", 1e-3)
+    return out
+
+
+KICK_ARMS = ("python", "c")
+KICK_ARM_NAMES = {"python": "kick by the Python guest model", "c": "kick and wait in C"}
+
+
+async def _kick_ab(cfg: Config, tmp: str) -> dict[str, Any]:
+    """The daemon's path as judged, kicked by the Python guest model and by bench/kick_wait.c, on one
+    back-end, alternately in blocks of 50: what the guest model itself adds to the figure."""
+    n = max(20, cfg.lat_n // 3)
+    out: dict[str, Any] = {"n_per_arm": n, "gap_us": cfg.lat_gap_us, "placement": "scheduler", "arms": {}}
+    so = guestlib.CKick.build(tmp)
+    if so is None:
+        out["skipped"] = "no C compiler (gcc/cc) found"
+        return out
+    ck = guestlib.CKick(so)
+    d = os.path.join(tmp, "lat-kick-ab")
+    os.mkdir(d)
+    async with Backend(d, vms=1, vcpus=8, stamps=True, policy="engine", kick_batch_delay=0.0) as be:
+        g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
+        try:
+            got = {arm: guestlib.LatencySamples([], [], 0, 0) for arm in KICK_ARMS}
+            while any(len(v.kick_to_decision_ns) < n for v in got.values()):
+                for arm in KICK_ARMS:
+                    assert be.stamps is not None
+                    lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, min(50, n), cfg.lat_gap_us, warmup=3,
+                                                     c_kick=ck if arm == "c" else None)
+                    x = got[arm]
+                    x.kick_to_decision_ns += lat.kick_to_decision_ns
+                    x.kick_to_lane_woke_ns += lat.kick_to_lane_woke_ns
+                    x.lane_woke_to_decision_ns += lat.lane_woke_to_decision_ns
+                    x.not_kicked += lat.not_kicked
+        finally:
+            await g.close()
+    for arm, x in got.items():
+        out["arms"][arm] = {
+            "kick_to_decision": summary(x.kick_to_decision_ns[:n], "us", 1e-3),
+            "split_kick_to_lane_woke": summary(x.kick_to_lane_woke_ns[:n], "us", 1e-3),
+            "split_lane_woke_to_decision": summary(x.lane_woke_to_decision_ns[:n], "us", 1e-3),
+            "requests_not_kicked": x.not_kicked,
+        }
+    out["c_kick_calls"] = ck.calls  # warm-ups included: the C arm's kicks all went through kick_wait.c
     return out
 
 
@@ -1241,6 +1287,14 @@ def print_table(r: dict[str, Any]) -> None:
                              _fmt_s(x["split_kick_to_lane_woke"])))
                 rows.append(("latency  of which lane thread woke->decision (the back-end's work)",
                              _fmt_s(x["split_lane_woke_to_decision"])))
+        kab = lat.get("kick_ab", {})
+        if "skipped" in kab:
+            rows.append(("latency  kick by the Python guest model vs in C", f"skipped: {kab['skipped']}"))
+        for label, arm in kab.get("arms", {}).items():
+            what = KICK_ARM_NAMES[label]
+            rows.append((f"latency  kick->decision, daemon's path, alternating, {what}", _fmt_s(arm["kick_to_decision"])))
+            if arm["split_kick_to_lane_woke"]["n"]:
+                rows.append((f"latency  of which kick->lane thread woke, {what}", _fmt_s(arm["split_kick_to_lane_woke"])))
         for label, arm in lat.get("slice_ab", {}).get("arms", {}).items():
             what = SLICE_ARM_NAMES[label]
             rows.append((f"latency  kick->decision, daemon's path, alternating, {what}",

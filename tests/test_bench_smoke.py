@@ -108,6 +108,15 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     for label in ("lane_slice_default", "kernel_slice"):
         _summary_ok(ab["arms"][label]["kick_to_decision"])
         assert ab["arms"][label]["kick_to_decision"]["n"] == ab["n_per_arm"]
+    kab = lat["kick_ab"]
+    if "skipped" in kab:
+        assert "compiler" in kab["skipped"], kab
+    else:
+        for arm in ("python", "c"):
+            x = kab["arms"][arm]
+            assert x["kick_to_decision"]["n"] == kab["n_per_arm"] and x["requests_not_kicked"] == 0, (arm, x)
+            assert x["split_kick_to_lane_woke"]["n"] == (kab["n_per_arm"] if on_lane else 0), (arm, x)
+        assert kab["c_kick_calls"] >= kab["n_per_arm"]  # the C arm did kick through bench/kick_wait.c
     for kind in ("c", "c-cross", "python", "asyncio"):
         f = lat["floor"][kind]
         if "skipped" in f:

@@ -240,6 +240,8 @@ class LatencySamples:
     #: kick -> woke is the scheduler's wake-up, woke -> decision the back-end's own work
     kick_to_lane_woke_ns: list[int] = field(default_factory=list)
     lane_woke_to_decision_ns: list[int] = field(default_factory=list)
+    #: CLOCK_MONOTONIC of each split request's kick, in the same order (bench/tail_trace.py)
+    split_kick_at_ns: list[int] = field(default_factory=list)
 
 
 class CKick:
@@ -396,6 +398,7 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
     n2d: list[int] = []
     k2w: list[int] = []
     w2d: list[int] = []
+    at: list[int] = []
     not_armed = not_kicked = 0
     gap = gap_us / 1e6
     # ``poll_period_us``: the device polls the ring on a grid of that period and never asks for a
@@ -439,9 +442,10 @@ def latency_inprocess(g: Guest, stamps: mmap.mmap, vm_index: int, slot_vcpus: in
                         if woke >= t0:  # the wake-up this kick caused (not a timer's just before it)
                             k2w.append(woke - t0)
                             w2d.append(ts - woke)
+                            at.append(t0)
     finally:
         q.set_interrupt_suppression(True)
-    return LatencySamples(k2d, k2a, not_armed, not_kicked, n2d, k2w, w2d)
+    return LatencySamples(k2d, k2a, not_armed, not_kicked, n2d, k2w, w2d, at)
 
 
 class BusyVcpu:

@@ -108,7 +108,9 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
     ours = {lane, guest}
     kick_cpu = next((e.cpu for e in window if e.tid == guest and e.name == "sys_enter_write"), None)
     waking = next((e for e in window if e.name == "sched_waking" and _field(e.detail, "pid") == str(lane)), None)
-    lane_cpu = int(waking.detail.rsplit("=", 1)[-1]) if waking is not None else kick_cpu
+    # sched_waking's target_cpu is where the lane last ran; sched_wakeup's is where it was put.
+    wakeup = next((e for e in window if e.name == "sched_wakeup" and _field(e.detail, "pid") == str(lane)), waking)
+    lane_cpu = int(_field(wakeup.detail, "target_cpu") or -1) if wakeup is not None else kick_cpu
     cpus = {c for c in (kick_cpu, lane_cpu) if c is not None}
     seen: list[Event] = []
     for e in window:
@@ -148,8 +150,8 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
 
 
 async def _measure(n: int, placement: str, perf_out: str, tmp: str) -> dict[str, Any]:
-    import guestlib  # noqa: E402
-    import run  # noqa: E402
+    import guestlib  # the bench's modules load only for a real run, not for parse() and explain()
+    import run
 
     async with run.Backend(tmp, vms=1, vcpus=8, stamps=True, policy="engine", kick_batch_delay=0.0) as be:
         g = await guestlib.connect_guest(be.sock(0), lazy_records=0)

@@ -70,10 +70,15 @@ def test_a_stretch_without_events_is_reported() -> None:
 
 
 def test_a_wake_up_on_the_other_cpu() -> None:
-    s = _explain(_trace(WRITE, f"python {GUEST} 0 3.0 sched:sched_waking: comm=python pid={LANE} prio=120 "
-                               f"target_cpu=001",
-                        _switch(30, ("swapper/1", 0), ("python", LANE), cpu=1), _epoll_exit(35, cpu=1)), 36)
-    assert s.causes == ["woken on the other CPU"]
+    """Where the lane was put is sched_wakeup's CPU; sched_waking names the CPU it last ran on."""
+    waking = f"python {GUEST} 0 3.0 sched:sched_waking: comm=python pid={LANE} prio=120 target_cpu=000"
+    woken = f"python {GUEST} 0 4.0 sched:sched_wakeup: comm=python pid={LANE} prio=120 target_cpu="
+    away = _explain(_trace(WRITE, waking, woken + "001", _switch(30, ("swapper/1", 0), ("python", LANE), cpu=1),
+                           _epoll_exit(35, cpu=1)), 36)
+    assert away.causes == ["woken on the other CPU"]
+    here = _explain(_trace(WRITE, waking.replace("=000", "=001"), woken + "000",
+                           _switch(5, ("python", GUEST), ("python", LANE)), _epoll_exit(7)), 8)
+    assert here.causes == []
 
 
 def test_the_guest_running_on_the_lanes_cpu_and_a_timer_tick() -> None:

@@ -13,7 +13,7 @@ causes it can see:
 
 * ``ran first: NAME``   another task ran on the lane's CPU between its wake-up and its run;
 * ``woken on the other CPU``  the lane was woken away from its kicker's CPU (an idle vCPU);
-* ``no events for N us``  a stretch with no event on the CPUs involved: the vCPU itself was
+* ``no events for N us``  25 us or more with no event on the CPUs involved: the vCPU itself was
   not running (the hypervisor), or a long stretch of kernel code with no tracepoint;
 * ``timer interrupt``   the scheduler tick (with its softirqs) came in between;
 * ``other interrupts``  IPIs or device interrupts came in between;
@@ -55,7 +55,7 @@ EVENTS = ("sched:sched_switch", "sched:sched_waking", "sched:sched_wakeup", "irq
           "syscalls:sys_enter_write", "syscalls:sys_exit_write", "syscalls:sys_exit_epoll_wait")
 INTERRUPTS = {"irq_handler_entry", "softirq_entry", "local_timer_entry", "call_function_entry",
               "call_function_single_entry", "reschedule_entry"}
-STALL_NS = 40_000  # a stretch this long with no event on a CPU is reported
+STALL_NS = 25_000  # a stretch this long with no event on a CPU is reported (traced events come every few us)
 _LINE = re.compile(r"\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+(\d+)\.(\d+):\s+(\S+):\s+(.*)")
 
 
@@ -124,6 +124,10 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
     if waking is not None and kick_cpu is not None and lane_cpu != kick_cpu:
         s.causes.append("woken on the other CPU")
     if waking is not None:
+        # The guest "ran on" from where its kick's write returned to user space, not from the wake-up:
+        # a stall inside the write is reported as a stall.
+        back = next((e.t for e in seen if e.tid == guest and e.name == "sys_exit_write" and e.t >= waking.t),
+                    waking.t)
         for e in seen:
             if e.t < waking.t or e.t > s.woke_ns or e.name != "sched_switch" or e.cpu != lane_cpu:
                 continue
@@ -132,8 +136,8 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
             if nxt_pid not in (str(lane), str(guest), "0"):
                 s.causes.append(f"ran first: {re.sub(r'[/:.-]?[0-9]+$', '', nxt)}")
             if nxt_pid == str(lane):
-                if _field(e.detail, "prev_pid") == str(guest) and e.t - waking.t > 20_000:
-                    s.causes.append(f"guest ran on for {(e.t - waking.t) / 1e3:.0f} us")
+                if _field(e.detail, "prev_pid") == str(guest) and e.t - back > 20_000:
+                    s.causes.append(f"guest ran on for {(e.t - back) / 1e3:.0f} us")
                 break
     # A stretch with no event, unless it starts where another task was switched in (that task ran).
     inside = [e for e in seen if s.kick_ns <= e.t <= s.woke_ns]

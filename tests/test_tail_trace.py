@@ -67,14 +67,16 @@ def test_another_task_that_ran_first_is_named_and_its_run_is_not_a_stall() -> No
 def test_a_stretch_without_events_is_reported() -> None:
     s = _explain(_trace(WRITE, WAKE_HERE, _switch(5, ("python", GUEST), ("python", LANE)), _epoll_exit(75)), 76)
     assert s.causes == ["no events for 70 us"]
+    short = _explain(_trace(WRITE, WAKE_HERE, _switch(5, ("python", GUEST), ("python", LANE)), _epoll_exit(27)), 28)
+    assert short.causes == []  # 22 us without an event: within what tracing itself spaces events by
 
 
 def test_a_wake_up_on_the_other_cpu() -> None:
     """Where the lane was put is sched_wakeup's CPU; sched_waking names the CPU it last ran on."""
     waking = f"python {GUEST} 0 3.0 sched:sched_waking: comm=python pid={LANE} prio=120 target_cpu=000"
     woken = f"python {GUEST} 0 4.0 sched:sched_wakeup: comm=python pid={LANE} prio=120 target_cpu="
-    away = _explain(_trace(WRITE, waking, woken + "001", _switch(30, ("swapper/1", 0), ("python", LANE), cpu=1),
-                           _epoll_exit(35, cpu=1)), 36)
+    away = _explain(_trace(WRITE, waking, woken + "001", _switch(20, ("swapper/1", 0), ("python", LANE), cpu=1),
+                           _epoll_exit(24, cpu=1)), 25)
     assert away.causes == ["woken on the other CPU"]
     here = _explain(_trace(WRITE, waking.replace("=000", "=001"), woken + "000",
                            _switch(5, ("python", GUEST), ("python", LANE)), _epoll_exit(7)), 8)
@@ -82,10 +84,15 @@ def test_a_wake_up_on_the_other_cpu() -> None:
 
 
 def test_the_guest_running_on_the_lanes_cpu_and_a_timer_tick() -> None:
-    s = _explain(_trace(WRITE, WAKE_HERE, f"python {GUEST} 0 20.0 irq_vectors:local_timer_entry: vector=236",
+    """The guest runs on from its write's return; a stall inside the write is a stall, not the guest."""
+    s = _explain(_trace(WRITE, WAKE_HERE, f"python {GUEST} 0 5.0 syscalls:sys_exit_write: 0x8",
+                        f"python {GUEST} 0 20.0 irq_vectors:local_timer_entry: vector=236",
                         f"python {GUEST} 0 35.0 irq:softirq_entry: vec=1 [action=TIMER]",
                         _switch(50, ("python", GUEST), ("python", LANE)), _epoll_exit(55)), 56)
-    assert s.causes == ["guest ran on for 47 us", "timer interrupt"]
+    assert s.causes == ["guest ran on for 45 us", "timer interrupt"]
+    stalled = _explain(_trace(WRITE, WAKE_HERE, f"python {GUEST} 0 45.0 syscalls:sys_exit_write: 0x8",
+                              _switch(48, ("python", GUEST), ("python", LANE)), _epoll_exit(50)), 51)
+    assert stalled.causes == ["no events for 42 us"]
 
 
 def test_other_processes_and_uninvolved_cpus_are_left_out() -> None:

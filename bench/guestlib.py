@@ -462,6 +462,9 @@ class BusyVcpu:
         self.g, self.stamps, self.vcpus = g, stamps, vcpus
         self.offs = [slot_offset(vm_index, v, slot_vcpus) for v in range(vcpus)]
         self.counts = [SLOT.unpack_from(stamps, o)[1] for o in self.offs]
+        #: every request split at the lane's wake-up, as :class:`LatencySamples` has it (tail_trace.py)
+        self.split_kick_at_ns: list[int] = []
+        self.kick_to_lane_woke_ns: list[int] = []
 
     def run(self, n: int, gap_us: int, busy_before_us: int, limit_s: float = 0.5) -> list[int]:
         """``n`` requests, kick -> decision in ns each."""
@@ -481,8 +484,11 @@ class BusyVcpu:
                 sent = d.flush()
                 assert sent == 1 and clock.t_kick, (sent, clock.t_kick)
                 self.counts[v] += 1
-                ts, _ = _decision_stamp(self.stamps, self.offs[v], self.counts[v], limit_s)  # spinning: guest code
+                ts, woke = _decision_stamp(self.stamps, self.offs[v], self.counts[v], limit_s)  # spinning: guest code
                 out.append(ts - clock.t_kick)
+                if woke >= clock.t_kick:
+                    self.split_kick_at_ns.append(clock.t_kick)
+                    self.kick_to_lane_woke_ns.append(woke - clock.t_kick)
         return out
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Why the slowest requests were slow: the judged latency path under perf's tracepoints.
 
-usage: bench/tail_trace.py [--n 1500] [--worst 12] [--placement scheduler|same] [--json FILE]
+usage: bench/tail_trace.py [--n 1500] [--worst 12] [--placement scheduler|same] [--busy-before-us US]
+                           [--json FILE]
 
 Runs the daemon's path as ``bench/run.py`` judges it (a request every 6 ms, each
 kicked, the guest blocking for its ack) while ``perf record`` traces scheduler,
@@ -139,10 +140,16 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
                 if _field(e.detail, "prev_pid") == str(guest) and e.t - back > 20_000:
                     s.causes.append(f"guest ran on for {(e.t - back) / 1e3:.0f} us")
                 break
-    # A stretch with no event, unless it starts where another task was switched in (that task ran).
+    # A stretch with no event, unless it starts where another task was switched in (that task ran)
+    # or where the guest's write returned to user space (the guest ran on: reported above).
     inside = [e for e in seen if s.kick_ns <= e.t <= s.woke_ns]
-    starts = [(s.kick_ns, True)] + [(e.t, not (e.name == "sched_switch" and _field(e.detail, "next_pid")
-                                                 not in (str(lane), str(guest), "0"))) for e in inside]
+
+    def stall_may_start(e: Event) -> bool:
+        if e.name == "sched_switch":
+            return _field(e.detail, "next_pid") in (str(lane), str(guest), "0")
+        return not (e.tid == guest and e.name == "sys_exit_write")
+
+    starts = [(s.kick_ns, True)] + [(e.t, stall_may_start(e)) for e in inside]
     ends = [e.t for e in inside] + [s.woke_ns]
     gap = max((b - a for (a, ours_), b in zip(starts, ends) if ours_), default=0)
     if gap >= STALL_NS:
@@ -153,7 +160,7 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
         s.causes.append("other interrupts")
 
 
-async def _measure(n: int, placement: str, perf_out: str, tmp: str) -> dict[str, Any]:
+async def _measure(n: int, placement: str, perf_out: str, tmp: str, busy_before_us: int | None) -> dict[str, Any]:
     import guestlib  # the bench's modules load only for a real run, not for parse() and explain()
     import run
 
@@ -173,14 +180,19 @@ async def _measure(n: int, placement: str, perf_out: str, tmp: str) -> dict[str,
             if perf.poll() is not None:
                 raise RuntimeError(f"perf record failed: {perf.stderr.read().decode()[-300:] if perf.stderr else ''}")
             assert be.stamps is not None
-            lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, n, 6000, warmup=20)
+            if busy_before_us is None:
+                lat = guestlib.latency_inprocess(g, be.stamps, 0, 8, 8, n, 6000, warmup=20)
+                kicks, k2w = lat.split_kick_at_ns, lat.kick_to_lane_woke_ns
+            else:  # a vCPU that spins before its kick and on after it (bench/run.py's busy_vcpu)
+                busy = guestlib.BusyVcpu(g, be.stamps, 0, 8, 8)
+                busy.run(n, 6000, busy_before_us)
+                kicks, k2w = busy.split_kick_at_ns, busy.kick_to_lane_woke_ns
             perf.send_signal(signal.SIGINT)
             perf.wait(timeout=60)
         finally:
             os.sched_setaffinity(0, mine)
             await g.close()
-    return {"kicks": lat.split_kick_at_ns, "k2w": lat.kick_to_lane_woke_ns, "k2d": lat.kick_to_decision_ns,
-            "guest": os.getpid(), "backend": be.pid, "threads": sorted(threads)}
+    return {"kicks": kicks, "k2w": k2w, "guest": os.getpid(), "backend": be.pid, "threads": sorted(threads)}
 
 
 def analyse(m: dict[str, Any], events: list[Event], worst: int) -> dict[str, Any]:
@@ -223,6 +235,9 @@ def main() -> int:
     p.add_argument("--worst", type=int, default=12, help="how many of the slowest wake-ups to explain")
     p.add_argument("--placement", choices=("scheduler", "same"), default="scheduler",
                    help="where the scheduler puts guest and back-end, or both pinned to CPU 0")
+    p.add_argument("--busy-before-us", type=int, default=None,
+                   help="a vCPU that spins this long before each kick and on after it, pinned with the "
+                        "back-end to CPU 0 (bench/run.py's busy_vcpu), instead of one that blocks for its ack")
     p.add_argument("--json", help="write the analysis here")
     p.add_argument("--quiet", action="store_true", help="summary only, no timelines")
     a = p.parse_args()
@@ -234,12 +249,16 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="vuc-tail-") as tmp:
         data = os.path.join(tmp, "perf.data")
-        m = asyncio.run(_measure(a.n, a.placement, data, tmp))
+        if a.busy_before_us is not None:
+            a.placement = "same"
+        m = asyncio.run(_measure(a.n, a.placement, data, tmp, a.busy_before_us))
         text = subprocess.run(["perf", "script", "-i", data, "-F", "comm,tid,cpu,time,event,trace", "--ns"],
                               capture_output=True, text=True, check=True).stdout
     r = analyse(m, parse(text), a.worst)
     r["placement"] = a.placement
-    print(f"{r['n']} requests, {a.placement} placement; kick -> lane woke p50 {r['kick_to_lane_woke_p50_us']:.1f} us, "
+    r["busy_before_us"] = a.busy_before_us
+    what = "" if a.busy_before_us is None else f", a vCPU busy {a.busy_before_us} us before and on after each kick"
+    print(f"{r['n']} requests, {a.placement} placement{what}; kick -> lane woke p50 {r['kick_to_lane_woke_p50_us']:.1f} us, "
           f"p99 {r['kick_to_lane_woke_p99_us']:.1f} us (traced: every event costs a few us more)")
     print(f"the {len(r['samples'])} slowest wake-ups; lane epoll_wait return seen inside {r['aligned']} of them")
     for s in r["samples"]:

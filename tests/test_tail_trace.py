@@ -90,6 +90,9 @@ def test_the_guest_running_on_the_lanes_cpu_and_a_timer_tick() -> None:
                         f"python {GUEST} 0 35.0 irq:softirq_entry: vec=1 [action=TIMER]",
                         _switch(50, ("python", GUEST), ("python", LANE)), _epoll_exit(55)), 56)
     assert s.causes == ["guest ran on for 45 us", "timer interrupt"]
+    spinning = _explain(_trace(WRITE, WAKE_HERE, f"python {GUEST} 0 5.0 syscalls:sys_exit_write: 0x8",
+                               _switch(3805, ("python", GUEST), ("python", LANE)), _epoll_exit(3810)), 3811)
+    assert spinning.causes == ["guest ran on for 3800 us"]  # its user-space run is not a stall
     stalled = _explain(_trace(WRITE, WAKE_HERE, f"python {GUEST} 0 45.0 syscalls:sys_exit_write: 0x8",
                               _switch(48, ("python", GUEST), ("python", LANE)), _epoll_exit(50)), 51)
     assert stalled.causes == ["no events for 42 us"]

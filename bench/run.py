@@ -465,8 +465,8 @@ async def _slice_ab(cfg: Config, tmp: str) -> dict[str, Any]:
     return out
 
 
-KICK_ARMS = ("python", "c")
 KICK_ARM_NAMES = {"python": "kick by the Python guest model", "c": "kick and wait in C"}
+KICK_ARMS = tuple(KICK_ARM_NAMES)
 
 
 async def _kick_ab(cfg: Config, tmp: str) -> dict[str, Any]:

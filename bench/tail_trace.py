@@ -49,6 +49,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from stats import summary  # noqa: E402  (bench/stats.py: the percentiles every bench figure uses)
+
 EVENTS = ("sched:sched_switch", "sched:sched_waking", "sched:sched_wakeup", "irq:irq_handler_entry",
           "irq:softirq_entry", "irq_vectors:local_timer_entry", "irq_vectors:call_function_entry",
           "irq_vectors:call_function_single_entry", "irq_vectors:reschedule_entry",
@@ -151,7 +153,7 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
 
     starts = [(s.kick_ns, True)] + [(e.t, stall_may_start(e)) for e in inside]
     ends = [e.t for e in inside] + [s.woke_ns]
-    gap = max((b - a for (a, ours_), b in zip(starts, ends) if ours_), default=0)
+    gap = max((b - a for (a, may), b in zip(starts, ends) if may), default=0)
     if gap >= STALL_NS:
         s.causes.append(f"no events for {gap / 1e3:.0f} us")
     if any(e.name == "local_timer_entry" for e in inside):
@@ -217,10 +219,9 @@ def analyse(m: dict[str, Any], events: list[Event], worst: int) -> dict[str, Any
     for s in samples:
         for c in {re.sub(r"[0-9]+ us", "N us", c) for c in s.causes} or {"none seen"}:
             counts[c] = counts.get(c, 0) + 1
-    k2w = sorted(m["k2w"])
-    return {"n": len(k2w), "lane_tid": lane, "guest_pid": m["guest"],
-            "kick_to_lane_woke_p50_us": k2w[len(k2w) // 2] / 1e3 if k2w else None,
-            "kick_to_lane_woke_p99_us": k2w[int(len(k2w) * 0.99)] / 1e3 if k2w else None,
+    k2w = summary(m["k2w"], "us", 1e-3)
+    return {"n": k2w["n"], "lane_tid": lane, "guest_pid": m["guest"],
+            "kick_to_lane_woke_p50_us": k2w["median"], "kick_to_lane_woke_p99_us": k2w["p99"],
             "aligned": sum(1 for s in samples if s.epoll_exit_ns is not None),
             "causes": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
             "samples": [{"index": s.index, "kick_to_lane_woke_us": round(s.kick_to_woke_us, 1), "causes": s.causes,

@@ -1,4 +1,5 @@
-"""The C data plane (``ring_drain.c``, ``kick_lane.c``), built on first use and loaded through cffi.
+"""The C data plane (``ring_drain.c``, ``kick_lane.c``) and the guards of what the front-end
+shares (``guard.c``), built on first use and loaded through cffi.
 
 The pure-Python :func:`vhost_user_cpufreq.protocol.requests.drain` is the
 reference and the fallback; this module runs the same drain in C when it can
@@ -45,9 +46,10 @@ __all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "pointer_to", 
 log = logging.getLogger("vhost_user_cpufreq.dataplane")
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "ring_drain.c", _HERE / "kick_lane.c")
+SOURCES = (_HERE / "ring_drain.c", _HERE / "kick_lane.c", _HERE / "guard.c")
 _HEADERS = (_HERE / "vuc.h",)
 _CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror")
+_LIBS = ("-lm", "-lrt")
 _RECORD = abi.RECORD_SIZE
 
 _ffi = cffi.FFI()
@@ -128,6 +130,17 @@ _ffi.cdef(
     void vuc_lane_snapshot(vuc_lane *l, const vuc_slot *s, vuc_slot *out);
     int vuc_lane_abi(void);
     int vuc_busy_rule(vuc_slot *s, double now, uint32_t buffers, double *next_poll);
+
+    /* guard.c */
+    int vuc_guard_install(void);
+    int32_t vuc_guard_add(const void *start, uint64_t len);
+    void vuc_guard_remove(int32_t id);
+    uint64_t vuc_guard_faults(int32_t id);
+    uint64_t vuc_guard_faults_in(const void *start, uint64_t len);
+    void vuc_guard_stats(uint64_t *epoch, uint64_t *stray, uint64_t *fatal);
+    uint64_t vuc_guard_epoch(void);
+    int vuc_eventfd_signal(int fd);
+    int64_t vuc_eventfd_drain(int fd);
     """
 )
 ffi = _ffi
@@ -176,7 +189,7 @@ def build_library(compiler: str | None = None) -> Path:
             continue
         try:
             try:
-                res = subprocess.run([cc, *_CFLAGS, "-I", str(_HERE), "-o", tmp, *map(str, SOURCES), "-lm"],
+                res = subprocess.run([cc, *_CFLAGS, "-I", str(_HERE), "-o", tmp, *map(str, SOURCES), *_LIBS],
                                      capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from None

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from . import sched
 from .cdrain import dataplane
+from .guard import guard
 from .defaults import LANE_SLICE_US
 from .lane import KickLane, LaneSched
 from .sysfs import read_host_model
@@ -62,6 +63,20 @@ def _dataplane() -> Finding:
         return Finding("dataplane", state, f"request queue drained in {dp.detail}; kicks served by the C kick lane; "
                        f"{lane.describe()}")
     return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
+
+
+def _guard() -> Finding:
+    g = guard()
+    if g is None:
+        return Finding("isolation", "degraded", "no C guard for shared memory and eventfds (no C compiler to build "
+                       "backend/guard.c): a front-end that shrinks its guest RAM ends the service, and with it every "
+                       "VM, and one that clears O_NONBLOCK on its call eventfd while keeping it full can stall it")
+    detail = "guest memory faults cost only the faulting session (SIGBUS handler over every guest region)"
+    if not g.timer_signal:
+        return Finding("isolation", "degraded", detail + "; no free real-time signal to bound eventfd writes: a "
+                       "front-end racing O_NONBLOCK on its call eventfd can still stall the service")
+    return Finding("isolation", "ok", detail + f"; eventfd writes bounded by a timer (signal {g.timer_signal}), "
+                   "reads never block")
 
 
 def _lane_sched(lib: object) -> LaneSched:
@@ -142,5 +157,5 @@ def _hotplug() -> Finding:
 
 
 def run_checks(sysfs_root: str = "/sys", nominal_khz: int | None = None) -> list[Finding]:
-    return [_cpufreq(sysfs_root, nominal_khz), _dataplane(), _uclamp(), _cgroup(), _capabilities(), _hotplug(),
-            _qemu()]
+    return [_cpufreq(sysfs_root, nominal_khz), _dataplane(), _guard(), _uclamp(), _cgroup(), _capabilities(),
+            _hotplug(), _qemu()]

@@ -44,7 +44,7 @@ from .counters import Counters
 from .defaults import LANE_SLICE_US
 from .device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
-from .lane import EV_BUFFER, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
+from .lane import EV_BUFFER, EV_CALL_STALLED, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
 from .policy import Policy
 from .ratelimit import LogBudget
 
@@ -350,8 +350,12 @@ class CpufreqDevice:
             return
         if kind == EV_MEMORY_FAULT:
             if self._host is not None:
-                self._host.fail("guest-memory-gone", "guest RAM was shrunk under the request queue (SIGBUS); "
-                                "the ring is left alone")
+                self._host.fail("guest-memory-gone", "guest RAM was shrunk or left unbacked under the request "
+                                "queue (SIGBUS); the ring is left alone")
+            return
+        if kind == EV_CALL_STALLED:
+            if self._host is not None:
+                self._host.fail("call-fd-stalled", "the call eventfd was made blocking and kept full")
             return
         if kind in (EV_RING, EV_BUFFER):  # a ring error's head is NO_HEAD, as in a drain's entries
             self._log_rejected(head, reason)

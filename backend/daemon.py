@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import socket
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from . import systemd
 from .actuators import ThreadActuator
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 from .counters import Counters
+from .guard import guard
 from .host import HostSide
 from .host_policy import HostPolicy
 from .lane import running_lanes
@@ -57,6 +59,10 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
         inherited = dict(inherited or {})
+        # Before any front-end: guest memory faults and stray SIGBUS are handled from the
+        # start, and every VM's fds fit (systemd's soft limit is 1024, its hard limit far more).
+        guard()
+        _raise_fd_limit()
         if self.config.metrics_address:
             # First: a port in use must fail the start before any VM socket is bound.
             from .metrics import start_metrics_server
@@ -209,6 +215,7 @@ class Daemon:
             "host": {"online_cpus": list(model.online_cpus()),
                      "domains": [{"cpus": list(d.cpus), "cur_khz": d.cur_khz, "max_khz": d.max_khz,
                                   "capacity": d.capacity} for d in model.snapshot().domains]},
+            "guard": _guard_status(),
             "vms": vms,
             "counters": {f"{e}{':' + r if r else ''}": n for (e, r), n in sorted(self.counters.snapshot().items())},
         }
@@ -270,3 +277,23 @@ def _unlink(path: str | None) -> None:
         except FileNotFoundError:
             pass
 
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return
+        log.debug("open-file limit raised from %d to %d", soft, hard)
+
+
+def _guard_status() -> dict[str, Any]:
+    """What the guards of shared memory and eventfds have caught (backend/guard.py)."""
+    g = guard()
+    if g is None:
+        return {"active": False}
+    st = g.stats()
+    return {"active": True, "memory_faults": st.faults, "stray_sigbus": st.stray_sigbus,
+            "unpatched_faults": st.fatal, "eventfd_timer_signal": g.timer_signal}

@@ -27,10 +27,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -311,7 +309,9 @@ void vuc_engine_applied(vuc_engine *e, int32_t *out) {
 #define VUC_BUCKETS 14
 #define VUC_ERRNOS 64
 
-enum event_kind { EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT };
+enum event_kind {
+    EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT, EV_CALL_STALLED
+};
 
 typedef struct {
     uint16_t kind, reason;
@@ -471,7 +471,7 @@ static int need_event(uint32_t event, uint32_t new_idx, uint32_t old) {
 }
 
 /* Publish used.idx and interrupt the driver if it wants one (Session.signal_used). */
-static void signal_used(vuc_slot *s) {
+static void signal_used(vuc_lane *l, vuc_slot *s) {
     vuc_queue *q = s->q;
     uint32_t new_idx = (uint32_t)(s->cursor >> 32) & 0xFFFF;
     __atomic_store_n(used16(q, 1), (uint16_t)new_idx, __ATOMIC_RELEASE);
@@ -489,13 +489,18 @@ static void signal_used(vuc_slot *s) {
     if (!want || s->call_fd < 0)
         return;
     /* The front-end shares this file description: it may be blocking, or full. */
-    struct pollfd p = {.fd = s->call_fd, .events = POLLOUT};
-    uint64_t one = 1;
-    if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT) || write(s->call_fd, &one, sizeof one) != sizeof one) {
-        s->interrupts_dropped++;
+    int rc = vuc_eventfd_signal(s->call_fd);
+    if (rc == 1) {
+        s->interrupts++;
         return;
     }
-    s->interrupts++;
+    s->interrupts_dropped++;
+    if (rc == -EINTR) {
+        /* The front-end made its call fd block and kept it full: it loses the session. */
+        s->call_fd = -1;
+        vuc_event ev = {.kind = EV_CALL_STALLED};
+        push_event(l, s, &ev);
+    }
 }
 
 /* -- actuation ---------------------------------------------------------------------------- */
@@ -550,49 +555,21 @@ static void actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {
 
 /* -- guest memory that disappears ---------------------------------------------------------
  *
- * Guest RAM is a file the front-end shares with us.  If it shrinks the file under the
- * mapping (a memfd without F_SEAL_SHRINK, or a plain file), the next access raises
- * SIGBUS.  The lane thread touches guest memory only inside process(), with
- * fault_guard set: the handler jumps back there, the ring is marked broken and Python
- * is told to close the session.  Any other SIGBUS goes to the handler that was there
- * before, or ends the process as it always did. */
+ * Guest RAM is a file the front-end shares with us; if it shrinks the file under the
+ * mapping, an access raises SIGBUS.  guard.c's handler puts a zero page over the faulting
+ * page and counts the fault on the region, so the drain goes on reading zeros; process()
+ * then sees the count, marks the ring broken and tells Python to close the session. */
 
-static __thread sigjmp_buf *fault_guard;
-static struct sigaction prev_sigbus;
-static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
-
-static void on_sigbus(int sig, siginfo_t *info, void *ctx) {
-    sigjmp_buf *guard = fault_guard;
-    if (guard) {
-        fault_guard = NULL;
-        siglongjmp(*guard, 1);
-    }
-    if (prev_sigbus.sa_flags & SA_SIGINFO) {
-        if (prev_sigbus.sa_sigaction) {
-            prev_sigbus.sa_sigaction(sig, info, ctx);
-            return;
-        }
-    } else if (prev_sigbus.sa_handler != SIG_DFL && prev_sigbus.sa_handler != SIG_IGN) {
-        prev_sigbus.sa_handler(sig);
-        return;
-    }
-    signal(SIGBUS, SIG_DFL); /* returning retries the access, which now ends the process */
-}
-
-static void install_sigbus(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &prev_sigbus);
+/* Did any page of this slot's guest memory fault (and get patched over)? */
+static int memory_faulted(const vuc_slot *s) {
+    const vuc_queue *q = s->q;
+    for (uint32_t i = 0; i < q->nregions; i++)
+        if (vuc_guard_faults_in(q->regions[i].host, q->regions[i].size))
+            return 1;
+    return vuc_guard_faults_in(q->desc, 1) || vuc_guard_faults_in(q->avail, 1) || vuc_guard_faults_in(q->used, 1);
 }
 
 static void guest_memory_fault(vuc_lane *l, vuc_slot *s) {
-    sigset_t bus;
-    sigemptyset(&bus);
-    sigaddset(&bus, SIGBUS);
-    pthread_sigmask(SIG_UNBLOCK, &bus, NULL); /* left blocked by the jump out of the handler */
     s->cursor |= (uint64_t)1 << 48;           /* broken: not touched again until set up anew */
     s->again = 0;
     s->deadline = 0;
@@ -754,12 +731,7 @@ static void process(vuc_lane *l, vuc_slot *s) {
     s->again = 0;
     if ((s->cursor >> 48) & 1)
         return; /* broken: nothing until the ring is set up again */
-    sigjmp_buf guard;
-    if (sigsetjmp(guard, 0)) {
-        guest_memory_fault(l, s);
-        return;
-    }
-    fault_guard = &guard;
+    uint64_t epoch = vuc_guard_epoch();
     double now = now_s();
     disable_notifications(s);
     uint32_t before = last_avail(s);
@@ -767,15 +739,16 @@ static void process(vuc_lane *l, vuc_slot *s) {
     s->drains++;
     s->cursor = vuc_drain(s->q, s->cursor, s->budget, s->num_vcpus, s->perf_request,
                           (vuc_entry *)(void *)s->entries, s->records, s->rejects, s->scratch, &res);
+    if (vuc_guard_epoch() != epoch && memory_faulted(s)) {
+        guest_memory_fault(l, s); /* what the drain read may be zeros: none of it is used */
+        return;
+    }
     if (res.entries) {
-        fault_guard = NULL; /* private buffers and the engine: not guest memory */
         account(l, s, &res, now);
-        fault_guard = &guard;
         if (res.returned)
-            signal_used(s);
+            signal_used(l, s);
     }
     if (res.more) {
-        fault_guard = NULL;
         s->again = 1; /* budget spent: other rings get their turn first */
         return;
     }
@@ -794,7 +767,10 @@ static void process(vuc_lane *l, vuc_slot *s) {
         s->deadline = 0;
         pending = enable_notifications(s);
     }
-    fault_guard = NULL;
+    if (vuc_guard_epoch() != epoch && memory_faulted(s)) {
+        guest_memory_fault(l, s);
+        return;
+    }
     if (pending)
         s->again = 1;
 }
@@ -950,12 +926,15 @@ vuc_lane *vuc_lane_new(int notice_fd, uint64_t slice_ns) {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_KEY};
     if (l->epfd < 0 || l->wakefd < 0 || epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->wakefd, &ev) < 0)
         goto fail;
-    /* Signals stay with Python's main thread: the lane blocks them all but SIGBUS, which
-     * a vanished guest RAM raises in the thread that touched it (see on_sigbus). */
-    pthread_once(&sigbus_once, install_sigbus);
+    /* Signals stay with Python's main thread: the lane blocks them all but SIGBUS, which a
+     * vanished guest RAM raises in the thread that touched it, and the timer signal that
+     * interrupts a stalled eventfd write (both guard.c's). */
+    int timer_sig = vuc_guard_install();
     sigset_t all, old;
     sigfillset(&all);
     sigdelset(&all, SIGBUS);
+    if (timer_sig)
+        sigdelset(&all, timer_sig);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&l->thread, NULL, lane_main, l);
     pthread_sigmask(SIG_SETMASK, &old, NULL);

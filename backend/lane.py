@@ -40,12 +40,12 @@ from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
 __all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
            "EV_RING", "EV_BUFFER", "EV_RECORDS",
-           "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT", "STAMP_BYTES"]
+           "EV_STALE", "EV_CLAMP_FAILED", "EV_UCLAMP_REFUSED", "EV_MEMORY_FAULT", "EV_CALL_STALLED", "STAMP_BYTES"]
 
 log = logging.getLogger("vhost_user_cpufreq.lane")
 
 _CHANGE_REASONS = ("request", "deferred", "stale", "release")
-EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT = range(7)
+EV_RING, EV_BUFFER, EV_RECORDS, EV_STALE, EV_CLAMP_FAILED, EV_UCLAMP_REFUSED, EV_MEMORY_FAULT, EV_CALL_STALLED = range(8)
 _EVENTS_PER_READ = 64
 #: the lane's decision stamp per vCPU (kick_lane.c account()): three native u64s
 STAMP_BYTES = 24

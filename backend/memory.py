@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from vhost_user_cpufreq.protocol.errors import GuestMemoryError
 
+from .guard import Guard, Watched, guard
+
 __all__ = ["MappedRegion", "MemoryMap", "MAX_REGIONS", "MAX_REGION_SIZE"]
 
 #: Slots we advertise in GET_MAX_MEM_SLOTS (QEMU's own limit for vhost-user is 509 with
@@ -39,16 +41,24 @@ class MappedRegion:
     mmap_offset: int
     _map: mmap.mmap
     view: memoryview  # exactly ``size`` bytes: the region's guest memory
+    _guard: Guard | None = None
+    _watched: Watched | None = None  # the mapping's SIGBUS guard (None: unguarded)
+
+    def faults(self) -> int:
+        """Accesses to this region that faulted (and were patched over with zero pages)."""
+        return 0 if self._guard is None or self._watched is None else self._guard.faults(self._watched.gid)
 
     def close(self) -> None:
         self.view.release()
         try:
             self._map.close()
         except BufferError:
-            # A view derived from this region is still alive somewhere (a ring
-            # held by a queue object not yet collected); the mapping goes when
-            # that view does.
-            pass
+            # A view derived from this region is still alive (a ring or a C pointer's
+            # keeper not yet collected): the mapping, and its guard, stay until that
+            # view goes.  Nothing C holds a pointer into is ever unmapped under it.
+            return
+        if self._watched is not None:
+            self._watched.release()
 
 
 def map_region(fd: int, guest_phys_addr: int, size: int, userspace_addr: int, mmap_offset: int) -> MappedRegion:
@@ -71,8 +81,16 @@ def map_region(fd: int, guest_phys_addr: int, size: int, userspace_addr: int, mm
         mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError, OverflowError) as exc:
         raise GuestMemoryError("unmappable-region", f"mmap: {exc}") from None
+    g = guard()
+    watched = None
+    if g is not None:
+        try:
+            watched = g.watch(mm)
+        except OSError:
+            mm.close()
+            raise GuestMemoryError("too-many-regions", "every guest-memory guard of the service is in use") from None
     view = memoryview(mm)[mmap_offset:length]
-    return MappedRegion(guest_phys_addr, size, userspace_addr, mmap_offset, mm, view)
+    return MappedRegion(guest_phys_addr, size, userspace_addr, mmap_offset, mm, view, g, watched)
 
 
 def _seal_against_shrinking(fd: int) -> None:
@@ -102,6 +120,7 @@ class MemoryMap:
         self._gpa_starts: list[int] = []
         #: Moves whenever the set of regions changes (users that cache spans() check it).
         self.generation = 0
+        self._epoch_clean = 0  # the guard epoch at which none of our regions had faulted
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -140,6 +159,19 @@ class MemoryMap:
         self._regions.clear()
         self._gpa_starts.clear()
         self.generation += 1
+
+    def faulted(self) -> bool:
+        """Has any region faulted (guest RAM shrunk or unbacked under us)?  Cheap when none has."""
+        g = guard()
+        if g is None:
+            return False
+        epoch = g.epoch()  # read before the scan: a fault during it moves the epoch again
+        if epoch == self._epoch_clean:
+            return False
+        if any(r.faults() for r in self._regions):
+            return True
+        self._epoch_clean = epoch  # faults elsewhere: none of ours
+        return False
 
     def spans(self) -> tuple[tuple[int, memoryview], ...]:
         """Every region as (guest-physical start, its memory)."""

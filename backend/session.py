@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import select
 import socket
 import stat
 import time
@@ -52,6 +51,7 @@ from vhost_user_cpufreq.protocol.virtqueue import (
 from .counters import Counters
 from .defaults import KICK_BATCH_DELAY
 from .device import Offload, VirtioDevice
+from .guard import Signalled, drain_eventfd, signal_eventfd
 from .memory import MAX_REGIONS, MemoryMap, map_region
 from .ratelimit import KickBatcher, NotifyCoalescer
 
@@ -192,6 +192,9 @@ class Session:
             except OSError as exc:
                 # An fd the front-end passed that the kernel will not use as we need.
                 raise SessionStateError("unusable-fd", f"{_name(req)}: {exc.strerror or exc}") from None
+            if self.memory.faulted():
+                # A handler read rings in guest RAM the front-end shrank under us (guard.py).
+                raise GuestMemoryError("guest-memory-gone", f"guest RAM faulted while handling {_name(req)}")
         except ProtocolError as exc:
             self.counters.inc("rejected", exc.reason)
             # A failure can be acked only where the ack is the whole reply; a request
@@ -332,9 +335,17 @@ class Session:
 
     def _on_set_vring_addr(self, msg: "vu.Message") -> None:
         ring = self._ring_of(msg)
-        if msg.payload.flags:
+        a = msg.payload
+        if a.flags:
             raise SessionStateError("unsupported-ring-flags", "dirty logging is not supported")
-        ring.addr = msg.payload
+        # Split virtqueue alignment (virtio 1.x 2.7): the C drain loads indices as aligned
+        # words, and a ring it refused would fall back to a slower path.
+        for what, addr, align in (("descriptor table", a.desc_user_addr, 16), ("available ring", a.avail_user_addr, 2),
+                                  ("used ring", a.used_user_addr, 4)):
+            if addr % align:
+                raise SessionStateError("misaligned-ring", f"ring {ring.index}: {what} at {addr:#x} is not "
+                                        f"{align}-byte aligned")
+        ring.addr = a
 
     def _on_set_vring_base(self, msg: "vu.Message") -> None:
         ring = self._ring_of(msg)
@@ -493,9 +504,8 @@ class Session:
     def _on_kick(self, ring: Ring) -> None:
         if ring.kick_fd is None:
             return
-        try:
-            os.eventfd_read(ring.kick_fd)
-        except BlockingIOError:
+        # Never a blocking read: the front-end shares the fd's flags and may drain it first.
+        if not drain_eventfd(ring.kick_fd):
             return
         self.counters.inc("kicks")
         if ring.scheduled:
@@ -519,6 +529,14 @@ class Session:
         q = ring.queue
         if q is None or q.broken or ring.offload is not None:
             return
+        self._serve(ring, q)
+        if self.memory.faulted():
+            # What the drain read may be zero pages (guard.py): the ring is left alone.
+            q.abandon()
+            self.fail("guest-memory-gone", "guest RAM was shrunk or left unbacked under the request queue; "
+                      "the ring is left alone")
+
+    def _serve(self, ring: Ring, q: DeviceQueue) -> None:
         q.disable_notifications()
         before = q.last_avail_idx
         more = self.device.handle_queue(ring.index, q)
@@ -567,16 +585,20 @@ class Session:
             return
         q.publish()
         if q.should_notify() and ring.call_fd is not None:
-            # The front-end shares this file description and may have cleared
-            # O_NONBLOCK, or let the counter reach its maximum: check first.
-            if not select.select([], [ring.call_fd], [], 0)[1]:
-                self.counters.inc("interrupts_dropped", "call-fd-full")
-                return
+            # The front-end shares this file description: it may have cleared O_NONBLOCK
+            # and filled the counter (guard.py).
             try:
-                os.eventfd_write(ring.call_fd, 1)
+                sent = signal_eventfd(ring.call_fd)
             except OSError as exc:
                 self.counters.inc("interrupts_dropped", type(exc).__name__)
                 self.log.warning("call eventfd of ring %d: %s", index, exc.strerror or exc)
+                return
+            if sent == Signalled.FULL:
+                self.counters.inc("interrupts_dropped", "call-fd-full")
+            elif sent == Signalled.STALLED:
+                self.counters.inc("interrupts_dropped", "call-fd-stalled")
+                q.abandon()
+                self.fail("call-fd-stalled", f"the call eventfd of ring {index} was made blocking and kept full")
 
     def config_changed(self) -> None:
         now = self.clock()

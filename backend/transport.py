@@ -28,13 +28,17 @@ __all__ = ["Connection", "recv_with_fds", "send_with_fds", "peer_credentials", "
 
 #: More than any message carries (SET_MEM_TABLE: 8); extra fds are closed.
 MAX_FDS = 32
+#: fds a front-end may have in flight to us at once: those of messages not yet complete.
+#: Sent one byte of a message at a time, each with MAX_FDS fds, they would pile up.
+MAX_HELD_FDS = 2 * MAX_FDS
 _RECV_SIZE = 65536
 _FD_SIZE = array.array("i").itemsize
 
 
 def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE) -> tuple[bytes, list[int]]:
     """One ``recvmsg``: data and every fd passed with it (possibly truncated fds closed)."""
-    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE))
+    # Close-on-exec from the start: nothing the service runs may inherit a front-end's fds.
+    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -124,6 +128,12 @@ class Connection:
                         self.counters.inc("sessions_closed", "send-failed")
                         self.close(f"send failed: {exc.strerror or exc}")
                         return
+            if self.reader.held_fds > MAX_HELD_FDS:
+                self.counters.inc("sessions_closed", "too-many-fds")
+                self.log.warning("closing session: %d fds held for messages not yet complete (at most %d)",
+                                 self.reader.held_fds, MAX_HELD_FDS)
+                self.close("too-many-fds")
+                return
         except ProtocolError as exc:
             for fd in getattr(exc, "fds", ()):
                 _close_quietly(fd)

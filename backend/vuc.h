@@ -95,6 +95,12 @@ typedef struct {
     uint32_t returned;
 } vuc_result;
 
+/* guard.c: guest memory faults made harmless, eventfd access that cannot block. */
+int vuc_guard_install(void);
+uint64_t vuc_guard_epoch(void);
+uint64_t vuc_guard_faults_in(const void *start, uint64_t len);
+int vuc_eventfd_signal(int fd);
+
 uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_vcpus,
                    uint32_t perf_request, vuc_entry *entries, uint8_t *records,
                    uint32_t *rejects, uint8_t *scratch, vuc_result *res);

@@ -1460,6 +1460,11 @@ class MessageReader:
         """Bytes received but not yet returned as (part of) a message."""
         return len(self._buf) - self._pos
 
+    @property
+    def held_fds(self) -> int:
+        """fds received and not yet handed out with a message (a sender can pile them up)."""
+        return sum(len(fds) for _, fds in self._fds)
+
     def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Buffer a received chunk and its fds; empty ``data`` means EOF.
 

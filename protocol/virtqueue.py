@@ -233,8 +233,12 @@ class DeviceQueue:
 
     @property
     def broken(self) -> bool:
-        """The avail index jumped; pop() refuses until set_base() or reset()."""
+        """The avail index jumped (or the ring was abandoned); pop() refuses until set_base() or reset()."""
         return self._broken
+
+    def abandon(self) -> None:
+        """Stop consuming for good, as a jumped index does: the ring's memory cannot be trusted."""
+        self._broken = True
 
     @property
     def in_flight(self) -> int:

@@ -96,13 +96,13 @@ async def engine_vm(tmp_path: Path, vcpus: int = 4, *, lane: bool, dry_run: bool
     return svc, pol, slot, counters
 
 
-async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    """Wait (yielding to the loop) until ``cond()`` is true."""
+async def until(cond, timeout: float = 5.0, what: Any = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Wait (yielding to the loop) until ``cond()`` is true; ``what`` may be a callable saying why not."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not cond():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.002)
 
 

@@ -40,8 +40,8 @@ __all__ = [
     "cpufreq_cpus",
 ]
 
-#: /work/shared/fixtures/hosts beside the repo (same layout in CI's fresh clone).
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hosts"
+#: Real host descriptions, copied from the project's shared fixtures (the repository stands alone).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hosts"
 
 
 def fixture_path(name: str) -> Path:

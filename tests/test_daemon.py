@@ -340,8 +340,8 @@ def test_check_json_lists_every_probe(sysfs: Path) -> None:
                          timeout=60)
     assert out.returncode in (0, 1), out.stderr  # 1: something is degraded on this host
     findings = json.loads(out.stdout)
-    assert [f["name"] for f in findings] == ["cpufreq", "dataplane", "uclamp", "cgroup", "permissions", "hotplug",
-                                             "qemu"]
+    assert [f["name"] for f in findings] == ["cpufreq", "dataplane", "isolation", "uclamp", "cgroup", "permissions",
+                                             "hotplug", "qemu"]
     assert all(f["state"] in ("ok", "degraded", "info") and f["detail"] for f in findings)
     cpufreq = findings[0]
     assert cpufreq["state"] == "ok" and "2 frequency domains over 8 online CPUs" in cpufreq["detail"]
@@ -350,7 +350,20 @@ def test_check_json_lists_every_probe(sysfs: Path) -> None:
     elif shutil.which("cc") or shutil.which("gcc"):
         assert findings[1]["state"] == "ok" and "dataplane-" in findings[1]["detail"], findings[1]
         assert "C kick lane" in findings[1]["detail"] or os.environ.get("VUC_KICK_LANE") == "0", findings[1]
+        assert findings[2]["state"] == "ok" and "SIGBUS" in findings[2]["detail"], findings[2]
     assert out.returncode == (1 if any(f["state"] == "degraded" for f in findings) else 0)
+
+
+def test_check_says_what_a_hostile_vmm_can_do_where_the_guard_cannot_be_built(sysfs: Path, tmp_path: Path) -> None:
+    nowhere = str(tmp_path)  # no built library in any cache directory, and a compiler that fails
+    env = {**os.environ, "CC": "/bin/false", "VUC_CACHE_DIR": nowhere, "XDG_CACHE_HOME": nowhere, "TMPDIR": nowhere,
+           "HOME": nowhere}
+    out = subprocess.run(cli("check", "--json", "--sysfs-root", str(sysfs)), capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 1, out.stderr
+    isolation = {f["name"]: f for f in json.loads(out.stdout)}["isolation"]
+    assert isolation["state"] == "degraded"
+    assert "shrinks its guest RAM ends the service" in isolation["detail"]
 
 
 def test_print_capabilities_is_json() -> None:

@@ -7,8 +7,9 @@ every fd and guest-memory mapping the session held (``/proc/self/fd``, ``/proc/s
 count the reason when the front-end broke a rule (a front-end that merely hangs up, even in
 the middle of a message, is not counted), and leave the VM able to take a new front-end:
 ``start_guest`` works again on the same socket.  The base sequence is what QEMU 11.1 sends
-(docs/qemu-facts.md, ``tests/fuzz/harness.py:qemu_sequence``).  Bugs found are pinned by
-strict xfails at the end of the file.
+(docs/qemu-facts.md, ``tests/fuzz/harness.py:qemu_sequence``).  The same faults against the real
+service binary, and what a front-end can do to the memory and fds it shares, are in
+tests/test_blast_radius.py.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class Bed:
 @pytest.fixture
 async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
     # Log records keep the exceptions they were logged with, and those their frames: pytest's log
-    # capture would keep guest memory alive after the session closed (see the xfail at the end).
+    # capture would keep guest memory alive after the session closed (see the test of that below).
     vlog = logging.getLogger("vhost_user_cpufreq")
     level = vlog.level
     vlog.setLevel(logging.ERROR)
@@ -584,15 +585,8 @@ async def _shrink_ram_under_a_ring(script: str, path: str, ready: bytes) -> tupl
     return proc, g
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known limitation of the event-loop path: guest RAM stays shared with the front-end.  map_region "
-    "seals memfds that allow it with F_SEAL_SHRINK (QEMU's memory-backend-memfd is sealed by default), but "
-    "a memfd created without MFD_ALLOW_SEALING, as here, or a plain file can still be shrunk after "
-    "SET_MEM_TABLE; the next ring read from Python raises SIGBUS and the service dies (systemd restarts it "
-    "and recovery undoes what it left on threads).  A VM on the kick lane survives (the next test): the "
-    "lane reads guest memory under a SIGBUS handler; this service's policy has no C engine, so its ring "
-    "is served on the event loop"))
 async def test_guest_ram_shrunk_by_the_front_end_does_not_kill_the_service(tmp_path: Path) -> None:
+    """The event-loop path (this policy has no C engine): Python reads the ring, under guard.c's handler."""
     proc, g = await _shrink_ram_under_a_ring(_SIGBUS_SERVICE, str(tmp_path / "vm.sock"), b"ready")
     try:
         try:

@@ -195,7 +195,7 @@ async def test_ring_outside_guest_memory_is_refused_when_the_ring_starts(svc) ->
     await fe.send(F.SET_VRING_NUM, vu.VringState(0, 64))
     d, a, u = ring_sizes(64)
     # The used ring runs past the end of the only region.
-    await fe.send(F.SET_VRING_ADDR, vu.VringAddr(0, 0, 0x10000, 0x20000 - u + 8, 0x10000 + d, 0))
+    await fe.send(F.SET_VRING_ADDR, vu.VringAddr(0, 0, 0x10000, 0x20000 - u + 10, 0x10000 + d, 0))  # 4-aligned
     kick = os.eventfd(0)
     await fe.send(F.SET_VRING_KICK, vu.U64(0), (kick,))
     os.close(kick)

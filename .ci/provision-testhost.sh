@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Provision the Linux test host (tests/testhost/): a Debian trixie root file
+# system that QEMU boots with the trixie-backports kernel over virtiofs, with
+# systemd as PID 1.
+#
+#   * the root file system, debootstrapped inside the QEMU chroot at
+#     /var/cache/vuc-testhost/root (so the chroot's virtiofsd can serve it):
+#     systemd, udev, Python 3 with this project's Debian-packaged
+#     dependencies, gcc for the C data plane, and a venv at /opt/vuc (system
+#     site packages, plus qemu.qmp from PyPI) that the fixture installs the
+#     project into before each boot;
+#   * virtiofsd in the QEMU chroot;
+#   * a user and group vhost-user-cpufreq, as the shipped unit expects; no
+#     getty on tty1, a root login on the serial console for humans.
+#
+# Idempotent and cached like the QEMU chroot: a finished run writes
+# $ROOT/.vuc-testhost (a version stamp of this script); a re-run with the
+# marker returns at once.  Concurrent runs are serialised with flock.
+# Progress goes to stderr; the LAST stdout line is the root's path as QEMU
+# (in the chroot) sees it.
+#
+# Environment:
+#   VUC_QEMU_CHROOT    the QEMU chroot (default /var/cache/vhost-user-cpufreq/trixie)
+#   VUC_DEBIAN_MIRROR  Debian mirror (default: as provision-qemu.sh chose)
+# Needs root.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+CHROOT="${VUC_QEMU_CHROOT:-/var/cache/vhost-user-cpufreq/trixie}"
+ROOT_GUEST=/var/cache/vuc-testhost/root  # as the chroot sees it
+ROOT="$CHROOT$ROOT_GUEST"
+# Bump when the package list or the set-up below changes: old roots are rebuilt.
+STAMP="testhost-4"
+# debootstrap takes the base; apt, which resolves virtual packages (python3-ply-lex-3.10), the rest.
+BASE=systemd,systemd-sysv,udev,dbus,python3,python3-venv,util-linux,procps,kmod,iproute2,libcap2-bin
+PACKAGES=(python3-cffi python3-pyudev python3-prometheus-client gcc libc6-dev)
+
+log() { printf '[provision-testhost] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+ready() { [ "$(cat "$ROOT/.vuc-testhost" 2>/dev/null)" = "$STAMP" ] && [ -x "$CHROOT/usr/libexec/virtiofsd" ]; }
+
+if ready; then
+    log "reusing $ROOT"
+    echo "$ROOT_GUEST"
+    exit 0
+fi
+[ "$(id -u)" -eq 0 ] || die "building the test host's root file system needs root"
+
+if [ ! -f "$CHROOT/.vuc-qemu-version" ]; then
+    log "no QEMU chroot at $CHROOT: running provision-qemu.sh"
+    VUC_QEMU_CHROOT="$CHROOT" bash "$HERE/provision-qemu.sh" >/dev/null
+fi
+[ -f "$CHROOT/.vuc-qemu-version" ] || die "no QEMU chroot at $CHROOT (provision-qemu.sh found a host QEMU?)"
+
+mkdir -p "$(dirname "$ROOT")"
+exec 9>"$(dirname "$ROOT")/.lock"
+log "waiting for lock"
+flock 9
+if ready; then
+    log "another run finished meanwhile"
+    echo "$ROOT_GUEST"
+    exit 0
+fi
+start=$(date +%s)
+
+in_chroot() { chroot "$CHROOT" env DEBIAN_FRONTEND=noninteractive LC_ALL=C "$@"; }
+if [ ! -x "$CHROOT/usr/libexec/virtiofsd" ]; then
+    log "installing virtiofsd in the QEMU chroot"
+    in_chroot apt-get update -q >&2
+    in_chroot apt-get install -y -q --no-install-recommends virtiofsd >&2
+    in_chroot apt-get clean >&2
+fi
+
+mirror="${VUC_DEBIAN_MIRROR:-}"
+if [ -z "$mirror" ]; then
+    mirror="$(grep -ho 'https\?://[^ ]*' "$CHROOT"/etc/apt/sources.list "$CHROOT"/etc/apt/sources.list.d/* 2>/dev/null \
+              | head -n1)"
+fi
+mirror="${mirror:-http://deb.debian.org/debian}"
+
+building="$ROOT.building.$$"
+rm -rf "$ROOT".building.*
+log "debootstrap trixie ($mirror) into $building"
+debootstrap --variant=minbase --include="$BASE" trixie "$building" "$mirror" >&2 \
+    || die "debootstrap failed (see $building/debootstrap/debootstrap.log)"
+
+in_root() { chroot "$building" env DEBIAN_FRONTEND=noninteractive LC_ALL=C "$@"; }
+log "installing ${PACKAGES[*]}"
+in_root apt-get update -q >&2
+in_root apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >&2
+log "venv /opt/vuc (qemu.qmp from PyPI, fetched by this machine's pip and its certificates)"
+in_root python3 -m venv --system-site-packages /opt/vuc >&2
+mkdir -p "$building/tmp/wheels"
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$building/tmp/wheels" qemu.qmp >&2 \
+    || die "cannot download qemu.qmp from PyPI"
+in_root sh -c '/opt/vuc/bin/pip install -q --no-index --no-deps --disable-pip-version-check /tmp/wheels/*.whl' >&2
+rm -rf "$building/tmp/wheels"
+in_root groupadd --system vhost-user-cpufreq
+in_root useradd --system --gid vhost-user-cpufreq --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin vhost-user-cpufreq
+echo testhost >"$building/etc/hostname"
+# Root's password is empty: a login on the serial console, for a person debugging a boot.
+in_root passwd -d root >&2
+# The tests talk to the agent; nothing waits for a network or a terminal.
+in_root systemctl mask getty@tty1.service systemd-networkd-wait-online.service \
+    systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
+    fstrim.timer man-db.timer dpkg-db-backup.timer >&2 2>/dev/null || true
+in_root apt-get clean >&2
+rm -rf "$building"/var/lib/apt/lists/*
+echo "$STAMP" >"$building/.vuc-testhost"
+
+rm -rf "$ROOT.old"
+[ -d "$ROOT" ] && mv "$ROOT" "$ROOT.old"
+mv "$building" "$ROOT"
+rm -rf "$ROOT.old"
+log "test host root ready in $(( $(date +%s) - start ))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
+echo "$ROOT_GUEST"

@@ -81,7 +81,8 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         unavailable("VUC_REQUIRE_SANITIZERS", "no gcc to build the sanitized C data plane")
     asan = _runtime(cc, "libasan.so")
     if asan is None or _runtime(cc, "libubsan.so") is None:
-        unavailable("VUC_REQUIRE_SANITIZERS", f"{cc} has no libasan/libubsan (Debian: libgcc-12-dev)")
+        unavailable("VUC_REQUIRE_SANITIZERS", f"{cc} does not run or has no libasan/libubsan "
+                    "(Debian: libgcc-12-dev)")
     from vhost_user_cpufreq.backend import cdrain
 
     mp = pytest.MonkeyPatch()

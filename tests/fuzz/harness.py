@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhost_user_cpufreq.backend.cdrain import dataplane, ffi
+from vhost_user_cpufreq.backend.cdrain import dataplane
 from vhost_user_cpufreq.backend.counters import Counters
 from vhost_user_cpufreq.backend.engine import VcpuPlacement
 from vhost_user_cpufreq.backend.hostfreq import StaticSource

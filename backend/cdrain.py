@@ -18,6 +18,13 @@ it).  Choice: ``VUC_DATAPLANE=c`` demands C (start fails without it),
 ``python`` forces the reference, ``auto`` (the default) uses C when it loads
 and says so once in the log when it does not.  ``VUC_KICK_LANE=0`` keeps the
 C drain but serves every kick on the event loop (the lane is on by default).
+
+Sanitizers (tests only): ``VUC_SANITIZE=address,undefined`` builds the
+library with ``-fsanitize=address,undefined -fno-sanitize-recover=all`` (plus
+``-g -O1 -fno-omit-frame-pointer``) under its own name (``dataplane-san-...``),
+so it never replaces the normal build.  Loading it into an unsanitized Python
+needs the runtime preloaded first; ``tests/test_sanitized_dataplane.py`` shows
+the environment it takes.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ SOURCES = (_HERE / "ring_drain.c", _HERE / "kick_lane.c", _HERE / "guard.c")
 _HEADERS = (_HERE / "vuc.h",)
 _CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror")
 _LIBS = ("-lm", "-lrt")
+_SANITIZE_FLAGS = ("-g", "-O1", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all")
 _RECORD = abi.RECORD_SIZE
 
 _ffi = cffi.FFI()
@@ -157,12 +165,21 @@ def _cache_dirs() -> list[Path]:
     return out
 
 
+def _cflags() -> tuple[str, ...]:
+    """The compiler flags, with ``VUC_SANITIZE``'s sanitizers after the defaults (the later -O wins)."""
+    san = os.environ.get("VUC_SANITIZE", "").strip()
+    if not san:
+        return _CFLAGS
+    return (*_CFLAGS, f"-fsanitize={san}", *_SANITIZE_FLAGS)
+
+
 def _library_name() -> str:
     h = hashlib.sha256()
     for f in (*SOURCES, *_HEADERS):
         h.update(f.read_bytes())
-    h.update(" ".join(_CFLAGS).encode() + platform.machine().encode())
-    return f"dataplane-{h.hexdigest()[:16]}.so"
+    h.update(" ".join(_cflags()).encode() + platform.machine().encode())
+    tag = "san-" if os.environ.get("VUC_SANITIZE", "").strip() else ""
+    return f"dataplane-{tag}{h.hexdigest()[:16]}.so"
 
 
 def build_library(compiler: str | None = None) -> Path:
@@ -189,7 +206,7 @@ def build_library(compiler: str | None = None) -> Path:
             continue
         try:
             try:
-                res = subprocess.run([cc, *_CFLAGS, "-I", str(_HERE), "-o", tmp, *map(str, SOURCES), *_LIBS],
+                res = subprocess.run([cc, *_cflags(), "-I", str(_HERE), "-o", tmp, *map(str, SOURCES), *_LIBS],
                                      capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from None

@@ -51,6 +51,7 @@ from .ratelimit import LogBudget
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
 VIRTIO_F_VERSION_1 = 32
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 #: Work (buffers plus records) per turn before yielding to other VMs (fairness; see session).
 DEFAULT_WORK_BUDGET = 512
 
@@ -85,10 +86,16 @@ class SeqTracker:
         return True
 
     def age(self, host_ns: int, guest_ns: int) -> int:
-        off = host_ns - guest_ns
+        """The batch's age beyond the smallest host-minus-guest offset seen.
+
+        The guest's timestamp is any u64: the offset saturates at the int64 minimum
+        and the age at the int64 maximum, as in kick_lane.c, so both paths agree and
+        the figures fit the lane's int64 fields when a queue moves onto it.
+        """
+        off = max(host_ns - guest_ns, _I64_MIN)
         if self.min_offset_ns is None or off < self.min_offset_ns:
             self.min_offset_ns = off
-        self.last_age_ns = off - self.min_offset_ns
+        self.last_age_ns = min(off - self.min_offset_ns, _I64_MAX)
         return self.last_age_ns
 
 

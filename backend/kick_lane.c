@@ -596,6 +596,24 @@ static int seq_accept(vuc_slot *s, uint32_t seq, int resync) {
     return 1;
 }
 
+/* Batch age (SeqTracker.age): the guest's timestamp is any 64-bit value, so host - guest
+ * can fall below INT64_MIN, and an offset minus a far smaller minimum above INT64_MAX.
+ * Both saturate (signed overflow is undefined), as SeqTracker does, so the two agree and
+ * the values always fit the int64_t the slot hands back to Python. */
+static int64_t batch_offset(int64_t host_ns, uint64_t guest_ns) {
+    int64_t off;
+    if (__builtin_sub_overflow(host_ns, guest_ns, &off))
+        return INT64_MIN; /* host_ns >= 0 and guest_ns >= 0: only ever too small */
+    return off;
+}
+
+static int64_t batch_age(int64_t off, int64_t min_off) {
+    int64_t age;
+    if (__builtin_sub_overflow(off, min_off, &age))
+        return INT64_MAX; /* min_off <= off: only ever too large */
+    return age;
+}
+
 static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now) {
     const vuc_entry *entries = (const vuc_entry *)(void *)s->entries;
     const uint8_t *records = s->records;
@@ -630,12 +648,12 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
             push_event(l, s, &ev);
             continue;
         }
-        int64_t off = host_ns - (int64_t)e->ts;
+        int64_t off = batch_offset(host_ns, e->ts);
         if (!s->off_has || off < s->min_off) {
             s->min_off = off;
             s->off_has = 1;
         }
-        s->last_age = off - s->min_off;
+        s->last_age = batch_age(off, s->min_off);
         s->batches++;
         for (uint32_t k = 0; k < e->nvalid; k++) {
             const uint8_t *rec = mine + RECORD_SIZE * k;

@@ -314,6 +314,13 @@ class LaneSlot:
         self._lane.slots.discard(self)
         _release_lane(self._lane)
 
+    def cursor(self) -> int:
+        """The queue's packed cursor as the lane holds it now (read under the lane's lock, so
+        between two turns); the queue's own copy is stale until :meth:`detach`."""
+        snap = ffi.new("vuc_slot *")
+        self._lib.vuc_lane_snapshot(self._lane.handle, self._s, snap)
+        return int(snap.cursor)
+
     def vcpu_states(self) -> list[tuple[int, int, float | None]]:
         """(util, perf_khz, updated) per vCPU, as the lane last wrote them."""
         return [(v.util, v.perf_khz, None if v.updated < 0 else v.updated) for v in self._vs[0:self._s.num_vcpus]]

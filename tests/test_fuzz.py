@@ -7,7 +7,9 @@ Seeded random cases give the bulk of the budget; hypothesis adds cases that
 shrink to a minimal reproducer.  A line per test reports the cases run, and
 the counts also go to ``record_property`` (junit XML).  Failures that match a
 reported bug (``KNOWN_BUGS``) are tallied, not failed: ``test_faults.py``
-pins each with a strict xfail.
+pins each with a strict xfail.  The seeded guest cases run once more with
+the guest's ring on the C kick lane (``FuzzBed(lane=True)``);
+``test_sanitized_dataplane.py`` runs the campaign that way under ASan and UBSan.
 
 The long campaign: ``.venv/bin/python -m tests.fuzz.campaign --seconds 60``.
 """
@@ -35,11 +37,13 @@ from .fuzz.harness import (
     random_stream_case,
     stream_case_strategy,
 )
+from .helpers import require_c_dataplane
 
 SEED = 20261124
 #: Budgets, sized for about 20 s in all on the 2-core CI machine.
 STREAM_CASES = 3000
 GUEST_CASES = 900
+LANE_GUEST_CASES = 450
 HYPOTHESIS_STREAM = 120
 HYPOTHESIS_GUEST = 80
 
@@ -129,6 +133,22 @@ async def test_hostile_guests_seeded(tmp_path: Path, report: list[str], record_p
         await bed.close()
     _summarise("guest memory (seeded)", bed, report, record_property)
     assert bed.summary()["cases"].get("guest (torn)", 0) > 0
+    _assert_clean(bed)
+
+
+async def test_hostile_guests_seeded_on_the_kick_lane(tmp_path: Path, report: list[str],
+                                                      record_property: Any) -> None:
+    # The same cases with the guest's ring served by the C lane thread instead of the event loop.
+    require_c_dataplane()
+    bed = await FuzzBed.create(tmp_path, lane=True)
+    try:
+        for i in range(LANE_GUEST_CASES):
+            await bed.run_guest(random_guest_case(random.Random(SEED + i)), seed=SEED + i)
+    finally:
+        await bed.close()
+    _summarise("guest memory on the kick lane (seeded)", bed, report, record_property)
+    cases = bed.summary()["cases"]
+    assert cases.get("guest (kick lane)") == cases.get("guest") == LANE_GUEST_CASES, cases
     _assert_clean(bed)
 
 

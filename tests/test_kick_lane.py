@@ -680,3 +680,45 @@ def test_the_lane_stamps_each_decision_with_its_wake_up() -> None:
         loop.close()
         os.close(kick)
         pol.close()
+
+
+@pytest.mark.parametrize("path", ["kick-lane", "event-loop"])
+async def test_a_guest_timestamp_far_from_the_hosts_saturates_the_batch_age(path: str) -> None:
+    """A batch stamped 2**64 - 1, then one stamped 0: host minus guest falls below the int64
+    range and the age then rises above it.  Both saturate, alike on both paths (the lane's
+    subtraction overflowed, which UBSan reported from the fuzz campaign, and the device's
+    unbounded figure could not be handed to the lane)."""
+    from .test_ring_drain import DATA_GPA, DESC_GPA, REGION1, REGION2_SIZE
+
+    a, b = bytearray(REGION1), bytearray(REGION2_SIZE)
+    q = make_queue(a, b, 16, indirect=False, max_chain=2064, max_indirect=0, base=0)
+    for i, ts in enumerate((2**64 - 1, 0)):
+        data = encode_batch(Batch(1 + i, ts, (Record(i, 100 + i),)))
+        at = DATA_GPA + 256 * i
+        a[at : at + len(data)] = data
+        a[DESC_GPA + 16 * i : DESC_GPA + 16 * i + 16] = struct.pack("<QIHH", at, len(data), 0, 0)
+        U16.pack_into(a, AVAIL_GPA + 4 + 2 * i, i)
+    U16.pack_into(a, AVAIL_GPA + 2, 2)
+    pol = _policy(2, c_engine=path == "kick-lane")
+    dev = _device(pol, 2)
+    if path == "event-loop":
+        dev.handle_queue(0, q)
+    else:
+        require_c_dataplane()
+        lane = KickLane(c_lib(), asyncio.get_running_loop())
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        binding = pol.lane_binding("vm", lambda: None)
+        assert binding is not None
+        try:
+            slot = LaneSlot(lane, q, kick_fd=kick, call_fd=None, budget=64, num_vcpus=2, perf_request=False,
+                            batch_delay=0.0, binding=binding, seq=dev.seq, vcpus=dev.vcpus, counters=dev.counters,
+                            on_event=lambda *e: None)
+            _wait_idle(lane, slot, 0)  # the drain on attach takes both batches
+            slot.detach()
+        finally:
+            lane.close()
+            os.close(kick)
+    pol.close()
+    assert dev.counters.get("batches") == 2 and dev.seq.last == 2
+    assert dev.seq.min_offset_ns == -(2**63)
+    assert dev.seq.last_age_ns == 2**63 - 1

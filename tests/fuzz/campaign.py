@@ -7,6 +7,11 @@ known bugs hit and every failure with the command that replays it::
 
     python -m tests.fuzz.campaign --replay stream:1234567
 
+``--lane`` serves the fuzzed and guest VMs' request queues on the C kick
+lane (it needs the C data plane).  The first line names the data plane the
+process loaded, and the summary the shared objects mapped from it, so a run
+can be shown to have used, say, the sanitized build (``VUC_SANITIZE``).
+
 Exit status 1 if any case failed (known bugs do not count).
 """
 
@@ -18,6 +23,8 @@ import random
 import sys
 import time
 
+from vhost_user_cpufreq.backend.cdrain import dataplane
+
 from .harness import KNOWN_BUGS, FuzzBed, random_guest_case, random_stream_case
 
 
@@ -25,9 +32,18 @@ def _case_seed(seed: int, i: int) -> int:
     return (seed * 1_000_003 + i) & 0xFFFFFFFF
 
 
+def mapped_objects(*needles: str) -> list[str]:
+    """Paths of the files mapped into this process whose names contain one of ``needles``."""
+    with open("/proc/self/maps") as f:
+        paths = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    return sorted(p for p in paths if any(n in p.rsplit("/", 1)[-1] for n in needles))
+
+
 async def campaign(seconds: float, seed: int, guest_share: float, max_cases: int | None = None,
-                   replay: str | None = None, verbose: bool = False) -> int:
-    bed = await FuzzBed.create()
+                   replay: str | None = None, verbose: bool = False, lane: bool = False) -> int:
+    dp = dataplane()
+    print(f"data plane: {dp.detail}" + ("; fuzzed and guest VMs on the kick lane" if lane else ""), flush=True)
+    bed = await FuzzBed.create(lane=lane)
     t0 = time.monotonic()
     try:
         if replay is not None:
@@ -58,6 +74,7 @@ async def campaign(seconds: float, seed: int, guest_share: float, max_cases: int
         failures = list(bed.failures)
         await bed.close()
     print_summary(summary, failures, elapsed=elapsed, seed=seed if replay is None else None)
+    print("mapped: " + (", ".join(mapped_objects("dataplane-", "libasan", "libubsan")) or "no C data plane"))
     return 1 if failures else 0
 
 
@@ -66,8 +83,12 @@ def print_summary(summary: dict, failures: list, *, elapsed: float, seed: int | 
     total = cases.get("stream", 0) + cases.get("guest", 0)
     head = f"seed {seed}, " if seed is not None else ""
     print(f"\n== fuzz campaign: {head}{elapsed:.1f} s, {total} cases (stream {cases.get('stream', 0)}, "
-          f"guest {cases.get('guest', 0)} of which torn {cases.get('guest (torn)', 0)}), "
+          f"guest {cases.get('guest', 0)} of which torn {cases.get('guest (torn)', 0)}, "
+          f"on the kick lane {cases.get('guest (kick lane)', 0)}), "
           f"{total / max(elapsed, 1e-9):.0f} cases/s")
+    if summary["lane_bindings"]:
+        print("request queues put on the kick lane, by VM: "
+              + ", ".join(f"{vm} {n}" for vm, n in sorted(summary["lane_bindings"].items())))
     print("sessions closed by reason (fuzzed front-end):")
     for reason, n in summary["sessions_closed"].items():
         print(f"  {n:7d}  {reason}")
@@ -96,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guest-share", type=float, default=0.35, help="fraction of guest-memory cases (default 0.35)")
     ap.add_argument("--replay", metavar="KIND:SEED", help="run one case (stream:N or guest:N) and print it")
     ap.add_argument("-v", "--verbose", action="store_true", help="print failures as they happen")
+    ap.add_argument("--lane", action="store_true", help="serve the fuzzed and guest VMs on the C kick lane")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) & 0xFFFFFF
-    return asyncio.run(campaign(args.seconds, seed, args.guest_share, args.cases, args.replay, args.verbose))
+    return asyncio.run(campaign(args.seconds, seed, args.guest_share, args.cases, args.replay, args.verbose,
+                                args.lane))
 
 
 if __name__ == "__main__":

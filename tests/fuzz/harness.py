@@ -61,8 +61,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vhost_user_cpufreq.backend.cdrain import dataplane
+from vhost_user_cpufreq.backend.counters import Counters
+from vhost_user_cpufreq.backend.engine import VcpuPlacement
 from vhost_user_cpufreq.backend.hostfreq import StaticSource
 from vhost_user_cpufreq.backend.hosts import PIXEL6
+from vhost_user_cpufreq.backend.lane import CClampEngine, LaneBinding
 from vhost_user_cpufreq.backend.policy import Decision, schedutil_khz
 from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
 from vhost_user_cpufreq.backend.transport import Connection
@@ -934,6 +938,40 @@ class CheckingPolicy:
         self.resets[vm] += 1
 
 
+class LaneCheckingPolicy(CheckingPolicy):
+    """A CheckingPolicy that hands the request queues of ``lane_vms`` to the C kick lane.
+
+    Each such VM gets a C clamp engine with no threads and actuation off: the
+    lane drains, keeps the sequence and per-vCPU state and decides, but clamps
+    nothing.  Its records never reach :meth:`on_record`; :meth:`FuzzBed.run_guest`
+    checks the lane's counters and per-vCPU state against the model instead.
+    """
+
+    def __init__(self, vcpus: dict[str, int], lib: Any, lane_vms: Sequence[str]) -> None:
+        super().__init__(vcpus)
+        self._lib = lib
+        self.lane_vms = frozenset(lane_vms)
+        self.engines: dict[str, Any] = {}
+        self.clamp_counters = Counters()
+        self.bindings = Counter[str]()  # lane bindings handed out, by VM: a queue put on the lane each
+
+    def lane_binding(self, vm: str, on_change: Any) -> LaneBinding | None:
+        if vm not in self.lane_vms:
+            return None
+        self.bindings[vm] += 1
+        eng = self.engines.get(vm)
+        if eng is None:  # one engine per VM for the bed's life, as HostPolicy keeps one across rebinding
+            placements = [VcpuPlacement(v, v, 1024, 1024, 2_802_000) for v in range(self.vcpus[vm])]
+            eng = self.engines[vm] = CClampEngine(self._lib, placements)
+            eng.set_actuation(False)
+        return LaneBinding(eng, self.clamp_counters, self._clamp_event)
+
+    def _clamp_event(self, kind: int, tid: int, err: int) -> None:
+        # The engines have no threads: a clamp attempt at all is a bug.
+        self.violations.append(f"the lane reported a clamp event (kind {kind}, thread {tid}, errno {err}) "
+                               "for an engine with no threads")
+
+
 class ReaderSpy:
     """Wraps a Connection's MessageReader and tracks which received fds it has not handed on.
 
@@ -1040,9 +1078,19 @@ class FuzzBed:
     GUEST_BOUND = 10.0  # seconds per guest case
     BUFFER_BOUND = 0.05  # seconds per buffer made available (beyond half a second per round)
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, lane: bool = False) -> None:
         self.workdir = workdir
-        self.policy = CheckingPolicy({"fuzz": len(GUEST_VMAP), "guest": len(GUEST_VMAP), "witness": 2})
+        vcpus = {"fuzz": len(GUEST_VMAP), "guest": len(GUEST_VMAP), "witness": 2}
+        #: the fuzzed and guest VMs' request queues on the C kick lane (the witness stays on the loop)
+        self.lane = lane
+        self.policy: CheckingPolicy
+        if lane:
+            dp = dataplane()
+            if dp.lib is None or not dp.lane:
+                raise RuntimeError(f"a fuzz bed on the kick lane needs the C data plane with its lane: {dp.detail}")
+            self.policy = LaneCheckingPolicy(vcpus, dp.lib, ("fuzz", "guest"))
+        else:
+            self.policy = CheckingPolicy(vcpus)
         self.svc = Service(StaticSource(PIXEL6), self.policy)
         self.slots: dict[str, VmSlot] = {}
         self.loop_errors: list[str] = []
@@ -1061,11 +1109,13 @@ class FuzzBed:
         self._maps_cache: tuple[int, tuple[int, int]] = (-1, (0, 0))
 
     @classmethod
-    async def create(cls, workdir: Path | None = None) -> FuzzBed:
+    async def create(cls, workdir: Path | None = None, *, lane: bool = False) -> FuzzBed:
+        """``lane``: serve the fuzzed and guest VMs' request queues on the C kick lane
+        (RuntimeError without the C data plane)."""
         # Leak checks compare mappings and fds before and after each case: garbage
         # an earlier test left in reference cycles must not be freed in the middle.
         gc.collect()
-        bed = cls(Path(workdir or tempfile.mkdtemp(prefix="vuc-fuzz-")))
+        bed = cls(Path(workdir or tempfile.mkdtemp(prefix="vuc-fuzz-")), lane)
         await bed._start()
         return bed
 
@@ -1134,6 +1184,7 @@ class FuzzBed:
             "rejected": dict((now - self._baseline).most_common()),
             "known_bugs": dict(self.known),
             "failures": len(self.failures),
+            "lane_bindings": dict(getattr(self.policy, "bindings", {})),
         }
 
     def _record(self, res: CaseResult) -> CaseResult:
@@ -1375,6 +1426,9 @@ class FuzzBed:
         if q is None:
             res.failures.append("the ring did not start")
             return self._record(res)
+        ring = _RingView(q, slot.device)
+        if ring.on_lane():
+            self.cases["guest (kick lane)"] += 1
         self.policy.records["guest"].clear()
         last = slot.device.seq.last
         base_seq = ((last if last is not None else 0) + 1) & 0xFFFFFFFF
@@ -1388,7 +1442,7 @@ class FuzzBed:
             if broken:
                 break
             c0 = slot.counters.snapshot()
-            last0 = q.last_avail_idx
+            last0 = ring.last_avail_idx
             plan = writer.write_round(rnd, base_seq, avail_idx)
             n = len(plan)
             if rnd.jump:
@@ -1410,32 +1464,32 @@ class FuzzBed:
                 os.eventfd_write(self.kick, 1)
             if not rnd.jump:
                 avail_idx = avail_idx_pub
-            done = await _quiesce(q, avail_idx_pub, self.GUEST_BOUND)
+            done = await _quiesce(ring, avail_idx_pub, self.GUEST_BOUND)
             if not done:
                 res.failures.append(f"ring not drained within {self.GUEST_BOUND} s "
-                                    f"(last_avail {q.last_avail_idx}, avail {avail_idx_pub})")
+                                    f"(last_avail {ring.last_avail_idx}, avail {avail_idx_pub})")
                 break
             took = time.monotonic() - t_round
             if not case.torn and took > 0.5 + self.BUFFER_BOUND * n:
                 res.failures.append(f"{n} buffers took {took:.3f} s (bound {self.BUFFER_BOUND * 1e3:.0f} ms each)")
             delta = _delta(c0, slot.counters.snapshot())
-            consumed = (q.last_avail_idx - last0) & 0xFFFF
+            consumed = (ring.last_avail_idx - last0) & 0xFFFF
             rejections = {r: k for (ev, r), k in delta.items() if ev == "rejected"}
             explained = delta.get(("batches", ""), 0) + sum(
                 k for r, k in rejections.items() if r not in RECORD_REASONS and r != "avail-index-jump")
             if explained != consumed:
                 res.failures.append(f"{consumed} avail entries consumed, counters explain {explained}: {delta}")
-            used_now = q.used_idx
+            used_now = ring.used_idx
             returned = (used_now - used_seen) & 0xFFFF
             if returned != consumed - rejections.get("bad-head", 0):
                 res.failures.append(f"{consumed} consumed ({rejections.get('bad-head', 0)} bad heads) "
                                     f"but {returned} returned as used")
             if case.torn:
                 # Only the accounting holds when the guest scribbles over its rings.
-                broken = q.broken
+                broken = ring.broken
                 used_seen = used_now
                 continue
-            if rnd.jump and not (q.broken and rejections.get("avail-index-jump")):
+            if rnd.jump and not (ring.broken and rejections.get("avail-index-jump")):
                 res.failures.append("avail index jump not detected")
             published = _U16.unpack_from(mem.view(RING_USED, 4), 2)[0]
             if published != used_now:
@@ -1466,10 +1520,13 @@ class FuzzBed:
                 if model_last is None or b.flags & abi.BATCH_F_RESYNC or abi.seq_delta(b.seq, model_last) > 0:
                     model_last = b.seq
                     want += b.records
-            got = self.policy.records["guest"]
-            if got != want:
-                res.failures.append(f"records reaching the policy differ from the model: got {got[:8]}... "
-                                    f"({len(got)}), want {want[:8]}... ({len(want)})")
+            if ring.on_lane():
+                self._check_lane_records(res, slot, want, delta.get(("records", ""), 0))
+            else:
+                got = self.policy.records["guest"]
+                if got != want:
+                    res.failures.append(f"records reaching the policy differ from the model: got {got[:8]}... "
+                                        f"({len(got)}), want {want[:8]}... ({len(want)})")
             if not rnd.jump:
                 elems = [struct.unpack_from("<II", mem.view(RING_USED + 4 + 8 * ((used_seen + k) % case.size), 8))
                          for k in range(returned)]
@@ -1477,7 +1534,12 @@ class FuzzBed:
                     res.failures.append(f"used ring {elems[:8]} does not return heads {heads[:8]} with length 0")
             self.policy.records["guest"].clear()
             used_seen = used_now
-            broken = q.broken
+            broken = ring.broken
+        if ring.on_lane():
+            # What CheckingPolicy checks of each record, checked of what the lane kept.
+            bad = [(v, st.util) for v, st in enumerate(slot.device.vcpus) if st.util > abi.UTIL_SCALE]
+            if bad:
+                res.failures.append(f"the lane kept an invalid util (vcpu, util): {bad}")
         if self.policy.violations:
             res.failures += self.policy.violations
             self.policy.violations.clear()
@@ -1504,7 +1566,7 @@ class FuzzBed:
         slot = self.slots["guest"]
         await self._restart_ring(64, 0xFFFE, True, True, True)
         mem = self.gfe.ram.memory
-        n0 = self.policy.count["guest"]
+        n0 = self._delivered()
         data = BatchSpec(0, ((3, 777, 0),), flags=abi.BATCH_F_RESYNC).encode(12345)
         gpa = ARENAS[0][0]
         mem.view(gpa, len(data))[:] = data
@@ -1513,12 +1575,30 @@ class FuzzBed:
         _U16.pack_into(mem.view(RING_AVAIL, 4), 2, 0xFFFF)
         os.eventfd_write(self.kick, 1)
         deadline = time.monotonic() + 2
-        while self.policy.count["guest"] == n0:
+        while self._delivered() == n0:
             if time.monotonic() > deadline or slot.connection is None:
                 return False
             await asyncio.sleep(0.0005)
         self.policy.records["guest"].clear()
         return True
+
+    def _delivered(self) -> int:
+        """Records of the guest VM delivered so far: to the policy, or to the lane's engine."""
+        slot = self.slots["guest"]
+        if slot.device._lane_slot is not None:  # noqa: SLF001 (the harness looks inside)
+            return slot.counters.get("records")
+        return self.policy.count["guest"]
+
+    def _check_lane_records(self, res: CaseResult, slot: VmSlot, want: list[Record], accepted: int) -> None:
+        """On the lane no record reaches Python: the lane's count of accepted records and its
+        per-vCPU state (the newest record of each vCPU) must be the model's."""
+        if accepted != len(want):
+            res.failures.append(f"the lane accepted {accepted} records, the model wants {len(want)}: {want[:8]}")
+        newest = {r.vcpu: (r.util, r.perf_khz) for r in want}
+        states = slot.device.vcpus
+        got = {v: (states[v].util, states[v].perf_khz) for v in newest}
+        if got != newest:
+            res.failures.append(f"the lane's per-vCPU state {got} is not the newest records' {newest}")
 
 
 # -- guest-side helpers --------------------------------------------------------------------------------
@@ -1777,7 +1857,39 @@ def _delta(a: dict[tuple[str, str], int], b: dict[tuple[str, str], int]) -> dict
     return {k: v - a.get(k, 0) for k, v in b.items() if v != a.get(k, 0)}
 
 
-async def _quiesce(q: vq.DeviceQueue, target: int, timeout: float) -> bool:
+class _RingView:
+    """The consuming position of the guest's request queue, wherever the queue is served.
+
+    On the event loop the DeviceQueue holds it; while the kick lane serves the
+    queue, the queue's copy is stale until the lane hands it back, so the
+    position is read from the lane (under its lock: between two of its turns).
+    """
+
+    def __init__(self, q: vq.DeviceQueue, device: Any) -> None:
+        self._q = q
+        self._device = device
+
+    def on_lane(self) -> bool:
+        ls = self._device._lane_slot  # noqa: SLF001 (the harness looks inside, as test_kick_lane does)
+        return ls is not None and ls.attached
+
+    def _cursor(self) -> int:
+        return self._device._lane_slot.cursor() if self.on_lane() else self._q.packed_cursor  # noqa: SLF001
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._cursor() & 0xFFFF
+
+    @property
+    def used_idx(self) -> int:
+        return self._cursor() >> 32 & 0xFFFF
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._cursor() >> 48 & 1)
+
+
+async def _quiesce(q: "vq.DeviceQueue | _RingView", target: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     spins = 0
     while not (q.broken or q.last_avail_idx == target):

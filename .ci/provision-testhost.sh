@@ -30,7 +30,7 @@ CHROOT="${VUC_QEMU_CHROOT:-/var/cache/vhost-user-cpufreq/trixie}"
 ROOT_GUEST=/var/cache/vuc-testhost/root  # as the chroot sees it
 ROOT="$CHROOT$ROOT_GUEST"
 # Bump when the package list or the set-up below changes: old roots are rebuilt.
-STAMP="testhost-4"
+STAMP="testhost-5"
 # debootstrap takes the base; apt, which resolves virtual packages (python3-ply-lex-3.10), the rest.
 BASE=systemd,systemd-sysv,udev,dbus,python3,python3-venv,util-linux,procps,kmod,iproute2,libcap2-bin
 PACKAGES=(python3-cffi python3-pyudev python3-prometheus-client gcc libc6-dev)
@@ -106,6 +106,12 @@ in_root passwd -d root >&2
 in_root systemctl mask getty@tty1.service systemd-networkd-wait-online.service \
     systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
     fstrim.timer man-db.timer dpkg-db-backup.timer >&2 2>/dev/null || true
+# What a first boot would do under TCG for a minute and more, done once here: hwdb and the
+# journal catalog built, a machine id, /etc and /var marked up to date (ConditionNeedsUpdate).
+in_root systemd-hwdb update >&2
+in_root journalctl --update-catalog >&2
+in_root systemd-machine-id-setup >&2
+touch "$building/etc/.updated" "$building/var/.updated"
 in_root apt-get clean >&2
 rm -rf "$building"/var/lib/apt/lists/*
 echo "$STAMP" >"$building/.vuc-testhost"

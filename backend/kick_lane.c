@@ -514,9 +514,16 @@ struct sched_attr_v1 {
     uint32_t sched_util_min, sched_util_max;
 };
 
+/* glibc 2.41 and later define these in <sched.h>; older ones do not. */
+#ifndef SCHED_FLAG_RESET_ON_FORK
 #define SCHED_FLAG_RESET_ON_FORK 0x01
+#endif
+#ifndef SCHED_FLAG_KEEP_ALL
 #define SCHED_FLAG_KEEP_ALL 0x18
+#endif
+#ifndef SCHED_FLAG_UTIL_CLAMP_MIN
 #define SCHED_FLAG_UTIL_CLAMP_MIN 0x20
+#endif
 
 /* Called with the engine lock held. */
 static void actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {

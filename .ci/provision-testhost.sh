@@ -30,10 +30,11 @@ CHROOT="${VUC_QEMU_CHROOT:-/var/cache/vhost-user-cpufreq/trixie}"
 ROOT_GUEST=/var/cache/vuc-testhost/root  # as the chroot sees it
 ROOT="$CHROOT$ROOT_GUEST"
 # Bump when the package list or the set-up below changes: old roots are rebuilt.
-STAMP="testhost-5"
+STAMP="testhost-7"
 # debootstrap takes the base; apt, which resolves virtual packages (python3-ply-lex-3.10), the rest.
 BASE=systemd,systemd-sysv,udev,dbus,python3,python3-venv,util-linux,procps,kmod,iproute2,libcap2-bin
-PACKAGES=(python3-cffi python3-pyudev python3-prometheus-client gcc libc6-dev)
+PACKAGES=(python3-cffi python3-pyudev python3-prometheus-client gcc libc6-dev
+          python3-pytest python3-pytest-asyncio python3-hypothesis python3-yaml)
 
 log() { printf '[provision-testhost] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -112,6 +113,10 @@ in_root systemd-hwdb update >&2
 in_root journalctl --update-catalog >&2
 in_root systemd-machine-id-setup >&2
 touch "$building/etc/.updated" "$building/var/.updated"
+# The cpu controller enabled below the root, as a host running libvirt has it (machine.slice):
+# cgroups then carry cpu.uclamp.min/max.
+mkdir -p "$building/etc/systemd/system/system.slice.d"
+printf '[Slice]\nCPUWeight=100\n' >"$building/etc/systemd/system/system.slice.d/vuc-cpu.conf"
 in_root apt-get clean >&2
 rm -rf "$building"/var/lib/apt/lists/*
 echo "$STAMP" >"$building/.vuc-testhost"

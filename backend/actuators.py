@@ -32,6 +32,7 @@ class Original:
     affinity: frozenset[int] | None
     util_min: int | None
     util_max: int | None
+    reset_on_fork: bool = False
 
 
 class ThreadActuator:
@@ -56,14 +57,15 @@ class ThreadActuator:
         aff = frozenset(os.sched_getaffinity(tid))
         try:
             a = sched.sched_getattr(tid)
-            umin, umax = a.util_min, a.util_max
+            umin, umax, rof = a.util_min, a.util_max, bool(a.flags & sched.SCHED_FLAG_RESET_ON_FORK)
         except OSError:
             umin = umax = None
-        self.originals[tid] = Original(aff, umin, umax)
+            rof = False
+        self.originals[tid] = Original(aff, umin, umax, rof)
         start = thread_start_time(tid)
         if self.state is not None and start is not None and not self.dry_run:
             # Write-ahead: on disk before the thread is changed, so a SIGKILL can be undone.
-            self.state.record(ThreadRecord(tid, start, sorted(aff), umin, umax))
+            self.state.record(ThreadRecord(tid, start, sorted(aff), umin, umax, rof))
 
     def pin(self, tid: int, pcpu: int) -> bool:
         try:
@@ -105,7 +107,7 @@ class ThreadActuator:
             if orig.affinity is not None:
                 os.sched_setaffinity(tid, orig.affinity)
             if touched_clamp and self.degraded is None and orig.util_min is not None:
-                sched.sched_setattr_clamp(tid, orig.util_min, orig.util_max, reset_on_fork=False)
+                sched.sched_setattr_clamp(tid, orig.util_min, orig.util_max, reset_on_fork=orig.reset_on_fork)
             self.counters.inc("restored")
         except ProcessLookupError:
             pass  # the thread is gone: nothing left to restore
@@ -119,7 +121,7 @@ class ThreadActuator:
         """Undo a change a previous, killed instance recorded (see statefile.recover)."""
         os.sched_setaffinity(rec.tid, set(rec.affinity))
         if self.degraded is None and rec.util_min is not None:
-            sched.sched_setattr_clamp(rec.tid, rec.util_min, rec.util_max, reset_on_fork=False)
+            sched.sched_setattr_clamp(rec.tid, rec.util_min, rec.util_max, reset_on_fork=rec.reset_on_fork)
 
     def restore_all(self) -> None:
         for tid in list(self.originals):

@@ -59,7 +59,9 @@ typedef struct {
     int32_t wanted, applied; /* applied NO_CLAMP: never touched */
     double changed_at, record_at;
     int32_t has_record, pending;
-    int32_t tid, pad; /* the vCPU thread the lane clamps (not part of the reference engine) */
+    int32_t tid; /* the vCPU thread the lane clamps (not part of the reference engine) */
+    int32_t attr_known, policy, nice; /* its scheduling class, read once (see actuate) */
+    uint32_t prio, pad;
 } evcpu;
 
 typedef struct vuc_engine {
@@ -123,8 +125,14 @@ int vuc_engine_configure(vuc_engine *e, uint32_t n, const vuc_placement *p, int3
         s->changed_at = -INFINITY;
         if (s->vcpu >= 0) {
             index[s->vcpu] = (int32_t)i;
-            if (s->vcpu < e->nindex && e->index[s->vcpu] >= 0)
-                s->tid = e->v[e->index[s->vcpu]].tid;
+            if (s->vcpu < e->nindex && e->index[s->vcpu] >= 0) {
+                const evcpu *old = &e->v[e->index[s->vcpu]];
+                s->tid = old->tid;
+                s->attr_known = old->attr_known;
+                s->policy = old->policy;
+                s->nice = old->nice;
+                s->prio = old->prio;
+            }
         }
     }
     free(e->v);
@@ -146,8 +154,10 @@ int vuc_engine_configure(vuc_engine *e, uint32_t n, const vuc_placement *p, int3
 /* The thread the lane clamps for ``vcpu`` (0: none). */
 void vuc_engine_set_thread(vuc_engine *e, int32_t vcpu, int32_t tid) {
     pthread_mutex_lock(&e->mu);
-    if (vcpu >= 0 && vcpu < e->nindex && e->index[vcpu] >= 0)
+    if (vcpu >= 0 && vcpu < e->nindex && e->index[vcpu] >= 0) {
         e->v[e->index[vcpu]].tid = tid;
+        e->v[e->index[vcpu]].attr_known = 0;
+    }
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -518,8 +528,8 @@ struct sched_attr_v1 {
 #ifndef SCHED_FLAG_RESET_ON_FORK
 #define SCHED_FLAG_RESET_ON_FORK 0x01
 #endif
-#ifndef SCHED_FLAG_KEEP_ALL
-#define SCHED_FLAG_KEEP_ALL 0x18
+#ifndef SCHED_FLAG_KEEP_PARAMS
+#define SCHED_FLAG_KEEP_PARAMS 0x10
 #endif
 #ifndef SCHED_FLAG_UTIL_CLAMP_MIN
 #define SCHED_FLAG_UTIL_CLAMP_MIN 0x20
@@ -530,7 +540,8 @@ static void actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {
     vuc_engine *e = s->engine;
     if (c->vcpu < 0 || c->vcpu >= e->nindex || e->index[c->vcpu] < 0)
         return;
-    int32_t tid = e->v[e->index[c->vcpu]].tid;
+    evcpu *v = &e->v[e->index[c->vcpu]];
+    int32_t tid = v->tid;
     if (tid <= 0)
         return; /* no thread known for this vCPU (yet): the engine's value is all there is */
     if (!e->actuate || s->uclamp_refused) {
@@ -539,10 +550,23 @@ static void actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {
     }
     struct sched_attr_v1 a;
     memset(&a, 0, sizeof a);
+    /* The kernel takes SCHED_FLAG_RESET_ON_FORK only with an explicit policy (KEEP_POLICY
+     * keeps the old flag too): the thread's class is read once and handed back each time. */
+    int known = v->attr_known || syscall(SYS_sched_getattr, tid, &a, sizeof a, 0) == 0;
+    if (known && !v->attr_known) {
+        v->attr_known = 1;
+        v->policy = (int32_t)a.sched_policy;
+        v->nice = a.sched_nice;
+        v->prio = a.sched_priority;
+    }
+    memset(&a, 0, sizeof a);
     a.size = sizeof a;
-    a.sched_flags = SCHED_FLAG_KEEP_ALL | SCHED_FLAG_RESET_ON_FORK | SCHED_FLAG_UTIL_CLAMP_MIN;
+    a.sched_policy = (uint32_t)v->policy;
+    a.sched_nice = v->nice;
+    a.sched_priority = v->prio;
+    a.sched_flags = SCHED_FLAG_KEEP_PARAMS | SCHED_FLAG_RESET_ON_FORK | SCHED_FLAG_UTIL_CLAMP_MIN;
     a.sched_util_min = (uint32_t)c->value;
-    if (syscall(SYS_sched_setattr, tid, &a, 0) != 0) {
+    if (!known || syscall(SYS_sched_setattr, tid, &a, 0) != 0) {
         int err = errno;
         vuc_event ev = {.head = (uint32_t)tid, .err = err};
         if (err == EOPNOTSUPP) {

@@ -39,6 +39,7 @@ SCHED_FLAG_KEEP_ALL = SCHED_FLAG_KEEP_POLICY | SCHED_FLAG_KEEP_PARAMS
 SCHED_FLAG_UTIL_CLAMP_MIN = 0x20
 SCHED_FLAG_UTIL_CLAMP_MAX = 0x40
 SCHED_ATTR_SIZE = 56
+SCHED_DEADLINE = 6
 
 # (sched_setattr, sched_getattr) per machine, from the kernel's syscall tables.
 _SYSCALLS = {
@@ -103,15 +104,23 @@ def sched_getattr(tid: int) -> SchedAttr:
 
 
 def sched_setattr_clamp(tid: int, util_min: int | None, util_max: int | None = None, *,
-                        reset_on_fork: bool = True) -> None:
+                        reset_on_fork: bool | None = True) -> None:
     """Set one or both clamps of thread ``tid``, keeping its policy and parameters.
 
-    ``reset_on_fork`` keeps threads QEMU spawns from the vCPU thread from
-    inheriting a boost they never asked for.
+    ``reset_on_fork`` True sets SCHED_RESET_ON_FORK, so threads QEMU spawns
+    from the vCPU thread do not inherit a boost they never asked for; False
+    clears it; None leaves it.  The kernel takes the flag only with an
+    explicit policy (SCHED_FLAG_KEEP_POLICY keeps the old flag as well), so
+    the thread's policy, priority and nice are read and handed back.
     """
     attr = _ffi.new("struct sched_attr *")
     attr.size = SCHED_ATTR_SIZE
-    flags = SCHED_FLAG_KEEP_ALL | (SCHED_FLAG_RESET_ON_FORK if reset_on_fork else 0)
+    flags = SCHED_FLAG_KEEP_ALL
+    if reset_on_fork is not None:
+        cur = sched_getattr(tid)
+        if cur.policy != SCHED_DEADLINE:  # a deadline thread's parameters cannot be handed back: leave it
+            attr.sched_policy, attr.sched_priority, attr.sched_nice = cur.policy, cur.priority, cur.nice
+            flags = SCHED_FLAG_KEEP_PARAMS | (SCHED_FLAG_RESET_ON_FORK if reset_on_fork else 0)
     if util_min is not None:
         flags |= SCHED_FLAG_UTIL_CLAMP_MIN
         attr.sched_util_min = util_min
@@ -134,7 +143,7 @@ def probe_uclamp(tid: int = 0) -> str | None:
     """
     try:
         cur = sched_getattr(tid)
-        sched_setattr_clamp(tid, cur.util_min, cur.util_max, reset_on_fork=False)
+        sched_setattr_clamp(tid, cur.util_min, cur.util_max, reset_on_fork=None)
     except UclampUnsupported:
         return "kernel has no per-task util clamps (CONFIG_UCLAMP_TASK is not set): EOPNOTSUPP"
     except OSError as exc:

@@ -41,6 +41,7 @@ class ThreadRecord:
     affinity: list[int]
     util_min: int | None
     util_max: int | None
+    reset_on_fork: bool = False  # absent in files of earlier versions
 
 
 class StateFile:

@@ -4,18 +4,23 @@ A test marked ``qemu`` is skipped, with the reason, when no QEMU >= 10.2 with
 ``vhost-user-test-device`` is found (tests/qemu/fixture.py:find_qemu), and
 fails instead when ``VUC_REQUIRE_QEMU=1`` (CI).  A test marked ``root`` is
 skipped unless running as root, and fails instead when ``VUC_REQUIRE_ROOT=1``.
+The ``testhost`` fixture boots the Linux test host once per session
+(``VUC_REQUIRE_TESTHOST=1`` makes its absence a failure).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import pytest
 
 from .helpers import unavailable
 from .qemu.fixture import QemuInstall, QemuLab, QemuUnavailable, describe_skip, find_qemu
+
+if TYPE_CHECKING:
+    from .testhost.host import TestHost
 
 
 def _qemu_or_skip() -> QemuInstall:
@@ -71,3 +76,26 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         _stale_lanes_named.update(id(lane) for lane in stale)  # named once, by the test that left it
         warnings.warn(f"{item.nodeid} left {len(stale)} kick lane(s) serving rings of a closed event loop "
                       f"({sum(len(lane.slots) for lane in stale)} ring(s))", pytest.PytestWarning, stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def testhost() -> Iterator["TestHost"]:
+    """The Linux test host (tests/testhost/host.py), booted once per test session.
+
+    Skips where it is not provisioned or cannot boot; fails instead under
+    ``VUC_REQUIRE_TESTHOST=1`` (``.ci/run``), naming what is missing.
+    """
+    from .testhost.host import TestHost, TestHostError, provisioned
+
+    missing = provisioned()
+    if missing:
+        unavailable("VUC_REQUIRE_TESTHOST", f"no test host: {missing}")
+    th = TestHost()
+    try:
+        th.start()
+    except TestHostError as exc:
+        unavailable("VUC_REQUIRE_TESTHOST", f"the test host did not come up: {exc}")
+    try:
+        yield th
+    finally:
+        th.close()

@@ -45,8 +45,15 @@ def test_clamps_are_set_or_refused_with_eopnotsupp_as_this_kernel_dictates(child
     reason = sched.probe_uclamp()
     if reason is None:
         sched.sched_setattr_clamp(tid, 300)
-        assert sched.sched_getattr(tid).util_min == 300
+        a = sched.sched_getattr(tid)
+        assert a.util_min == 300
+        assert a.flags & sched.SCHED_FLAG_RESET_ON_FORK  # a thread it forks does not inherit the boost
+        sched.sched_setattr_clamp(tid, 0, reset_on_fork=False)
+        a = sched.sched_getattr(tid)
+        assert a.util_min == 0 and not a.flags & sched.SCHED_FLAG_RESET_ON_FORK
     else:
+        if os.environ.get("VUC_REQUIRE_UCLAMP") == "1":  # set where the kernel has them: the test host
+            pytest.fail(f"VUC_REQUIRE_UCLAMP=1 but {reason}", pytrace=False)
         # This kernel has no CONFIG_UCLAMP_TASK: the real syscall says EOPNOTSUPP.
         with pytest.raises(sched.UclampUnsupported) as ei:
             sched.sched_setattr_clamp(tid, 300)

@@ -32,13 +32,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TestHost", "TestHostError", "Result", "CHROOT", "ROOT_IN_CHROOT"]
+__all__ = ["TestHost", "TestHostError", "Result", "CHROOT", "ROOT_IN_CHROOT", "SRC", "provisioned"]
 
 REPO = Path(__file__).resolve().parents[2]
 CHROOT = Path(os.environ.get("VUC_QEMU_CHROOT", "/var/cache/vhost-user-cpufreq/trixie"))
 ROOT_IN_CHROOT = "/var/cache/vuc-testhost/root"
 ROOT = CHROOT / ROOT_IN_CHROOT.lstrip("/")
 VENV = "/opt/vuc"
+SRC = "/opt/vuc-src"  # pyproject.toml and tests/ of this checkout, inside the test host
 BOOT_TIMEOUT = 300.0
 CPU_MODEL = "qemu64,vendor=GenuineIntel,family=6,model=15"  # constant_tsc: see tests/test_linux_guest.py
 AGENT_UNIT = """[Unit]
@@ -88,6 +89,8 @@ def provisioned() -> str | None:
 
 class TestHost:
     """One booted test host.  ``with TestHost() as th: th.run([...])``."""
+
+    __test__ = False  # a fixture, not a test class
 
     def __init__(self, *, memory_mib: int = 1024, cpus: int = 2, qemu_args: tuple[str, ...] = (),
                  cmdline: str = "") -> None:
@@ -159,6 +162,12 @@ class TestHost:
         _run(["chroot", str(ROOT), f"{VENV}/bin/pip", "install", "-q", "--no-index", "--no-deps", "--force-reinstall",
               "--disable-pip-version-check", f"/tmp/vuc-wheel/{whl.name}"], "installing it in the test host's root")
         shutil.rmtree(wheels, ignore_errors=True)
+        # The tests too, for what runs inside (``cd /opt/vuc-src && python -m pytest ...``).
+        src = ROOT / "opt/vuc-src"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        shutil.copy(REPO / "pyproject.toml", src / "pyproject.toml")
+        shutil.copytree(REPO / "tests", src / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(Path(__file__).with_name("agent.py"), ROOT / "usr/local/lib/vuc-agent.py")
         unit = ROOT / "etc/systemd/system/vuc-agent.service"
         unit.write_text(AGENT_UNIT)

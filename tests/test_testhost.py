@@ -1,0 +1,63 @@
+"""The Linux test host (tests/testhost/): a kernel with util clamps, cgroup v2 and systemd, for real.
+
+The CI machine's kernel has no ``CONFIG_UCLAMP_TASK``, no cgroup v2 hierarchy
+and no systemd as PID 1.  These tests boot the trixie-backports kernel under
+QEMU with a Debian root and run the service there: the util clamps it sets
+are read back from the kernel, and the actuator and recovery tests that only
+ever saw EOPNOTSUPP here run inside, where the clamps really apply.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .testhost.host import SRC, TestHost
+
+
+def test_the_test_host_has_util_clamps_cgroup_v2_and_systemd_as_pid_1(testhost: TestHost) -> None:
+    assert testhost.run(["uname", "-r"]).check().stdout.strip() == testhost.kver
+    facts = testhost.sh("cat /proc/sys/kernel/sched_util_clamp_max; stat -fc %T /sys/fs/cgroup; "
+                        "cat /proc/1/comm; cat /sys/fs/cgroup/cgroup.controllers").check().stdout.split("\n")
+    assert facts[0] == "1024"
+    assert facts[1] == "cgroup2fs"
+    assert facts[2] == "systemd"
+    assert "cpu" in facts[3].split()
+    state = testhost.run(["systemctl", "is-system-running", "--wait"], timeout=120).stdout.strip()
+    assert state in ("running", "degraded"), testhost.run(["systemctl", "--failed", "--no-pager"]).stdout
+
+
+def test_check_in_the_test_host_finds_util_clamps_and_cgroup_v2(testhost: TestHost) -> None:
+    out = testhost.run(["/opt/vuc/bin/vhost-user-cpufreq", "check", "--json"], timeout=120)
+    found = {f["name"]: f for f in json.loads(out.stdout)}
+    assert found["uclamp"]["state"] == "ok", found["uclamp"]
+    assert found["cgroup"]["state"] == "ok", found["cgroup"]
+    assert found["isolation"]["state"] == "ok", found["isolation"]
+    assert found["dataplane"]["state"] == "ok" and "C kick lane" in found["dataplane"]["detail"], found["dataplane"]
+
+
+def test_a_guest_record_sets_a_real_util_clamp_that_falls_with_it_and_goes_with_the_vm(testhost: TestHost) -> None:
+    r = testhost.sh(f"cd {SRC} && d=$(mktemp -d) && /opt/vuc/bin/python -m tests.testhost.clamp_probe $d",
+                    timeout=300).check()
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    log = report["log"]
+    assert report["service_ready"], log
+    assert all(a["util_min"] == 0 for a in report["before"]), report["before"]
+    assert report["raised"], (report, log)
+    high = report["high"][0]["util_min"]
+    assert high > 0 and report["status_clamp"] == high  # what the kernel holds is what the service says
+    assert report["high"][0]["flags"] & 0x01  # SCHED_FLAG_RESET_ON_FORK: a fork of a vCPU thread starts unclamped
+    assert report["high"][1]["util_min"] == 0  # vCPU 1 sent nothing
+    assert report["lowered"], report
+    assert report["counters"].get("clamps_applied", 0) >= 2, report["counters"]
+    assert report["restored"] and report["after"] == report["before"], report
+    assert report["service_rc"] == 0, log
+
+
+def test_actuator_and_recovery_tests_pass_inside_with_clamps_that_apply(testhost: TestHost) -> None:
+    # VUC_CACHE_DIR: the data plane built into the root (TestHost._install), also for the service as nobody.
+    r = testhost.sh(f"cd {SRC} && VUC_REQUIRE_ROOT=1 VUC_REQUIRE_UCLAMP=1 VUC_CACHE_DIR=/var/cache/vhost-user-cpufreq "
+                    "/opt/vuc/bin/python -m pytest -q "
+                    "-p no:cacheprovider tests/test_actuators.py tests/test_recovery.py", timeout=900)
+    assert r.rc == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert "passed" in last and "failed" not in last and "skipped" not in last, last

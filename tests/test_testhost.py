@@ -10,7 +10,13 @@ ever saw EOPNOTSUPP here run inside, where the clamps really apply.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
+import pytest
+
+from .helpers import unavailable
 from .testhost.host import SRC, TestHost
 
 
@@ -61,3 +67,28 @@ def test_actuator_and_recovery_tests_pass_inside_with_clamps_that_apply(testhost
     assert r.rc == 0, r.stdout[-4000:] + r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
     assert "passed" in last and "failed" not in last and "skipped" not in last, last
+
+
+def test_a_test_host_that_cannot_boot_fails_at_once_with_the_console_not_a_hang(tmp_path: Path) -> None:
+    from .testhost.host import CHROOT, TestHost, TestHostError, provisioned
+
+    if provisioned():
+        unavailable("VUC_REQUIRE_TESTHOST", f"no test host: {provisioned()}")
+    empty = Path(tempfile.mkdtemp(prefix="vuc-empty-root-", dir=CHROOT / "tmp"))  # no /sbin/init, no systemd
+    try:
+        with pytest.raises(TestHostError) as ei:
+            TestHost(shared_root=empty).start()
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+    msg = str(ei.value)
+    assert "QEMU exited" in msg and "Kernel panic" in msg, msg
+
+
+def test_a_kernel_without_util_clamps_is_named_as_such() -> None:
+    from .testhost.host import Result, TestHost, TestHostError
+
+    th = TestHost()
+    th.kver = "6.1.0-no-uclamp"
+    th.sh = lambda script, **kw: Result(1 if "sched_util_clamp" in script else 0, "", "", False)  # type: ignore[method-assign]
+    with pytest.raises(TestHostError, match=r"lacks per-task util clamps \(CONFIG_UCLAMP_TASK"):
+        th.require_features()

@@ -93,7 +93,9 @@ class TestHost:
     __test__ = False  # a fixture, not a test class
 
     def __init__(self, *, memory_mib: int = 1024, cpus: int = 2, qemu_args: tuple[str, ...] = (),
-                 cmdline: str = "") -> None:
+                 cmdline: str = "", shared_root: Path | None = None) -> None:
+        #: another root to boot (a directory inside the chroot), as is: nothing is installed into it
+        self.shared_root = shared_root
         self.memory_mib = memory_mib
         self.cpus = cpus
         self.qemu_args = qemu_args
@@ -112,6 +114,10 @@ class TestHost:
         """This boot's directory, on the host (inside the chroot's /tmp)."""
         assert self._work is not None
         return self._work
+
+    @property
+    def _root_in_chroot(self) -> str:
+        return ROOT_IN_CHROOT if self.shared_root is None else self.in_chroot(self.shared_root)
 
     def in_chroot(self, p: Path) -> str:
         return "/" + str(p.relative_to(CHROOT))
@@ -139,17 +145,44 @@ class TestHost:
         if missing:
             raise TestHostError(missing)
         self.kver = (CHROOT / ".vuc-guest-kernel").read_text().strip()
-        # One test host on this root at a time: the root is a directory, not a copy.
-        self._lock_fd = os.open(ROOT.parent / ".boot.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         (CHROOT / "tmp").mkdir(exist_ok=True)
         self._work = Path(tempfile.mkdtemp(prefix="vuc-testhost-", dir=CHROOT / "tmp"))
         try:
-            self._install()
+            if self.shared_root is None:
+                self._lock_root()
+                self._install()
             self._boot()
+            if self.shared_root is None:
+                self.require_features()
         except BaseException:
             self.close()
             raise
+
+    def _lock_root(self, timeout: float = 600) -> None:
+        """One test host on the root at a time (it is a directory, not a copy); a bounded wait."""
+        self._lock_fd = os.open(ROOT.parent / ".boot.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TestHostError(f"another test host kept {ROOT} for {timeout:.0f} s") from None
+                time.sleep(0.5)
+
+    def require_features(self) -> None:
+        """What the tests rely on, named when missing: util clamps, cgroup v2 with cpu, systemd as PID 1."""
+        probes = {
+            "per-task util clamps (CONFIG_UCLAMP_TASK: /proc/sys/kernel/sched_util_clamp_max)":
+                "test -e /proc/sys/kernel/sched_util_clamp_max",
+            "the unified cgroup v2 hierarchy at /sys/fs/cgroup": "test $(stat -fc %T /sys/fs/cgroup) = cgroup2fs",
+            "the cpu controller in cgroup v2": "grep -qw cpu /sys/fs/cgroup/cgroup.controllers",
+            "systemd as PID 1": "test $(cat /proc/1/comm) = systemd",
+        }
+        missing = [what for what, probe in probes.items() if self.sh(probe, timeout=30).rc != 0]
+        if missing:
+            raise TestHostError(f"the test host's kernel {self.kver} lacks " + "; ".join(missing))
 
     def _install(self) -> None:
         """This checkout, the agent and its unit, and the C data plane, into the root."""
@@ -191,10 +224,10 @@ class TestHost:
         self._procs.append(subprocess.Popen(
             ["unshare", "--mount", "sh", "-c",
              f"mount -t proc proc {CHROOT}/proc && exec chroot {CHROOT} /usr/libexec/virtiofsd "
-             f"--socket-path={w}/vfs.sock --shared-dir={ROOT_IN_CHROOT} --cache=auto --sandbox=none --xattr"],
+             f"--socket-path={w}/vfs.sock --shared-dir={self._root_in_chroot} --cache=auto --sandbox=none --xattr"],
             stdout=vfs_log, stderr=subprocess.STDOUT))
         self._wait_for(lambda: (self.work / "vfs.sock").exists(), 20, "virtiofsd's socket")
-        cmdline = (f"console=ttyS0 root=root rootfstype=virtiofs rw init=/lib/systemd/systemd loglevel=4 "
+        cmdline = (f"console=ttyS0 root=root rootfstype=virtiofs rw init=/lib/systemd/systemd loglevel=4 panic=-1 "
                    f"systemd.show_status=error {self.cmdline}")
         qemu = [
             "chroot", str(CHROOT), "qemu-system-x86_64", "-accel", "tcg", "-cpu", CPU_MODEL,
@@ -221,7 +254,10 @@ class TestHost:
             if time.monotonic() > deadline:
                 raise TestHostError(f"the test host did not answer within {BOOT_TIMEOUT:.0f} s; console:\n"
                                     f"{self.console_tail()}")
-            rid = self._send(["true"], 10)
+            try:
+                rid = self._send(["true"], 10)
+            except OSError:
+                self._channel_closed()
             reply = self._read_reply(rid, min(2.0, deadline - time.monotonic()), booting=True)
             if reply is not None:
                 break
@@ -292,13 +328,25 @@ class TestHost:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
                 continue
+            except OSError:
+                chunk = b""
             if not chunk:
-                raise TestHostError(f"the agent's channel closed; console:\n{self.console_tail()}")
+                self._channel_closed()
             self._buf += chunk
+
+    def _channel_closed(self) -> None:
+        """QEMU going away closes the channel: say that, with why, rather than a socket error."""
+        for p in self._procs[1:]:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._alive_or_raise("and closed the agent's channel")
+        raise TestHostError(f"the agent's channel closed; console:\n{self.console_tail()}")
 
     # -- waiting ------------------------------------------------------------------------------
     def _alive_or_raise(self, when: str) -> None:
-        for p, what in zip(self._procs, ("virtiofsd", "QEMU")):
+        for p, what in reversed(list(zip(self._procs, ("virtiofsd", "QEMU")))):  # QEMU's end explains virtiofsd's
             if p.poll() is not None:
                 log = (self.work / ("virtiofsd.log" if what == "virtiofsd" else "qemu.log")).read_text(errors="replace")
                 raise TestHostError(f"{what} exited with {p.returncode} {when}:\n{log[-2000:]}\nconsole:\n"

@@ -10,6 +10,7 @@ ever saw EOPNOTSUPP here run inside, where the clamps really apply.
 from __future__ import annotations
 
 import json
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -92,3 +93,62 @@ def test_a_kernel_without_util_clamps_is_named_as_such() -> None:
     th.sh = lambda script, **kw: Result(1 if "sched_util_clamp" in script else 0, "", "", False)  # type: ignore[method-assign]
     with pytest.raises(TestHostError, match=r"lacks per-task util clamps \(CONFIG_UCLAMP_TASK"):
         th.require_features()
+
+
+def _systemctl(testhost: TestHost, *args: str) -> None:
+    r = testhost.run(["systemctl", *args], timeout=180)
+    if r.rc != 0:
+        journal = testhost.run(["journalctl", "-b", "-u", "vhost-user-cpufreq*", "--no-pager", "-n", "30"]).stdout
+        raise AssertionError(f"systemctl {' '.join(args)}: {r.stderr}\n{journal}")
+
+
+def _unit(testhost: TestHost, prop: str) -> str:
+    return testhost.run(["systemctl", "show", "-P", prop, "vhost-user-cpufreq.service"]).check().stdout.strip()
+
+
+def _vms(testhost: TestHost) -> list[str]:
+    r = testhost.run(["vhost-user-cpufreq", "status", "--json", "--control-socket",
+                      "/run/vhost-user-cpufreq/control.sock"], timeout=60).check()
+    return sorted(json.loads(r.stdout)["vms"])
+
+
+def test_the_shipped_units_run_under_systemd_notify_reload_watchdog_and_socket_activation(testhost: TestHost) -> None:
+    testhost.run(["sh", f"{SRC}/tests/testhost/units.sh"], timeout=120).check()
+    try:
+        # Type=notify: "started" means READY=1 arrived, with STATUS=.
+        _systemctl(testhost, "start", "vhost-user-cpufreq.service")
+        assert _unit(testhost, "ActiveState") == "active"
+        assert _unit(testhost, "StatusText").startswith("serving 1 VMs"), _unit(testhost, "StatusText")
+        assert testhost.sh("stat -c %U /proc/$(systemctl show -P MainPID vhost-user-cpufreq)").stdout.strip() \
+            == "vhost-user-cpufreq"
+        assert _vms(testhost) == ["vm0"]
+        # Reload (SIGHUP, RELOADING=1 ... READY=1): a VM added to the file is served.
+        testhost.sh("printf '[vm.vm1]\\nsocket = \"/run/vhost-user-cpufreq/vm1.sock\"\\nvcpus = 1\\n"
+                    "pinning = [1]\\nclamp = \"none\"\\n' >> /etc/vhost-user-cpufreq/config.toml").check()
+        _systemctl(testhost, "reload", "vhost-user-cpufreq.service")
+        assert _vms(testhost) == ["vm0", "vm1"]
+        # Socket activation: the socket unit's fd is handed to the service, which serves it by its name.
+        testhost.sh("printf '[vm.vm2]\\nsocket = \"/run/vhost-user-cpufreq/vm2.sock\"\\nvcpus = 1\\npinning = [0]\\n"
+                    "clamp = \"none\"\\n' "
+                    ">> /etc/vhost-user-cpufreq/config.toml").check()
+        _systemctl(testhost, "stop", "vhost-user-cpufreq.service")
+        _systemctl(testhost, "start", "vhost-user-cpufreq@vm2.socket")
+        inode = testhost.sh("stat -c %i /run/vhost-user-cpufreq/vm2.sock").check().stdout
+        _systemctl(testhost, "start", "vhost-user-cpufreq.service")
+        assert _vms(testhost) == ["vm0", "vm1", "vm2"]
+        # Served from systemd's socket, not one the service bound in its place.
+        assert testhost.sh("stat -c %i /run/vhost-user-cpufreq/vm2.sock").check().stdout == inode
+        # The watchdog: a service that stops answering is killed and started again.
+        restarts = int(_unit(testhost, "NRestarts"))
+        testhost.sh("kill -STOP $(systemctl show -P MainPID vhost-user-cpufreq)").check()
+        deadline = time.monotonic() + 120
+        while int(_unit(testhost, "NRestarts")) == restarts or _unit(testhost, "ActiveState") != "active":
+            assert time.monotonic() < deadline, testhost.run(["journalctl", "-b", "-u", "vhost-user-cpufreq",
+                                                              "--no-pager", "-n", "40"]).stdout
+            time.sleep(2)
+        journal = testhost.run(["journalctl", "-b", "-u", "vhost-user-cpufreq", "--no-pager"]).stdout
+        assert "Watchdog timeout" in journal, journal[-3000:]
+        assert "ready: serving" in journal  # the service's own log lines reach journald
+    finally:
+        testhost.sh("systemctl stop vhost-user-cpufreq.service 'vhost-user-cpufreq@*.socket'; "
+                    "systemctl reset-failed", timeout=120)

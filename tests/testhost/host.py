@@ -200,7 +200,8 @@ class TestHost:
         shutil.rmtree(src, ignore_errors=True)
         src.mkdir(parents=True)
         shutil.copy(REPO / "pyproject.toml", src / "pyproject.toml")
-        shutil.copytree(REPO / "tests", src / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for d in ("tests", "deploy"):
+            shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(Path(__file__).with_name("agent.py"), ROOT / "usr/local/lib/vuc-agent.py")
         unit = ROOT / "etc/systemd/system/vuc-agent.service"
         unit.write_text(AGENT_UNIT)

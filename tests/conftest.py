@@ -86,16 +86,25 @@ def testhost() -> Iterator["TestHost"]:
     ``VUC_REQUIRE_TESTHOST=1`` (``.ci/run``), naming what is missing.
     """
     from .testhost.host import TestHost, TestHostError, provisioned
+    from .testhost.outer import OuterBackend, build_module
 
     missing = provisioned()
     if missing:
         unavailable("VUC_REQUIRE_TESTHOST", f"no test host: {missing}")
-    th = TestHost()
+    outer = None
     try:
+        # Its cpufreq comes from our own driver, served by our service here (tests/testhost/outer.py).
+        module = build_module()
+        outer = OuterBackend()
+        th = TestHost(module=module, qemu_args=outer.qemu_args(TestHost().in_chroot(outer.socket)))
+        th.outer = outer  # type: ignore[attr-defined]
         th.start()
     except TestHostError as exc:
+        if outer is not None:
+            outer.close()
         unavailable("VUC_REQUIRE_TESTHOST", f"the test host did not come up: {exc}")
     try:
         yield th
     finally:
         th.close()
+        outer.close()

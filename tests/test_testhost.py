@@ -152,3 +152,20 @@ def test_the_shipped_units_run_under_systemd_notify_reload_watchdog_and_socket_a
     finally:
         testhost.sh("systemctl stop vhost-user-cpufreq.service 'vhost-user-cpufreq@*.socket'; "
                     "systemctl reset-failed", timeout=120)
+
+
+def test_cpufreq_in_the_test_host_comes_from_our_driver_served_from_outside(testhost: TestHost) -> None:
+    from .testhost.outer import OUTER_HOST
+
+    cf = "/sys/devices/system/cpu/cpufreq"
+    r = testhost.sh(f"for p in {cf}/policy*; do echo $(cat $p/scaling_driver $p/scaling_governor "
+                    "$p/related_cpus $p/cpuinfo_min_freq $p/cpuinfo_max_freq); done").check()
+    policies = [line.split() for line in r.stdout.strip().splitlines()]
+    want = [["virtio-cpufreq", "schedutil", str(cpu), str(p.min_khz), str(p.max_khz)]
+            for cpu, p in enumerate(OUTER_HOST.policies)]
+    assert policies == want, r.stdout
+    found = {f["name"]: f for f in json.loads(testhost.run(["/opt/vuc/bin/vhost-user-cpufreq", "check", "--json"],
+                                                           timeout=120).stdout)}
+    assert found["cpufreq"]["state"] == "ok" and "virtio-cpufreq" in found["cpufreq"]["detail"], found["cpufreq"]
+    vm = testhost.outer.vm()  # type: ignore[attr-defined]
+    assert vm["connected"] and vm["counters"].get("records", 0) > 0, vm  # schedutil's requests reached us

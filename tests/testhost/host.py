@@ -93,7 +93,9 @@ class TestHost:
     __test__ = False  # a fixture, not a test class
 
     def __init__(self, *, memory_mib: int = 1024, cpus: int = 2, qemu_args: tuple[str, ...] = (),
-                 cmdline: str = "", shared_root: Path | None = None) -> None:
+                 cmdline: str = "", shared_root: Path | None = None, module: Path | None = None) -> None:
+        #: virtio_cpufreq.ko to load once booted (the cpufreq device must be among ``qemu_args``)
+        self.module = module
         #: another root to boot (a directory inside the chroot), as is: nothing is installed into it
         self.shared_root = shared_root
         self.memory_mib = memory_mib
@@ -154,9 +156,19 @@ class TestHost:
             self._boot()
             if self.shared_root is None:
                 self.require_features()
+            if self.module is not None:
+                self._load_module()
         except BaseException:
             self.close()
             raise
+
+    def _load_module(self) -> None:
+        r = self.run(["insmod", f"{VENV}/virtio_cpufreq.ko"], timeout=60)
+        if r.rc != 0:
+            raise TestHostError(f"insmod virtio_cpufreq.ko failed: {r.stderr}")
+        if self.sh("test -d /sys/devices/system/cpu/cpufreq/policy0", timeout=30).rc != 0:
+            dmesg = self.run(["dmesg"]).stdout[-3000:]
+            raise TestHostError(f"virtio_cpufreq.ko loaded but registered no cpufreq policy:\n{dmesg}")
 
     def _lock_root(self, timeout: float = 600) -> None:
         """One test host on the root at a time (it is a directory, not a copy); a bounded wait."""
@@ -203,6 +215,8 @@ class TestHost:
         for d in ("tests", "deploy"):
             shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(Path(__file__).with_name("agent.py"), ROOT / "usr/local/lib/vuc-agent.py")
+        if self.module is not None:
+            shutil.copy(self.module, ROOT / VENV.lstrip("/") / "virtio_cpufreq.ko")
         unit = ROOT / "etc/systemd/system/vuc-agent.service"
         unit.write_text(AGENT_UNIT)
         wants = ROOT / "etc/systemd/system/multi-user.target.wants"
@@ -229,6 +243,7 @@ class TestHost:
             stdout=vfs_log, stderr=subprocess.STDOUT))
         self._wait_for(lambda: (self.work / "vfs.sock").exists(), 20, "virtiofsd's socket")
         cmdline = (f"console=ttyS0 root=root rootfstype=virtiofs rw init=/lib/systemd/systemd loglevel=4 panic=-1 "
+                   "cpufreq.default_governor=schedutil "
                    f"systemd.show_status=error {self.cmdline}")
         qemu = [
             "chroot", str(CHROOT), "qemu-system-x86_64", "-accel", "tcg", "-cpu", CPU_MODEL,

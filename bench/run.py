@@ -905,9 +905,9 @@ async def bench_scale(cfg: Config, tmp: str, profile: bool) -> dict[str, Any]:
                 for i in range(cfg.scale_vms):
                     guests.append(await guestlib.connect_guest(be.sock(i), ram_size=1 << 20))
                 res["connect_s"] = round(time.monotonic() - t0, 2)
-                if variant == "default":
+                if variant in ("default", "default-loop"):  # idle: the same on per-buffer as on default
                     await asyncio.sleep(cfg.settle_s)
-                    log(f"scale: idle {cfg.scale_idle_s}s")
+                    log(f"scale ({variant}): idle {cfg.scale_idle_s}s")
                     s0 = await be.stats()
                     await asyncio.sleep(cfg.scale_idle_s)
                     s1 = await be.stats()
@@ -1230,13 +1230,15 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 f"CPU-bound capacity {cap:,}/s per core" if cap else "")
     gc = r.get("guest_cost", {})
     sc = r.get("scale", {})
+    # the targets are for 100 VMs at 100 records/s per vCPU; other runs are reported, not judged
+    full_scale = sc.get("vms") == 100 and r.get("config", {}).get("scale_flush_s", 0.01) == 0.01
     kpr_trace = _g(gc, "default", "kicks_per_record")
-    kpr_scale = _g(sc, "default", "load", "kicks_per_record")
+    kpr_scale = _g(sc, "default", "load", "kicks_per_record") if full_scale else None
     if kpr_trace is not None or kpr_scale is not None:
         vals = [v for v in (kpr_trace, kpr_scale) if v is not None]
         others = "; ".join(
             f"{lab}: trace {_round(_g(gc, lab, 'kicks_per_record'), 4)}, 80k/s "
-            f"{_round(_g(sc, lab, 'load', 'kicks_per_record'), 4)}"
+            f"{_round(_g(sc, lab, 'load', 'kicks_per_record'), 4) if full_scale else None}"
             for lab in ("per-buffer",) if lab in gc or lab in sc)
         polled = _g(lat, "device_busy_polled", "kick_to_decision")
         if polled and _g(lat, "device_busy_polled", "requests_not_kicked") == polled["n"]:
@@ -1250,7 +1252,6 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add("config reads per tick", "0", f"{_g(gc, 'default', 'config_reads_per_tick')} per tick on average, "
             f"{cr} not caused by a change notification", cr == 0,
             f"{_g(gc, 'default', 'config_reads_per_s')} reads/s, all after CONFIG_CHANGE_MSG")
-    full_scale = sc.get("vms") == 100  # the targets are for 100 VMs; smaller runs are not judged
     idle = _g(sc, "default", "idle")
     if idle:
         add(f"{sc.get('vms')} idle VMs: CPU", "< 1% of a core", f"{idle['cpu_share'] * 100:.3f}%",
@@ -1402,11 +1403,12 @@ def print_table(r: dict[str, Any]) -> None:
                              f"{x['virtual_cpufreq_exits_per_s']}; age {_fmt_s(x['request_age_at_decision'])}"))
     sc = ok.get("scale")
     if sc:
-        b = sc.get("default", {})
-        if "idle" in b:
-            i = b["idle"]
-            rows.append((f"scale {sc['vms']} VMs idle", f"{i['cpu_share'] * 100:.3f}% of a core, RSS {i['rss_mib'].get('VmRSS')} "
-                         f"MiB (anon {i['rss_mib'].get('RssAnon')}, shmem {i['rss_mib'].get('RssShmem')})"))
+        for v, b in sc.items():
+            if isinstance(b, dict) and "idle" in b:
+                i = b["idle"]
+                rows.append((f"scale {sc['vms']} VMs idle" + ("" if v == "default" else f" ({v})"),
+                             f"{i['cpu_share'] * 100:.3f}% of a core, RSS {i['rss_mib'].get('VmRSS')} "
+                             f"MiB (anon {i['rss_mib'].get('RssAnon')}, shmem {i['rss_mib'].get('RssShmem')})"))
         for v, x in sc.items():
             lo = x.get("load") if isinstance(x, dict) else None
             if lo:

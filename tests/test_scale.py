@@ -1,8 +1,8 @@
-"""The real service binary with hundreds of VMs of 8 vCPUs: every VM served, nothing errored.
+"""The real service binary with 1,000 VMs of 8 vCPUs: every VM served, nothing errored.
 
 A cheap stand-in for the scale benchmark (``bench/run.py --only scale
 --scale-vms 1000``): ``vhost-user-cpufreq serve`` runs with a config of
-``VMS`` VMs, this test connects a modelled guest to every one of them and
+``VMS`` (1,000) VMs, this test connects a modelled guest to every one of them and
 sends records from all of them, on each data-plane path with a kick lane or
 without: the C kick lane, and every kick on the event loop
 (``VUC_KICK_LANE=0``).

@@ -177,7 +177,9 @@ class Backend:
         return json.loads(line)
 
     async def stats(self) -> dict[str, Any]:
+        before = proc_cpu_seconds(self.pid)
         s = await self.cmd("stats")
+        s["proc_cpu_s_at_request"] = before
         s["proc_cpu_s"] = proc_cpu_seconds(self.pid)
         return s
 
@@ -202,10 +204,15 @@ def delta(s0: dict[str, Any], s1: dict[str, Any], key: str) -> float:
     return float(s1.get(key, 0)) - float(s0.get(key, 0))
 
 
+def since(s0: dict[str, Any], s1: dict[str, Any], key: str) -> float:
+    """``key`` from the end of snapshot s0 to the start of s1: the snapshots' own cost left out."""
+    return float(s1.get(f"{key}_at_request", s1.get(key, 0))) - float(s0.get(key, 0))
+
+
 def window(s0: dict[str, Any], s1: dict[str, Any]) -> dict[str, float]:
     """Rates and CPU of the back-end between two stats snapshots."""
-    wall = delta(s0, s1, "mono_ns") / 1e9
-    cpu = delta(s0, s1, "cpu_ns") / 1e9
+    wall = since(s0, s1, "mono_ns") / 1e9
+    cpu = since(s0, s1, "cpu_ns") / 1e9
     rec = delta(s0, s1, "records")
     kicks = delta(s0, s1, "kicks")
     return {
@@ -218,7 +225,7 @@ def window(s0: dict[str, Any], s1: dict[str, Any]) -> dict[str, float]:
         "kicks_per_record": kicks / rec if rec else None,  # type: ignore[dict-item]
         "batches": delta(s0, s1, "batches"),
         "rejected": delta(s0, s1, "rejected"),  # e.g. avail-index-jump after a torn avail.idx read
-        "proc_stat_cpu_share": delta(s0, s1, "proc_cpu_s") / wall if wall else 0.0,
+        "proc_stat_cpu_share": since(s0, s1, "proc_cpu_s") / wall if wall else 0.0,
     }
 
 

@@ -131,7 +131,7 @@ def _records(status: dict[str, Any]) -> dict[str, int]:
     return {name: vm["counters"].get("records", 0) for name, vm in status["vms"].items()}
 
 
-async def test_hundreds_of_vms_are_all_served_with_fds_past_1023(service: Service,
+async def test_a_thousand_vms_of_8_vcpus_are_all_served_with_fds_past_1023(service: Service,
                                                                    request: pytest.FixtureRequest) -> None:
     t0 = time.monotonic()
     guests: list[Guest] = []

@@ -43,6 +43,7 @@ from stats import (  # noqa: E402
     mono_ns,
     proc_cpu_seconds,
     proc_rss,
+    proc_run_delay_seconds,
     steal_jiffies,
     summary,
     system_busy,
@@ -177,10 +178,12 @@ class Backend:
         return json.loads(line)
 
     async def stats(self) -> dict[str, Any]:
-        before = proc_cpu_seconds(self.pid)
+        before, waited = proc_cpu_seconds(self.pid), proc_run_delay_seconds(self.pid)
         s = await self.cmd("stats")
         s["proc_cpu_s_at_request"] = before
         s["proc_cpu_s"] = proc_cpu_seconds(self.pid)
+        s["run_delay_s_at_request"] = waited
+        s["run_delay_s"] = proc_run_delay_seconds(self.pid)
         return s
 
     def rss(self) -> dict[str, float]:
@@ -226,6 +229,8 @@ def window(s0: dict[str, Any], s1: dict[str, Any]) -> dict[str, float]:
         "batches": delta(s0, s1, "batches"),
         "rejected": delta(s0, s1, "rejected"),  # e.g. avail-index-jump after a torn avail.idx read
         "proc_stat_cpu_share": since(s0, s1, "proc_cpu_s") / wall if wall else 0.0,
+        # the back-end's threads runnable but not running, per second: what other processes cost it
+        "waiting_for_cpu_share": since(s0, s1, "run_delay_s") / wall if wall else 0.0,
     }
 
 
@@ -921,6 +926,7 @@ async def bench_scale(cfg: Config, tmp: str, profile: bool) -> dict[str, Any]:
                     w = window(s0, s1)
                     res["idle"] = {"cpu_share": round(w["cpu_share"], 5),
                                    "proc_stat_cpu_share": round(w["proc_stat_cpu_share"], 4),
+                                   "waiting_for_cpu_share": round(w["waiting_for_cpu_share"], 4),
                                    "seconds": w["wall_s"], "connected": s1.get("connected"),
                                    "rss_mib": be.rss(), "rss_mib_before_guests": rss_empty}
                 log(f"scale ({variant}): load {cfg.scale_load_s}s")
@@ -1425,7 +1431,8 @@ def print_table(r: dict[str, Any]) -> None:
                              f"{lo['cpu_share'] * 100:.1f}% of a core, "
                              f"{_round(lo['kicks_per_record'], 4)} kicks/rec, RSS {lo['rss_mib'].get('VmRSS')} MiB, "
                              f"age {_fmt_s(lo['request_age_at_decision'])}; timer lateness "
-                             f"{_fmt_s(lo['event_loop_timer_lateness'])}"))
+                             f"{_fmt_s(lo['event_loop_timer_lateness'])}; waited for a CPU "
+                             f"{lo.get('waiting_for_cpu_share', 0) * 100:.1f}% of the time"))
             errs = x.get("errors") if isinstance(x, dict) else None
             if errs is not None:
                 rows.append((f"scale {sc['vms']} VMs errors ({v})", f"{errs['count']}" + (

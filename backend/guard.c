@@ -40,8 +40,14 @@
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
 
-/* Ranges guarded at once: regions of every session (at most 32 each). */
-#define GUARD_MAX 16384
+/* Ranges guarded at once: the regions of every session, at most 32 each (memory.py
+ * MAX_REGIONS).  16384 held them for only 512 sessions: on a host of 1,000 VMs, VMs that
+ * each mapped their allowed 32 regions would have taken every entry, and the next VM to
+ * connect would have lost its session.  65536 is the kernel's default limit on a process's
+ * mappings (vm.max_map_count, 65530), which every region is one of: the table is never the
+ * first limit.  Entries are zero-filled BSS, resident only up to the high-water mark, and
+ * the scans below stop there. */
+#define GUARD_MAX 65536
 
 typedef struct {
     uintptr_t start, end; /* end == 0: a free entry */

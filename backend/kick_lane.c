@@ -397,6 +397,12 @@ typedef struct vuc_lane {
     vuc_slot *slot[MAX_SLOTS];
     uint32_t gen[MAX_SLOTS];
     uint32_t nslots; /* high-water mark of used indices */
+    /* When housekeeping must next look at every slot: no slot's deadline is earlier than
+     * next_due (it may be earlier than the nearest one, which costs one scan that finds
+     * nothing), and any_again is set when a ring asked for another turn.  Between the two a
+     * kick costs the lane its own slot, not a walk over every slot. */
+    double next_due;
+    int any_again;
 } vuc_lane;
 
 static double now_s(void) {
@@ -418,6 +424,12 @@ static vuc_slot *slot_of(vuc_lane *l, uint64_t key) {
     if (id >= MAX_SLOTS || l->gen[id] != (uint32_t)(key >> 32))
         return NULL;
     return l->slot[id];
+}
+
+/* A slot's deadline (or engine deadline) is now ``t``; 0 is none. */
+static void due_by(vuc_lane *l, double t) {
+    if (t != 0 && t < l->next_due)
+        l->next_due = t;
 }
 
 static void notice(vuc_lane *l) {
@@ -725,6 +737,7 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
         double due;
         s->engine_due = engine_deadline(s->engine, &due) ? due : 0;
         pthread_mutex_unlock(&s->engine->mu);
+        due_by(l, s->engine_due);
     }
     if (s->stamps) {
         uint64_t t = now_ns();
@@ -798,7 +811,7 @@ static void process(vuc_lane *l, vuc_slot *s) {
             signal_used(l, s);
     }
     if (res.more) {
-        s->again = 1; /* budget spent: other rings get their turn first */
+        s->again = l->any_again = 1; /* budget spent: other rings get their turn first */
         return;
     }
     int busy = 0;
@@ -812,6 +825,7 @@ static void process(vuc_lane *l, vuc_slot *s) {
         pending = set_avail_event(s, last_avail(s) + s->max_ahead - 1);
         if (s->deadline == 0)
             s->deadline = next_grid_point(now, s->batch_delay);
+        due_by(l, s->deadline);
     } else {
         s->deadline = 0;
         pending = enable_notifications(s);
@@ -821,7 +835,7 @@ static void process(vuc_lane *l, vuc_slot *s) {
         return;
     }
     if (pending)
-        s->again = 1;
+        s->again = l->any_again = 1;
 }
 
 static void observe(vuc_slot *s, double seconds) {
@@ -850,6 +864,14 @@ static void tick_engine(vuc_lane *l, vuc_slot *s, double now) {
     pthread_mutex_unlock(&e->mu);
 }
 
+/* epoll_wait's timeout until ``t`` (-1: none). */
+static int wait_ms(double t) {
+    if (t == INFINITY)
+        return -1;
+    double ms = ceil((t - now_s()) * 1e3);
+    return ms < 0 ? 0 : ms > 60000 ? 60000 : (int)ms;
+}
+
 /* Milliseconds until the nearest deadline of any slot (-1: none), running what is due. */
 static int housekeeping(vuc_lane *l) {
     double now = now_s(), next = INFINITY;
@@ -874,12 +896,11 @@ static int housekeeping(vuc_lane *l) {
         if (s->engine_due != 0 && s->engine_due < next)
             next = s->engine_due;
     }
+    l->next_due = next;
+    l->any_again = again;
     if (again)
         return 0;
-    if (next == INFINITY)
-        return -1;
-    double ms = ceil((next - now_s()) * 1e3);
-    return ms < 0 ? 0 : ms > 60000 ? 60000 : (int)ms;
+    return wait_ms(next);
 }
 
 /* A kick costs the lane a few microseconds.  Under EEVDF (Linux 6.12+) a fair thread may
@@ -948,7 +969,7 @@ static void *lane_main(void *arg) {
             process(l, s);
             observe(s, now_s() - t0);
         }
-        timeout = housekeeping(l);
+        timeout = l->any_again || now_s() >= l->next_due ? housekeeping(l) : wait_ms(l->next_due);
         pthread_mutex_unlock(&l->mu);
     }
 }
@@ -1062,6 +1083,7 @@ int vuc_lane_attach(vuc_lane *l, vuc_slot *s) {
     s->win_start = 0; /* kicked until the lane's own window finds the ring busy */
     s->win_buffers = s->busy = 0;
     s->engine_due = now_s(); /* a first look at the engine Python handed over */
+    l->any_again = 1;
     l->slot[id] = s;
     if ((uint32_t)id >= l->nslots)
         l->nslots = (uint32_t)id + 1;

@@ -102,6 +102,25 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_run_delay_seconds(pid: int) -> float:
+    """Time the threads of ``pid`` spent runnable but waiting for a CPU (schedstat's run delay), in seconds.
+
+    On a shared machine this is what other processes cost the back-end: work it had
+    but could not do.  0 where the kernel keeps no schedstats.
+    """
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (FileNotFoundError, IndexError, ValueError):
+                pass
+    except FileNotFoundError:
+        return 0.0
+    return total / 1e9
+
+
 def system_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs, from /proc/stat (steal excluded from busy)."""
     with open("/proc/stat") as f:

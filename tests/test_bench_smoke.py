@@ -149,6 +149,9 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
         assert sc[variant]["policy"] == "engine"
         load = sc[variant]["load"]
         assert load["records"] > 0 and _num(load["cpu_share"])
+        # every VM connected, served during the load, and nothing closed, rejected or logged
+        assert sc[variant]["errors"]["count"] == 0, sc[variant]["errors"]
+    assert sc["errors"] == 0 and data["errors"] == [], data["errors"]
 
     periods = [v for v in data["mirror"].values() if isinstance(v, dict) and "period_ms" in v]
     assert periods

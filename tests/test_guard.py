@@ -11,6 +11,7 @@ description, at any fd number.
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import subprocess
@@ -143,3 +144,29 @@ def test_eventfds_numbered_above_1023_are_signalled_and_drained() -> None:
         os.close(high)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_every_region_of_a_thousand_sessions_is_guarded(g) -> None:  # type: ignore[no-untyped-def]
+    """1,000 VMs, each mapping as many regions as a session may (MAX_REGIONS): every one gets a guard entry.
+
+    The ranges lie in one reserved, never-touched anonymous mapping: no fault can come from them.
+    """
+    from vhost_user_cpufreq.backend.memory import MAX_REGIONS
+
+    n = 1000 * MAX_REGIONS
+    reserve = mmap.mmap(-1, n * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = g._ffi.from_buffer(reserve)
+    base = g._ffi.cast("char *", buf)
+    ids = []
+    try:
+        for i in range(n):
+            gid = g._lib.vuc_guard_add(base + i * mmap.PAGESIZE, mmap.PAGESIZE)
+            if gid < 0:
+                break
+            ids.append(gid)
+        assert len(ids) == n, f"only {len(ids)} of {n} regions could be guarded"
+    finally:
+        for gid in ids:
+            g._lib.vuc_guard_remove(gid)
+        g._ffi.release(buf)
+        reserve.close()

@@ -131,8 +131,8 @@ class CpufreqDriver:
             self._refresher.cancel()
             try:
                 await self._refresher
-            except asyncio.CancelledError:
-                pass
+            except (asyncio.CancelledError, ConnectionError):
+                pass  # a refresh the unbind cut short, or one the back-end's end (a killed service) failed
             self._refresher = None
 
     # -- config -------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -146,3 +148,14 @@ def named_vcpu_threads(n: int) -> Iterator[list[int]]:
         stop.set()
         for t in threads:
             t.join()
+
+
+def stop_process(p: "subprocess.Popen[bytes]", timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds: a service under test never outlives its test."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

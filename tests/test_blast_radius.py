@@ -25,7 +25,7 @@ import pytest
 
 from vhost_user_cpufreq.backend.daemon import query_status
 
-from .helpers import require_c_dataplane, short_tmpdir, start_guest, unavailable, until
+from .helpers import require_c_dataplane, short_tmpdir, start_guest, stop_process, unavailable, until
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = {
@@ -109,13 +109,7 @@ async def host(request: pytest.FixtureRequest) -> AsyncIterator[Host]:
             assert h.alive(), h.log()
             yield h
         finally:
-            if h.alive():
-                h.proc.send_signal(signal.SIGTERM)
-                try:
-                    h.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    h.proc.kill()
-                    h.proc.wait()
+            stop_process(h.proc)
 
 
 class Victim:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from vhost_user_cpufreq.backend.daemon import query_status
 from vhost_user_cpufreq.guest.frontend import MemfdRam
 
 from .sysfs_tree import HostSpec, make_sysfs_tree
-from .helpers import Guest, require_c_dataplane, short_tmpdir, start_guest, unavailable, until
+from .helpers import Guest, require_c_dataplane, short_tmpdir, start_guest, stop_process, unavailable, until
 
 VMS = 1000
 VCPUS = 8
@@ -90,13 +89,7 @@ class Service:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _answers(svc: Service) -> bool:

@@ -1,0 +1,139 @@
+"""Run inside the test host: the closed loop, from a guest's record to the frequency schedutil asks for.
+
+``python -m tests.testhost.closed_loop DIR CEILING`` starts the real service
+(clamp "thread", vCPU 0 pinned to the test host's CPU 1, ``ceiling``
+CEILING) and a process that plays QEMU: a thread named "CPU 0/KVM" that runs a
+low-duty load (busy 20% of every 4 ms) and an idle "CPU 1/KVM", and a modelled
+guest connected to the service.  Three phases of ``PHASE`` seconds: the load
+alone (no record: no clamp, as without the service), the guest asking for
+util 900 on vCPU 0, and the guest idle again.  The test host's schedutil
+drives our own cpufreq driver; every frequency it sets is traced
+(``power:cpu_frequency``, on the monotonic clock the phases are timed with).
+Prints one JSON line: per phase, the time-weighted mean frequency CPU 1 ran
+at over the phase's last ``PHASE - SETTLE`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vhost_user_cpufreq.backend.daemon import query_status
+
+from ..helpers import start_guest
+
+PHASE, SETTLE = 6.0, 2.0
+TRACING = Path("/sys/kernel/tracing")
+CPU = 1  # the test host CPU vCPU 0's thread is pinned to (the big domain)
+
+
+def _name_thread(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+
+
+def _duty(stop: threading.Event, ready: threading.Barrier) -> None:
+    _name_thread("CPU 0/KVM")
+    ready.wait()
+    while not stop.is_set():
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.0008:
+            pass
+        time.sleep(0.0032)
+
+
+def _idle(stop: threading.Event, ready: threading.Barrier) -> None:
+    _name_thread("CPU 1/KVM")
+    ready.wait()
+    stop.wait()
+
+
+def _trace(on: bool) -> None:
+    if on:
+        (TRACING / "trace_clock").write_text("mono")
+        (TRACING / "trace").write_text("")
+    (TRACING / "events/power/cpu_frequency/enable").write_text("1" if on else "0")
+
+
+def _frequencies() -> list[tuple[float, int]]:
+    out = []
+    for line in (TRACING / "trace").read_text().splitlines():
+        m = re.search(r"\s(\d+\.\d+): cpu_frequency: state=(\d+) cpu_id=(\d+)", line)
+        if m and int(m.group(3)) == CPU:
+            out.append((float(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _mean(events: list[tuple[float, int]], start: float, end: float, before: int) -> float:
+    """Time-weighted mean of the step function ``events`` over [start, end)."""
+    cur, t, acc = before, start, 0.0
+    for ts, f in events:
+        if ts <= start:
+            cur = f
+            continue
+        if ts >= end:
+            break
+        acc += cur * (ts - t)
+        t, cur = ts, f
+    acc += cur * (end - t)
+    return acc / (end - start)
+
+
+async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
+    cfg = d / "config.toml"
+    cfg.write_text("\n".join([
+        "[service]", f'control_socket = "{d}/control.sock"',
+        "[vm.vm]", f'socket = "{d}/vm.sock"', "vcpus = 2", f"pinning = [{CPU}, 0]", 'clamp = "thread"',
+        f"ceiling = {ceiling}"]) + "\n")
+    svc = subprocess.Popen(["/opt/vuc/bin/vhost-user-cpufreq", "serve", "--config", str(cfg)],
+                           stderr=open(d / "service.log", "wb"))
+    stop = threading.Event()
+    ready = threading.Barrier(3)
+    threads = [threading.Thread(target=_duty, args=(stop, ready), daemon=True),
+               threading.Thread(target=_idle, args=(stop, ready), daemon=True)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    report: dict = {"ceiling": ceiling}  # type: ignore[type-arg]
+    try:
+        deadline = time.monotonic() + 60
+        while not (d / "control.sock").exists():
+            assert time.monotonic() < deadline and svc.poll() is None, (d / "service.log").read_text()
+            await asyncio.sleep(0.1)
+        g = await start_guest(str(d / "vm.sock"), util_threshold=1)
+        _trace(True)
+        bounds = [time.monotonic()]
+        for util in (None, 900, 0):
+            if util is not None:
+                g.driver.set_util(0, util)
+                g.driver.flush()
+            await asyncio.sleep(PHASE)
+            bounds.append(time.monotonic())
+        _trace(False)
+        st = query_status(str(d / "control.sock"))["vms"]["vm"]
+        report["uclamp_min_at_end"] = st["vcpus"][0]["uclamp_min"]
+        await g.close()
+        events = _frequencies()
+        first = events[0][1] if events else 0
+        report["events"] = len(events)
+        report["phases"] = {name: _mean(events, bounds[i] + SETTLE, bounds[i + 1], first)
+                            for i, name in enumerate(("alone", "guest-900", "guest-idle"))}
+        report["cpuinfo_max_khz"] = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/cpuinfo_max_freq").read_text())
+    finally:
+        stop.set()
+        svc.terminate()
+        report["service_rc"] = svc.wait(30)
+        report["log"] = (d / "service.log").read_text(errors="replace")[-2000:]
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))))

@@ -56,6 +56,20 @@ def _idle(stop: threading.Event, ready: threading.Barrier) -> None:
     stop.wait()
 
 
+def _probe(d: Path, tid: int | None) -> dict:  # type: ignore[type-arg]
+    """What the service and the kernel say of the loaded thread, mid-phase."""
+    from vhost_user_cpufreq.backend import sched
+
+    assert tid is not None
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2:].split()
+    st = query_status(str(d / "control.sock"))["vms"]["vm"]["vcpus"][0]
+    return {"service_uclamp_min": st["uclamp_min"], "thread": st["thread"], "tid": tid,
+            "kernel_uclamp_min": sched.sched_getattr(tid).util_min, "affinity": sorted(os.sched_getaffinity(tid)),
+            "last_cpu": int(fields[36]), "utime_ticks": int(fields[11]),
+            "cur_khz": int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/scaling_cur_freq").read_text())}
+
+
 def _trace(on: bool) -> None:
     if on:
         (TRACING / "trace_clock").write_text("mono")
@@ -87,12 +101,25 @@ def _mean(events: list[tuple[float, int]], start: float, end: float, before: int
     return acc / (end - start)
 
 
+async def _report(g, util: int | None, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        if util is not None:
+            g.driver.set_util(0, util + (i % 2 if util < 1024 else -(i % 2)))
+            g.driver.flush()
+        i += 1
+        await asyncio.sleep(0.02)
+
+
 async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
     cfg = d / "config.toml"
     cfg.write_text("\n".join([
         "[service]", f'control_socket = "{d}/control.sock"',
         "[vm.vm]", f'socket = "{d}/vm.sock"', "vcpus = 2", f"pinning = [{CPU}, 0]", 'clamp = "thread"',
         f"ceiling = {ceiling}"]) + "\n")
+    # The service and this process stay on CPU 0: CPU 1 is the load's alone.
+    os.sched_setaffinity(0, {0})
     svc = subprocess.Popen(["/opt/vuc/bin/vhost-user-cpufreq", "serve", "--config", str(cfg)],
                            stderr=open(d / "service.log", "wb"))
     stop = threading.Event()
@@ -109,13 +136,16 @@ async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
             assert time.monotonic() < deadline and svc.poll() is None, (d / "service.log").read_text()
             await asyncio.sleep(0.1)
         g = await start_guest(str(d / "vm.sock"), util_threshold=1)
+        await asyncio.sleep(SETTLE)  # the service's start-up work done
         _trace(True)
         bounds = [time.monotonic()]
+        report["probe"] = []
         for util in (None, 900, 0):
-            if util is not None:
-                g.driver.set_util(0, util)
-                g.driver.flush()
-            await asyncio.sleep(PHASE)
+            # A busy guest keeps reporting (the engine lets a hint go stale otherwise): every 20 ms,
+            # one unit apart so that each report is a record.
+            await _report(g, util, PHASE / 2)
+            report["probe"].append(_probe(d, threads[0].native_id))
+            await _report(g, util, PHASE / 2)
             bounds.append(time.monotonic())
         _trace(False)
         st = query_status(str(d / "control.sock"))["vms"]["vm"]

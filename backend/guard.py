@@ -72,6 +72,10 @@ class Guard:
     def faults(self, gid: int) -> int:
         return int(self._lib.vuc_guard_faults(gid))
 
+    def signal(self, fd: int) -> int:
+        """guard.c's ``vuc_eventfd_signal``: 1 written, 0 full, -errno (-EINTR: stalled)."""
+        return int(self._lib.vuc_eventfd_signal(fd))
+
     def epoch(self) -> int:
         """Faults patched over so far in any region: a cheap test that nothing happened."""
         return int(self._lib.vuc_guard_epoch())
@@ -121,7 +125,7 @@ def signal_eventfd(fd: int) -> int:
     """
     g = guard()
     if g is not None:
-        rc = int(g._lib.vuc_eventfd_signal(fd))
+        rc = g.signal(fd)
         if rc >= 0:
             return rc
         if rc == -errno.EINTR:
@@ -141,7 +145,7 @@ def signal_eventfd(fd: int) -> int:
     return Signalled.SENT
 
 
-_buf = bytearray(8)
+_buf = bytearray(8)  # only the event loop's thread reads kicks (the lane never does)
 
 
 def drain_eventfd(fd: int) -> int:

@@ -603,15 +603,6 @@ static void actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {
  * page and counts the fault on the region, so the drain goes on reading zeros; process()
  * then sees the count, marks the ring broken and tells Python to close the session. */
 
-/* Did any page of this slot's guest memory fault (and get patched over)? */
-static int memory_faulted(const vuc_slot *s) {
-    const vuc_queue *q = s->q;
-    for (uint32_t i = 0; i < q->nregions; i++)
-        if (vuc_guard_faults_in(q->regions[i].host, q->regions[i].size))
-            return 1;
-    return vuc_guard_faults_in(q->desc, 1) || vuc_guard_faults_in(q->avail, 1) || vuc_guard_faults_in(q->used, 1);
-}
-
 static void guest_memory_fault(vuc_lane *l, vuc_slot *s) {
     s->cursor |= (uint64_t)1 << 48;           /* broken: not touched again until set up anew */
     s->again = 0;
@@ -619,6 +610,21 @@ static void guest_memory_fault(vuc_lane *l, vuc_slot *s) {
     s->memory_faults++;
     vuc_event ev = {.kind = EV_MEMORY_FAULT};
     push_event(l, s, &ev);
+}
+
+/* Did a page of this slot's guest memory fault (and get patched over) since ``epoch``?  Then
+ * what the drain read may be zeros: the ring is marked broken and Python told.  The rings
+ * lie inside the regions (the session translates their addresses through them). */
+static int faulted_since(vuc_lane *l, vuc_slot *s, uint64_t epoch) {
+    if (vuc_guard_epoch() == epoch)
+        return 0;
+    const vuc_queue *q = s->q;
+    for (uint32_t i = 0; i < q->nregions; i++)
+        if (vuc_guard_faults_in(q->regions[i].host, q->regions[i].size)) {
+            guest_memory_fault(l, s);
+            return 1;
+        }
+    return 0;
 }
 
 /* -- one drain and its bookkeeping (CpufreqDevice.handle_queue and _account) -- */
@@ -801,10 +807,8 @@ static void process(vuc_lane *l, vuc_slot *s) {
     s->drains++;
     s->cursor = vuc_drain(s->q, s->cursor, s->budget, s->num_vcpus, s->perf_request,
                           (vuc_entry *)(void *)s->entries, s->records, s->rejects, s->scratch, &res);
-    if (vuc_guard_epoch() != epoch && memory_faulted(s)) {
-        guest_memory_fault(l, s); /* what the drain read may be zeros: none of it is used */
+    if (faulted_since(l, s, epoch))
         return;
-    }
     if (res.entries) {
         account(l, s, &res, now);
         if (res.returned)
@@ -830,10 +834,8 @@ static void process(vuc_lane *l, vuc_slot *s) {
         s->deadline = 0;
         pending = enable_notifications(s);
     }
-    if (vuc_guard_epoch() != epoch && memory_faulted(s)) {
-        guest_memory_fault(l, s);
+    if (faulted_since(l, s, epoch))
         return;
-    }
     if (pending)
         s->again = l->any_again = 1;
 }

@@ -96,7 +96,7 @@ def testhost() -> Iterator["TestHost"]:
         # Its cpufreq comes from our own driver, served by our service here (tests/testhost/outer.py).
         module = build_module()
         outer = OuterBackend()
-        th = TestHost(module=module, qemu_args=outer.qemu_args(TestHost().in_chroot(outer.socket)))
+        th = TestHost(module=module, qemu_args=outer.qemu_args())
         th.outer = outer  # type: ignore[attr-defined]
         th.start()
     except TestHostError as exc:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TestHost", "TestHostError", "Result", "CHROOT", "ROOT_IN_CHROOT", "SRC", "provisioned"]
+__all__ = ["TestHost", "TestHostError", "Result", "CHROOT", "ROOT_IN_CHROOT", "SRC", "in_chroot", "provisioned"]
 
 REPO = Path(__file__).resolve().parents[2]
 CHROOT = Path(os.environ.get("VUC_QEMU_CHROOT", "/var/cache/vhost-user-cpufreq/trixie"))
@@ -54,6 +54,11 @@ Restart=always
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def in_chroot(p: Path) -> str:
+    """A path under the QEMU chroot as QEMU and virtiofsd, which run in it, see it."""
+    return "/" + str(p.relative_to(CHROOT))
 
 
 class TestHostError(RuntimeError):
@@ -119,10 +124,7 @@ class TestHost:
 
     @property
     def _root_in_chroot(self) -> str:
-        return ROOT_IN_CHROOT if self.shared_root is None else self.in_chroot(self.shared_root)
-
-    def in_chroot(self, p: Path) -> str:
-        return "/" + str(p.relative_to(CHROOT))
+        return ROOT_IN_CHROOT if self.shared_root is None else in_chroot(self.shared_root)
 
     @property
     def console(self) -> str:
@@ -234,7 +236,7 @@ class TestHost:
             f.chmod(0o755)  # readable by the service's own user, whose CacheDirectory this becomes
 
     def _boot(self) -> None:
-        w = self.in_chroot(self.work)
+        w = in_chroot(self.work)
         vfs_log = open(self.work / "virtiofsd.log", "wb")
         self._procs.append(subprocess.Popen(
             ["unshare", "--mount", "sh", "-c",

@@ -21,7 +21,7 @@ from pathlib import Path
 from vhost_user_cpufreq.backend.daemon import query_status
 
 from ..sysfs_tree import HostSpec, make_sysfs_tree
-from .host import CHROOT, TestHostError
+from .host import CHROOT, TestHostError, in_chroot
 
 __all__ = ["OuterBackend", "OUTER_HOST", "build_module"]
 
@@ -61,8 +61,9 @@ class OuterBackend:
                 raise TestHostError(f"the outer back-end did not start: {self.log()[-2000:]}")
             time.sleep(0.05)
 
-    def qemu_args(self, in_chroot: str) -> tuple[str, ...]:
-        return ("-chardev", f"socket,id=vuc,path={in_chroot}",
+    def qemu_args(self) -> tuple[str, ...]:
+        """The cpufreq device, connected to this back-end, for the test host's QEMU."""
+        return ("-chardev", f"socket,id=vuc,path={in_chroot(self.socket)}",
                 "-device", "vhost-user-test-device-pci,chardev=vuc,virtio-id=38,num_vqs=1,vq_size=256,config_size=256")
 
     def status(self) -> dict:  # type: ignore[type-arg]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sched
+from .cgroups import CGROUP_ROOT, uclamp_cap
 from .counters import Counters
 from .engine import clamp_percent
 from .statefile import StateFile, ThreadRecord, thread_start_time
@@ -129,25 +130,40 @@ class ThreadActuator:
 
 
 class CgroupClampActuator:
-    """``cpu.uclamp.min`` of cgroup v2 directories (libvirt puts each vCPU in its own)."""
+    """``cpu.uclamp.min`` of cgroup v2 directories (libvirt's per-vCPU ones, or those of cgroups.py).
 
-    def __init__(self, counters: Counters, *, dry_run: bool = False) -> None:
+    The kernel caps a cgroup's effective ``cpu.uclamp.min`` by its ancestors'
+    (:func:`~.cgroups.uclamp_cap`): a clamp above that cap is written, but
+    counted (``clamps_capped``) and logged once per cgroup, since it cannot
+    take effect until the administrator raises the ancestors'.
+    """
+
+    def __init__(self, counters: Counters, *, dry_run: bool = False, root: Path = CGROUP_ROOT) -> None:
         self.counters = counters
         self.dry_run = dry_run
+        self.root = root
         self.originals: dict[Path, str] = {}
         self.values: dict[Path, int] = {}
+        self.caps: dict[Path, int] = {}  # the ancestors' cap, read when a cgroup is first clamped
 
     def clamp(self, cgroup: Path, util_min: int) -> bool:
         f = cgroup / "cpu.uclamp.min"
         try:
             if cgroup not in self.originals:
                 self.originals[cgroup] = f.read_text().strip()
+                self.caps[cgroup] = uclamp_cap(cgroup, root=self.root)
             if not self.dry_run:
                 f.write_text(clamp_percent(util_min) + "\n")
         except OSError as exc:
             self.counters.inc("clamp_failed", _errname(exc))
             log.warning("could not write %s: %s", f, exc.strerror)
             return False
+        cap = self.caps[cgroup]
+        if util_min > cap:
+            self.counters.inc("clamps_capped", "cgroup-ancestor")
+            if self.values.get(cgroup, 0) <= cap:  # once per rise above the cap, not per record
+                log.warning("%s: clamp %d is capped at %d by an ancestor's cpu.uclamp.min: raise the "
+                            "ancestors' values to let cgroup clamps take effect", cgroup, util_min, cap)
         self.values[cgroup] = util_min
         self.counters.inc("clamps_applied")
         return True
@@ -155,6 +171,7 @@ class CgroupClampActuator:
     def restore(self, cgroup: Path) -> None:
         value = self.originals.pop(cgroup, None)
         self.values.pop(cgroup, None)
+        self.caps.pop(cgroup, None)
         if value is None or self.dry_run:
             return
         try:

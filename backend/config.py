@@ -23,6 +23,7 @@ Example::
     floor = 0                       # util clamp bounds, 0..1024
     ceiling = 1024
     clamp = "thread"                # thread | cgroup | none
+    cgroup = "{qemu}/vuc-domain{domain}"  # with clamp = "cgroup": where the clamps are written
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class VmSettings:
     pinning: tuple[int, ...] | None = None  # None: automatic
     limits: VmLimits = VmLimits()
     clamp: str = "thread"
-    cgroup: str | None = None  # template with {vcpu}, for clamp = "cgroup"
+    #: for clamp = "cgroup": a template with {vcpu} or {domain} (existing cgroups, e.g. libvirt's), or
+    #: "{qemu}/NAME" (threaded cgroups the service makes under the QEMU process's cgroup, see cgroups.py)
+    cgroup: str | None = None
     socket_mode: int = 0o600
     socket_owner: int | None = None  # uid to chown the socket to (root only)
     socket_group: int | None = None  # gid, e.g. the group QEMU runs in
@@ -177,8 +180,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             raise r.fail(vp + "floor", f"{floor} is above ceiling {ceiling}")
         clamp = r.get(t, vp, "clamp", str, "thread", lambda v: v in ("thread", "cgroup", "none"),
                       '"thread", "cgroup" or "none"')
-        cgroup = r.get(t, vp, "cgroup", str, None, lambda v: ("{vcpu}" in v) != ("{domain}" in v),
-                       "a path template containing {vcpu} (one cgroup per vCPU) or {domain} (one per domain)")
+        cgroup = r.get(t, vp, "cgroup", str, None, _cgroup_template_ok,
+                       'a path template containing {vcpu} (one cgroup per vCPU) or {domain} (one per domain), '
+                       'or "{qemu}/NAME" for threaded cgroups the service makes under the QEMU process\'s own '
+                       '(NAME with {vcpu}, {domain} or neither: one per VM)')
         if clamp == "cgroup" and cgroup is None:
             raise r.fail(vp + "cgroup", 'is required with clamp = "cgroup"')
         vms[name] = VmSettings(
@@ -222,3 +227,12 @@ def load_config(path: str | Path) -> ServiceConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     return parse_config(data, str(p))
+
+
+def _cgroup_template_ok(v: str) -> bool:
+    per_vcpu, per_domain = "{vcpu}" in v, "{domain}" in v
+    if v.startswith("{qemu}/"):
+        name = v[len("{qemu}/"):]
+        # One directory level: threads move only within their process's threaded subtree.
+        return bool(name) and "/" not in name and "{qemu}" not in name and not (per_vcpu and per_domain)
+    return "{qemu}" not in v and per_vcpu != per_domain

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import systemd
 from .actuators import ThreadActuator
+from .cgroups import recover_cgroups
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 from .counters import Counters
 from .guard import guard
@@ -70,6 +71,7 @@ class Daemon:
             self.metrics_server = start_metrics_server(self, self.config.metrics_address)
         if self.state is not None:
             # A previous instance killed without cleanup left threads pinned/clamped: undo that first.
+            self.counters.inc("recovered_cgroups", n=recover_cgroups(self.state))
             restored, gone = recover(self.state, self.actuator.restore_record)
             self.counters.inc("recovered_threads", n=restored)
         # (sysfs logs its own degraded mode, once)
@@ -201,6 +203,9 @@ class Daemon:
                 ],
                 "domains": [{"cur_khz": d.cur_khz, "min_khz": d.min_khz, "max_khz": d.max_khz,
                              "capacity": d.capacity} for d in cfg.domains],
+                "cgroups": [{"path": str(p), "uclamp_min": self.policy.cgroups.values.get(p),
+                             "cap": self.policy.cgroups.caps.get(p)}
+                            for p in (self.policy.cgroup_paths(name) if b else [])],
                 "config_generation": cfg.generation,
                 "counters": {f"{e}{':' + r if r else ''}": n for (e, r), n in sorted(slot.counters.snapshot().items())},
             }

@@ -128,7 +128,7 @@ class HostSide:
             return
         if len(tids) != s.vcpus:
             slot.log.warning("found %d vCPU threads, configured %d vCPUs", len(tids), s.vcpus)
-        self.policy.attach_threads(s.name, tids)
+        self.policy.attach_threads(s.name, tids, conn.peer_pid)
         slot.counters.inc("threads_attached", n=len(tids))
 
     def _on_close(self, slot: VmSlot, conn: Connection) -> None:

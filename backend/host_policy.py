@@ -29,6 +29,7 @@ from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
 from pathlib import Path
 
 from .actuators import CgroupClampActuator, ThreadActuator
+from .cgroups import ThreadedCgroups, cgroup_of
 from .cdrain import dataplane
 from .engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits, domain_clamps
 from .lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
@@ -49,6 +50,9 @@ class VmBinding:
     #: cgroup v2 path template: "{vcpu}" for one cgroup per vCPU (libvirt), "{domain}"
     #: for one per frequency domain (the domain's clamp is the max of its vCPUs')
     cgroup: str | None = None
+    #: the QEMU process's cgroup, once threaded cgroups ("{qemu}/...") are made under it
+    cgroup_home: Path | None = None
+    pid: int | None = None  # the QEMU process whose threads these are
     on_change: Callable[[], None] | None = None  # the lane's holder, told when the binding changes
 
 
@@ -60,10 +64,13 @@ class HostPolicy:
         config: EngineConfig = EngineConfig(),
         clock: Callable[[], float] = time.monotonic,
         cgroups: CgroupClampActuator | None = None,
+        threaded: ThreadedCgroups | None = None,
         c_engine: bool | None = None,
     ) -> None:
         self.actuator = actuator
         self.cgroups = cgroups or CgroupClampActuator(actuator.counters, dry_run=actuator.dry_run)
+        self.threaded = threaded or ThreadedCgroups(actuator.counters, state=actuator.state,
+                                                    dry_run=actuator.dry_run)
         self.config = config
         self.clock = clock
         self.vms: dict[str, VmBinding] = {}
@@ -87,8 +94,11 @@ class HostPolicy:
         b = VmBinding(vm, engine, cgroup=cgroup)
         if old is not None:
             b.tids = old.tids
+            b.pid = old.pid
             b.on_change = old.on_change
             self._cancel(old)
+            if old.cgroup != cgroup or old.cgroup_home is not None:
+                self._leave_cgroups(old)  # attach_threads() enters the new layout
         self.vms[vm] = b
         self._lane_threads(b)
         if old is not None and b.on_change is not None and (old.cgroup is None) != (cgroup is None):
@@ -122,15 +132,47 @@ class HostPolicy:
         else:
             log.warning("could not clamp thread %d: %s", tid, os.strerror(err))
 
-    def attach_threads(self, vm: str, tids: dict[int, int]) -> None:
-        """Pin each known vCPU thread to its pCPU (thread ids already verified)."""
+    def attach_threads(self, vm: str, tids: dict[int, int], pid: int | None = None) -> None:
+        """Pin each known vCPU thread to its pCPU (thread ids already verified, tasks of ``pid``)."""
         b = self.vms[vm]
         known = b.engine.vcpus
         # Threads of vCPUs the VM is not configured for are left alone.
         b.tids = {v: t for v, t in tids.items() if v in known}
+        b.pid = pid if pid is not None else b.pid
         pinned = sum(self.actuator.pin(tid, b.engine.placement(v).pcpu) for v, tid in b.tids.items())
         log.info("[%s] pinned %d of %d vCPU threads", vm, pinned, len(b.tids))
         self._lane_threads(b)
+        if b.cgroup is not None and b.cgroup.startswith("{qemu}/"):
+            self._enter_cgroups(b)
+
+    def _enter_cgroups(self, b: VmBinding) -> None:
+        """Make the VM's threaded cgroups under its QEMU's cgroup and move the vCPU threads in."""
+        if b.cgroup_home is not None or b.pid is None or not b.tids:
+            return
+        try:
+            b.cgroup_home = cgroup_of(b.pid)
+        except OSError as exc:
+            self.actuator.counters.inc("cgroup_failed", "no-cgroup")
+            log.warning("[%s] no cgroup v2 directory for pid %d (%s): no cgroup clamps", b.vm, b.pid, exc)
+            return
+        paths = self._cgroup_paths(b)
+        for key, path in paths.items():
+            self.threaded.enter(path, b.cgroup_home,
+                                [t for v, t in b.tids.items() if self._cgroup_key(b, v) == key])
+        log.info("[%s] vCPU threads moved into %s", b.vm, ", ".join(str(p) for p in paths.values()))
+        self._apply(b, [], force=True)  # what the engine holds already
+
+    def _leave_cgroups(self, b: VmBinding) -> None:
+        """Clamps back to what they were; threads out of the cgroups the service made, which go."""
+        if b.cgroup_home is None:
+            for path in self._cgroup_paths(b).values():
+                self.cgroups.restore(path)
+            return
+        # From what was made, not from the template: the engine may be reconfigured already.
+        for path in [p for p, m in self.threaded.made.items() if m.home == b.cgroup_home]:
+            self.cgroups.restore(path)
+            self.threaded.leave(path)
+        b.cgroup_home = None
 
     def detach(self, vm: str) -> None:
         """The VM's QEMU went away: no boost stays, every thread gets its original state."""
@@ -146,17 +188,23 @@ class HostPolicy:
         self._apply(b, b.engine.release_all())
         for tid in b.tids.values():
             self.actuator.restore(tid)
-        for path in self._cgroup_paths(b).values():
-            self.cgroups.restore(path)
+        self._leave_cgroups(b)
         b.tids.clear()
+        b.pid = None
         b.latest.clear()
         self._cancel(b)
+
+    def cgroup_paths(self, vm: str) -> list[Path]:
+        """The cgroups ``vm``'s clamps are written to (none before a managed layout is made)."""
+        b = self.vms.get(vm)
+        return list(self._cgroup_paths(b).values()) if b is not None else []
 
     def close(self) -> None:
         for vm in list(self.vms):
             self.detach(vm)
         self.actuator.restore_all()
         self.cgroups.restore_all()
+        self.threaded.leave_all()
 
     # -- Policy interface ---------------------------------------------------------------
     def on_record(self, vm: str, record: Record, domain: Domain, now: float) -> Decision:
@@ -191,8 +239,8 @@ class HostPolicy:
             b.latest.clear()
 
     # -- internals --------------------------------------------------------------------------
-    def _apply(self, b: VmBinding, changes: list[ClampChange]) -> None:
-        if not changes:
+    def _apply(self, b: VmBinding, changes: list[ClampChange], *, force: bool = False) -> None:
+        if not changes and not force:
             return
         if b.cgroup is None:
             for c in changes:
@@ -200,25 +248,38 @@ class HostPolicy:
                 if tid is not None:
                     self.actuator.clamp(tid, c.uclamp_min)
             return
+        # One cgroup per vCPU, per domain or per VM: each gets the highest clamp of its vCPUs.
         paths = self._cgroup_paths(b)
-        if "{domain}" in b.cgroup:
-            doms = {p.vcpu: p.domain for p in (b.engine.placement(v) for v in b.engine.vcpus)}
-            for d, value in domain_clamps(b.engine.vcpus, doms).items():
-                if self.cgroups.values.get(paths[d]) != value:
-                    self.cgroups.clamp(paths[d], value)
-        else:
-            for c in changes:
-                self.cgroups.clamp(paths[c.vcpu], c.uclamp_min)
+        keys = {v: self._cgroup_key(b, v) for v in b.engine.vcpus}
+        for key, value in domain_clamps(b.engine.vcpus, keys).items():
+            path = paths.get(key)
+            if path is not None and (force or self.cgroups.values.get(path) != value):
+                self.cgroups.clamp(path, value)
 
     @staticmethod
-    def _cgroup_paths(b: VmBinding) -> dict[int, Path]:
-        """vCPU (or domain) -> cgroup directory, from the VM's template."""
+    def _cgroup_key(b: VmBinding, vcpu: int) -> int:
+        """Which of the VM's cgroups ``vcpu`` is in: its own, its domain's, or the VM's one (0)."""
+        assert b.cgroup is not None
+        if "{vcpu}" in b.cgroup:
+            return vcpu
+        if "{domain}" in b.cgroup:
+            return b.engine.placement(vcpu).domain
+        return 0
+
+    @classmethod
+    def _cgroup_paths(cls, b: VmBinding) -> dict[int, Path]:
+        """Cgroup key (vCPU, domain or 0) -> directory, from the VM's template."""
         if b.cgroup is None:
             return {}
-        if "{domain}" in b.cgroup:
-            doms = {b.engine.placement(v).domain for v in b.engine.vcpus}
-            return {d: Path(b.cgroup.format(domain=d)) for d in doms}
-        return {v: Path(b.cgroup.format(vcpu=v)) for v in b.engine.vcpus}
+        managed = b.cgroup.startswith("{qemu}/")
+        if managed and b.cgroup_home is None:
+            return {}  # not made yet: the clamps are written once the threads are in
+        home = str(b.cgroup_home) if managed else ""
+        out: dict[int, Path] = {}
+        for v in b.engine.vcpus:
+            key = cls._cgroup_key(b, v)
+            out[key] = Path(b.cgroup.format(qemu=home, vcpu=v, domain=key))
+        return out
 
     def _arm(self, b: VmBinding) -> None:
         due = b.engine.next_deadline()

@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-__all__ = ["ThreadRecord", "StateFile", "thread_start_time", "recover"]
+__all__ = ["ThreadRecord", "CgroupRecord", "StateFile", "thread_start_time", "recover"]
 
 log = logging.getLogger("vhost_user_cpufreq.state")
 
@@ -44,22 +44,47 @@ class ThreadRecord:
     reset_on_fork: bool = False  # absent in files of earlier versions
 
 
+@dataclass(frozen=True, slots=True)
+class CgroupRecord:
+    """A threaded cgroup the service made (see cgroups.py), and the threads it moved in."""
+
+    path: str
+    home: str  # where the threads go back
+    threads: list[tuple[int, int]]  # (tid, start time)
+    enabled_cpu: bool  # the service enabled +cpu in home's subtree_control
+
+
 class StateFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self.entries: dict[int, ThreadRecord] = {}
+        self.cgroups: dict[str, CgroupRecord] = {}
 
     def load(self) -> dict[int, ThreadRecord]:
         try:
             with open(self.path) as f:
                 raw = json.load(f)
             self.entries = {int(r["tid"]): ThreadRecord(**r) for r in raw.get("threads", [])}
+            self.cgroups = {r["path"]: CgroupRecord(r["path"], r["home"], [(int(t), int(s)) for t, s in r["threads"]],
+                                                    bool(r["enabled_cpu"])) for r in raw.get("cgroups", [])}
         except FileNotFoundError:
-            self.entries = {}
+            self.entries, self.cgroups = {}, {}
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.error("state file %s is unreadable (%s); starting without it", self.path, exc)
-            self.entries = {}
+            self.entries, self.cgroups = {}, {}
         return dict(self.entries)
+
+    def load_cgroups(self) -> list[CgroupRecord]:
+        self.load()
+        return list(self.cgroups.values())
+
+    def record_cgroup(self, rec: CgroupRecord) -> None:
+        self.cgroups[rec.path] = rec
+        self._write()
+
+    def forget_cgroup(self, path: str) -> None:
+        if self.cgroups.pop(path, None) is not None:
+            self._write()
 
     def record(self, rec: ThreadRecord) -> None:
         self.entries[rec.tid] = rec
@@ -72,7 +97,8 @@ class StateFile:
     def _write(self) -> None:
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"threads": [asdict(r) for r in self.entries.values()]}, f)
+            json.dump({"threads": [asdict(r) for r in self.entries.values()],
+                       "cgroups": [asdict(r) for r in self.cgroups.values()]}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

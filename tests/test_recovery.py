@@ -123,7 +123,7 @@ async def test_sigkill_under_load_leaves_state_that_the_next_start_restores(tmp_
     svc = await _start(cfg)
     await until(lambda: _affinity(vcpu_threads) == original, what="recovery at start")
     # The file is rewritten right after the threads are restored.
-    await until(lambda: _state(tmp_path) == {"threads": []}, what="state file emptied by recovery")
+    await until(lambda: _state(tmp_path) == {"threads": [], "cgroups": []}, what="state file emptied by recovery")
     assert _status(tmp_path)["counters"].get("recovered_threads") == 2
     # Both VMs reconnect and are served (vm pinned) again; SIGTERM under load then restores everything.
     guests = [await start_guest(str(tmp_path / f"{n}.sock"), util_threshold=1) for n in ("vm", "vm2")]
@@ -137,7 +137,7 @@ async def test_sigkill_under_load_leaves_state_that_the_next_start_restores(tmp_
     finally:
         load.cancel()
     assert _affinity(vcpu_threads) == original
-    assert json.loads((tmp_path / "state.json").read_text()) == {"threads": []}
+    assert json.loads((tmp_path / "state.json").read_text()) == {"threads": [], "cgroups": []}
     for g in guests:
         await g.close()
 

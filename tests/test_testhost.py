@@ -169,3 +169,40 @@ def test_cpufreq_in_the_test_host_comes_from_our_driver_served_from_outside(test
     assert found["cpufreq"]["state"] == "ok" and "virtio-cpufreq" in found["cpufreq"]["detail"], found["cpufreq"]
     vm = testhost.outer.vm()  # type: ignore[attr-defined]
     assert vm["connected"] and vm["counters"].get("records", 0) > 0, vm  # schedutil's requests reached us
+
+
+def test_threaded_cgroups_take_the_vcpu_threads_clamp_them_and_give_them_back(testhost: TestHost) -> None:
+    # The probe plays QEMU in a systemd unit of its own (a cgroup with the cpu controller).
+    r = testhost.sh(f"d=$(mktemp -d) && systemd-run --wait --pipe --collect --unit=vuc-cgroup-probe "
+                    f"-p CPUWeight=100 -p WorkingDirectory={SRC} /opt/vuc/bin/python -m tests.testhost.cgroup_probe "
+                    "$d $d/report.json >/dev/null 2>$d/err; rc=$?; cat $d/report.json; tail -5 $d/err; exit $rc",
+                    timeout=300).check()
+    report = json.loads(r.stdout.strip().splitlines()[0])
+    log = report["log"]
+    home = report["home"].removeprefix("/sys/fs/cgroup")
+    assert report["service_ready"] and report["made"], (report, log)
+    capped = report["capped"]
+    # One threaded cgroup per frequency domain, each holding its vCPU's thread, with its clamp in percent.
+    assert capped["types"] == {"vuc-domain0": "threaded", "vuc-domain1": "threaded"}, capped
+    assert capped["threads"] == {"vuc-domain0": [str(report["tids"][0])], "vuc-domain1": [str(report["tids"][1])]}
+    assert capped["uclamp_min"] == {"vuc-domain0": "29.30", "vuc-domain1": "87.89"}
+    assert "cpu" in capped["home_subtree_control"] and "cpu" not in report["before"]["home_subtree_control"]
+    # system.slice's cpu.uclamp.min is 0: the kernel caps the clamps, and the service says so.
+    assert capped["effective"] == [0, 0]
+    assert [c["cap"] for c in report["status_cgroups"]] == [0, 0]
+    assert report["counters"].get("clamps_capped:cgroup-ancestor", 0) >= 2, report["counters"]
+    assert "capped at 0 by an ancestor" in log
+    # Ancestors raised: the kernel applies exactly the service's clamps, and lowers them with the guest.
+    assert report["effective_raised"] and report["uncapped"]["effective"] == [300, 900], report["uncapped"]
+    assert report["fell"], report
+    # Disconnect: threads back in the unit's cgroup, directories and the enabled controller gone.
+    for when in ("after_disconnect", "after_recovery"):
+        after = report[when]
+        assert after["dirs"] == [] and after["thread_cgroups"] == [f"0::{home}"] * 2, (when, after)
+        assert "cpu" not in after["home_subtree_control"], (when, after)
+    assert report["moved_back"]
+    # SIGKILL leaves them behind; the next instance undoes them from its state file.
+    assert report["made_again"] and report["killed"] and report["after_kill"]["dirs"] == ["vuc-domain0",
+                                                                                          "vuc-domain1"]
+    assert report["recovered"] and report["recovery_counters"]["recovered_cgroups"] == 2, report
+    assert report["state_file"] == {"threads": [], "cgroups": []}

@@ -196,6 +196,8 @@ class Daemon:
                         "pcpu": plan.pinning[v] if plan else None,
                         "thread": b.tids.get(v) if b else None,
                         "util": st.util,
+                        "perf_khz": st.perf_khz,
+                        "record_at": st.updated,  # CLOCK_MONOTONIC of the last record
                         "uclamp_min": (b.engine.vcpus.get(v) if b else None),
                         "guest_domain": cfg.vcpu_domain[v],
                     }

@@ -6,6 +6,10 @@ Python.  Requests and replies are JSON lines on ``/dev/virtio-ports/vuc.agent``:
     -> {"id": 3, "argv": ["uname", "-r"], "timeout": 30, "stdin": "", "env": {}}
     <- {"id": 3, "rc": 0, "stdout": "7.3.4+deb13-amd64\\n", "stderr": "", "timed_out": false}
 
+A request ``{"id": 4, "clock": true}`` is answered at once with the test
+host's ``CLOCK_MONOTONIC`` (``{"id": 4, "monotonic": 123.456}``), so the host
+can relate the two machines' clocks (``TestHost.clock_offset``).
+
 A command that outlives its timeout is killed (its whole process group) and
 answered with ``timed_out`` true and rc -9.  What the host writes before the
 port is open is lost, so the host pings (a request for ``true``) until one is
@@ -54,7 +58,10 @@ def main() -> None:
                 if not line.strip():
                     continue
                 req = json.loads(line)
-                reply = {"id": req.get("id"), **run(req)}
+                if req.get("clock"):
+                    reply = {"id": req.get("id"), "monotonic": time.monotonic()}
+                else:
+                    reply = {"id": req.get("id"), **run(req)}
                 port.write(json.dumps(reply).encode() + b"\n")
 
 

@@ -4,13 +4,21 @@
 (clamp "thread", vCPU 0 pinned to the test host's CPU 1, ``ceiling``
 CEILING) and a process that plays QEMU: a thread named "CPU 0/KVM" that runs a
 low-duty load (busy 20% of every 4 ms) and an idle "CPU 1/KVM", and a modelled
-guest connected to the service.  Three phases of ``PHASE`` seconds: the load
-alone (no record: no clamp, as without the service), the guest asking for
-util 900 on vCPU 0, and the guest idle again.  The test host's schedutil
+guest connected to the service.  Phases of ``PHASE`` seconds (``PHASES``):
+the load alone (no record: no clamp, as without the service), the guest
+asking for util 900 on vCPU 0, util 0, 900 again, and then silent (the
+service lets the last request go stale).  The test host's schedutil
 drives our own cpufreq driver; every frequency it sets is traced
 (``power:cpu_frequency``, on the monotonic clock the phases are timed with).
 Prints one JSON line: per phase, the time-weighted mean frequency CPU 1 ran
 at over the phase's last ``PHASE - SETTLE`` seconds.
+
+``python -m tests.testhost.closed_loop DIR CEILING CHANGES`` then turns the
+guest's utilisation from 0 to 900 and back ``CHANGES`` times, ``TOGGLE``
+seconds apart, and reports when each change's first record left the guest
+(this machine's ``CLOCK_MONOTONIC``) and the frequencies schedutil set
+meanwhile; the test relates them to what the outer back-end received
+(tests/testhost/loop_figures.py).
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from vhost_user_cpufreq.backend.daemon import query_status
 from ..helpers import start_guest
 
 PHASE, SETTLE = 6.0, 2.0
+#: the guest's utilisation in each phase (None: no records, so the service has no say or lets the last go stale)
+PHASES = {"alone": None, "guest-900": 900, "guest-0": 0, "guest-900-again": 900, "guest-silent": None}
+TOGGLE = 0.5  # seconds between changes: the frequency settles within a few tens of ms
 TRACING = Path("/sys/kernel/tracing")
 CPU = 1  # the test host CPU vCPU 0's thread is pinned to (the big domain)
 
@@ -67,7 +78,15 @@ def _probe(d: Path, tid: int | None) -> dict:  # type: ignore[type-arg]
     return {"service_uclamp_min": st["uclamp_min"], "thread": st["thread"], "tid": tid,
             "kernel_uclamp_min": sched.sched_getattr(tid).util_min, "affinity": sorted(os.sched_getaffinity(tid)),
             "last_cpu": int(fields[36]), "utime_ticks": int(fields[11]),
+            "effective_uclamp_min": _effective(tid),
             "cur_khz": int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/scaling_cur_freq").read_text())}
+
+
+def _effective(tid: int) -> int:
+    for line in Path(f"/proc/self/task/{tid}/sched").read_text().splitlines():
+        if line.startswith("effective uclamp.min"):
+            return int(line.split(":")[1])
+    return -1
 
 
 def _trace(on: bool) -> None:
@@ -101,8 +120,10 @@ def _mean(events: list[tuple[float, int]], start: float, end: float, before: int
     return acc / (end - start)
 
 
-async def _report(g, util: int | None, seconds: float) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + seconds
+async def _report(g, util: int | None, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    """Report ``util`` every 20 ms for ``seconds``; returns when the first record was flushed."""
+    first = time.monotonic()
+    end = first + seconds
     i = 0
     while time.monotonic() < end:
         if util is not None:
@@ -110,9 +131,10 @@ async def _report(g, util: int | None, seconds: float) -> None:  # type: ignore[
             g.driver.flush()
         i += 1
         await asyncio.sleep(0.02)
+    return first
 
 
-async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
+async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore[type-arg]
     cfg = d / "config.toml"
     cfg.write_text("\n".join([
         "[service]", f'control_socket = "{d}/control.sock"',
@@ -140,13 +162,20 @@ async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
         _trace(True)
         bounds = [time.monotonic()]
         report["probe"] = []
-        for util in (None, 900, 0):
+        for util in PHASES.values():
             # A busy guest keeps reporting (the engine lets a hint go stale otherwise): every 20 ms,
             # one unit apart so that each report is a record.
             await _report(g, util, PHASE / 2)
             report["probe"].append(_probe(d, threads[0].native_id))
             await _report(g, util, PHASE / 2)
             bounds.append(time.monotonic())
+        if changes:
+            # Each change's first record differs from the last by far more than the driver's
+            # threshold, so the time it was flushed is when the guest asked.
+            report["changes"] = []
+            for i in range(changes):
+                util = 900 if i % 2 == 0 else 0
+                report["changes"].append((await _report(g, util, TOGGLE), util))
         _trace(False)
         st = query_status(str(d / "control.sock"))["vms"]["vm"]
         report["uclamp_min_at_end"] = st["vcpus"][0]["uclamp_min"]
@@ -154,8 +183,9 @@ async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
         events = _frequencies()
         first = events[0][1] if events else 0
         report["events"] = len(events)
+        report["frequencies"] = events if changes else []
         report["phases"] = {name: _mean(events, bounds[i] + SETTLE, bounds[i + 1], first)
-                            for i, name in enumerate(("alone", "guest-900", "guest-idle"))}
+                            for i, name in enumerate(PHASES)}
         report["cpuinfo_max_khz"] = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/cpuinfo_max_freq").read_text())
     finally:
         stop.set()
@@ -166,4 +196,5 @@ async def main(d: Path, ceiling: int) -> dict:  # type: ignore[type-arg]
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))))
+    args = sys.argv[1:]
+    print(json.dumps(asyncio.run(main(Path(args[0]), int(args[1]), int(args[2]) if len(args) > 2 else 0))))

@@ -321,6 +321,30 @@ class TestHost:
         """``code`` run by the test host's Python, with this checkout installed."""
         return self.run([f"{VENV}/bin/python", "-c", code], **kw)  # type: ignore[arg-type]
 
+    def clock_offset(self, samples: int = 40) -> tuple[float, float]:
+        """The test host's ``CLOCK_MONOTONIC`` minus this machine's, and its uncertainty (seconds).
+
+        From the agent's clock answers: the reading is taken between sending
+        and receiving, so the offset is known to half the round trip; the
+        sample with the shortest round trip wins.
+        """
+        assert self._sock is not None
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            rid = self._next_id
+            self._next_id += 1
+            t0 = time.monotonic()
+            self._sock.sendall(json.dumps({"id": rid, "clock": True}).encode() + b"\n")
+            reply = self._read_reply(rid, 10)
+            t1 = time.monotonic()
+            if reply is None or "monotonic" not in reply:
+                raise TestHostError(f"the agent gave no clock reading: {reply}")
+            half = (t1 - t0) / 2
+            if best is None or half < best[1]:
+                best = (reply["monotonic"] - (t0 + half), half)
+        assert best is not None
+        return best
+
     def _send(self, argv: list[str], timeout: float, **extra: object) -> int:
         assert self._sock is not None
         rid = self._next_id

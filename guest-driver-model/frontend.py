@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from vhost_user_cpufreq.backend.transport import recv_with_fds, send_with_fds
+from vhost_user_cpufreq.backend.vhost.transport import recv_with_fds, send_with_fds
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import LocalProtocolError
 from vhost_user_cpufreq.protocol.memory import FlatMemory

@@ -33,7 +33,7 @@ def test_protocol_does_not_reach_up_into_backend_or_guest(path: Path) -> None:
     assert not up
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "backend").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "backend").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_service_does_not_depend_on_the_guest_model(path: Path) -> None:
     if path.name == "demo.py":  # the demo runs a modelled guest by design
         return

@@ -48,12 +48,12 @@ from vhost_user_cpufreq.protocol.virtqueue import (
     validate_queue_size,
 )
 
-from .counters import Counters
-from .defaults import KICK_BATCH_DELAY
+from ..counters import Counters
+from ..dataplane.guard import Signalled, drain_eventfd, signal_eventfd
+from ..defaults import KICK_BATCH_DELAY
+from ..policy.ratelimit import KickBatcher, NotifyCoalescer
 from .device import Offload, VirtioDevice
-from .guard import Signalled, drain_eventfd, signal_eventfd
 from .memory import MAX_REGIONS, MemoryMap, map_region
-from .ratelimit import KickBatcher, NotifyCoalescer
 
 __all__ = ["Session", "Reply", "OFFERED_PROTOCOL_FEATURES", "RULES"]
 

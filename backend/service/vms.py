@@ -17,13 +17,13 @@ import stat
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .counters import Counters
-from .defaults import KICK_BATCH_DELAY, LANE_SLICE_US
-from .cpufreq_device import CpufreqDevice
-from .hostfreq import FrequencySource
-from .policy import Policy
-from .session import Session
-from .transport import Connection, peer_credentials
+from ..counters import Counters
+from ..cpufreq.device import CpufreqDevice
+from ..cpufreq.hostfreq import FrequencySource
+from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
+from ..policy.decision import Policy
+from ..vhost.session import Session
+from ..vhost.transport import Connection, peer_credentials
 
 __all__ = ["VmConfig", "VmSlot", "Service"]
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from vhost_user_cpufreq.guest.frontend import connect_guest
 from vhost_user_cpufreq.guest.workload import BurstyWorkload, PeltTracker
 
-from .hostfreq import StaticSource
-from .hosts import PIXEL6, PIXEL6_OPPS_KHZ
-from .policy import RecordingPolicy
-from .service import Service, VmConfig
+from ..cpufreq.hostfreq import StaticSource
+from ..host.hosts import PIXEL6, PIXEL6_OPPS_KHZ
+from ..policy.decision import RecordingPolicy
+from .vms import Service, VmConfig
 
 __all__ = ["DemoOptions", "run_demo", "add_arguments"]
 

@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..counters import Counters
+from ..policy.engine import clamp_percent
 from . import sched
-from .counters import Counters
-from .engine import clamp_percent
 from .statefile import StateFile, ThreadRecord, thread_start_time
 
 __all__ = ["ThreadActuator", "CgroupClampActuator", "Original"]

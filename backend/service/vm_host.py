@@ -19,15 +19,15 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from ..defaults import KICK_BATCH_DELAY
+from ..host.hotplug import CpuHotplugMonitor
+from ..host.policy import HostPolicy
+from ..host.sysfs import SysfsSource
+from ..host.vcpu_threads import discover_threads
+from ..policy.engine import VcpuPlacement, plan_pinning
+from ..vhost.transport import Connection
 from .config import VmSettings
-from .defaults import KICK_BATCH_DELAY
-from .engine import VcpuPlacement, plan_pinning
-from .host_policy import HostPolicy
-from .hotplug import CpuHotplugMonitor
-from .service import Service, VmConfig, VmSlot
-from .sysfs import SysfsSource
-from .transport import Connection
-from .vcpu_threads import discover_threads
+from .vms import Service, VmConfig, VmSlot
 
 __all__ = ["HostSide", "VmPlan"]
 

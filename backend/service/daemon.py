@@ -1,6 +1,6 @@
 """The long-running service: configuration, sockets, sampling, reload, status, systemd.
 
-Theory of operation: :class:`Daemon` owns one :class:`~.service.Service` (the
+Theory of operation: :class:`Daemon` owns one :class:`~.service.vms.Service` (the
 vhost-user sockets and sessions), the host side (sysfs model and sampler,
 clamp policy, hotplug), an optional control socket answering ``status``, and
 an optional Prometheus endpoint.  ``reload`` applies a new configuration
@@ -21,17 +21,17 @@ import socket
 import time
 from typing import Any
 
+from ..counters import Counters
+from ..dataplane.guard import guard
+from ..dataplane.lane import running_lanes
+from ..host.actuators import ThreadActuator
+from ..host.policy import HostPolicy
+from ..host.statefile import StateFile, recover
+from ..host.sysfs import SysfsSource
 from . import systemd
-from .actuators import ThreadActuator
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
-from .counters import Counters
-from .guard import guard
-from .host import HostSide
-from .host_policy import HostPolicy
-from .lane import running_lanes
-from .service import Service
-from .statefile import StateFile, recover
-from .sysfs import SysfsSource
+from .vm_host import HostSide
+from .vms import Service
 
 __all__ = ["Daemon", "query_status"]
 
@@ -290,7 +290,7 @@ def _raise_fd_limit() -> None:
 
 
 def _guard_status() -> dict[str, Any]:
-    """What the guards of shared memory and eventfds have caught (backend/guard.py)."""
+    """What the guards of shared memory and eventfds have caught (backend/dataplane/guard.py)."""
     g = guard()
     if g is None:
         return {"active": False}

@@ -34,8 +34,8 @@ from typing import Any
 
 from vhost_user_cpufreq.protocol.errors import CpufreqError
 
-from .defaults import KICK_BATCH_DELAY, LANE_SLICE_US
-from .engine import EngineConfig, VmLimits
+from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
+from ..policy.engine import EngineConfig, VmLimits
 
 __all__ = ["ConfigError", "VmSettings", "ServiceConfig", "load_config", "parse_config"]
 

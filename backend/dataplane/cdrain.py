@@ -5,7 +5,7 @@ The pure-Python :func:`vhost_user_cpufreq.protocol.requests.drain` is the
 reference and the fallback; this module runs the same drain in C when it can
 and returns the same :class:`~vhost_user_cpufreq.protocol.requests.Drained`.
 
-The same library holds the kick lane (``backend/lane.py``).
+The same library holds the kick lane (``backend/dataplane/lane.py``).
 
 Build: the C files are compiled with the system's C compiler into a shared
 library (no Python headers needed: cffi's ABI mode loads it), named after a
@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cffi
-
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, REASONS, Drained
 from vhost_user_cpufreq.protocol.requests import drain as reference_drain
@@ -227,7 +226,7 @@ class DataPlane:
     kind: str  # "c" or "python"
     detail: str
     lib: Any = None
-    lane: bool = False  # request queues may be served by the C kick lane (backend/lane.py)
+    lane: bool = False  # request queues may be served by the C kick lane (backend/dataplane/lane.py)
 
     def drainer(self, queue: DeviceQueue, budget: int) -> Callable[..., Drained]:
         """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``."""
@@ -386,7 +385,7 @@ class CDrainer:
         )
 
 
-if __name__ == "__main__":  # python -m vhost_user_cpufreq.backend.cdrain: build and report
+if __name__ == "__main__":  # python -m vhost_user_cpufreq.backend.dataplane.cdrain: build and report
     dp = dataplane()
     print(dp.kind, dp.detail)
     sys.exit(0 if dp.kind == "c" else 1)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .hostfreq import HostDomain, HostSnapshot
+from ..cpufreq.hostfreq import HostDomain, HostSnapshot
 
 __all__ = ["PIXEL6", "PIXEL6_OPPS_KHZ"]
 

@@ -1,13 +1,13 @@
 """The host policy: the asyncio shell around the engine and the actuators.
 
-The device hands it every accepted record (the :class:`~.policy.Policy`
-interface).  Per VM it keeps a :class:`~.engine.ClampEngine`, the vCPU thread
+The device hands it every accepted record (the :class:`~.policy.decision.Policy`
+interface).  Per VM it keeps a :class:`~.policy.engine.ClampEngine`, the vCPU thread
 ids found for the connected QEMU, and one timer armed at the engine's next
 deadline (deferred values and stale-hint decay).  Attaching a VM pins each
 vCPU thread to its planned pCPU; detaching releases the clamps and gives every
 thread back its original affinity and clamps.
 
-With the C data plane the engine is a :class:`~.lane.CClampEngine`, and
+With the C data plane the engine is a :class:`~.dataplane.lane.CClampEngine`, and
 :meth:`HostPolicy.lane_binding` lets the device hand the VM's request queue
 to the kick lane, which then decides and clamps in C (per-thread clamps only:
 a VM clamped through cgroups stays on the event loop).  The engine object
@@ -22,17 +22,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
 
-from pathlib import Path
-
+from ..dataplane.cdrain import dataplane
+from ..dataplane.lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
+from ..policy.decision import Decision, schedutil_khz
+from ..policy.engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits, domain_clamps
 from .actuators import CgroupClampActuator, ThreadActuator
-from .cdrain import dataplane
-from .engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits, domain_clamps
-from .lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
-from .policy import Decision, schedutil_khz
 
 __all__ = ["HostPolicy", "VmBinding"]
 

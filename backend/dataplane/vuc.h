@@ -1,6 +1,6 @@
 /* Types shared by the request-queue drain (ring_drain.c) and the kick lane (kick_lane.c).
  *
- * The layouts are also declared to cffi in backend/cdrain.py and backend/lane.py;
+ * The layouts are also declared to cffi in backend/dataplane/cdrain.py and backend/dataplane/lane.py;
  * vuc_abi_sizes() and vuc_lane_abi() let Python check them before trusting C.
  */
 #ifndef VUC_H

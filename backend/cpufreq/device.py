@@ -14,7 +14,7 @@ hands the drain's valid records to the policy in one call.
 
 Offload: when the C data plane is loaded and the policy can give a C clamp
 engine for the VM (``lane_binding``), a started request queue is served by
-the kick lane instead (backend/lane.py): the same drain, bookkeeping and
+the kick lane instead (backend/dataplane/lane.py): the same drain, bookkeeping and
 decision, made in a C thread.  The device then only logs the rejections the
 lane reports and reads the per-vCPU state from it.
 """
@@ -39,14 +39,14 @@ from vhost_user_cpufreq.protocol.virtqueue import (
     DeviceQueue,
 )
 
-from .cdrain import DataPlane, dataplane
-from .counters import Counters
-from .defaults import LANE_SLICE_US
-from .device import DeviceHost
+from ..counters import Counters
+from ..dataplane.cdrain import DataPlane, dataplane
+from ..dataplane.lane import EV_BUFFER, EV_CALL_STALLED, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
+from ..defaults import LANE_SLICE_US
+from ..policy.decision import Policy
+from ..policy.ratelimit import LogBudget
+from ..vhost.device import DeviceHost
 from .hostfreq import FrequencySource, HostSnapshot
-from .lane import EV_BUFFER, EV_CALL_STALLED, EV_MEMORY_FAULT, EV_RECORDS, EV_RING, EV_STALE, LaneSlot, lane_for
-from .policy import Policy
-from .ratelimit import LogBudget
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 

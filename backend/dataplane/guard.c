@@ -8,7 +8,7 @@
  * unwind: it puts a private zero page over the faulting page and returns.  The access is
  * retried, finds memory, and reads zeros or writes into the private page; the fault is
  * counted on the guarded range it hit.  Whoever touched the memory looks at the count
- * afterwards and drops that session (see backend/guard.py and kick_lane.c).  Wayland
+ * afterwards and drops that session (see backend/dataplane/guard.py and kick_lane.c).  Wayland
  * compositors guard clients' shared-memory pools the same way.
  *
  * The handler acts only on faults the kernel raised (si_code > 0) at an address inside a

@@ -11,7 +11,7 @@ frequency table, driver and governor.  ``root`` is configurable so tests run
 on generated trees (``tests/sysfs_tree.py``).
 
 The model is what the rest of the service plans with: :meth:`HostCpuModel.snapshot`
-gives one :class:`~.hostfreq.HostDomain` per policy that has an online CPU,
+gives one :class:`~.cpufreq.hostfreq.HostDomain` per policy that has an online CPU,
 and :meth:`HostCpuModel.domain_of_cpu` / :meth:`HostCpuModel.capacity_classes`
 answer pinning questions.
 
@@ -30,7 +30,7 @@ caller's ``nominal_khz``, else the highest ``cpu MHz`` in ``/proc/cpuinfo``,
 else :data:`FALLBACK_NOMINAL_KHZ`.  :attr:`HostCpuModel.degraded` then holds
 a one-line reason and the snapshot is marked ``nominal``.
 
-:class:`SysfsSource` is the :class:`~.hostfreq.FrequencySource` on top: it
+:class:`SysfsSource` is the :class:`~.cpufreq.hostfreq.FrequencySource` on top: it
 keeps one open file descriptor per ``scaling_cur_freq`` of the domains in the
 snapshot and :meth:`SysfsSource.sample` re-reads them with ``os.pread`` at
 offset 0 (sysfs regenerates the value on each read at offset 0; regular files
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .hostfreq import HostDomain, HostSnapshot, Listener
+from ..cpufreq.hostfreq import HostDomain, HostSnapshot, Listener
 
 __all__ = [
     "Cpu",
@@ -473,7 +473,7 @@ def read_host_model(
 
 
 class SysfsSource:
-    """A :class:`~.hostfreq.FrequencySource` backed by sysfs.
+    """A :class:`~.cpufreq.hostfreq.FrequencySource` backed by sysfs.
 
     Listeners are called with every new snapshot, synchronously, from
     :meth:`sample` or :meth:`rebuild`.  After a rebuild the snapshot's domain

@@ -21,7 +21,7 @@ from typing import Callable
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import ProtocolError
 
-from .counters import Counters
+from ..counters import Counters
 from .session import Session
 
 __all__ = ["Connection", "recv_with_fds", "send_with_fds", "peer_credentials", "MAX_FDS"]

@@ -40,7 +40,7 @@
 
 #include "vuc.h"
 
-/* ---- the clamp engine (backend/engine.py is the reference) ---------------------------- */
+/* ---- the clamp engine (backend/policy/engine.py is the reference) ---------------------------- */
 
 #define CAPACITY_SCALE 1024
 #define NO_CLAMP (-1)
@@ -759,7 +759,7 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
     }
 }
 
-/* KickBatcher (backend/ratelimit.py): a ring is busy while its buffers arrive at
+/* KickBatcher (backend/policy/ratelimit.py): a ring is busy while its buffers arrive at
  * BUSY_ENTER_RATE or more per second over BUSY_WINDOW seconds, until the rate falls
  * below BUSY_LEAVE_RATE; a busy ring is drained on a grid of batch_delay seconds
  * and asks for a kick only after max_ahead buffers. */

@@ -16,7 +16,7 @@ read live (:class:`~.counters.Counters` sources), then folded in on detach.
 Rejections and clamp errors come back as events, logged by their owner within
 its log budget.
 
-:class:`CClampEngine` has the interface of :class:`~.engine.ClampEngine` (the
+:class:`CClampEngine` has the interface of :class:`~.policy.engine.ClampEngine` (the
 reference; tests/test_kick_lane.py runs both on the same inputs), plus the
 thread ids and actuation switch the lane needs.
 """
@@ -33,10 +33,10 @@ from typing import Any, Callable, Mapping, Sequence
 from vhost_user_cpufreq.protocol.requests import REASONS
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
+from ..counters import LATENCY_BUCKETS, Counters
+from ..defaults import LANE_SLICE_US
+from ..policy.engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 from .cdrain import CDrainer, ffi, pointer_to
-from .counters import LATENCY_BUCKETS, Counters
-from .defaults import LANE_SLICE_US
-from .engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
 
 __all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
            "EV_RING", "EV_BUFFER", "EV_RECORDS",

@@ -8,7 +8,7 @@ the latest state however many changes happened.
 
 from __future__ import annotations
 
-from .defaults import KICK_BATCH_DELAY
+from ..defaults import KICK_BATCH_DELAY
 
 __all__ = ["NotifyCoalescer", "KickBatcher", "LogBudget"]
 

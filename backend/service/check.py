@@ -14,12 +14,12 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
-from . import sched
-from .cdrain import dataplane
-from .guard import guard
-from .defaults import LANE_SLICE_US
-from .lane import KickLane, LaneSched
-from .sysfs import read_host_model
+from ..dataplane.cdrain import dataplane
+from ..dataplane.guard import guard
+from ..dataplane.lane import KickLane, LaneSched
+from ..defaults import LANE_SLICE_US
+from ..host import sched
+from ..host.sysfs import read_host_model
 
 __all__ = ["Finding", "run_checks"]
 
@@ -69,7 +69,7 @@ def _guard() -> Finding:
     g = guard()
     if g is None:
         return Finding("isolation", "degraded", "no C guard for shared memory and eventfds (no C compiler to build "
-                       "backend/guard.c): a front-end that shrinks its guest RAM ends the service, and with it every "
+                       "backend/dataplane/guard.c): a front-end that shrinks its guest RAM ends the service, and with it every "
                        "VM, and one that clears O_NONBLOCK on its call eventfd while keeping it full can stall it")
     detail = "guest memory faults cost only the faulting session (SIGBUS handler over every guest region)"
     if not g.timer_signal:

@@ -36,10 +36,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from .cdrain import dataplane
-from .counters import LATENCY_BUCKETS
-from .engine import CAPACITY_SCALE
-from .lane import running_lanes
+from ..counters import LATENCY_BUCKETS
+from ..dataplane.cdrain import dataplane
+from ..dataplane.lane import running_lanes
+from ..policy.engine import CAPACITY_SCALE
 
 if TYPE_CHECKING:  # the daemon imports this module lazily; no import cycle at run time
     from wsgiref.simple_server import WSGIServer
@@ -127,7 +127,7 @@ def _counter_families(specs: Iterable[tuple[str, str, str, bool]],
 
 
 class DaemonCollector:
-    """Reads a :class:`~.daemon.Daemon` at scrape time (safe from another thread)."""
+    """Reads a :class:`~.service.daemon.Daemon` at scrape time (safe from another thread)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon

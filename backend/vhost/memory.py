@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from vhost_user_cpufreq.protocol.errors import GuestMemoryError
 
-from .guard import Guard, Watched, guard
+from ..dataplane.guard import Guard, Watched, guard
 
 __all__ = ["MappedRegion", "MemoryMap", "MAX_REGIONS", "MAX_REGION_SIZE"]
 

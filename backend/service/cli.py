@@ -22,7 +22,7 @@ from typing import Sequence
 
 from vhost_user_cpufreq.protocol.cpufreq import DEFAULT_DEVICE_ID
 
-from . import demo, systemd
+from . import systemd
 from .check import run_checks
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 
@@ -151,13 +151,21 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=8.0, help="seconds to run (default 8)")
+    p.add_argument("--vcpus", type=int, default=4, help="guest vCPUs, 1-8 (default 4)")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--refresh", type=float, default=0.5, help="seconds between screen updates")
+    p.add_argument("--plain", action="store_true", help="print blocks instead of redrawing the screen")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vhost-user-cpufreq", description="vhost-user cpufreq device back-end")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the back-end and a modelled guest over a real socket (no QEMU, no root)")
-    demo.add_arguments(d)
+    _demo_arguments(d)
 
     s = sub.add_parser("serve", help="serve VMs (from --config, or one VM from flags)")
     s.add_argument("--config", help="TOML configuration file")
@@ -190,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _setup_logging(args.verbose if args.command != "demo" else args.verbose - 1)
     if args.command == "demo":
+        from . import demo  # late: the demo loads the guest model, which serve must not
+
         return demo.main(args)
     if args.command == "check":
         return _check(args)

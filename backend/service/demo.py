@@ -27,7 +27,7 @@ from ..host.hosts import PIXEL6, PIXEL6_OPPS_KHZ
 from ..policy.decision import RecordingPolicy
 from .vms import Service, VmConfig
 
-__all__ = ["DemoOptions", "run_demo", "add_arguments"]
+__all__ = ["DemoOptions", "run_demo"]
 
 TICK_MS = 4.0
 
@@ -40,14 +40,6 @@ class DemoOptions:
     refresh: float = 0.5
     thermal_cap_khz: int = 1426000
     plain: bool = False  # no screen redraw, one block per refresh
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--duration", type=float, default=8.0, help="seconds to run (default 8)")
-    p.add_argument("--vcpus", type=int, default=4, help="guest vCPUs, 1-8 (default 4)")
-    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    p.add_argument("--refresh", type=float, default=0.5, help="seconds between screen updates")
-    p.add_argument("--plain", action="store_true", help="print blocks instead of redrawing the screen")
 
 
 def _vcpu_domains(n: int) -> tuple[int, ...]:

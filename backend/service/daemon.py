@@ -30,6 +30,7 @@ from ..host.statefile import StateFile, recover
 from ..host.sysfs import SysfsSource
 from . import systemd
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
+from .metrics_view import DaemonView, HostView, VmView
 from .vm_host import HostSide
 from .vms import Service
 
@@ -119,6 +120,32 @@ class Daemon:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    # -- metrics -------------------------------------------------------------------------
+    def metrics_view(self) -> DaemonView:
+        """What the exporter shows, copied out; runs on the exporter's thread, so it only reads."""
+        vms: dict[str, VmView] = {}
+        for vm, slot in list(self.service.vms.items()):  # copy: the loop may add or remove VMs meanwhile
+            binding = self.policy.vms.get(vm)
+            vms[vm] = VmView(
+                counters=slot.counters.snapshot(),
+                latency=slot.counters.histogram("kick_to_decision_seconds"),
+                connected=slot.connection is not None,
+                config=slot.device.config,
+                utils=tuple(st.util for st in list(slot.device.vcpus)),
+                clamps=dict(binding.engine.vcpus) if binding is not None else {},
+            )
+        model, hp = self.source.model, self.host.hotplug
+        host = HostView(
+            domains=model.snapshot().domains,
+            cpufreq_degraded=model.degraded is not None,
+            samples=self.source.samples, changes=self.source.changes,
+            read_errors=self.source.read_errors, rebuilds=self.source.rebuilds,
+            hotplug_events=hp.hotplug_events if hp is not None else 0,
+            hotplug_available=hp is not None and hp.available,
+        )
+        return DaemonView(vms=vms, counters=self.counters.snapshot(), host=host,
+                          uclamp_degraded=self.actuator.degraded is not None, started=self.started)
 
     # -- reload --------------------------------------------------------------------------
     async def reload(self, new: ServiceConfig | None = None) -> list[str]:

@@ -2,16 +2,19 @@
 
 Theory of operation: nothing here runs on the hot path.  Sessions, devices
 and actuators only bump plain :class:`~.counters.Counters` dictionaries (and
-one latency histogram per VM); :class:`DaemonCollector` reads those, plus the
-host model, the applied clamps and the mirrored config spaces, when Prometheus
-scrapes.  Every family is yielded on every scrape, even without samples, so
+one latency histogram per VM).  When Prometheus scrapes, :class:`DaemonCollector`
+asks its :class:`MetricsSource` (the daemon) for a :class:`DaemonView`: the
+counters, the host model, the applied clamps and the mirrored config spaces,
+copied into frozen values.  The exporter knows those values and nothing of the
+objects behind them, so it does not import the daemon, and the daemon alone
+decides what it shows.  Every family is yielded on every scrape, even without samples, so
 the names are always declared (dashboards and alert rules can rely on them).
 
 The HTTP endpoint is prometheus_client's WSGI server, serving a private
 :class:`CollectorRegistry` from its own threads while the asyncio loop keeps
-running.  The collector therefore only reads: attribute loads and
-``Counters.snapshot()`` (a C-level dict copy, atomic under the GIL), and it
-copies every dict it iterates that the loop may resize (``service.vms``).
+running.  The view is therefore built by reads only, on the exporter's thread:
+attribute loads and ``Counters.snapshot()`` (a C-level dict copy, atomic under
+the GIL), copying every dict it iterates that the loop may resize (``service.vms``).
 A value may be one update behind another in a scrape; none is ever torn.
 
 Naming: one prefix ``vhost_user_cpufreq_``, base units (seconds, hertz),
@@ -26,7 +29,7 @@ import errno
 import platform
 import threading
 from importlib import metadata
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.metrics_core import (
@@ -40,11 +43,10 @@ from ..counters import LATENCY_BUCKETS
 from ..dataplane.cdrain import dataplane
 from ..dataplane.lane import running_lanes
 from ..policy.engine import CAPACITY_SCALE
+from .metrics_view import MetricsSource, Snapshot
 
-if TYPE_CHECKING:  # the daemon imports this module lazily; no import cycle at run time
+if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from .daemon import Daemon
 
 __all__ = ["PREFIX", "DaemonCollector", "MetricsServer", "build_registry", "render", "start_metrics_server",
            "parse_address"]
@@ -56,7 +58,8 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     VERSION = "unknown"
 
-Snapshot = Mapping[tuple[str, str], int]
+
+
 
 #: Per-VM counters (VmSlot.counters): (event, metric name without prefix, help, reason label?).
 VM_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
@@ -127,23 +130,23 @@ def _counter_families(specs: Iterable[tuple[str, str, str, bool]],
 
 
 class DaemonCollector:
-    """Reads a :class:`~.service.daemon.Daemon` at scrape time (safe from another thread)."""
+    """Turns a :class:`MetricsSource`'s view into metric families at scrape time (on the exporter's thread)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, source: MetricsSource) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        slots = list(d.service.vms.items())  # copy: the loop may add or remove VMs meanwhile
+        d = self.source.metrics_view()
+        slots = list(d.vms.items())
 
-        yield from _counter_families(VM_COUNTERS, [([vm], s.counters.snapshot()) for vm, s in slots], ["vm"])
-        yield from _counter_families(SERVICE_COUNTERS, [([], d.counters.snapshot())], [])
+        yield from _counter_families(VM_COUNTERS, [([vm], s.counters) for vm, s in slots], ["vm"])
+        yield from _counter_families(SERVICE_COUNTERS, [([], d.counters)], [])
 
         hist = HistogramMetricFamily(
             PREFIX + "kick_to_decision_seconds",
             "Time from reading a guest kick to every record of it decided on.", labels=["vm"])
         for vm, s in slots:
-            h = s.counters.histogram("kick_to_decision_seconds")
+            h = s.latency
             cum = h.cumulative() if h is not None else [(b, 0) for b in (*LATENCY_BUCKETS, float("inf"))]
             # The count comes from the +Inf bucket, so buckets and count always agree in one scrape.
             hist.add_metric([vm], [(_le(b), n) for b, n in cum], h.sum if h is not None else 0.0)
@@ -167,15 +170,13 @@ class DaemonCollector:
                                     "Maximum frequency advertised to the guest for its frequency domain.",
                                     labels=["vm", "domain"])
         for vm, s in slots:
-            connected.add_metric([vm], 1 if s.connection is not None else 0)
-            cfg = s.device.config  # immutable, replaced whole by the loop
+            connected.add_metric([vm], 1 if s.connected else 0)
+            cfg = s.config
             generation.add_metric([vm], cfg.generation)
-            binding = d.policy.vms.get(vm)
-            clamps = binding.engine.vcpus if binding is not None else {}
-            for v, st in enumerate(list(s.device.vcpus)):
+            for v, u in enumerate(s.utils):
                 # A vCPU the engine never touched has no clamp from us: 0.
-                uclamp.add_metric([vm, str(v)], (clamps.get(v) or 0) / CAPACITY_SCALE)
-                util.add_metric([vm, str(v)], st.util / CAPACITY_SCALE)
+                uclamp.add_metric([vm, str(v)], (s.clamps.get(v) or 0) / CAPACITY_SCALE)
+                util.add_metric([vm, str(v)], u / CAPACITY_SCALE)
             for i, dom in enumerate(cfg.domains):
                 dom_cur.add_metric([vm, str(i)], dom.cur_khz * 1000.0)
                 dom_max.add_metric([vm, str(i)], dom.max_khz * 1000.0)
@@ -183,7 +184,7 @@ class DaemonCollector:
 
         yield GaugeMetricFamily(PREFIX + "vms_configured", "VMs configured (served sockets).", value=len(slots))
 
-        model = d.source.model
+        host = d.host
         h_cur = GaugeMetricFamily(PREFIX + "host_domain_frequency_hertz",
                                   "Current frequency of the host frequency domain (cpufreq policy).", labels=["domain"])
         h_min = GaugeMetricFamily(PREFIX + "host_domain_frequency_min_hertz",
@@ -193,34 +194,32 @@ class DaemonCollector:
         h_cap = GaugeMetricFamily(PREFIX + "host_domain_capacity_ratio",
                                   "Capacity of the host domain's CPUs, as a ratio of the biggest CPU's.",
                                   labels=["domain"])
-        for i, hd in enumerate(model.snapshot().domains):
+        for i, hd in enumerate(host.domains):
             h_cur.add_metric([str(i)], hd.cur_khz * 1000.0)
             h_min.add_metric([str(i)], hd.min_khz * 1000.0)
             h_max.add_metric([str(i)], hd.max_khz * 1000.0)
             h_cap.add_metric([str(i)], hd.capacity / CAPACITY_SCALE)
         yield from (h_cur, h_min, h_max, h_cap)
 
-        src = d.source
         yield CounterMetricFamily(PREFIX + "host_frequency_samples_total", "Host frequency samples taken.",
-                                  value=src.samples)
+                                  value=host.samples)
         yield CounterMetricFamily(PREFIX + "host_frequency_changes_total",
-                                  "Host frequency samples where some domain moved.", value=src.changes)
+                                  "Host frequency samples where some domain moved.", value=host.changes)
         yield CounterMetricFamily(PREFIX + "host_frequency_read_errors_total",
-                                  "scaling_cur_freq reads that failed or did not parse.", value=src.read_errors)
+                                  "scaling_cur_freq reads that failed or did not parse.", value=host.read_errors)
         yield CounterMetricFamily(PREFIX + "host_model_rebuilds_total", "Host CPU model rebuilds from sysfs.",
-                                  value=src.rebuilds)
-        hp = d.host.hotplug
+                                  value=host.rebuilds)
         yield CounterMetricFamily(PREFIX + "cpu_hotplug_events_total", "CPU online/offline/add/remove uevents seen.",
-                                  value=hp.hotplug_events if hp is not None else 0)
+                                  value=host.hotplug_events)
 
         degraded = GaugeMetricFamily(
             PREFIX + "degraded",
             "1 while a component runs degraded: cpufreq (nominal frequencies), uclamp (clamps recorded, not "
             "applied), hotplug (no uevents; periodic rebuilds only), dataplane (pure Python), lane_slice (the "
             "kick lane asked for a short scheduler slice and did not get it).", labels=["component"])
-        degraded.add_metric(["cpufreq"], 1 if model.degraded is not None else 0)
-        degraded.add_metric(["uclamp"], 1 if d.actuator.degraded is not None else 0)
-        degraded.add_metric(["hotplug"], 0 if hp is not None and hp.available else 1)
+        degraded.add_metric(["cpufreq"], 1 if host.cpufreq_degraded else 0)
+        degraded.add_metric(["uclamp"], 1 if d.uclamp_degraded else 0)
+        degraded.add_metric(["hotplug"], 0 if host.hotplug_available else 1)
         degraded.add_metric(["dataplane"], 0 if dataplane().kind == "c" else 1)
         lanes = running_lanes()
         degraded.add_metric(["lane_slice"], 1 if any(ln.sched.requested_ns and not ln.sched.applied for ln in lanes) else 0)
@@ -239,16 +238,16 @@ class DaemonCollector:
         yield info
 
 
-def build_registry(daemon: Daemon) -> CollectorRegistry:
+def build_registry(source: MetricsSource) -> CollectorRegistry:
     """A private registry holding only the daemon's collector (no default process metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon))
+    registry.register(DaemonCollector(source))
     return registry
 
 
-def render(daemon: Daemon) -> bytes:
+def render(source: MetricsSource) -> bytes:
     """The daemon's metrics in the Prometheus text format."""
-    return generate_latest(build_registry(daemon))
+    return generate_latest(build_registry(source))
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -279,7 +278,7 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_metrics_server(daemon: Daemon, address: str) -> MetricsServer:
+def start_metrics_server(source: MetricsSource, address: str) -> MetricsServer:
     """Serve ``/metrics`` (any path, in fact) on ``address`` from a background thread.
 
     Raises OSError naming the address when it cannot listen (port in use,
@@ -287,7 +286,7 @@ def start_metrics_server(daemon: Daemon, address: str) -> MetricsServer:
     """
     host, port = parse_address(address)
     try:
-        httpd, thread = start_http_server(port, addr=host, registry=build_registry(daemon))
+        httpd, thread = start_http_server(port, addr=host, registry=build_registry(source))
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on {address}: {exc.strerror or exc}") from exc
     return MetricsServer(httpd, thread, address)

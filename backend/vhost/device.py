@@ -84,8 +84,12 @@ class VirtioDevice(Protocol):
         """A ring became usable (started and enabled), or stopped (None)."""
         ...
 
-    def handle_queue(self, index: int, queue: DeviceQueue) -> None:
-        """Process available buffers after a kick; must not block."""
+    def handle_queue(self, index: int, queue: DeviceQueue) -> bool:
+        """Process available buffers after a kick; must not block.
+
+        True if the work budget ran out with buffers left: the session comes back to the ring
+        after other sessions had their turn.
+        """
         ...
 
     def reset(self) -> None:

@@ -1,25 +1,22 @@
-"""One vhost-user session: the back-end side of one front-end connection.
+"""One vhost-user session: the shell that carries out the session rules' effects.
 
-Theory of operation: the transport feeds decoded messages to
-:meth:`Session.handle`, which checks them against the session rules (the
-``RULES`` table below, one row per request with the section of QEMU's
-``docs/interop/vhost-user.rst`` it comes from), applies them, and returns the
-reply to send, if any.  The session maps guest memory, owns each ring's
-kick/call/err eventfds, turns a started and enabled ring into a
-:class:`DeviceQueue` and calls the device for it.  It knows nothing about
-cpufreq: the device is a :class:`VirtioDevice`.
+Theory of operation: the rules live in :mod:`vhost_user_cpufreq.protocol.session`,
+sans-IO: :meth:`Session.handle` feeds each decoded message to the
+:class:`SessionMachine` and carries out the effects it returns, in order:
+it maps guest memory, owns each ring's kick/call/err eventfds, turns a
+started and enabled ring into a :class:`DeviceQueue` and hands it to the
+device, and builds the reply.  It knows nothing about cpufreq: the device is
+a :class:`VirtioDevice`.  What happens between messages (kicks, kick
+batching and polling, used-buffer interrupts, coalesced config-change
+notifications) is this shell's own, on the event loop.
 
-Error policy: a malformed message or a rule violation raises out of
-``handle`` and the transport closes this session only.  The one exception is
-a request sent with NEED_REPLY once REPLY_ACK is negotiated: then the failure
-is answered with a non-zero ack, as the spec intends, and the session goes on.
-Every rejection is logged and counted with its reason.
-
-Ring rules (spec, "Ring states"): rings start stopped and disabled; a ring
-starts when it gets its kick fd (SET_VRING_KICK) and stops on GET_VRING_BASE;
-SET_VRING_ENABLE enables it, and if VHOST_USER_F_PROTOCOL_FEATURES was not
-negotiated SET_FEATURES enables every ring.  Only started and enabled rings
-are processed.
+Error policy: a malformed message, a rule violation, or an effect the kernel
+refuses raises out of ``handle`` and the transport closes this session only.
+The machine decides the one exception (``SessionMachine.refusal``): a request
+sent with NEED_REPLY once REPLY_ACK is negotiated is answered with a non-zero
+ack, and the session goes on.  Every rejection is logged and counted with
+its reason.  Every fd a message carried is handed over or closed, whatever
+happens.
 """
 
 from __future__ import annotations
@@ -33,20 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from vhost_user_cpufreq.protocol import session_effects as fx
 from vhost_user_cpufreq.protocol import vhost_user as vu
-from vhost_user_cpufreq.protocol.errors import (
-    GuestMemoryError,
-    ProtocolError,
-    RingError,
-    SessionStateError,
-)
-from vhost_user_cpufreq.protocol.virtqueue import (
-    VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
-    DeviceQueue,
-    ring_sizes,
-    validate_queue_size,
-)
+from vhost_user_cpufreq.protocol.errors import GuestMemoryError, ProtocolError, RingError, SessionStateError
+from vhost_user_cpufreq.protocol.session import OFFERED_PROTOCOL_FEATURES, RULES, DeviceFacts, RingState, SessionMachine
+from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue, ring_sizes
 
 from ..counters import Counters
 from ..dataplane.guard import Signalled, drain_eventfd, signal_eventfd
@@ -60,76 +48,56 @@ __all__ = ["Session", "Reply", "OFFERED_PROTOCOL_FEATURES", "RULES"]
 F = vu.FrontendRequest
 PF = vu.ProtocolFeature
 
-#: Protocol features we implement, and only those.
-OFFERED_PROTOCOL_FEATURES = (
-    1 << PF.MQ
-    | 1 << PF.REPLY_ACK
-    | 1 << PF.BACKEND_REQ
-    | 1 << PF.CONFIG
-    | 1 << PF.RESET_DEVICE
-    | 1 << PF.CONFIGURE_MEM_SLOTS
-    | 1 << PF.STATUS
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    needs_owner: bool = True
-    needs_protocol_feature: int | None = None  # a ProtocolFeature that must be negotiated
-    ring_stopped: bool = False  # the addressed ring must not be started
-    spec: str = ""
-
-
-#: Session rules, one row per request we accept; anything else is refused.
-RULES: dict[int, Rule] = {
-    F.GET_FEATURES: Rule(needs_owner=False, spec="GET_FEATURES"),
-    F.SET_FEATURES: Rule(spec="SET_FEATURES; 'Ring states': without PROTOCOL_FEATURES rings are enabled"),
-    F.GET_PROTOCOL_FEATURES: Rule(needs_owner=False, spec="GET_PROTOCOL_FEATURES"),
-    F.SET_PROTOCOL_FEATURES: Rule(needs_owner=False, spec="SET_PROTOCOL_FEATURES: a subset of what was offered"),
-    F.SET_OWNER: Rule(needs_owner=False, spec="SET_OWNER: once per connection"),
-    F.GET_QUEUE_NUM: Rule(needs_owner=False, needs_protocol_feature=PF.MQ, spec="GET_QUEUE_NUM"),
-    F.GET_MAX_MEM_SLOTS: Rule(
-        needs_owner=False, needs_protocol_feature=PF.CONFIGURE_MEM_SLOTS, spec="GET_MAX_MEM_SLOTS"
-    ),
-    F.SET_BACKEND_REQ_FD: Rule(needs_owner=False, needs_protocol_feature=PF.BACKEND_REQ, spec="SET_BACKEND_REQ_FD"),
-    F.SET_MEM_TABLE: Rule(spec="SET_MEM_TABLE: replaces every region"),
-    F.ADD_MEM_REG: Rule(needs_protocol_feature=PF.CONFIGURE_MEM_SLOTS, spec="ADD_MEM_REG"),
-    F.REM_MEM_REG: Rule(needs_protocol_feature=PF.CONFIGURE_MEM_SLOTS, spec="REM_MEM_REG"),
-    F.SET_VRING_NUM: Rule(ring_stopped=True, spec="SET_VRING_NUM"),
-    F.SET_VRING_ADDR: Rule(ring_stopped=True, spec="SET_VRING_ADDR"),
-    F.SET_VRING_BASE: Rule(ring_stopped=True, spec="SET_VRING_BASE"),
-    F.GET_VRING_BASE: Rule(spec="GET_VRING_BASE: stops the ring, returns the next avail index"),
-    F.SET_VRING_KICK: Rule(spec="SET_VRING_KICK: starts the ring; bit 8 = no fd, poll"),
-    F.SET_VRING_CALL: Rule(spec="SET_VRING_CALL"),
-    F.SET_VRING_ERR: Rule(spec="SET_VRING_ERR"),
-    F.SET_VRING_ENABLE: Rule(spec="SET_VRING_ENABLE: only with PROTOCOL_FEATURES negotiated"),
-    F.GET_CONFIG: Rule(needs_owner=False, needs_protocol_feature=PF.CONFIG, spec="GET_CONFIG"),
-    F.SET_CONFIG: Rule(needs_protocol_feature=PF.CONFIG, spec="SET_CONFIG"),
-    F.RESET_DEVICE: Rule(needs_protocol_feature=PF.RESET_DEVICE, spec="RESET_DEVICE"),
-    F.SET_STATUS: Rule(needs_protocol_feature=PF.STATUS, spec="SET_STATUS"),
-    F.GET_STATUS: Rule(needs_protocol_feature=PF.STATUS, spec="GET_STATUS"),
-}
-
 Reply = tuple[bytes, tuple[int, ...]]  # encoded reply, fds to send with it
+
+
+class _KernelFds:
+    """The machine's FdInspector: asks /proc and fstat."""
+
+    def fd_target(self, fd: int) -> str:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return "?"
+
+    def is_socket(self, fd: int) -> bool:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
+_KERNEL_FDS = _KernelFds()
 
 
 @dataclass(slots=True)
 class Ring:
-    index: int
-    num: int = 0
+    """One ring's live side; its rules' side is ``state`` (the machine's)."""
+
+    state: RingState
     base: int = 0
-    addr: "vu.VringAddr | None" = None
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
-    started: bool = False
-    enabled: bool = False
     polling: bool = False
     queue: DeviceQueue | None = None
     scheduled: bool = False
     batcher: KickBatcher | None = None
     deadline: asyncio.TimerHandle | None = None  # drain without a kick (kick batching)
     offload: Offload | None = None  # served by the device off the loop (the C kick lane)
+
+    @property
+    def index(self) -> int:
+        return self.state.index
+
+    @property
+    def num(self) -> int:
+        return self.state.num
+
+    @property
+    def started(self) -> bool:
+        return self.state.started
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.enabled
 
 
 class Session:
@@ -156,14 +124,11 @@ class Session:
         self.clock = clock
         self.poll_interval = poll_interval
         self.kick_batch_delay = kick_batch_delay
-        self.owner = False
-        self.offered_features = device.features() | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
-        self.acked_features = 0
-        self.features_set = False
-        self.protocol_features = 0
+        self.machine = SessionMachine(DeviceFacts(
+            features=device.features(), num_queues=device.num_queues, max_queue_size=device.max_queue_size,
+            config_size=device.config_size, max_mem_slots=MAX_REGIONS))
         self.memory = MemoryMap()
-        self.rings = [Ring(i) for i in range(device.num_queues)]
-        self.status = 0
+        self.rings = [Ring(r) for r in self.machine.rings]
         self.backend_channel: socket.socket | None = None
         self.coalescer = NotifyCoalescer(notify_interval)
         self._notify_timer: asyncio.TimerHandle | None = None
@@ -173,239 +138,133 @@ class Session:
         self._untaken: list[int] = []
         device.attach(self)
 
-    # -- message dispatch -----------------------------------------------------------
+    # -- the rules' state, read-only ------------------------------------------------------
+    @property
+    def owner(self) -> bool:
+        return self.machine.owner
+
+    @property
+    def acked_features(self) -> int:
+        return self.machine.acked_features
+
+    @property
+    def protocol_features(self) -> int:
+        return self.machine.protocol_features
+
+    @property
+    def status(self) -> int:
+        return self.machine.status
+
+    # -- messages in, effects out -------------------------------------------------------
     def handle(self, msg: "vu.Message") -> Reply | None:
         """Apply one request; returns the reply to send, if any.
 
         Raises :class:`ProtocolError` when the session must close.
         """
         req = msg.request
-        # fds the message carried and no handler took: closed whatever happens.
+        # fds the message carried and no effect took: closed whatever happens.
         self._untaken = list(msg.fds)
         try:
-            rule = RULES.get(req)
-            if rule is None:
-                raise SessionStateError("unsupported-request", f"{_name(req)} is not implemented here")
-            self._check(rule, msg)
             try:
-                payload = getattr(self, "_on_" + F(req).name.lower())(msg)
+                reply = self._perform(self.machine.handle(msg, _KERNEL_FDS))
             except OSError as exc:
                 # An fd the front-end passed that the kernel will not use as we need.
                 raise SessionStateError("unusable-fd", f"{_name(req)}: {exc.strerror or exc}") from None
             if self.memory.faulted():
-                # A handler read rings in guest RAM the front-end shrank under us (guard.py).
+                # An effect read rings in guest RAM the front-end shrank under us (guard.py).
                 raise GuestMemoryError("guest-memory-gone", f"guest RAM faulted while handling {_name(req)}")
         except ProtocolError as exc:
             self.counters.inc("rejected", exc.reason)
-            # A failure can be acked only where the ack is the whole reply; a request
-            # with a reply of its own (GET_CONFIG, GET_VRING_BASE...) closes the session.
-            if (isinstance(exc, SessionStateError) and msg.need_reply and self._has(PF.REPLY_ACK)
-                    and not vu.expects_reply(req, self.protocol_features)):
+            nack = self.machine.refusal(msg, exc)
+            if nack is not None:
                 self.log.warning("refused %s: %s", _name(req), str(exc))
-                return vu.encode_reply(req, vu.U64(1)), ()
+                return nack.data, nack.fds
             raise
         finally:
             _close_fds(self._untaken)
             self._untaken = []
-        if vu.expects_reply(req):
-            return vu.encode_reply(req, payload), ()
-        if msg.need_reply and self._has(PF.REPLY_ACK):
-            return vu.encode_reply(req, vu.U64(0)), ()
-        return None
+        return reply
 
-    def _take_fd(self) -> int:
-        """Take ownership of the message's (single) fd."""
-        return self._untaken.pop(0)
+    def _take(self, fd: int | None) -> int | None:
+        """Ownership of one of the message's fds passes to this shell."""
+        if fd is not None:
+            self._untaken.remove(fd)
+        return fd
 
-    def _has(self, pf: int) -> bool:
-        return bool(self.protocol_features & (1 << pf))
-
-    def _check(self, rule: Rule, msg: "vu.Message") -> None:
-        if rule.needs_owner and not self.owner:
-            raise SessionStateError("no-owner", f"{_name(msg.request)} before SET_OWNER")
-        if rule.needs_protocol_feature is not None and not self._has(rule.needs_protocol_feature):
-            raise SessionStateError(
-                "feature-not-negotiated",
-                f"{_name(msg.request)} needs protocol feature {PF(rule.needs_protocol_feature).name}",
-            )
-        if rule.ring_stopped and self._ring_of(msg).started:
-            raise SessionStateError("ring-started", f"{_name(msg.request)} on started ring")
-
-    def _ring_of(self, msg: "vu.Message") -> Ring:
-        p = msg.payload
-        if isinstance(p, vu.U64):
-            index = p.value & vu.VRING_IDX_MASK
-        else:
-            index = getattr(p, "index")
-        if not 0 <= index < len(self.rings):
-            raise SessionStateError("bad-ring-index", f"ring {index}, device has {len(self.rings)}")
-        return self.rings[index]
-
-    # -- features and ownership ------------------------------------------------------
-    def _on_get_features(self, msg: "vu.Message") -> "vu.U64":
-        return vu.U64(self.offered_features)
-
-    def _on_set_features(self, msg: "vu.Message") -> None:
-        acked = msg.payload.value
-        if acked & ~self.offered_features:
-            raise SessionStateError("unsupported-features", f"acked {acked:#x} not within offered {self.offered_features:#x}")
-        self.acked_features = acked
-        self.features_set = True
-        self.device.set_features(acked & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES))
-        if not acked & (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES):
-            for ring in self.rings:
-                ring.enabled = True
-                self._update_ring(ring)
-
-    def _on_get_protocol_features(self, msg: "vu.Message") -> "vu.U64":
-        return vu.U64(OFFERED_PROTOCOL_FEATURES)
-
-    def _on_set_protocol_features(self, msg: "vu.Message") -> None:
-        pf = msg.payload.value
-        if pf & ~OFFERED_PROTOCOL_FEATURES:
-            raise SessionStateError("unsupported-protocol-features", f"{pf:#x} not within {OFFERED_PROTOCOL_FEATURES:#x}")
-        self.protocol_features = pf
-
-    def _on_set_owner(self, msg: "vu.Message") -> None:
-        if self.owner:
-            raise SessionStateError("owner-already-set", "SET_OWNER sent twice")
-        self.owner = True
-
-    def _on_get_queue_num(self, msg: "vu.Message") -> "vu.U64":
-        return vu.U64(len(self.rings))
-
-    def _on_get_max_mem_slots(self, msg: "vu.Message") -> "vu.U64":
-        return vu.U64(MAX_REGIONS)
-
-    def _on_set_backend_req_fd(self, msg: "vu.Message") -> None:
-        if not stat.S_ISSOCK(os.fstat(msg.fds[0]).st_mode):
-            raise SessionStateError("bad-backend-channel", "SET_BACKEND_REQ_FD fd is not a socket")
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-        sock = socket.socket(fileno=self._take_fd())
-        sock.setblocking(False)
-        self.backend_channel = sock
-
-    # -- memory ------------------------------------------------------------------------
-    def _on_set_mem_table(self, msg: "vu.Message") -> None:
-        new = MemoryMap()
-        try:
-            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
-                _map_into(new, fd, region)
-        except GuestMemoryError:
-            new.clear()
-            raise
-        self._replace_memory(new)
-
-    def _on_add_mem_reg(self, msg: "vu.Message") -> None:
-        for ring in self.rings:
-            self._unoffload(ring)  # an offloaded ring holds the old region table
-        _map_into(self.memory, msg.fds[0], msg.payload.region)
-        self._retranslate_rings()
-
-    def _on_rem_mem_reg(self, msg: "vu.Message") -> None:
-        r = msg.payload.region
-        # Rings living in the region lose their memory: stop them first.
-        for ring in self.rings:
-            if ring.queue is not None:
-                self._drop_queue(ring)
-        self.memory.remove(r.guest_phys_addr, r.memory_size, r.userspace_addr)
-        self._retranslate_rings()
-
-    def _replace_memory(self, new: MemoryMap) -> None:
-        for ring in self.rings:
-            self._drop_queue(ring)
-        old, self.memory = self.memory, new
-        old.clear()
-        self._retranslate_rings()
-
-    def _retranslate_rings(self) -> None:
-        for ring in self.rings:
-            if ring.started:
-                self._update_ring(ring)
-
-    # -- rings -------------------------------------------------------------------------
-    def _on_set_vring_num(self, msg: "vu.Message") -> None:
-        ring = self._ring_of(msg)
-        num = msg.payload.num
-        validate_queue_size(num)
-        if num > self.device.max_queue_size:
-            raise SessionStateError("bad-queue-size", f"{num} > {self.device.max_queue_size}")
-        ring.num = num
-
-    def _on_set_vring_addr(self, msg: "vu.Message") -> None:
-        ring = self._ring_of(msg)
-        a = msg.payload
-        if a.flags:
-            raise SessionStateError("unsupported-ring-flags", "dirty logging is not supported")
-        # Split virtqueue alignment (virtio 1.x 2.7): the C drain loads indices as aligned
-        # words, and a ring it refused would fall back to a slower path.
-        for what, addr, align in (("descriptor table", a.desc_user_addr, 16), ("available ring", a.avail_user_addr, 2),
-                                  ("used ring", a.used_user_addr, 4)):
-            if addr % align:
-                raise SessionStateError("misaligned-ring", f"ring {ring.index}: {what} at {addr:#x} is not "
-                                        f"{align}-byte aligned")
-        ring.addr = a
-
-    def _on_set_vring_base(self, msg: "vu.Message") -> None:
-        ring = self._ring_of(msg)
-        if msg.payload.num > 0xFFFF:
-            raise SessionStateError("bad-ring-base", f"base {msg.payload.num} > 0xffff")
-        ring.base = msg.payload.num
-
-    def _on_get_vring_base(self, msg: "vu.Message") -> "vu.VringState":
-        ring = self._ring_of(msg)
-        self._unoffload(ring)  # the lane's cursor first: it is the one that moved
-        next_avail = ring.queue.last_avail_idx if ring.queue is not None else ring.base
-        ring.base = next_avail
-        ring.started = False
-        self._set_kick(ring, None)
-        self._update_ring(ring)
-        return vu.VringState(ring.index, next_avail)
-
-    def _on_set_vring_kick(self, msg: "vu.Message") -> None:
-        ring = self._ring_of(msg)
-        if ring.addr is None or ring.num == 0:
-            # QEMU always sends NUM, BASE and ADDR first (vhost_virtqueue_start).
-            raise SessionStateError("ring-not-configured", f"ring {ring.index} kicked before its size and addresses")
-        nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
-        if not nofd:
-            _require_eventfd(msg.fds[0], "kick")
-        self._set_kick(ring, None)
-        ring.polling = nofd
-        self._set_kick(ring, None if nofd else self._take_fd())
-        ring.started = True
-        self._update_ring(ring)
-
-    def _on_set_vring_call(self, msg: "vu.Message") -> None:
-        ring = self._ring_of(msg)
-        nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
-        if not nofd:
-            _require_eventfd(msg.fds[0], "call")
-        old = ring.call_fd
-        ring.call_fd = None if nofd else self._take_fd()
-        if ring.call_fd is not None:
-            os.set_blocking(ring.call_fd, False)
-        if ring.offload is not None:
-            ring.offload.set_call(ring.call_fd)
-        _close_fd(old)
-
-    def _on_set_vring_err(self, msg: "vu.Message") -> None:
-        ring = self._ring_of(msg)
-        nofd = bool(msg.payload.value & vu.VRING_NOFD_MASK)
-        if not nofd:
-            _require_eventfd(msg.fds[0], "err")
-        _close_fd(ring.err_fd)
-        ring.err_fd = None if nofd else self._take_fd()
-
-    def _on_set_vring_enable(self, msg: "vu.Message") -> None:
-        if not self.acked_features & (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES):
-            raise SessionStateError("feature-not-negotiated", "SET_VRING_ENABLE without PROTOCOL_FEATURES")
-        ring = self._ring_of(msg)
-        if msg.payload.num not in (0, 1):
-            raise SessionStateError("bad-enable-value", f"enable={msg.payload.num}")
-        ring.enabled = bool(msg.payload.num)
-        self._update_ring(ring)
+    def _perform(self, effects: list[fx.Effect]) -> Reply | None:
+        reply: Reply | None = None
+        for e in effects:
+            match e:
+                case fx.Reply(data, fds):
+                    reply = (data, fds)
+                case fx.ReplyConfig(offset, size, flags):
+                    reply = vu.encode_reply(F.GET_CONFIG, vu.ConfigSpace(
+                        offset, size, flags, self.device.get_config(offset, size))), ()
+                case fx.ReplyRingBase(index):
+                    reply = vu.encode_reply(F.GET_VRING_BASE, vu.VringState(index, self.rings[index].base)), ()
+                case fx.CloseFd(fd):
+                    self._untaken.remove(fd)
+                    _close_fd(fd)
+                case fx.SetBackendChannel(fd):
+                    if self.backend_channel is not None:
+                        self.backend_channel.close()
+                    sock = socket.socket(fileno=self._take(fd))
+                    sock.setblocking(False)
+                    self.backend_channel = sock
+                case fx.SetDeviceFeatures(features):
+                    self.device.set_features(features)
+                case fx.WriteConfig(offset, data):
+                    self.device.set_config(offset, data)
+                case fx.ResetDevice():
+                    for ring in self.rings:
+                        self._unoffload(ring)  # the device's state is about to go: take the rings back first
+                    self.device.reset()
+                case fx.MapRegions(regions, fds):
+                    new = MemoryMap()
+                    try:
+                        for region, fd in zip(regions, fds, strict=True):
+                            _map_into(new, fd, region)
+                    except GuestMemoryError:
+                        new.clear()
+                        raise
+                    for ring in self.rings:
+                        self._drop_queue(ring)
+                    old, self.memory = self.memory, new
+                    old.clear()
+                case fx.MapRegion(region, fd):
+                    for ring in self.rings:
+                        self._unoffload(ring)  # an offloaded ring holds the old region table
+                    _map_into(self.memory, fd, region)
+                case fx.UnmapRegion(gpa, size, uva):
+                    self.memory.remove(gpa, size, uva)
+                case fx.SetKickFd(index, fd, polling):
+                    ring = self.rings[index]
+                    self._set_kick(ring, None)
+                    ring.polling = polling
+                    self._set_kick(ring, self._take(fd))
+                case fx.SetCallFd(index, fd):
+                    ring = self.rings[index]
+                    old, ring.call_fd = ring.call_fd, self._take(fd)
+                    if ring.call_fd is not None:
+                        os.set_blocking(ring.call_fd, False)
+                    if ring.offload is not None:
+                        ring.offload.set_call(ring.call_fd)
+                    _close_fd(old)
+                case fx.SetErrFd(index, fd):
+                    ring = self.rings[index]
+                    _close_fd(ring.err_fd)
+                    ring.err_fd = self._take(fd)
+                case fx.SetRingBase(index, base):
+                    self.rings[index].base = base
+                case fx.StartRing():
+                    self._start_ring(e)
+                case fx.StopRing(index):
+                    self._drop_queue(self.rings[index])
+                case fx.RefreshRing(index):
+                    self._offload(self.rings[index])
+                case _:
+                    raise AssertionError(f"no shell for effect {e!r}")
+        return reply
 
     def _set_kick(self, ring: Ring, fd: int | None) -> None:
         self._unoffload(ring)
@@ -417,18 +276,11 @@ class Session:
             os.set_blocking(fd, False)
             self.loop.add_reader(fd, self._on_kick, ring)
 
-    def _update_ring(self, ring: Ring) -> None:
-        """Create or drop the ring's DeviceQueue to match started/enabled."""
-        if not (ring.started and ring.enabled):
-            self._drop_queue(ring)
-            return
-        if ring.queue is not None:
-            self._offload(ring)  # a new kick fd, or memory changed under an offloaded ring
-            return
-        if ring.addr is None or ring.num == 0:
-            raise SessionStateError("ring-not-configured", f"ring {ring.index} started without size or addresses")
-        desc_len, avail_len, used_len = ring_sizes(ring.num)
-        a = ring.addr
+    def _start_ring(self, e: fx.StartRing) -> None:
+        """Make the ring's DeviceQueue over guest memory and hand it to the device."""
+        ring = self.rings[e.index]
+        desc_len, avail_len, used_len = ring_sizes(e.num)
+        a = e.addr
         try:
             desc = self.memory.view_va(a.desc_user_addr, desc_len)
             avail = self.memory.view_va(a.avail_user_addr, avail_len)
@@ -436,15 +288,13 @@ class Session:
         except GuestMemoryError as exc:
             raise RingError("ring-address-out-of-range", f"ring {ring.index}: {exc.detail}") from None
         ring.queue = DeviceQueue(
-            ring.num, desc, avail, used, self.memory,
-            event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
-            indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+            e.num, desc, avail, used, self.memory, event_idx=e.event_idx, indirect=e.indirect,
             max_chain_bytes=self.device.max_chain_bytes,
             max_indirect=self.device.max_indirect,
         )
         ring.queue.set_base(ring.base)
         self.device.queue_ready(ring.index, ring.queue)
-        self.log.debug("ring %d ready: size %d base %d", ring.index, ring.num, ring.base)
+        self.log.debug("ring %d ready: size %d base %d", ring.index, e.num, ring.base)
         # Buffers made available before the ring started are not signalled again
         # (an offloaded ring is drained once by the lane on attach).
         if not self._offload(ring):
@@ -615,7 +465,7 @@ class Session:
             self._send_config_change()
 
     def _send_config_change(self) -> None:
-        if self.backend_channel is None or not self._has(PF.BACKEND_REQ):
+        if self.backend_channel is None or not self.machine.has(PF.BACKEND_REQ):
             self.counters.inc("config_notify_skipped", "no-backend-channel")
             return
         try:
@@ -626,44 +476,6 @@ class Session:
             self.log.warning("could not send CONFIG_CHANGE_MSG: %s", exc)
             return
         self.counters.inc("config_notifications")
-
-    # -- config, status, reset ---------------------------------------------------------
-    def _on_get_config(self, msg: "vu.Message") -> "vu.ConfigSpace":
-        c = msg.payload
-        if c.offset + c.size > self.device.config_size:
-            raise SessionStateError("bad-config-range", f"[{c.offset}, +{c.size}) past {self.device.config_size}")
-        return vu.ConfigSpace(c.offset, c.size, c.flags, self.device.get_config(c.offset, c.size))
-
-    def _on_set_config(self, msg: "vu.Message") -> None:
-        c = msg.payload
-        if c.offset + c.size > self.device.config_size:
-            raise SessionStateError("bad-config-range", f"[{c.offset}, +{c.size}) past {self.device.config_size}")
-        self.device.set_config(c.offset, c.payload)
-
-    def _on_set_status(self, msg: "vu.Message") -> None:
-        status = msg.payload.value
-        if status > 0xFF:
-            raise SessionStateError("bad-status", f"status {status:#x}")
-        self.status = status
-        if status == 0:
-            for ring in self.rings:
-                self._unoffload(ring)  # the device's state is about to go: take the rings back first
-            self.device.reset()
-
-    def _on_get_status(self, msg: "vu.Message") -> "vu.U64":
-        return vu.U64(self.status)
-
-    def _on_reset_device(self, msg: "vu.Message") -> None:
-        for ring in self.rings:
-            self._drop_queue(ring)
-            self._set_kick(ring, None)
-            _close_fd(ring.call_fd)
-            _close_fd(ring.err_fd)
-        self.rings = [Ring(i) for i in range(self.device.num_queues)]
-        self.acked_features = 0
-        self.features_set = False
-        self.status = 0
-        self.device.reset()
 
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
@@ -684,17 +496,6 @@ class Session:
             self.backend_channel = None
         self.device.attach(None)
         self.memory.clear()
-
-
-def _require_eventfd(fd: int, what: str) -> None:
-    """Kick, call and err fds must be eventfds: a pipe at EOF, a file or a socket would
-    spin the loop, block it, or make epoll refuse them."""
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        target = "?"
-    if target != "anon_inode:[eventfd]":
-        raise SessionStateError("not-an-eventfd", f"{what} fd is {target}, not an eventfd")
 
 
 def _map_into(memory: MemoryMap, fd: int, r: "vu.MemoryRegion") -> None:

@@ -49,6 +49,8 @@ and ``reader`` (the incremental reader).  Import the names from here.
 
 from __future__ import annotations
 
+# The errors its decoders raise, reachable as vu.MessageError as before the split.
+from ..errors import LocalProtocolError, MessageError  # noqa: F401
 from .codec import (
     Header,
     Message,

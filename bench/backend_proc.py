@@ -51,21 +51,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vhost_user_cpufreq.backend import cpufreq_device as cd  # noqa: E402
-from vhost_user_cpufreq.backend.hostfreq import StaticSource  # noqa: E402
-from vhost_user_cpufreq.backend.actuators import ThreadActuator  # noqa: E402
+from vhost_user_cpufreq.backend.cpufreq import device as cd  # noqa: E402
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource  # noqa: E402
+from vhost_user_cpufreq.backend.host.actuators import ThreadActuator  # noqa: E402
 from vhost_user_cpufreq.backend.counters import Counters  # noqa: E402
-from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits  # noqa: E402
-from vhost_user_cpufreq.backend.host_policy import HostPolicy  # noqa: E402
-from vhost_user_cpufreq.backend.lane import STAMP_BYTES  # noqa: E402
-from vhost_user_cpufreq.backend.hosts import PIXEL6, PIXEL6_OPPS_KHZ  # noqa: E402
-from vhost_user_cpufreq.backend.policy import Decision  # noqa: E402
-from vhost_user_cpufreq.backend.service import Service, VmConfig  # noqa: E402
-from vhost_user_cpufreq.backend.session import Session  # noqa: E402
+from vhost_user_cpufreq.backend.policy.engine import VcpuPlacement, VmLimits  # noqa: E402
+from vhost_user_cpufreq.backend.host.policy import HostPolicy  # noqa: E402
+from vhost_user_cpufreq.backend.dataplane.lane import STAMP_BYTES  # noqa: E402
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6, PIXEL6_OPPS_KHZ  # noqa: E402
+from vhost_user_cpufreq.backend.policy.decision import Decision  # noqa: E402
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig  # noqa: E402
+from vhost_user_cpufreq.backend.vhost.session import Session  # noqa: E402
 from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig  # noqa: E402
 
 #: decision stamp (ns), decisions so far, and when the kick lane woke for that decision (ns; 0 when
-#: decided on the event loop).  The lane writes the same layout (backend/lane.py STAMP_BYTES).
+#: decided on the event loop).  The lane writes the same layout (backend/dataplane/lane.py STAMP_BYTES).
 SLOT = struct.Struct("<QQQ")
 SLOT_SIZE = SLOT.size
 assert SLOT_SIZE == STAMP_BYTES
@@ -290,7 +290,7 @@ async def main(args: argparse.Namespace) -> None:
         stamps = mmap.mmap(args.stamp_fd, stamp_area_size(args.vms, args.vcpus), flags=mmap.MAP_SHARED)
     sampler: asyncio.Task[None] | None = None
     if args.sysfs:
-        from vhost_user_cpufreq.backend.sysfs import SysfsSource
+        from vhost_user_cpufreq.backend.host.sysfs import SysfsSource
 
         source = SysfsSource(args.sysfs)
         follow = None
@@ -309,7 +309,7 @@ async def main(args: argparse.Namespace) -> None:
     if age is not None:
         age.install()
     names = [f"vm{i}" for i in range(args.vms)]
-    # kick batching (backend/ratelimit.py:KickBatcher): the service's default unless told
+    # kick batching (backend/policy/ratelimit.py:KickBatcher): the service's default unless told
     kick_kw = {} if args.kick_batch_delay is None else {"kick_batch_delay": args.kick_batch_delay}
     stamper = StampPolicy(stamps, {n: i for i, n in enumerate(names)}, args.vcpus, follow, vmap)
     split = None

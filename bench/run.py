@@ -49,9 +49,9 @@ from stats import (  # noqa: E402
     system_busy,
 )
 
-from vhost_user_cpufreq.backend import sched  # noqa: E402
-from vhost_user_cpufreq.backend.policy import schedutil_khz  # noqa: E402
-from vhost_user_cpufreq.backend.service import VmConfig  # noqa: E402
+from vhost_user_cpufreq.backend.host import sched  # noqa: E402
+from vhost_user_cpufreq.backend.policy.decision import schedutil_khz  # noqa: E402
+from vhost_user_cpufreq.backend.service.vms import VmConfig  # noqa: E402
 from vhost_user_cpufreq.guest.workload import BurstyWorkload, PeltTracker  # noqa: E402
 from vhost_user_cpufreq.protocol import cpufreq as abi  # noqa: E402
 
@@ -1295,7 +1295,7 @@ def _fmt_s(s: Any, unit: str = "us") -> str:
 
 def _dataplane_detail() -> str:
     """Which request-queue drain the back-end processes will run (same environment, same choice)."""
-    from vhost_user_cpufreq.backend.cdrain import dataplane
+    from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane
 
     return dataplane().detail
 

@@ -20,13 +20,13 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from vhost_user_cpufreq.backend.transport import recv_with_fds, send_with_fds
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import LocalProtocolError
 from vhost_user_cpufreq.protocol.memory import FlatMemory
 from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, ring_sizes
 
 from .driver import CpufreqDriver
+from .scm import recv_with_fds, send_with_fds
 from .transport import DriverTransport, GuestRam
 
 __all__ = ["VhostUserFrontend", "InProcessTransport", "MemfdRam", "ModelledGuest", "connect_guest"]

@@ -12,7 +12,7 @@ for an error that concerns the whole ring), the valid records in order, and
 the records rejected inside otherwise valid batches.
 
 This is the reference implementation.  The back-end also has the same drain
-in C (``backend/ring_drain.c``), which must give the same :class:`Drained`
+in C (``backend/dataplane/ring_drain.c``), which must give the same :class:`Drained`
 for every ring; the tests compare the two on generated rings.  Everything
 is expressed in small integers so both can produce it: rejection reasons
 are indices into :data:`REASONS`.

@@ -263,7 +263,7 @@ class DeviceQueue:
         """Back to the state after construction."""
         self.set_base(0)
 
-    # -- for a second implementation of the consuming side (backend/ring_drain.c) ----
+    # -- for a second implementation of the consuming side (backend/dataplane/ring_drain.c) ----
 
     @property
     def memory(self) -> GuestMemory:
@@ -336,7 +336,7 @@ class DeviceQueue:
     def _walk(self, head: int) -> Chain:
         """Walk the chain at ``head``: the ring's table, then at most one indirect table.
 
-        One loop serves both tables (as in backend/ring_drain.c): an indirect
+        One loop serves both tables (as in backend/dataplane/ring_drain.c): an indirect
         descriptor switches ``table`` to the indirect one, which restarts the
         index and the loop bound, and the walk goes on there.
         """

@@ -69,7 +69,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     Such a lane's thread lives until the process exits, and later tests that count lanes or
     threads see it.  A warning (not a failure) names the test where it happened.
     """
-    from vhost_user_cpufreq.backend.lane import running_lanes
+    from vhost_user_cpufreq.backend.dataplane.lane import running_lanes
 
     stale = [lane for lane in running_lanes() if lane._loop.is_closed() and id(lane) not in _stale_lanes_named]
     if stale:

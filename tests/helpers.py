@@ -15,14 +15,14 @@ from typing import Any, Iterator, NoReturn
 
 import pytest
 
-from vhost_user_cpufreq.backend.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.host.actuators import ThreadActuator
 from vhost_user_cpufreq.backend.counters import Counters
-from vhost_user_cpufreq.backend.engine import EngineConfig, VcpuPlacement, VmLimits
-from vhost_user_cpufreq.backend.host_policy import HostPolicy
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.policy import RecordingPolicy
-from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
+from vhost_user_cpufreq.backend.policy.engine import EngineConfig, VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.host.policy import HostPolicy
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig, VmSlot
 from vhost_user_cpufreq.guest.frontend import ModelledGuest, connect_guest
 
 
@@ -38,7 +38,7 @@ def unavailable(require_var: str, why: str) -> NoReturn:
 
 def require_c_dataplane() -> None:
     """The C data plane (drain and kick lane) must load: CI demands it (VUC_REQUIRE_TOOLS=1)."""
-    from vhost_user_cpufreq.backend.cdrain import dataplane
+    from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane
 
     dp = dataplane()
     if dp.kind != "c" or not dp.lane:

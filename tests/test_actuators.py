@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from vhost_user_cpufreq.backend import sched
-from vhost_user_cpufreq.backend.actuators import CgroupClampActuator, ThreadActuator
+from vhost_user_cpufreq.backend.host import sched
+from vhost_user_cpufreq.backend.host.actuators import CgroupClampActuator, ThreadActuator
 from vhost_user_cpufreq.backend.counters import Counters
 
 CHILD = """

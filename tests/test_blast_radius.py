@@ -8,7 +8,7 @@ session closed with the expected counted reason (or kept, for an attack that
 only hurts the attacker), and the service holds no fd or mapping more than it
 did before the attacker came.  Every attack runs on each data-plane path the
 service has: the kick lane, the C drain with kicks on the event loop, and the
-pure-Python drain (guest memory is guarded on all three, see backend/guard.py).
+pure-Python drain (guest memory is guarded on all three, see backend/dataplane/guard.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from .helpers import require_c_dataplane, short_tmpdir, start_guest, stop_process, unavailable, until
 
@@ -98,10 +98,10 @@ def _answers(host: Host) -> bool:
 async def host(request: pytest.FixtureRequest) -> AsyncIterator[Host]:
     if request.param != "python-drain":
         require_c_dataplane()
-    from vhost_user_cpufreq.backend.guard import guard
+    from vhost_user_cpufreq.backend.dataplane.guard import guard
 
     if guard() is None:
-        unavailable("VUC_REQUIRE_TOOLS", "the guest-memory guard (backend/guard.c) needs a C compiler")
+        unavailable("VUC_REQUIRE_TOOLS", "the guest-memory guard (backend/dataplane/guard.c) needs a C compiler")
     with short_tmpdir("vuc-br-") as d:
         h = Host(d, PATHS[request.param])
         try:

@@ -1,6 +1,6 @@
 """Busy polling (SPEC 6.3): a busy ring is drained on a shared grid without kicks; an idle one is kicked.
 
-The rule is ``KickBatcher`` in ``backend/ratelimit.py``; the kick lane carries
+The rule is ``KickBatcher`` in ``backend/policy/ratelimit.py``; the kick lane carries
 a C port of it. The pure tests pin the rule down, a differential test runs the
 C port against it on the same drains, and the whole-VM test runs it on both
 paths over real sockets and eventfds.
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhost_user_cpufreq.backend.cdrain import dataplane, ffi
-from vhost_user_cpufreq.backend.ratelimit import KickBatcher
+from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane, ffi
+from vhost_user_cpufreq.backend.policy.ratelimit import KickBatcher
 
 from .helpers import engine_vm, require_c_dataplane, start_guest, until
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vhost_user_cpufreq.backend.actuators import CgroupClampActuator
-from vhost_user_cpufreq.backend.cgroups import parse_uclamp, uclamp_cap
-from vhost_user_cpufreq.backend.config import ConfigError, parse_config
+from vhost_user_cpufreq.backend.host.actuators import CgroupClampActuator
+from vhost_user_cpufreq.backend.host.cgroups import parse_uclamp, uclamp_cap
+from vhost_user_cpufreq.backend.service.config import ConfigError, parse_config
 from vhost_user_cpufreq.backend.counters import Counters
 
 

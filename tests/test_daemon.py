@@ -21,10 +21,10 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
-from vhost_user_cpufreq.backend import vcpu_threads as threads_mod
-from vhost_user_cpufreq.backend.config import ConfigError, load_config
-from vhost_user_cpufreq.backend.daemon import Daemon, query_status
-from vhost_user_cpufreq.backend.engine import VmLimits
+from vhost_user_cpufreq.backend.host import vcpu_threads as threads_mod
+from vhost_user_cpufreq.backend.service.config import ConfigError, load_config
+from vhost_user_cpufreq.backend.service.daemon import Daemon, query_status
+from vhost_user_cpufreq.backend.policy.engine import VmLimits
 
 from .helpers import named_vcpu_threads, short_tmpdir, start_guest, until
 from .sysfs_tree import HostSpec, make_sysfs_tree
@@ -332,7 +332,7 @@ async def test_silent_qmp_falls_back_to_proc(workdir: Path, sysfs: Path, vcpu_th
 
 def cli(*args: str) -> list[str]:
     exe = shutil.which("vhost-user-cpufreq", path=os.path.dirname(sys.executable))
-    return [exe, *args] if exe else [sys.executable, "-m", "vhost_user_cpufreq.backend.cli", *args]
+    return [exe, *args] if exe else [sys.executable, "-m", "vhost_user_cpufreq.backend.service.cli", *args]
 
 
 def test_check_json_lists_every_probe(sysfs: Path) -> None:

@@ -37,8 +37,8 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
-from vhost_user_cpufreq.backend.config import load_config, parse_config
-from vhost_user_cpufreq.backend.daemon import Daemon
+from vhost_user_cpufreq.backend.service.config import load_config, parse_config
+from vhost_user_cpufreq.backend.service.daemon import Daemon
 
 from .helpers import short_tmpdir, unavailable, until
 from .qemu.fixture import QemuInstall

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from vhost_user_cpufreq.backend.policy import RecordingPolicy
+from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
 from vhost_user_cpufreq.guest.frontend import ModelledGuest, connect_guest
 
 from .helpers import make_service, until

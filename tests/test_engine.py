@@ -1,11 +1,11 @@
-"""The policy engine (backend/engine.py): pure functions and the clamp state machine."""
+"""The policy engine (backend/policy/engine.py): pure functions and the clamp state machine."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vhost_user_cpufreq.backend.engine import (
+from vhost_user_cpufreq.backend.policy.engine import (
     ClampEngine,
     EngineConfig,
     VcpuPlacement,

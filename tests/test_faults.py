@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vhost_user_cpufreq.backend.policy import RecordingPolicy
-from vhost_user_cpufreq.backend.service import Service, VmSlot
+from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
+from vhost_user_cpufreq.backend.service.vms import Service, VmSlot
 from vhost_user_cpufreq.protocol import vhost_user as vu
 
 from .fuzz.harness import (
@@ -497,11 +497,11 @@ async def test_a_call_fd_that_would_block_does_not_stall_the_service(bed: Bed) -
 
 
 async def test_a_back_end_channel_the_front_end_made_blocking_does_not_stall_the_service(tmp_path: Path) -> None:
-    from vhost_user_cpufreq.backend.hostfreq import StaticSource
-    from vhost_user_cpufreq.backend.hosts import PIXEL6
-    from vhost_user_cpufreq.backend.policy import RecordingPolicy
-    from vhost_user_cpufreq.backend.service import Service, VmConfig
-    from vhost_user_cpufreq.backend.transport import send_with_fds
+    from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+    from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+    from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
+    from vhost_user_cpufreq.backend.service.vms import Service, VmConfig
+    from vhost_user_cpufreq.backend.vhost.transport import send_with_fds
 
     source = StaticSource(PIXEL6)
     svc = Service(source, RecordingPolicy())
@@ -549,10 +549,10 @@ def _drain_until(sock: socket.socket, stop: threading.Event) -> None:
 
 _SIGBUS_SERVICE = """
 import asyncio, sys
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.policy import RecordingPolicy
-from vhost_user_cpufreq.backend.service import Service, VmConfig
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig
 
 async def main():
     svc = Service(StaticSource(PIXEL6), RecordingPolicy())
@@ -612,14 +612,14 @@ async def test_guest_ram_shrunk_by_the_front_end_does_not_kill_the_service(tmp_p
 
 _SIGBUS_SERVICE_LANE = """
 import asyncio, json, sys
-from vhost_user_cpufreq.backend.actuators import ThreadActuator
-from vhost_user_cpufreq.backend.cdrain import dataplane
+from vhost_user_cpufreq.backend.host.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane
 from vhost_user_cpufreq.backend.counters import Counters
-from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits
-from vhost_user_cpufreq.backend.host_policy import HostPolicy
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.service import Service, VmConfig
+from vhost_user_cpufreq.backend.policy.engine import VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.host.policy import HostPolicy
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig
 
 async def main():
     policy = HostPolicy(ThreadActuator(Counters(), dry_run=True))

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vhost_user_cpufreq.backend.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.host.actuators import ThreadActuator
 from vhost_user_cpufreq.backend.counters import Counters
-from vhost_user_cpufreq.backend.engine import VcpuPlacement, VmLimits
-from vhost_user_cpufreq.backend.host_policy import HostPolicy
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.policy import Decision
-from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
+from vhost_user_cpufreq.backend.policy.engine import VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.host.policy import HostPolicy
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.policy.decision import Decision
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig, VmSlot
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol import virtqueue as vq
 from vhost_user_cpufreq.protocol.cpufreq import Domain, Record

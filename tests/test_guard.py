@@ -1,4 +1,4 @@
-"""backend/guard.c and guard.py: faults in shared guest memory and eventfds the front-end can stall.
+"""backend/dataplane/guard.c and guard.py: faults in shared guest memory and eventfds the front-end can stall.
 
 In this process, with the real handler: a guest region whose file was shrunk
 reads as zeros and counts a fault instead of ending the process; a fault
@@ -20,8 +20,8 @@ import threading
 
 import pytest
 
-from vhost_user_cpufreq.backend.guard import Signalled, drain_eventfd, guard, signal_eventfd
-from vhost_user_cpufreq.backend.memory import MemoryMap, map_region
+from vhost_user_cpufreq.backend.dataplane.guard import Signalled, drain_eventfd, guard, signal_eventfd
+from vhost_user_cpufreq.backend.vhost.memory import MemoryMap, map_region
 
 from .helpers import unavailable
 
@@ -30,7 +30,7 @@ from .helpers import unavailable
 def g():  # type: ignore[no-untyped-def]
     loaded = guard()
     if loaded is None:
-        unavailable("VUC_REQUIRE_TOOLS", "the guard (backend/guard.c) needs a C compiler")
+        unavailable("VUC_REQUIRE_TOOLS", "the guard (backend/dataplane/guard.c) needs a C compiler")
     return loaded
 
 
@@ -66,7 +66,7 @@ def test_a_region_shrunk_under_us_reads_as_zeros_and_counts_a_fault(g) -> None: 
 def test_a_fault_elsewhere_still_ends_the_process_as_it_would_without_the_guard(g) -> None:  # type: ignore[no-untyped-def]
     child = """
 import mmap, os
-from vhost_user_cpufreq.backend.guard import guard
+from vhost_user_cpufreq.backend.dataplane.guard import guard
 assert guard() is not None
 fd = os.memfd_create("unguarded")
 os.ftruncate(fd, 4096)
@@ -82,7 +82,7 @@ print("survived", flush=True)
 
 
 def test_a_mapping_c_points_into_stays_mapped_until_the_pointer_is_dropped(g) -> None:  # type: ignore[no-untyped-def]
-    from vhost_user_cpufreq.backend.cdrain import ffi, pointer_to
+    from vhost_user_cpufreq.backend.dataplane.cdrain import ffi, pointer_to
 
     fd = _ram()
     mem = MemoryMap()
@@ -151,7 +151,7 @@ def test_every_region_of_a_thousand_sessions_is_guarded(g) -> None:  # type: ign
 
     The ranges lie in one reserved, never-touched anonymous mapping: no fault can come from them.
     """
-    from vhost_user_cpufreq.backend.memory import MAX_REGIONS
+    from vhost_user_cpufreq.backend.vhost.memory import MAX_REGIONS
 
     n = 1000 * MAX_REGIONS
     reserve = mmap.mmap(-1, n * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

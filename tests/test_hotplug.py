@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from vhost_user_cpufreq.backend.hotplug import MAX_CONSECUTIVE_FAILURES, CpuHotplugMonitor
-from vhost_user_cpufreq.backend.sysfs import SysfsSource, read_host_model
+from vhost_user_cpufreq.backend.host.hotplug import MAX_CONSECUTIVE_FAILURES, CpuHotplugMonitor
+from vhost_user_cpufreq.backend.host.sysfs import SysfsSource, read_host_model
 
 from .helpers import until
 

@@ -1,4 +1,4 @@
-"""The kick lane (backend/kick_lane.c, backend/lane.py) against the Python it replaces.
+"""The kick lane (backend/dataplane/kick_lane.c, backend/dataplane/lane.py) against the Python it replaces.
 
 Three layers, each compared with its reference:
 
@@ -29,17 +29,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhost_user_cpufreq.backend import sched
-from vhost_user_cpufreq.backend.actuators import ThreadActuator
-from vhost_user_cpufreq.backend.cdrain import ffi
+from vhost_user_cpufreq.backend.host import sched
+from vhost_user_cpufreq.backend.host.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.dataplane.cdrain import ffi
 from vhost_user_cpufreq.backend.counters import Counters
-from vhost_user_cpufreq.backend.cpufreq_device import CpufreqDevice
-from vhost_user_cpufreq.backend.engine import ClampEngine, EngineConfig, VcpuPlacement, VmLimits, util_to_clamp
-from vhost_user_cpufreq.backend.host_policy import HostPolicy
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.lane import STAMP_BYTES, CClampEngine, KickLane, LaneSlot, running_lanes
-from vhost_user_cpufreq.backend.service import Service, VmConfig
+from vhost_user_cpufreq.backend.cpufreq.device import CpufreqDevice
+from vhost_user_cpufreq.backend.policy.engine import ClampEngine, EngineConfig, VcpuPlacement, VmLimits, util_to_clamp
+from vhost_user_cpufreq.backend.host.policy import HostPolicy
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.dataplane.lane import STAMP_BYTES, CClampEngine, KickLane, LaneSlot, running_lanes
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
 
@@ -452,7 +452,7 @@ def test_a_lane_started_by_an_idle_class_thread_refuses_the_slice_and_says_why(c
 def test_a_restarted_lane_reports_an_unchanged_slice_only_at_debug_level(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The lane stops with its last ring and starts with the next: one VM reconnecting must not log each time."""
     require_c_dataplane()
-    from vhost_user_cpufreq.backend import lane as lane_mod
+    from vhost_user_cpufreq.backend.dataplane import lane as lane_mod
 
     monkeypatch.setattr(lane_mod, "_last_outcome", None)
     with caplog.at_level(logging.DEBUG, logger="vhost_user_cpufreq.lane"):

@@ -30,10 +30,10 @@ from typing import Any, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vhost_user_cpufreq.backend.config import VmSettings, parse_config
-from vhost_user_cpufreq.backend.daemon import Daemon
-from vhost_user_cpufreq.backend.lane import running_lanes
-from vhost_user_cpufreq.backend.metrics import parse_address, render, start_metrics_server
+from vhost_user_cpufreq.backend.service.config import VmSettings, parse_config
+from vhost_user_cpufreq.backend.service.daemon import Daemon
+from vhost_user_cpufreq.backend.dataplane.lane import running_lanes
+from vhost_user_cpufreq.backend.service.metrics import parse_address, render, start_metrics_server
 from vhost_user_cpufreq.protocol import cpufreq as abi
 
 from .helpers import kernel_has_fair_slices, named_vcpu_threads, Guest, start_guest, unavailable, until
@@ -184,7 +184,7 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
     assert _value(s, P + "degraded", component="cpufreq") == 0
     hp = d.host.hotplug
     assert _value(s, P + "degraded", component="hotplug") == (0 if hp is not None and hp.available else 1)
-    from vhost_user_cpufreq.backend.cdrain import dataplane
+    from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane
 
     assert _value(s, P + "degraded", component="dataplane") == (0 if dataplane().kind == "c" else 1)
     # The kick lane serves vm0's queue with the configured slice, where the C lane runs at all.

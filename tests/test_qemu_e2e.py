@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from vhost_user_cpufreq.backend.service import VmSlot
+from vhost_user_cpufreq.backend.service.vms import VmSlot
 from vhost_user_cpufreq.guest.driver import VIRTIO_F_VERSION_1, CpufreqDriver
 from vhost_user_cpufreq.guest.qtest import ISR_CONFIG, QtestError
 from vhost_user_cpufreq.protocol import cpufreq as abi

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from vhost_user_cpufreq.backend.actuators import ThreadActuator
+from vhost_user_cpufreq.backend.host.actuators import ThreadActuator
 from vhost_user_cpufreq.backend.counters import Counters
-from vhost_user_cpufreq.backend.engine import EngineConfig, VcpuPlacement, VmLimits
-from vhost_user_cpufreq.backend.host_policy import HostPolicy
-from vhost_user_cpufreq.backend.vcpu_threads import (
+from vhost_user_cpufreq.backend.policy.engine import EngineConfig, VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.host.policy import HostPolicy
+from vhost_user_cpufreq.backend.host.vcpu_threads import (
     ThreadOwnershipError,
     discover_threads,
     threads_from_proc,

@@ -77,7 +77,7 @@ async def _start(cfg: Path, prefix: list[str] | None = None) -> subprocess.Popen
 
 
 def _answers(control: Path) -> bool:
-    from vhost_user_cpufreq.backend.daemon import query_status
+    from vhost_user_cpufreq.backend.service.daemon import query_status
 
     try:
         return "vms" in query_status(str(control), timeout=1)
@@ -154,7 +154,7 @@ async def _load(guests: list) -> None:  # type: ignore[type-arg]
 
 
 def _status(d: Path) -> dict:  # type: ignore[type-arg]
-    from vhost_user_cpufreq.backend.daemon import query_status
+    from vhost_user_cpufreq.backend.service.daemon import query_status
 
     return query_status(str(d / "control.sock"))
 
@@ -198,7 +198,7 @@ async def test_without_cap_sys_nice_pinning_fails_cleanly_and_is_counted(shared_
         g = await start_guest(str(tmp_path / "vm.sock"))
 
         def status() -> dict:  # type: ignore[type-arg]
-            from vhost_user_cpufreq.backend.daemon import query_status
+            from vhost_user_cpufreq.backend.service.daemon import query_status
             return query_status(str(tmp_path / "control.sock"))
 
         await until(lambda: any(k.startswith("pin_failed") for k in status()["counters"]), what="pin failures")

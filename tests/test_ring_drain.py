@@ -1,6 +1,6 @@
 """The request-queue drain: the pure-Python reference against the C data plane.
 
-The C drain (backend/ring_drain.c) must give the same answer as
+The C drain (backend/dataplane/ring_drain.c) must give the same answer as
 protocol/requests.py for every ring a guest can write.  The main test builds
 rings from pieces a hostile guest would use (valid batches, garbage,
 indirect tables, chains that loop or leave guest memory, index jumps, a
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhost_user_cpufreq.backend.cdrain import CDrainer, dataplane
+from vhost_user_cpufreq.backend.dataplane.cdrain import CDrainer, dataplane
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.errors import GuestMemoryError
 from vhost_user_cpufreq.protocol.requests import NO_HEAD, REASONS, drain
@@ -224,7 +224,7 @@ def test_valid_traffic_through_both_drains_is_identical() -> None:
 
 def test_reason_tables_agree() -> None:
     lib = c_lib()
-    from vhost_user_cpufreq.backend.cdrain import _ffi
+    from vhost_user_cpufreq.backend.dataplane.cdrain import _ffi
 
     assert [_ffi.string(lib.vuc_reason_name(i)).decode() for i in range(len(REASONS))] == list(REASONS)
     assert lib.vuc_reason_name(len(REASONS)) == _ffi.NULL
@@ -267,7 +267,7 @@ def _offer_raw(g, *buffers: bytes) -> None:  # type: ignore[no-untyped-def]
 
 async def test_both_data_planes_serve_a_vm_alike(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The device over a real session with either drain: same records, same counted rejections."""
-    from vhost_user_cpufreq.backend import cdrain
+    from vhost_user_cpufreq.backend.dataplane import cdrain
     from vhost_user_cpufreq.protocol.cpufreq import Batch, Record, encode_batch
 
 
@@ -307,7 +307,7 @@ def test_every_reason_is_explained() -> None:
 
 
 def test_log_budget() -> None:
-    from vhost_user_cpufreq.backend.ratelimit import LogBudget
+    from vhost_user_cpufreq.backend.policy.ratelimit import LogBudget
 
     b = LogBudget(burst=3, period=1.0)
     assert [b.allow(0.1 * i) for i in range(5)] == [True, True, True, False, False]
@@ -342,7 +342,7 @@ def _dataplane_in_child(tmp_path, **env: str) -> subprocess.CompletedProcess[str
     """The data-plane choice of a fresh process with empty cache directories."""
     e = {k: v for k, v in os.environ.items() if k not in ("VUC_DATAPLANE", "CC", "VUC_CACHE_DIR", "CACHE_DIRECTORY")}
     e.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path), **env)
-    return subprocess.run([sys.executable, "-m", "vhost_user_cpufreq.backend.cdrain"], env=e,
+    return subprocess.run([sys.executable, "-m", "vhost_user_cpufreq.backend.dataplane.cdrain"], env=e,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -361,7 +361,7 @@ def test_the_c_drain_is_built_into_an_empty_cache(tmp_path) -> None:  # type: ig
 
 
 def test_misaligned_rings_are_left_to_the_reference() -> None:
-    from vhost_user_cpufreq.backend.cdrain import DataPlane
+    from vhost_user_cpufreq.backend.dataplane.cdrain import DataPlane
 
     lib = c_lib()
     mem = TwoRegions(bytearray(REGION1), bytearray(REGION2_SIZE))

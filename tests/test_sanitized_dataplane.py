@@ -83,7 +83,7 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if asan is None or _runtime(cc, "libubsan.so") is None:
         unavailable("VUC_REQUIRE_SANITIZERS", f"{cc} does not run or has no libasan/libubsan "
                     "(Debian: libgcc-12-dev)")
-    from vhost_user_cpufreq.backend import cdrain
+    from vhost_user_cpufreq.backend.dataplane import cdrain
 
     mp = pytest.MonkeyPatch()
     mp.setenv("VUC_SANITIZE", SANITIZERS)
@@ -119,7 +119,7 @@ def _reports(stderr: str) -> list[str]:
 # malloc, with ASan's redzones), and a descriptor just past those 4 KiB: the C reads a redzone.
 _OVERREAD = """
 import sys
-from vhost_user_cpufreq.backend.cdrain import ffi, build_library
+from vhost_user_cpufreq.backend.dataplane.cdrain import ffi, build_library
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.requests import ENTRY
 lib = ffi.dlopen(str(build_library()))
@@ -143,7 +143,7 @@ print("the over-read went unnoticed")
 
 # A placement for vCPU INT32_MAX: vuc_engine_configure's index size (top + 1) overflows.
 _OVERFLOW = """
-from vhost_user_cpufreq.backend.cdrain import ffi, build_library
+from vhost_user_cpufreq.backend.dataplane.cdrain import ffi, build_library
 lib = ffi.dlopen(str(build_library()))
 p = ffi.new("vuc_placement[]", [{"vcpu": 2**31 - 1, "pcpu_cap": 1024, "vcpu_cap": 1024, "max_khz": 1}])
 lib.vuc_engine_configure(lib.vuc_engine_new(), 1, p, 0, 1024, 0, 0.0, 1.0, 1.0)

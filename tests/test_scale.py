@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.service.daemon import query_status
 from vhost_user_cpufreq.guest.frontend import MemfdRam
 
 from .sysfs_tree import HostSpec, make_sysfs_tree

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vhost_user_cpufreq.backend.transport import recv_with_fds, send_with_fds
+from vhost_user_cpufreq.backend.vhost.transport import recv_with_fds, send_with_fds
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.virtqueue import ring_sizes
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhost_user_cpufreq.backend.hostfreq import HostSnapshot
-from vhost_user_cpufreq.backend.sysfs import (
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import HostSnapshot
+from vhost_user_cpufreq.backend.host.sysfs import (
     DEFAULT_CAPACITY,
     FALLBACK_NOMINAL_KHZ,
     HostCpuModel,

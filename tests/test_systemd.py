@@ -29,8 +29,8 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
-from vhost_user_cpufreq.backend import systemd
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.service import systemd
+from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from .helpers import short_tmpdir, start_guest
 from .sysfs_tree import HostSpec, make_sysfs_tree
@@ -94,7 +94,7 @@ def test_listen_fds_in_a_child_names_and_unsets(sockdir: Path) -> None:
     socks = [_listener(sockdir / f"{n}.sock") for n in ("a", "b")]
     probe = (
         "import json, os, socket\n"
-        "from vhost_user_cpufreq.backend import systemd\n"
+        "from vhost_user_cpufreq.backend.service import systemd\n"
         "got = systemd.listen_fds()\n"
         "print(json.dumps({'fds': [[n, s.fileno(), s.getsockname(), s.type == socket.SOCK_STREAM,\n"
         "                            os.get_inheritable(s.fileno())] for n, s in got],\n"
@@ -138,7 +138,7 @@ def service_argv(*args: str) -> list[str]:
     """``vhost-user-cpufreq ARGS``: the venv's console script, as a unit's ExecStart runs it."""
     exe = shutil.which("vhost-user-cpufreq", path=os.path.dirname(sys.executable))
     if exe is None:
-        return [sys.executable, "-m", "vhost_user_cpufreq.backend.cli", *args]
+        return [sys.executable, "-m", "vhost_user_cpufreq.backend.service.cli", *args]
     return [exe, *args]
 
 

@@ -1,4 +1,4 @@
-"""Tests for the sans-IO vhost-user wire format (protocol/vhost_user.py)."""
+"""Tests for the sans-IO vhost-user wire format (protocol/vhost_user/)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import random
 import sys
 import time
 
-from vhost_user_cpufreq.backend.cdrain import dataplane
+from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane
 
 from .harness import KNOWN_BUGS, FuzzBed, random_guest_case, random_stream_case
 

@@ -61,15 +61,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhost_user_cpufreq.backend.cdrain import dataplane
+from vhost_user_cpufreq.backend.dataplane.cdrain import dataplane
 from vhost_user_cpufreq.backend.counters import Counters
-from vhost_user_cpufreq.backend.engine import VcpuPlacement
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.lane import CClampEngine, LaneBinding
-from vhost_user_cpufreq.backend.policy import Decision, schedutil_khz
-from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
-from vhost_user_cpufreq.backend.transport import Connection
+from vhost_user_cpufreq.backend.policy.engine import VcpuPlacement
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.dataplane.lane import CClampEngine, LaneBinding
+from vhost_user_cpufreq.backend.policy.decision import Decision, schedutil_khz
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig, VmSlot
+from vhost_user_cpufreq.backend.vhost.transport import Connection
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
 from vhost_user_cpufreq.guest.frontend import (
     InProcessTransport,
@@ -1003,34 +1003,34 @@ class ReaderSpy:
 
 #: Bugs found and reported; a failure matching one is tallied as known (see tests/test_faults.py).
 KNOWN_BUGS = {
-    "KB1": "backend/transport.py Connection.close(): fds the MessageReader still holds (sent with a later "
+    "KB1": "backend/vhost/transport.py Connection.close(): fds the MessageReader still holds (sent with a later "
            "message of the same recvmsg chunk, or with a partial message) are dropped without being closed "
            "when the session is closed by an error in an earlier message",
-    "KB2": "backend/session.py Session._on_set_backend_req_fd(): socket.socket(fileno=fd) raises "
+    "KB2": "backend/vhost/session.py Session._on_set_backend_req_fd(): socket.socket(fileno=fd) raises "
            "OSError(ENOTSOCK) for a non-socket fd after _take_fd() took it: the fd leaks",
-    "KB3": "backend/transport.py Connection._readable(): an OSError raised while handling a message "
+    "KB3": "backend/vhost/transport.py Connection._readable(): an OSError raised while handling a message "
            "(ENOTSOCK from SET_BACKEND_REQ_FD, EPERM from epoll for a kick fd that is a regular file, "
            "/dev/null or a directory) closes the session as 'send failed: ...' with no "
            "sessions_closed/rejected counter",
-    "KB4": "backend/cpufreq_device.py CpufreqDevice.handle_queue(): on a RingError with head=None "
+    "KB4": "backend/cpufreq/device.py CpufreqDevice.handle_queue(): on a RingError with head=None "
            "(bad-head, avail-index-jump) it returns before host.signal_used(): chains it already pushed in "
            "that call are never published (used.idx unchanged, no interrupt) and the guest does not get them back",
-    "KB5": "backend/session.py Session.signal_used() / _send_config_change(): blocking writes on fds the "
+    "KB5": "backend/vhost/session.py Session.signal_used() / _send_config_change(): blocking writes on fds the "
            "front-end gave (a call eventfd at its maximum count, never made non-blocking; a back-end channel "
            "socket whose O_NONBLOCK the front-end clears on its shared file description) stall the event "
            "loop, and every VM of the service with it",
-    "KB6": "backend/memory.py map_region(): the front-end can shrink a mapped memfd (ftruncate) afterwards; "
+    "KB6": "backend/vhost/memory.py map_region(): the front-end can shrink a mapped memfd (ftruncate) afterwards; "
            "the back-end's next access to guest memory raises SIGBUS and kills the whole service",
-    "KB7": "backend/cpufreq_device.py handle_queue() budgets buffers, not work: a buffer of 256 records or "
+    "KB7": "backend/cpufreq/device.py handle_queue() budgets buffers, not work: a buffer of 256 records or "
            "a chain of 32767 zero-length indirect descriptors costs a loop turn of 0.2-2 s; and "
            "Session._on_kick processes a ring that is already scheduled (two budgets per loop iteration)",
     "KB8": "protocol/virtqueue.py DeviceQueue stores used.idx, avail_event and used.flags with "
            "struct.pack_into('<H'), one byte at a time: a guest vCPU reading concurrently sees torn indices",
-    "KB9": "backend/session.py Session.handle(): a refused request that has a reply of its own (GET_CONFIG, "
+    "KB9": "backend/vhost/session.py Session.handle(): a refused request that has a reply of its own (GET_CONFIG, "
            "GET_VRING_BASE, GET_MAX_MEM_SLOTS...) sent with NEED_REPLY is 'acked' with u64 1: for non-u64 "
            "replies encode_reply raises LocalProtocolError and the session is closed as 'bad-payload-type' "
            "(our own API misuse); for u64 replies the front-end reads 1 as the answer (1 memory slot)",
-    "KB10": "backend/session.py Session._on_kick(): os.eventfd_read on a kick fd at EOF (a pipe whose writer "
+    "KB10": "backend/vhost/session.py Session._on_kick(): os.eventfd_read on a kick fd at EOF (a pipe whose writer "
             "closed, a socket whose peer closed) raises OSError(0) (short read), not BlockingIOError: it "
             "escapes the reader callback into the event loop, and the reader, still registered, fires again "
             "at once: tens of thousands of 'Exception in callback' a second until the session ends",

@@ -41,10 +41,10 @@ from typing import Literal, Sequence
 
 from qemu.qmp import QMPClient
 
-from vhost_user_cpufreq.backend.hostfreq import StaticSource
-from vhost_user_cpufreq.backend.hosts import PIXEL6
-from vhost_user_cpufreq.backend.policy import RecordingPolicy
-from vhost_user_cpufreq.backend.service import Service, VmConfig, VmSlot
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
+from vhost_user_cpufreq.backend.service.vms import Service, VmConfig, VmSlot
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
 from vhost_user_cpufreq.guest.qtest import QtestClient, QtestTransport, SharedRam
 from vhost_user_cpufreq.protocol.cpufreq import DEFAULT_DEVICE_ID

@@ -35,8 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from vhost_user_cpufreq.backend.cgroups import cgroup_of
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.host.cgroups import cgroup_of
+from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from ..helpers import named_vcpu_threads, start_guest
 

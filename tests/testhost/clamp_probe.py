@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from vhost_user_cpufreq.backend import sched
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.host import sched
+from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from ..helpers import named_vcpu_threads, start_guest
 

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from ..helpers import start_guest
 
@@ -69,7 +69,7 @@ def _idle(stop: threading.Event, ready: threading.Barrier) -> None:
 
 def _probe(d: Path, tid: int | None) -> dict:  # type: ignore[type-arg]
     """What the service and the kernel say of the loaded thread, mid-phase."""
-    from vhost_user_cpufreq.backend import sched
+    from vhost_user_cpufreq.backend.host import sched
 
     assert tid is not None
     stat = Path(f"/proc/self/task/{tid}/stat").read_text()

@@ -231,7 +231,7 @@ class TestHost:
         cache.mkdir(parents=True, exist_ok=True)
         _run(["unshare", "--mount", "sh", "-c",
               f"mount -t proc proc {ROOT}/proc && exec chroot {ROOT} env VUC_CACHE_DIR=/var/cache/vhost-user-cpufreq "
-              f"{VENV}/bin/python -m vhost_user_cpufreq.backend.cdrain"], "building the C data plane in the root")
+              f"{VENV}/bin/python -m vhost_user_cpufreq.backend.dataplane.cdrain"], "building the C data plane in the root")
         for f in cache.iterdir():
             f.chmod(0o755)  # readable by the service's own user, whose CacheDirectory this becomes
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vhost_user_cpufreq.backend.daemon import query_status
+from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from ..sysfs_tree import HostSpec, make_sysfs_tree
 from .host import CHROOT, TestHostError, in_chroot

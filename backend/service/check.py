@@ -1,0 +1,161 @@
+"""``vhost-user-cpufreq check``: what this host supports, and what serving would lack.
+
+Each probe returns a :class:`Finding`: ``ok`` (works), ``degraded`` (the
+service runs but without this), or ``info``.  The command exits non-zero when
+any finding is degraded, so provisioning scripts can gate on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+from ..dataplane.cdrain import dataplane
+from ..dataplane.guard import guard
+from ..dataplane.lane import KickLane, LaneSched
+from ..defaults import LANE_SLICE_US
+from ..host import sched
+from ..host.sysfs import read_host_model
+
+__all__ = ["Finding", "run_checks"]
+
+CAP_SYS_NICE = 23
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    name: str
+    state: str  # "ok" | "degraded" | "info"
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _cpufreq(sysfs_root: str, nominal_khz: int | None) -> Finding:
+    try:
+        m = read_host_model(sysfs_root, nominal_khz=nominal_khz)
+    except OSError as exc:
+        return Finding("cpufreq", "degraded", f"cannot read {sysfs_root}: {exc}")
+    if m.degraded:
+        return Finding("cpufreq", "degraded", m.degraded)
+    doms = m.snapshot().domains
+    return Finding("cpufreq", "ok", f"{len(doms)} frequency domains over {len(m.online_cpus())} online CPUs, "
+                   f"driver {m.policies[0].driver}")
+
+
+def _dataplane() -> Finding:
+    # Also builds the C drain into the cache when a compiler is here (so a
+    # read-only service finds it later).
+    try:
+        dp = dataplane()
+    except RuntimeError as exc:  # VUC_DATAPLANE=c and no C
+        return Finding("dataplane", "degraded", str(exc))
+    if dp.kind == "c":
+        if not dp.lane:
+            return Finding("dataplane", "ok", f"request queue drained in {dp.detail}; kicks served on the event loop")
+        lane = _lane_sched(dp.lib)
+        state = "ok" if lane.applied else "degraded"
+        return Finding("dataplane", state, f"request queue drained in {dp.detail}; kicks served by the C kick lane; "
+                       f"{lane.describe()}")
+    return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
+
+
+def _guard() -> Finding:
+    g = guard()
+    if g is None:
+        return Finding("isolation", "degraded", "no C guard for shared memory and eventfds (no C compiler to build "
+                       "backend/dataplane/guard.c): a front-end that shrinks its guest RAM ends the service, and with it every "
+                       "VM, and one that clears O_NONBLOCK on its call eventfd while keeping it full can stall it")
+    detail = "guest memory faults cost only the faulting session (SIGBUS handler over every guest region)"
+    if not g.timer_signal:
+        return Finding("isolation", "degraded", detail + "; no free real-time signal to bound eventfd writes: a "
+                       "front-end racing O_NONBLOCK on its call eventfd can still stall the service")
+    return Finding("isolation", "ok", detail + f"; eventfd writes bounded by a timer (signal {g.timer_signal}), "
+                   "reads never block")
+
+
+def _lane_sched(lib: object) -> LaneSched:
+    """Start a kick lane as the service would, for what the kernel made of its slice request."""
+    loop = asyncio.new_event_loop()
+    try:
+        lane = KickLane(lib, loop, LANE_SLICE_US)
+        lane.close()
+        return lane.sched
+    finally:
+        loop.close()
+
+
+def _uclamp() -> Finding:
+    why = sched.probe_uclamp()
+    if why:
+        return Finding("uclamp", "degraded", why + "; clamps are recorded, not applied")
+    return Finding("uclamp", "ok", "sched_setattr accepts util clamps")
+
+
+def _cgroup(root: str = "/sys/fs/cgroup") -> Finding:
+    ctl = os.path.join(root, "cgroup.controllers")
+    if not os.path.exists(ctl):
+        return Finding("cgroup", "info", f"no cgroup v2 hierarchy at {root} (hybrid or v1): cgroup clamps unavailable")
+    with open(ctl) as f:
+        controllers = f.read().split()
+    if "cpu" not in controllers:
+        return Finding("cgroup", "info", f"cgroup v2 without the cpu controller ({' '.join(controllers)})")
+    has = os.path.exists(os.path.join(root, "cpu.uclamp.min")) or any(
+        os.path.exists(os.path.join(root, d, "cpu.uclamp.min")) for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)))
+    return Finding("cgroup", "ok" if has else "info",
+                   "cpu.uclamp.min available" if has else "cpu controller without cpu.uclamp.min")
+
+
+def _capabilities() -> Finding:
+    try:
+        with open("/proc/self/status") as f:
+            eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return Finding("permissions", "degraded", "cannot read capabilities from /proc/self/status")
+    if eff & (1 << CAP_SYS_NICE):
+        return Finding("permissions", "ok", f"CAP_SYS_NICE held (uid {os.geteuid()})")
+    return Finding("permissions", "degraded",
+                   f"no CAP_SYS_NICE (uid {os.geteuid()}): only threads of this user can be pinned or clamped")
+
+
+def _qemu() -> Finding:
+    prefix = os.environ.get("VUC_QEMU")
+    cmd = prefix.split() if prefix else ([shutil.which("qemu-system-x86_64")] if shutil.which("qemu-system-x86_64")
+                                         else None)
+    if not cmd or not cmd[0]:
+        return Finding("qemu", "info", "no qemu-system-x86_64 on PATH (QEMU 10.2+ is needed for "
+                       "vhost-user-test-device-pci)")
+    try:
+        out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=10).stdout  # type: ignore[list-item]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Finding("qemu", "info", f"{' '.join(cmd)}: {exc}")  # type: ignore[arg-type]
+    m = re.search(r"version (\d+)\.(\d+)(\.\d+)?", out)
+    if not m:
+        return Finding("qemu", "info", f"unrecognised version output: {out.strip()[:80]}")
+    ver = (int(m.group(1)), int(m.group(2)))
+    state = "ok" if ver >= (10, 2) else "info"
+    note = "" if state == "ok" else " (too old for vhost-user-test-device-pci: needs 10.2+)"
+    return Finding("qemu", state, f"QEMU {m.group(0).split()[1]}{note}")
+
+
+def _hotplug() -> Finding:
+    try:
+        import pyudev
+
+        mon = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+        mon.filter_by(subsystem="cpu")
+        mon.start()
+    except Exception as exc:  # noqa: BLE001 - any failure means no uevents
+        return Finding("hotplug", "degraded", f"no uevent socket ({exc}): hotplug seen only by periodic rebuilds")
+    return Finding("hotplug", "ok", "kernel uevents for CPU online/offline are received")
+
+
+def run_checks(sysfs_root: str = "/sys", nominal_khz: int | None = None) -> list[Finding]:
+    return [_cpufreq(sysfs_root, nominal_khz), _dataplane(), _guard(), _uclamp(), _cgroup(), _capabilities(),
+            _hotplug(), _qemu()]

@@ -1,0 +1,212 @@
+"""Command line: ``vhost-user-cpufreq serve | demo | check | status``.
+
+``serve`` follows the vhost-user spec's "Backend program conventions":
+``--socket-path`` (listen there), ``--fd`` (an inherited listening socket),
+``--print-capabilities`` (JSON on stdout, then exit).  With ``--config`` it
+serves every VM in the file; SIGHUP reloads the file, SIGTERM stops after
+giving every vCPU thread back its original affinity and clamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Sequence
+
+from vhost_user_cpufreq.protocol.cpufreq import DEFAULT_DEVICE_ID
+
+from . import systemd
+from .check import run_checks
+from .config import ConfigError, ServiceConfig, VmSettings, load_config
+
+__all__ = ["main"]
+
+DEFAULT_CONTROL_SOCKET = "/run/vhost-user-cpufreq/control.sock"
+_SERVE_CONVENTIONS = {"--print-capabilities", "--socket-path", "--fd"}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd, prefix each line with its syslog priority (<3> error ... <7> debug) for journald."""
+
+    PRIO = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIO.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.DEBUG, logging.INFO - 10 * verbose))
+
+
+def _config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        if not (args.socket_path or args.fd is not None):
+            raise ConfigError("serve needs --config FILE, --socket-path PATH or --fd N")
+        vm = VmSettings(args.name, args.socket_path or f"/dev/fd/{args.fd}", args.vcpus, qmp=args.qmp,
+                        clamp="thread" if args.qmp or args.clamp else "none")
+        cfg = ServiceConfig(vms={vm.name: vm}, control_socket=args.control_socket, source="command line")
+    if args.nominal_khz:
+        cfg = dataclasses.replace(cfg, nominal_khz=args.nominal_khz)
+    if args.sysfs_root:
+        cfg = dataclasses.replace(cfg, sysfs_root=args.sysfs_root)
+    return cfg
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    if args.print_capabilities:
+        print(json.dumps({"type": "cpufreq", "virtio-id": DEFAULT_DEVICE_ID, "features": []}))
+        return 0
+    try:
+        cfg = _config_from_args(args)
+    except ConfigError as exc:
+        print(f"vhost-user-cpufreq: {exc}", file=sys.stderr)
+        return 2
+    inherited = {name: sock for name, sock in systemd.listen_fds()}
+    if args.fd is not None:
+        inherited[args.name] = socket.socket(fileno=args.fd)
+
+    async def run() -> int:
+        daemon = Daemon(cfg, config_path=args.config)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        started = asyncio.Event()
+
+        async def reload() -> None:
+            await started.wait()  # a SIGHUP during start applies once start is done
+            await daemon.reload_from_signal()
+
+        # Before start: READY=1 goes out inside start(), and systemd may signal right after it.
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        try:
+            await daemon.start(inherited)
+        except (OSError, ValueError, ConfigError) as exc:
+            print(f"vhost-user-cpufreq: cannot start: {exc}", file=sys.stderr)
+            await daemon.stop()
+            return 1
+        started.set()
+        await stop.wait()
+        await daemon.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _check(args: argparse.Namespace) -> int:
+    findings = run_checks(args.sysfs_root or "/sys", args.nominal_khz)
+    if args.json:
+        print(json.dumps([f.as_dict() for f in findings], indent=2))
+    else:
+        for f in findings:
+            print(f"{f.name:<12} {f.state:<9} {f.detail}")
+    return 1 if any(f.state == "degraded" for f in findings) else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .daemon import query_status
+
+    path = args.control_socket
+    if args.config:
+        path = load_config(args.config).control_socket or path
+    try:
+        st = query_status(path)
+    except OSError as exc:
+        print(f"vhost-user-cpufreq: cannot reach the service at {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"pid {st['pid']}, up {st['uptime_seconds']:.0f} s")
+    for k, v in st["degraded"].items():
+        if v:
+            print(f"  degraded {k}: {v}")
+    for name, vm in st["vms"].items():
+        state = f"connected (QEMU pid {vm['peer_pid']})" if vm["connected"] else "waiting for QEMU"
+        print(f"VM {name}: {state}, socket {vm['socket']}, config generation {vm['config_generation']}")
+        for d, dom in enumerate(vm["domains"]):
+            print(f"  domain {d}: {dom['cur_khz'] / 1000:.0f} MHz of {dom['max_khz'] / 1000:.0f}, "
+                  f"capacity {dom['capacity']}")
+        for c in vm["vcpus"]:
+            print(f"  vCPU {c['vcpu']}: pCPU {c['pcpu']}, thread {c['thread']}, util {c['util']}, "
+                  f"uclamp_min {c['uclamp_min']}")
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=8.0, help="seconds to run (default 8)")
+    p.add_argument("--vcpus", type=int, default=4, help="guest vCPUs, 1-8 (default 4)")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--refresh", type=float, default=0.5, help="seconds between screen updates")
+    p.add_argument("--plain", action="store_true", help="print blocks instead of redrawing the screen")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vhost-user-cpufreq", description="vhost-user cpufreq device back-end")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the back-end and a modelled guest over a real socket (no QEMU, no root)")
+    _demo_arguments(d)
+
+    s = sub.add_parser("serve", help="serve VMs (from --config, or one VM from flags)")
+    s.add_argument("--config", help="TOML configuration file")
+    s.add_argument("--socket-path", help="listen for one VM's front-end on this unix socket")
+    s.add_argument("--fd", type=int, help="an inherited, listening unix socket for one VM")
+    s.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON")
+    s.add_argument("--name", default="vm0", help="VM name with --socket-path/--fd (default vm0)")
+    s.add_argument("--vcpus", type=int, default=1, help="vCPUs with --socket-path/--fd")
+    s.add_argument("--qmp", help="QMP socket of that VM's QEMU (vCPU thread discovery)")
+    s.add_argument("--clamp", action="store_true", help="pin and clamp vCPU threads found in /proc")
+    s.add_argument("--control-socket", default=None, help="status socket (default: none from flags)")
+    s.add_argument("--nominal-khz", type=int, help="frequency to report on hosts without cpufreq")
+    s.add_argument("--sysfs-root", help="read CPUs from this sysfs root instead of /sys")
+
+    c = sub.add_parser("check", help="probe what this host supports; exit 1 if serving would be degraded")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--sysfs-root")
+    c.add_argument("--nominal-khz", type=int)
+
+    st = sub.add_parser("status", help="ask the running service")
+    st.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET)
+    st.add_argument("--config", help="take the control socket from this configuration file")
+    st.add_argument("--json", action="store_true")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The vhost-user spec's back-end conventions run `BINARY --print-capabilities` or
+    # `BINARY --socket-path=...`/`--fd=N` with no subcommand: those mean serve.
+    if argv and argv[0].startswith("--") and argv[0].split("=")[0] in _SERVE_CONVENTIONS:
+        argv.insert(0, "serve")
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose if args.command != "demo" else args.verbose - 1)
+    if args.command == "demo":
+        from . import demo  # late: the demo loads the guest model, which serve must not
+
+        return demo.main(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "status":
+        return _status(args)
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

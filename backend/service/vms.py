@@ -1,0 +1,197 @@
+"""The service: one process, many VMs, one listening unix socket per VM.
+
+Each VM has a :class:`VmSlot` that outlives connections: its cpufreq device
+(config, vCPU map, counters) stays while front-ends come and go, so a VM that
+reconnects is served again without a restart.  At most one front-end is
+connected per VM; a second one is refused and counted.  Connections are
+independent: whatever one front-end does, the others keep being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..counters import Counters
+from ..cpufreq.device import CpufreqDevice
+from ..cpufreq.hostfreq import FrequencySource
+from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
+from ..policy.decision import Policy
+from ..vhost.session import Session
+from ..vhost.transport import Connection, peer_credentials
+
+__all__ = ["VmConfig", "VmSlot", "Service"]
+
+log = logging.getLogger("vhost_user_cpufreq")
+
+
+class VmLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the VM's name, as aioquic does with connection ids."""
+
+    def process(self, msg: str, kwargs):  # type: ignore[no-untyped-def, override]
+        return f"[{self.extra['vm']}] {msg}", kwargs  # type: ignore[index]
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    name: str
+    socket_path: str
+    #: host frequency domain index (into the source's snapshot) of each vCPU
+    vcpu_host_domain: tuple[int, ...]
+    socket_mode: int = 0o600
+    notify_interval: float = 0.01  # at most one CONFIG_CHANGE_MSG per interval
+    mirror_threshold: float = 0.0  # fraction of a domain's max frequency
+    socket_owner: int | None = None
+    socket_group: int | None = None
+    kick_batch_delay: float = KICK_BATCH_DELAY  # poll period of a busy ring: the longest a buffer waits without a kick
+
+
+@dataclass(slots=True)
+class VmSlot:
+    config: VmConfig
+    device: CpufreqDevice
+    counters: Counters
+    log: logging.LoggerAdapter  # type: ignore[type-arg]
+    server: socket.socket | None = None
+    connection: Connection | None = None
+    sessions_served: int = 0
+    history: list[str] = field(default_factory=list)
+
+
+class Service:
+    def __init__(self, source: FrequencySource, policy: Policy, *,
+                 allowed_uids: tuple[int, ...] | None = None, allowed_gids: tuple[int, ...] | None = None,
+                 lane_slice_us: int = LANE_SLICE_US) -> None:
+        self.source = source
+        self.policy = policy
+        #: the kick lane thread's scheduler slice (0: the kernel's default), see lane.py
+        self.lane_slice_us = lane_slice_us
+        #: SO_PEERCRED allowlist: a peer whose uid or gid is listed may connect (None: no check)
+        self.allowed_uids = allowed_uids
+        self.allowed_gids = allowed_gids
+        self.vms: dict[str, VmSlot] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
+        self.close_hooks: list[Callable[[VmSlot, Connection], None]] = []
+
+    async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None) -> VmSlot:
+        """Start serving a VM: bind its socket (or adopt ``listen_sock``) and accept front-ends."""
+        if cfg.name in self.vms:
+            raise ValueError(f"VM {cfg.name!r} is already served")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        counters = Counters()
+        vlog = VmLog(log, {"vm": cfg.name})
+        device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
+                               mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us)
+        sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,
+                                                                   cfg.socket_owner, cfg.socket_group)
+        sock.setblocking(False)
+        slot = VmSlot(cfg, device, counters, vlog, server=sock)
+        self.vms[cfg.name] = slot
+        loop.add_reader(sock.fileno(), self._accept, slot)
+        vlog.info("listening on %s (%d vCPUs)", cfg.socket_path, len(cfg.vcpu_host_domain))
+        return slot
+
+    def _accept(self, slot: VmSlot) -> None:
+        assert slot.server is not None and self._loop is not None
+        try:
+            conn_sock, _ = slot.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            slot.log.warning("accept failed: %s", exc)
+            return
+        pid, uid, gid = peer_credentials(conn_sock)
+        if not self._peer_allowed(uid, gid):
+            slot.counters.inc("connections_refused", "peer-not-allowed")
+            slot.log.warning("refused a front-end: pid %d uid %d gid %d is not in the allowlist", pid, uid, gid)
+            conn_sock.close()
+            return
+        if slot.connection is not None:
+            slot.counters.inc("connections_refused", "already-connected")
+            slot.log.warning("refused a second front-end: one is connected already")
+            conn_sock.close()
+            return
+        session = Session(
+            slot.device, name=slot.config.name, loop=self._loop, counters=slot.counters, log=slot.log,
+            notify_interval=slot.config.notify_interval, kick_batch_delay=slot.config.kick_batch_delay,
+        )
+        conn = Connection(conn_sock, session, loop=self._loop, counters=slot.counters, log=slot.log,
+                          on_close=lambda c: self._closed(slot, c))
+        slot.connection = conn
+        slot.sessions_served += 1
+        slot.counters.inc("sessions")
+        slot.log.info("front-end connected (pid %d, uid %d)", conn.peer_pid, conn.peer_uid)
+        for hook in self.session_hooks:
+            hook(slot, conn)
+
+    def _peer_allowed(self, uid: int, gid: int) -> bool:
+        if self.allowed_uids is None and self.allowed_gids is None:
+            return True
+        return uid in (self.allowed_uids or ()) or gid in (self.allowed_gids or ())
+
+    def _closed(self, slot: VmSlot, conn: Connection) -> None:
+        if slot.connection is conn:
+            slot.connection = None
+        # The guest's requests die with the connection: no boost outlives its VM.
+        slot.device.reset()
+        slot.history.append(conn.closed.result())
+        for hook in self.close_hooks:
+            hook(slot, conn)
+
+    async def remove_vm(self, name: str) -> None:
+        slot = self.vms.pop(name)
+        if slot.connection is not None:
+            slot.connection.close("VM removed")
+        if slot.server is not None and self._loop is not None:
+            self._loop.remove_reader(slot.server.fileno())
+            slot.server.close()
+            _unlink_socket(slot.config.socket_path)
+        slot.device.close()
+
+    async def close(self) -> None:
+        for name in list(self.vms):
+            await self.remove_vm(name)
+
+    async def wait_connected(self, name: str, timeout: float = 10.0) -> Connection:
+        """Wait until the VM has a front-end (tests and the demo)."""
+        slot = self.vms[name]
+        deadline = asyncio.get_running_loop().time() + timeout
+        while slot.connection is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"no front-end connected to {name}")
+            await asyncio.sleep(0.005)
+        return slot.connection
+
+
+def _listen(path: str, mode: int, owner: int | None = None, group: int | None = None) -> socket.socket:
+    _unlink_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        # Create with the final mode already in place: no window where others may connect.
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if owner is not None or group is not None:
+            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
+        sock.listen(4)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -215,7 +215,7 @@ CHANGES = 120
 
 def test_the_closed_loop_a_guest_record_raises_the_test_hosts_frequency_request_within_the_ceiling(
         testhost: TestHost) -> None:
-    from .testhost.loop_figures import OuterPoller, latencies, percentile
+    from .testhost.loop_figures import OuterPoller, latencies, percentile, walks
     from .testhost.outer import OUTER_HOST
 
     outer = testhost.outer  # type: ignore[attr-defined]
@@ -231,7 +231,8 @@ def test_the_closed_loop_a_guest_record_raises_the_test_hosts_frequency_request_
                     timeout=600).check()
     capped = json.loads(r.stdout.strip().splitlines()[-1])
     for rep in (run, capped):
-        assert rep["service_rc"] == 0 and rep["events"] > 0, rep["log"]
+        assert rep["service_rc"] == 0, rep["log"]
+    assert run["events"] > 0, run
     fmax, fmin = big.max_khz, big.min_khz
     ph, cph = run["phases"], capped["phases"]
     # Without the service (no record) the 20%-duty thread leaves the request at the bottom; the guest's 900
@@ -244,18 +245,28 @@ def test_the_closed_loop_a_guest_record_raises_the_test_hosts_frequency_request_
     # The per-VM ceiling holds the clamp at 768: on this host's non-invariant schedutil (see docs/testhost.md)
     # that is below what lifts the request off the bottom.
     assert capped["probe"][1]["kernel_uclamp_min"] == 768, capped["probe"]
-    assert cph["guest-900"] < fmin * 1.2, cph
+    assert cph["guest-900"] < 0.3 * ph["guest-900"], (cph, ph)
     # Every change reaches the outer back-end as the test host's request, before the next change.
     offset = (before[0] + after[0]) / 2
     lat = latencies([tuple(c) for c in run["changes"]], poll.seen, offset, top, bottom)
     seen = len(lat.rise) + len(lat.fall)
     assert seen >= 100 and len(lat.missed) <= CHANGES // 20, (lat.missed, poll.seen[:40])
+    # Inside the test host, from the trace: the service's part (to schedutil's first step up) and the walk
+    # up the table; then the trip of the top request to the outer back-end.
+    walk = walks([tuple(c) for c in run["changes"]], [tuple(e) for e in run["frequencies"]], fmax)
+    arrivals = sorted(t for t, u in poll.seen if u == top)
+    trip = [next(a for a in arrivals if a >= t - offset - 0.001) - (t - offset) for t in walk.top_at
+            if any(a >= t - offset - 0.001 for a in arrivals)]
+    assert len(walk.first_step) >= CHANGES // 2 - 3, walk
     figures = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "changes": CHANGES, "seen": seen,
         "clock_offset_uncertainty_ms": round(1000 * max(before[1], after[1], abs(after[0] - before[0]) / 2), 2),
         "polls": poll.polls,
         "rise_ms": {q: round(1000 * percentile(lat.rise, q), 1) for q in (50, 90, 99)},
         "fall_ms": {q: round(1000 * percentile(lat.fall, q), 1) for q in (50, 90, 99)},
+        "rise_first_step_in_test_host_ms": {q: round(1000 * percentile(walk.first_step, q), 1) for q in (50, 90, 99)},
+        "rise_to_top_in_test_host_ms": {q: round(1000 * percentile(walk.to_top, q), 1) for q in (50, 90, 99)},
+        "top_request_to_outer_ms": {q: round(1000 * percentile(trip, q), 1) for q in (50, 90, 99)},
         "mean_khz": {"ceiling 1024": ph, "ceiling 768": cph},
     }
     out = os.environ.get("VUC_CLOSED_LOOP_OUT")

@@ -160,6 +160,8 @@ async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore
         g = await start_guest(str(d / "vm.sock"), util_threshold=1)
         await asyncio.sleep(SETTLE)  # the service's start-up work done
         _trace(True)
+        # What CPU 1 ran at before the first traced change (a run may have none at all).
+        start_khz = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/scaling_cur_freq").read_text())
         bounds = [time.monotonic()]
         report["probe"] = []
         for util in PHASES.values():
@@ -181,10 +183,10 @@ async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore
         report["uclamp_min_at_end"] = st["vcpus"][0]["uclamp_min"]
         await g.close()
         events = _frequencies()
-        first = events[0][1] if events else 0
+        report["start_khz"] = start_khz
         report["events"] = len(events)
         report["frequencies"] = events if changes else []
-        report["phases"] = {name: _mean(events, bounds[i] + SETTLE, bounds[i + 1], first)
+        report["phases"] = {name: _mean(events, bounds[i] + SETTLE, bounds[i + 1], start_khz)
                             for i, name in enumerate(PHASES)}
         report["cpuinfo_max_khz"] = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/cpuinfo_max_freq").read_text())
     finally:

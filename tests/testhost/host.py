@@ -49,6 +49,8 @@ Requires=dev-virtio\\x2dports-vuc.agent.device
 
 [Service]
 ExecStart=/usr/bin/python3 /usr/local/lib/vuc-agent.py
+# What runs from here finds the C data plane built into the root once, not again under TCG.
+Environment=VUC_CACHE_DIR=/var/cache/vhost-user-cpufreq
 Restart=always
 
 [Install]

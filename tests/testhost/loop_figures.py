@@ -83,3 +83,33 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in 0..100)."""
     s = sorted(values)
     return s[max(1, math.ceil(q / 100 * len(s))) - 1]
+
+
+@dataclass(frozen=True)
+class Walk:
+    """Inside the test host, per rise (guest clock): to schedutil's first step up, and to the top."""
+
+    first_step: list[float]
+    to_top: list[float]
+    top_at: list[float]  # when the top was set, test host clock (to split off the trip to the outer)
+
+
+def walks(changes: list[tuple[float, int]], events: list[tuple[float, int]], top_khz: int) -> Walk:
+    """From the ``power:cpu_frequency`` trace of CPU 1 (test host clock, kHz)."""
+    first: list[float] = []
+    to_top: list[float] = []
+    top_at: list[float] = []
+    for i, (t, util) in enumerate(changes):
+        if util == 0:
+            continue
+        end = changes[i + 1][0] if i + 1 < len(changes) else float("inf")
+        level = next((f for ts, f in reversed(events) if ts <= t), None)
+        after = [(ts, f) for ts, f in events if t < ts < end]
+        up = next((ts for ts, f in after if level is None or f > level), None)
+        top = next((ts for ts, f in after if f == top_khz), None)
+        if up is not None:
+            first.append(up - t)
+        if top is not None:
+            to_top.append(top - t)
+            top_at.append(top)
+    return Walk(first, to_top, top_at)

@@ -340,8 +340,8 @@ def test_check_json_lists_every_probe(sysfs: Path) -> None:
                          timeout=60)
     assert out.returncode in (0, 1), out.stderr  # 1: something is degraded on this host
     findings = json.loads(out.stdout)
-    assert [f["name"] for f in findings] == ["cpufreq", "dataplane", "isolation", "uclamp", "cgroup", "permissions",
-                                             "hotplug", "qemu"]
+    assert [f["name"] for f in findings] == ["cpufreq", "dataplane", "isolation", "uclamp", "cgroup", "invariance",
+                                             "permissions", "hotplug", "qemu"]
     assert all(f["state"] in ("ok", "degraded", "info") and f["detail"] for f in findings)
     cpufreq = findings[0]
     assert cpufreq["state"] == "ok" and "2 frequency domains over 8 online CPUs" in cpufreq["detail"]
@@ -371,3 +371,16 @@ def test_print_capabilities_is_json() -> None:
     assert out.returncode == 0, out.stderr
     caps = json.loads(out.stdout)
     assert caps["type"] == "cpufreq" and caps["virtio-id"] == 38 and caps["features"] == []
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the APERF/MPERF probe is x86's")
+def test_check_says_whether_schedutil_is_frequency_invariant(tmp_path: Path) -> None:
+    from vhost_user_cpufreq.backend.service.check import _invariance
+
+    with_counters = tmp_path / "with"
+    with_counters.write_text("processor\t: 0\nflags\t\t: fpu tsc aperfmperf constant_tsc\n")
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu tsc constant_tsc\n")
+    assert _invariance(str(with_counters)).state == "ok"
+    f = _invariance(str(without))
+    assert f.state == "degraded" and "ceiling below 820" in f.detail

@@ -112,6 +112,31 @@ def _cgroup(root: str = "/sys/fs/cgroup") -> Finding:
                    "cpu.uclamp.min available" if has else "cpu controller without cpu.uclamp.min")
 
 
+def _invariance(cpuinfo: str = "/proc/cpuinfo") -> Finding:
+    """Whether schedutil maps a clamp to a frequency directly, which the per-VM ceiling assumes.
+
+    Without frequency invariance schedutil asks for 1.25 x current frequency x
+    util, so a clamp below 1024 / 1.25 cannot lift a CPU off its lowest
+    frequency (docs/testhost.md, "The closed loop, measured").  x86 is
+    invariant through APERF/MPERF; arm64 through AMU counters or the cpufreq
+    driver's scale factor, which every arm64 cpufreq driver sets.
+    """
+    machine = os.uname().machine
+    if machine not in ("x86_64", "i686", "i386"):
+        return Finding("invariance", "info", f"{machine}: frequency invariance comes from the cpufreq driver "
+                                             "or activity counters")
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError as exc:
+        return Finding("invariance", "info", f"cannot read {cpuinfo}: {exc.strerror}")
+    if "aperfmperf" in flags:
+        return Finding("invariance", "ok", "APERF/MPERF: schedutil turns a clamp into a frequency directly")
+    return Finding("invariance", "degraded",
+                   "no APERF/MPERF: schedutil is not frequency-invariant here, so a clamp below 820 "
+                   "(and so a ceiling below 820) lifts no CPU off its lowest frequency")
+
+
 def _capabilities() -> Finding:
     try:
         with open("/proc/self/status") as f:
@@ -157,5 +182,5 @@ def _hotplug() -> Finding:
 
 
 def run_checks(sysfs_root: str = "/sys", nominal_khz: int | None = None) -> list[Finding]:
-    return [_cpufreq(sysfs_root, nominal_khz), _dataplane(), _guard(), _uclamp(), _cgroup(), _capabilities(),
-            _hotplug(), _qemu()]
+    return [_cpufreq(sysfs_root, nominal_khz), _dataplane(), _guard(), _uclamp(), _cgroup(), _invariance(),
+            _capabilities(), _hotplug(), _qemu()]

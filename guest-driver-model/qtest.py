@@ -455,6 +455,8 @@ class QtestTransport(DriverTransport):
     Use :meth:`open`; then hand it to :class:`~vhost_user_cpufreq.guest.driver.CpufreqDriver`.
     """
 
+    ram: SharedRam  # the RAM QEMU maps: rings are zeroed through it before QEMU may look
+
     def __init__(
         self,
         qtest: QtestClient,

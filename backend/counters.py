@@ -89,7 +89,7 @@ class Counters:
             self._c.update(_counts(src))
             for name in ("kick_to_decision_seconds",):
                 got = _histogram(src, name)
-                if got is not None and sum(got[0]):
+                if got is not None and any(got[0]):
                     h = self.histograms.get(name)
                     if h is None:
                         h = self.histograms[name] = Histogram()

@@ -290,7 +290,7 @@ async def main(args: argparse.Namespace) -> None:
         stamps = mmap.mmap(args.stamp_fd, stamp_area_size(args.vms, args.vcpus), flags=mmap.MAP_SHARED)
     sampler: asyncio.Task[None] | None = None
     if args.sysfs:
-        from vhost_user_cpufreq.backend.host.sysfs import SysfsSource
+        from vhost_user_cpufreq.backend.host.sysfs_source import SysfsSource
 
         source = SysfsSource(args.sysfs)
         follow = None

@@ -164,15 +164,15 @@ def explain(s: Sample, events: list[Event], times: list[int], lane: int, guest: 
 
 async def _measure(n: int, placement: str, perf_out: str, tmp: str, busy_before_us: int | None) -> dict[str, Any]:
     import guestlib  # the bench's modules load only for a real run, not for parse() and explain()
-    import run
+    import harness
 
-    async with run.Backend(tmp, vms=1, vcpus=8, stamps=True, policy="engine", kick_batch_delay=0.0) as be:
+    async with harness.Backend(tmp, vms=1, vcpus=8, stamps=True, policy="engine", kick_batch_delay=0.0) as be:
         g = await guestlib.connect_guest(be.sock(0), lazy_records=0)
         mine = os.sched_getaffinity(0)
         try:
             await asyncio.sleep(0.1)  # the lane thread exists once the ring is served
             if placement == "same":
-                run._pin_process(be.pid, 0)
+                harness.pin_process(be.pid, 0)
                 os.sched_setaffinity(0, {0})
             threads = {int(t) for t in os.listdir(f"/proc/{be.pid}/task")}
             perf = subprocess.Popen(["perf", "record", "-q", "-a", "-k", "CLOCK_MONOTONIC", "-o", perf_out]

@@ -250,6 +250,8 @@ class VhostUserFrontend:
 class InProcessTransport(DriverTransport):
     """The driver model's view of a device reached through :class:`VhostUserFrontend`."""
 
+    ram: MemfdRam  # the front-end's own RAM: its owner closes it
+
     def __init__(self, frontend: VhostUserFrontend) -> None:
         self.fe = frontend
         self.ram = frontend.ram

@@ -32,10 +32,10 @@ device sees) exactly while it is started and enabled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 from . import vhost_user as vu
-from .errors import ProtocolError, SessionStateError
+from .errors import LocalProtocolError, ProtocolError, SessionStateError
 from .session_effects import (
     CloseFd,
     Effect,
@@ -65,6 +65,7 @@ __all__ = ["SessionMachine", "DeviceFacts", "FdInspector", "RingState", "Rule", 
 F = vu.FrontendRequest
 PF = vu.ProtocolFeature
 PROTOCOL_FEATURES_BIT = 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+_P = TypeVar("_P")
 #: what /proc/self/fd names an eventfd
 EVENTFD = "anon_inode:[eventfd]"
 
@@ -135,6 +136,17 @@ class _Call:
     def take(self) -> int:
         """Ownership of the message's single fd."""
         return self.untaken.pop(0)
+
+    def payload(self, kind: type[_P]) -> _P:
+        """The payload as the one type the request's spec (vhost_user/specs.py) decodes it to.
+
+        :raise LocalProtocolError: it is of another type (the codec and a rule disagree: a bug here).
+        """
+        p = self.msg.payload
+        if not isinstance(p, kind):
+            raise LocalProtocolError("payload-type", f"{_name(self.msg.request)} carries {type(p).__name__}, "
+                                     f"not {kind.__name__}")
+        return p
 
 
 Handler = Callable[["SessionMachine", _Call, list[Effect]], "vu.Payload | ReplyConfig | ReplyRingBase | None"]
@@ -253,7 +265,7 @@ class SessionMachine:
         return vu.U64(self.offered_features)
 
     def _set_features(self, c: _Call, out: list[Effect]) -> None:
-        acked = c.msg.payload.value  # type: ignore[union-attr]
+        acked = c.payload(vu.U64).value
         if acked & ~self.offered_features:
             raise SessionStateError("unsupported-features",
                                     f"acked {acked:#x} not within offered {self.offered_features:#x}")
@@ -269,7 +281,7 @@ class SessionMachine:
         return vu.U64(OFFERED_PROTOCOL_FEATURES)
 
     def _set_protocol_features(self, c: _Call, out: list[Effect]) -> None:
-        pf = c.msg.payload.value  # type: ignore[union-attr]
+        pf = c.payload(vu.U64).value
         if pf & ~OFFERED_PROTOCOL_FEATURES:
             raise SessionStateError("unsupported-protocol-features",
                                     f"{pf:#x} not within {OFFERED_PROTOCOL_FEATURES:#x}")
@@ -293,18 +305,18 @@ class SessionMachine:
 
     # -- memory --------------------------------------------------------------------------
     def _set_mem_table(self, c: _Call, out: list[Effect]) -> None:
-        regions = tuple(c.msg.payload.regions)  # type: ignore[union-attr]
+        regions = tuple(c.payload(vu.MemoryTable).regions)
         out.append(MapRegions(regions, tuple(c.msg.fds)))  # lent: closed after mapping
         for ring in self.rings:
             ring.running = False  # MapRegions dropped every queue
         self._update_started(out)
 
     def _add_mem_reg(self, c: _Call, out: list[Effect]) -> None:
-        out.append(MapRegion(c.msg.payload.region, c.msg.fds[0]))  # type: ignore[union-attr]  # lent
+        out.append(MapRegion(c.payload(vu.SingleMemoryRegion).region, c.msg.fds[0]))  # lent
         self._update_started(out)
 
     def _rem_mem_reg(self, c: _Call, out: list[Effect]) -> None:
-        r = c.msg.payload.region  # type: ignore[union-attr]
+        r = c.payload(vu.SingleMemoryRegion).region
         self._stop_running(out)  # rings living in the region lose their memory: stop them first
         out.append(UnmapRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr))
         self._update_started(out)
@@ -312,7 +324,7 @@ class SessionMachine:
     # -- rings ---------------------------------------------------------------------------
     def _set_vring_num(self, c: _Call, out: list[Effect]) -> None:
         ring = self.ring_of(c.msg)
-        num = c.msg.payload.num  # type: ignore[union-attr]
+        num = c.payload(vu.VringState).num
         validate_queue_size(num)
         if num > self.device.max_queue_size:
             raise SessionStateError("bad-queue-size", f"{num} > {self.device.max_queue_size}")
@@ -320,8 +332,7 @@ class SessionMachine:
 
     def _set_vring_addr(self, c: _Call, out: list[Effect]) -> None:
         ring = self.ring_of(c.msg)
-        a = c.msg.payload
-        assert isinstance(a, vu.VringAddr)
+        a = c.payload(vu.VringAddr)
         if a.flags:
             raise SessionStateError("unsupported-ring-flags", "dirty logging is not supported")
         # Split virtqueue alignment (virtio 1.x 2.7): the C drain loads indices as aligned
@@ -335,7 +346,7 @@ class SessionMachine:
 
     def _set_vring_base(self, c: _Call, out: list[Effect]) -> None:
         ring = self.ring_of(c.msg)
-        base = c.msg.payload.num  # type: ignore[union-attr]
+        base = c.payload(vu.VringState).num
         if base > 0xFFFF:
             raise SessionStateError("bad-ring-base", f"base {base} > 0xffff")
         out.append(SetRingBase(ring.index, base))
@@ -349,7 +360,7 @@ class SessionMachine:
 
     def _eventfd(self, c: _Call, what: str) -> int | None:
         """The message's eventfd, taken; None when the NOFD bit says there is none."""
-        if c.msg.payload.value & vu.VRING_NOFD_MASK:  # type: ignore[union-attr]
+        if c.payload(vu.U64).value & vu.VRING_NOFD_MASK:
             return None
         # Kick, call and err fds must be eventfds: a pipe at EOF, a file or a socket would
         # spin the loop, block it, or make epoll refuse them.
@@ -381,7 +392,7 @@ class SessionMachine:
         if not self.acked_features & PROTOCOL_FEATURES_BIT:
             raise SessionStateError("feature-not-negotiated", "SET_VRING_ENABLE without PROTOCOL_FEATURES")
         ring = self.ring_of(c.msg)
-        enable = c.msg.payload.num  # type: ignore[union-attr]
+        enable = c.payload(vu.VringState).num
         if enable not in (0, 1):
             raise SessionStateError("bad-enable-value", f"enable={enable}")
         ring.enabled = bool(enable)
@@ -389,8 +400,7 @@ class SessionMachine:
 
     # -- config, status, reset -----------------------------------------------------------
     def _config_range(self, c: _Call) -> vu.ConfigSpace:
-        cs = c.msg.payload
-        assert isinstance(cs, vu.ConfigSpace)
+        cs = c.payload(vu.ConfigSpace)
         if cs.offset + cs.size > self.device.config_size:
             raise SessionStateError("bad-config-range", f"[{cs.offset}, +{cs.size}) past {self.device.config_size}")
         return cs
@@ -404,7 +414,7 @@ class SessionMachine:
         out.append(WriteConfig(cs.offset, cs.payload))
 
     def _set_status(self, c: _Call, out: list[Effect]) -> None:
-        status = c.msg.payload.value  # type: ignore[union-attr]
+        status = c.payload(vu.U64).value
         if status > 0xFF:
             raise SessionStateError("bad-status", f"status {status:#x}")
         self.status = status

@@ -21,7 +21,7 @@ from vhost_user_cpufreq.backend.policy.engine import EngineConfig, VmLimits
 from vhost_user_cpufreq.backend.service.vm_host import HostSide
 from vhost_user_cpufreq.backend.host.policy import HostPolicy
 from vhost_user_cpufreq.backend.service.vms import Service
-from vhost_user_cpufreq.backend.host.sysfs import SysfsSource
+from vhost_user_cpufreq.backend.host.sysfs_source import SysfsSource
 
 from .helpers import named_vcpu_threads, require_c_dataplane, start_guest, until
 from .sysfs_tree import HostSpec, make_sysfs_tree, set_cpu_online, set_cur_freq

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from vhost_user_cpufreq.backend.host.hotplug import MAX_CONSECUTIVE_FAILURES, CpuHotplugMonitor
-from vhost_user_cpufreq.backend.host.sysfs import SysfsSource, read_host_model
+from vhost_user_cpufreq.backend.host.sysfs import read_host_model
+from vhost_user_cpufreq.backend.host.sysfs_source import SysfsSource
 
 from .helpers import until
 

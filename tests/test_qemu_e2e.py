@@ -16,7 +16,8 @@ import pytest
 
 from vhost_user_cpufreq.backend.service.vms import VmSlot
 from vhost_user_cpufreq.guest.driver import VIRTIO_F_VERSION_1, CpufreqDriver
-from vhost_user_cpufreq.guest.qtest import ISR_CONFIG, QtestError
+from vhost_user_cpufreq.guest.qtest import ISR_CONFIG
+from vhost_user_cpufreq.guest.qtest_client import QtestError
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.virtqueue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC

@@ -16,10 +16,10 @@ from vhost_user_cpufreq.backend.host.sysfs import (
     DEFAULT_CAPACITY,
     FALLBACK_NOMINAL_KHZ,
     HostCpuModel,
-    SysfsSource,
     parse_cpu_list,
     read_host_model,
 )
+from vhost_user_cpufreq.backend.host.sysfs_source import SysfsSource
 
 from .sysfs_tree import (
     HostSpec,

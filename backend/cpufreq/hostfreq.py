@@ -3,7 +3,7 @@
 A :class:`FrequencySource` gives a :class:`HostSnapshot` (current frequency of
 each host frequency domain) and says when it may have changed.  This module
 holds the two simple sources (a static one and a scripted one for demos and
-tests); the sysfs source lives in ``sysfs.py``.
+tests); the sysfs source lives in ``host/sysfs_source.py``.
 """
 
 from __future__ import annotations

@@ -56,6 +56,8 @@ class ThreadActuator:
         if tid in self.originals:
             return
         aff = frozenset(os.sched_getaffinity(tid))
+        umin: int | None
+        umax: int | None
         try:
             a = sched.sched_getattr(tid)
             umin, umax, rof = a.util_min, a.util_max, bool(a.flags & sched.SCHED_FLAG_RESET_ON_FORK)

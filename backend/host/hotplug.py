@@ -55,12 +55,12 @@ class MonitorLike(Protocol):
 
 
 def _pyudev_monitor() -> MonitorLike:
-    import pyudev  # type: ignore[import-untyped]  # imported late: a missing libudev must degrade, not fail import
+    import pyudev  # imported late: a missing libudev must degrade, not fail import
 
     context = pyudev.Context()
     monitor = pyudev.Monitor.from_netlink(context, source="kernel")
     monitor.filter_by(subsystem="cpu")
-    return monitor  # type: ignore[no-any-return]
+    return monitor
 
 
 class CpuHotplugMonitor:

@@ -30,34 +30,24 @@ caller's ``nominal_khz``, else the highest ``cpu MHz`` in ``/proc/cpuinfo``,
 else :data:`FALLBACK_NOMINAL_KHZ`.  :attr:`HostCpuModel.degraded` then holds
 a one-line reason and the snapshot is marked ``nominal``.
 
-:class:`SysfsSource` is the :class:`~.cpufreq.hostfreq.FrequencySource` on top: it
-keeps one open file descriptor per ``scaling_cur_freq`` of the domains in the
-snapshot and :meth:`SysfsSource.sample` re-reads them with ``os.pread`` at
-offset 0 (sysfs regenerates the value on each read at offset 0; regular files
-in test trees behave the same).  Raw bytes are compared first, so a sample
-where nothing moved allocates only the read buffers and calls no listener.
-:meth:`SysfsSource.rebuild` re-reads the whole model after CPU hotplug (see
-``hotplug.py``) or periodically from :meth:`SysfsSource.run`.
+The frequency source that samples the model's ``scaling_cur_freq`` files is
+:class:`~.sysfs_source.SysfsSource` (``sysfs_source.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
-from ..cpufreq.hostfreq import HostDomain, HostSnapshot, Listener
+from ..cpufreq.hostfreq import HostDomain, HostSnapshot
 
 __all__ = [
     "Cpu",
     "Policy",
     "HostCpuModel",
-    "SysfsSource",
     "read_host_model",
     "parse_cpu_list",
     "FALLBACK_NOMINAL_KHZ",
@@ -86,7 +76,8 @@ _warned: set[str] = set()
 _WARNED_MAX = 4096
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
+    """Log ``message`` once per process per ``key`` (the model reader and the sampler share it)."""
     if key in _warned:
         return
     if len(_warned) < _WARNED_MAX:
@@ -111,15 +102,16 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     out: set[int] = set()
     for token in text.replace(",", " ").split():
         lo_s, sep, hi_s = token.partition("-")
-        lo = _parse_uint(lo_s, MAX_CPU_ID - 1)
-        hi = _parse_uint(hi_s, MAX_CPU_ID - 1) if sep else lo
+        lo = parse_uint(lo_s, MAX_CPU_ID - 1)
+        hi = parse_uint(hi_s, MAX_CPU_ID - 1) if sep else lo
         if hi < lo:
             raise ValueError(f"descending range {token!r}")
         out.update(range(lo, hi + 1))
     return tuple(sorted(out))
 
 
-def _parse_uint(text: str, limit: int = _U32_MAX) -> int:
+def parse_uint(text: str, limit: int = _U32_MAX) -> int:
+    """A sysfs unsigned value: ASCII digits only, at most ``limit``; ValueError otherwise."""
     s = text.strip()
     # isascii+isdigit: int() would also take "+5", "1_0" and non-ASCII digits.
     if not s or not s.isascii() or not s.isdigit() or len(s) > 10:
@@ -155,7 +147,7 @@ def _read_text(path: Path) -> str:
 def _read_uint(path: Path, limit: int = _U32_MAX) -> int:
     text = _read_text(path)
     try:
-        return _parse_uint(text, limit)
+        return parse_uint(text, limit)
     except ValueError as e:
         raise _Malformed(f"{path}: {e}") from None
 
@@ -306,7 +298,7 @@ class _Reader:
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
-        _warn_once(message, f"sysfs: {message}")
+        warn_once(message, f"sysfs: {message}")
 
     def optional_list(self, name: str) -> tuple[int, ...] | None:
         path = self.cpu_dir / name
@@ -414,7 +406,7 @@ class _Reader:
         if avail_path.exists():  # absent with intel_pstate and other table-less drivers
             try:
                 # acpi-cpufreq lists highest first, OPP-based drivers lowest first.
-                available = tuple(sorted({_parse_uint(t) for t in _read_text(avail_path).split()}))
+                available = tuple(sorted({parse_uint(t) for t in _read_text(avail_path).split()}))
             except (ValueError, _Malformed) as e:
                 self.problem(f"{avail_path}: {e}; policy{n} kept without a frequency table")
         try:
@@ -453,7 +445,7 @@ class _Reader:
         reason = f"{why}: frequencies are nominal ({khz} kHz {origin})"
         # Keyed without the frequency: a cpuinfo value that wobbles between
         # rebuilds is the same reason, logged once.
-        _warn_once(f"degraded|{why}|{kind}", reason)
+        warn_once(f"degraded|{why}|{kind}", reason)
         online = tuple(c.id for c in cpus.values() if c.online)
         related = tuple(cpus)
         return reason, [Policy(0, related, online, khz, khz, khz, (khz,), "nominal", "none")]
@@ -467,191 +459,3 @@ def read_host_model(
     if nominal_khz is not None and not 0 < nominal_khz <= _U32_MAX:
         raise ValueError(f"nominal_khz={nominal_khz} outside 1..{_U32_MAX}")
     return _Reader(root, nominal_khz, proc_cpuinfo).read()
-
-
-# -- frequency source --------------------------------------------------------------
-
-
-class SysfsSource:
-    """A :class:`~.cpufreq.hostfreq.FrequencySource` backed by sysfs.
-
-    Listeners are called with every new snapshot, synchronously, from
-    :meth:`sample` or :meth:`rebuild`.  After a rebuild the snapshot's domain
-    set may differ from the previous one (a policy whose CPUs all went offline
-    drops out, indices shift, a CPU may move): listeners that keep domain
-    indices must re-derive them, e.g. through ``source.model.domain_of_cpu``,
-    rather than assume a fixed length.  A listener that raises is logged and
-    does not stop the others or the sampler.
-    """
-
-    def __init__(
-        self,
-        root: str = "/sys",
-        *,
-        nominal_khz: int | None = None,
-        proc_cpuinfo: str = "/proc/cpuinfo",
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.root = root
-        self._nominal_khz = nominal_khz
-        self._proc_cpuinfo = proc_cpuinfo
-        self._clock = clock
-        self._sleep = sleep
-        self._listeners: list[Listener] = []
-        self._fds: list[int] = []
-        self._raw: list[bytes] = []  # last bytes read per fd
-        self._fd_policy: list[int] = []  # index into model.policies per fd
-        self._closed = False
-        self.samples = 0  # sample() calls
-        self.changes = 0  # snapshots published to listeners
-        self.rebuilds = 0
-        self.read_errors = 0  # scaling_cur_freq reads that failed or did not parse
-        self.model = read_host_model(root, nominal_khz=nominal_khz, proc_cpuinfo=proc_cpuinfo)
-        self._open_fds()
-
-    # -- FrequencySource -------------------------------------------------------------
-    def snapshot(self) -> HostSnapshot:
-        return self.model.snapshot()
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unsubscribe
-
-    # -- sampling --------------------------------------------------------------------
-    def sample(self) -> bool:
-        """Re-read every domain's scaling_cur_freq; True (and listeners called
-        once) if any changed.  A failed or garbled read means the model is
-        stale (hotplug, driver unloaded): the whole model is rebuilt."""
-        self.samples += 1
-        changed: list[tuple[int, int]] | None = None
-        for i, fd in enumerate(self._fds):
-            try:
-                raw = os.pread(fd, 64, 0)
-            except OSError:
-                return self._stale(i, "read failed")
-            if raw == self._raw[i]:
-                continue  # the common case: no parsing, no objects kept
-            try:
-                khz = _parse_uint(raw.decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                return self._stale(i, "garbled")
-            self._raw[i] = raw
-            pi = self._fd_policy[i]
-            if khz != self.model.policies[pi].cur_khz:
-                if changed is None:
-                    changed = []
-                changed.append((pi, khz))
-        if changed is None:
-            return False
-        policies = list(self.model.policies)
-        for pi, khz in changed:
-            policies[pi] = replace(policies[pi], cur_khz=khz)
-        self.model = replace(self.model, policies=tuple(policies))
-        self._publish()
-        return True
-
-    def _stale(self, i: int, what: str) -> bool:
-        self.read_errors += 1
-        pid = self.model.policies[self._fd_policy[i]].id
-        _warn_once(f"stale|{self.root}|{pid}|{what}", f"sysfs: policy{pid} scaling_cur_freq {what}; rebuilding the model")
-        return self.rebuild()
-
-    def rebuild(self) -> bool:
-        """Re-read the whole model (after CPU hotplug); True and listeners
-        notified if the snapshot changed.  Never raises on malformed files; if
-        the root vanished the old model is kept."""
-        self.rebuilds += 1
-        try:
-            model = read_host_model(self.root, nominal_khz=self._nominal_khz, proc_cpuinfo=self._proc_cpuinfo)
-        except OSError as e:
-            _warn_once(f"rebuild|{self.root}", f"sysfs: cannot re-read {self.root}: {e}; keeping the old model")
-            return False
-        old = self.model.snapshot()
-        self.model = model
-        self._close_fds()
-        if not self._closed:
-            self._open_fds()
-        if model.snapshot() == old:
-            return False
-        self._publish()
-        return True
-
-    async def run(self, period: float, *, rebuild_every: float | None = None) -> None:
-        """Sample every ``period`` seconds (and rebuild every ``rebuild_every``
-        seconds, for hosts where hotplug events cannot be received) until
-        :meth:`close`.  Deadlines are absolute so sampling does not drift; after
-        a late wake-up the schedule restarts instead of bursting to catch up."""
-        if period <= 0:
-            raise ValueError("period must be > 0")
-        if rebuild_every is not None and rebuild_every <= 0:
-            raise ValueError("rebuild_every must be > 0")
-        now = self._clock()
-        next_tick = now
-        next_rebuild = now + rebuild_every if rebuild_every is not None else None
-        while not self._closed:
-            if next_rebuild is not None and now >= next_rebuild:
-                self.rebuild()
-                next_rebuild = now + rebuild_every if rebuild_every is not None else None
-            else:
-                self.sample()
-            next_tick += period
-            now = self._clock()
-            if next_tick < now:
-                next_tick = now + period  # late: restart the grid rather than catch up
-            await self._sleep(next_tick - now)
-            now = self._clock()
-
-    def close(self) -> None:
-        """Close the file descriptors and stop :meth:`run`; idempotent."""
-        self._closed = True
-        self._close_fds()
-
-    def __enter__(self) -> SysfsSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- internals -------------------------------------------------------------------
-    def _publish(self) -> None:
-        self.changes += 1
-        snap = self.model.snapshot()
-        for listener in list(self._listeners):
-            try:
-                listener(snap)
-            except Exception:
-                log.exception("sysfs: frequency listener %r failed", listener)
-
-    def _open_fds(self) -> None:
-        if self.model.degraded is not None:
-            return  # nominal frequencies: nothing to sample
-        base = Path(self.root) / "devices" / "system" / "cpu" / "cpufreq"
-        for pi, p in enumerate(self.model.policies):
-            if not p.online_cpus:
-                continue  # not in the snapshot; reads would answer EBUSY on Linux
-            try:
-                fd = os.open(base / f"policy{p.id}" / "scaling_cur_freq", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                self.read_errors += 1
-                _warn_once(f"open|{self.root}|{p.id}", f"sysfs: cannot open policy{p.id} scaling_cur_freq: {e}")
-                continue
-            self._fds.append(fd)
-            # Primed with what the model holds, so the first sample is cheap too.
-            self._raw.append(f"{p.cur_khz}\n".encode())
-            self._fd_policy.append(pi)
-
-    def _close_fds(self) -> None:
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
-        self._raw.clear()
-        self._fd_policy.clear()

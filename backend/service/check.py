@@ -151,15 +151,15 @@ def _capabilities() -> Finding:
 
 def _qemu() -> Finding:
     prefix = os.environ.get("VUC_QEMU")
-    cmd = prefix.split() if prefix else ([shutil.which("qemu-system-x86_64")] if shutil.which("qemu-system-x86_64")
-                                         else None)
-    if not cmd or not cmd[0]:
+    found = shutil.which("qemu-system-x86_64")
+    cmd = prefix.split() if prefix else [found] if found else []
+    if not cmd:
         return Finding("qemu", "info", "no qemu-system-x86_64 on PATH (QEMU 10.2+ is needed for "
                        "vhost-user-test-device-pci)")
     try:
-        out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=10).stdout  # type: ignore[list-item]
+        out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Finding("qemu", "info", f"{' '.join(cmd)}: {exc}")  # type: ignore[arg-type]
+        return Finding("qemu", "info", f"{' '.join(cmd)}: {exc}")
     m = re.search(r"version (\d+)\.(\d+)(\.\d+)?", out)
     if not m:
         return Finding("qemu", "info", f"unrecognised version output: {out.strip()[:80]}")

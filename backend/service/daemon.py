@@ -27,7 +27,7 @@ from ..dataplane.lane import running_lanes
 from ..host.actuators import ThreadActuator
 from ..host.policy import HostPolicy
 from ..host.statefile import StateFile, recover
-from ..host.sysfs import SysfsSource
+from ..host.sysfs_source import SysfsSource
 from . import systemd
 from ..host.cgroups import recover_cgroups
 from .config import ConfigError, ServiceConfig, VmSettings, load_config

@@ -18,14 +18,16 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import TextIO
 
+from vhost_user_cpufreq.guest.driver import CpufreqDriver
 from vhost_user_cpufreq.guest.frontend import connect_guest
 from vhost_user_cpufreq.guest.workload import BurstyWorkload, PeltTracker
 
 from ..cpufreq.hostfreq import StaticSource
 from ..host.hosts import PIXEL6, PIXEL6_OPPS_KHZ
 from ..policy.decision import RecordingPolicy
-from .vms import Service, VmConfig
+from .vms import Service, VmConfig, VmSlot
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -53,7 +55,7 @@ def _opp_at_or_above(opps: tuple[int, ...], khz: int) -> int:
     return opps[min(i, len(opps) - 1)]
 
 
-async def run_demo(opts: DemoOptions, out=sys.stdout) -> dict[str, float]:  # type: ignore[no-untyped-def]
+async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, float]:
     if not 1 <= opts.vcpus <= 8:
         raise SystemExit("--vcpus must be 1..8 (the embedded host has 8 CPUs)")
     source = StaticSource(PIXEL6)
@@ -135,12 +137,13 @@ async def run_demo(opts: DemoOptions, out=sys.stdout) -> dict[str, float]:  # ty
     await service.close()
     os.rmdir(tmp)
     print("\nSummary", file=out)
-    for k, v in summary.items():
-        print(f"  {k:22} {v:.3f}" if isinstance(v, float) else f"  {k:22} {v}", file=out)
+    for key, value in summary.items():
+        print(f"  {key:22} {value:.3f}" if isinstance(value, float) else f"  {key:22} {value}", file=out)
     return summary
 
 
-def _draw(out, tty, t, opts, driver, policy, vmap, host_cur, capped, slot) -> None:  # type: ignore[no-untyped-def]
+def _draw(out: TextIO, tty: bool, t: float, opts: DemoOptions, driver: CpufreqDriver, policy: RecordingPolicy,
+          vmap: tuple[int, ...], host_cur: list[int], capped: bool, slot: VmSlot) -> None:
     names = ("little A55", "mid A76", "big X1")
     lines = [
         f"vhost-user-cpufreq demo  t={t:4.1f}s/{opts.duration:.0f}s  VM 'demo', {opts.vcpus} vCPUs on a Pixel 6 host"

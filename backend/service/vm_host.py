@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ..defaults import KICK_BATCH_DELAY
 from ..host.hotplug import CpuHotplugMonitor
 from ..host.policy import HostPolicy
-from ..host.sysfs import SysfsSource
+from ..host.sysfs_source import SysfsSource
 from ..host.vcpu_threads import discover_threads
 from ..policy.engine import VcpuPlacement, plan_pinning
 from ..vhost.transport import Connection

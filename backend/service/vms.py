@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..counters import Counters
 from ..cpufreq.device import CpufreqDevice
@@ -30,11 +31,15 @@ __all__ = ["VmConfig", "VmSlot", "Service"]
 log = logging.getLogger("vhost_user_cpufreq")
 
 
-class VmLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class VmLog(logging.LoggerAdapter[logging.Logger]):
     """Prefixes every line with the VM's name, as aioquic does with connection ids."""
 
-    def process(self, msg: str, kwargs):  # type: ignore[no-untyped-def, override]
-        return f"[{self.extra['vm']}] {msg}", kwargs  # type: ignore[index]
+    def __init__(self, logger: logging.Logger, vm: str) -> None:
+        super().__init__(logger, {"vm": vm})
+        self.vm = vm
+
+    def process(self, msg: object, kwargs: MutableMapping[str, Any]) -> tuple[str, MutableMapping[str, Any]]:
+        return f"[{self.vm}] {msg}", kwargs
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +61,7 @@ class VmSlot:
     config: VmConfig
     device: CpufreqDevice
     counters: Counters
-    log: logging.LoggerAdapter  # type: ignore[type-arg]
+    log: logging.LoggerAdapter[logging.Logger]
     server: socket.socket | None = None
     connection: Connection | None = None
     sessions_served: int = 0
@@ -86,7 +91,7 @@ class Service:
         loop = asyncio.get_running_loop()
         self._loop = loop
         counters = Counters()
-        vlog = VmLog(log, {"vm": cfg.name})
+        vlog = VmLog(log, cfg.name)
         device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
                                mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us)
         sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,

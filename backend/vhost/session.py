@@ -244,12 +244,12 @@ class Session:
                     self._set_kick(ring, self._take(fd))
                 case fx.SetCallFd(index, fd):
                     ring = self.rings[index]
-                    old, ring.call_fd = ring.call_fd, self._take(fd)
+                    old_call, ring.call_fd = ring.call_fd, self._take(fd)
                     if ring.call_fd is not None:
                         os.set_blocking(ring.call_fd, False)
                     if ring.offload is not None:
                         ring.offload.set_call(ring.call_fd)
-                    _close_fd(old)
+                    _close_fd(old_call)
                 case fx.SetErrFd(index, fd):
                     ring = self.rings[index]
                     _close_fd(ring.err_fd)

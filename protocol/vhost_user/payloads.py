@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import struct
 import uuid as _uuid
-from dataclasses import dataclass, field, fields
-from typing import ClassVar, Self, TypeAlias, Union
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, ClassVar, Self, TypeAlias, Union
 
 from ..errors import LocalProtocolError, MessageError
 from .constants import (
@@ -65,6 +65,8 @@ class _Fixed:
     """
 
     __slots__ = ()
+    # Declared, not set: every subclass is a dataclass, and saying so lets fields(self) type-check.
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
     MIN_SIZE: ClassVar[int]
     MAX_SIZE: ClassVar[int]
     _STRUCT: ClassVar[struct.Struct]
@@ -79,11 +81,11 @@ class _Fixed:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for f, bits in zip(fields(self), self._BITS):  # type: ignore[arg-type]
+        for f, bits in zip(fields(self), self._BITS):
             _check_uint(owner, f.name, getattr(self, f.name), bits)
 
     def encode(self) -> bytes:
-        return self._STRUCT.pack(*(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+        return self._STRUCT.pack(*(getattr(self, f.name) for f in fields(self)))
 
     @classmethod
     def decode(cls, b: bytes) -> Self:

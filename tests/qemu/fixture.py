@@ -46,7 +46,9 @@ from vhost_user_cpufreq.backend.host.hosts import PIXEL6
 from vhost_user_cpufreq.backend.policy.decision import RecordingPolicy
 from vhost_user_cpufreq.backend.service.vms import Service, VmConfig, VmSlot
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
-from vhost_user_cpufreq.guest.qtest import QtestClient, QtestTransport, SharedRam
+from vhost_user_cpufreq.guest.qtest import QtestTransport
+from vhost_user_cpufreq.guest.qtest_client import QtestClient
+from vhost_user_cpufreq.guest.shared_ram import SharedRam
 from vhost_user_cpufreq.protocol.cpufreq import DEFAULT_DEVICE_ID
 
 from .bios import idle_bios

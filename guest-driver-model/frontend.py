@@ -23,7 +23,8 @@ from typing import Callable
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import LocalProtocolError
 from vhost_user_cpufreq.protocol.memory import FlatMemory
-from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, ring_sizes
+from vhost_user_cpufreq.protocol.virtqueue import ring_sizes
+from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
 from .driver import CpufreqDriver
 from .scm import recv_with_fds, send_with_fds

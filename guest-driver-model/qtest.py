@@ -58,7 +58,8 @@ from typing import Callable, Iterable, Literal
 
 from vhost_user_cpufreq.protocol.cpufreq import DEFAULT_DEVICE_ID
 from vhost_user_cpufreq.protocol.errors import LocalProtocolError
-from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, ring_sizes
+from vhost_user_cpufreq.protocol.virtqueue import ring_sizes
+from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
 from .qtest_client import QtestClient, QtestError
 from .shared_ram import SharedRam

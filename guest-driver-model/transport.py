@@ -11,7 +11,7 @@ import abc
 from typing import Callable
 
 from vhost_user_cpufreq.protocol.memory import GuestMemory
-from vhost_user_cpufreq.protocol.virtqueue import DriverQueue
+from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
 __all__ = ["GuestRam", "DriverTransport"]
 

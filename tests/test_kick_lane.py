@@ -509,7 +509,9 @@ def test_a_guest_scribbling_over_its_ring_cannot_hurt_the_lane_or_its_neighbour(
     rejection), every one with a head is returned, and a well-behaved VM on the same lane gets every record."""
     import random
 
-    from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue, DriverQueue
+    from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
+
+    from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
     from .test_ring_drain import DATA_GPA, DESC_GPA, REGION1, REGION2_SIZE, TwoRegions
 

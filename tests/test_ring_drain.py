@@ -29,8 +29,8 @@ from vhost_user_cpufreq.protocol.virtqueue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     DeviceQueue,
-    DriverQueue,
 )
+from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
 from .helpers import make_service, start_guest, unavailable, until
 

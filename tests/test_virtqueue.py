@@ -23,11 +23,11 @@ from vhost_user_cpufreq.protocol.virtqueue import (
     VRING_USED_F_NO_NOTIFY,
     Chain,
     DeviceQueue,
-    DriverQueue,
     ring_sizes,
     validate_queue_size,
     vring_need_event,
 )
+from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
 N, R, W, I = VIRTQ_DESC_F_NEXT, 0, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 U16 = struct.Struct("<H")

@@ -6,9 +6,14 @@ frequencies differs from the host's; this runs the real console script.
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 
 def test_demo_delivers_every_record_and_agrees_with_the_host() -> None:
@@ -16,6 +21,68 @@ def test_demo_delivers_every_record_and_agrees_with_the_host() -> None:
     r = subprocess.run([str(script), "demo", "--duration", "3", "--plain"], capture_output=True, text=True,
                        timeout=60, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    summary = dict(line.split(None, 1) for line in r.stdout.split("Summary", 1)[1].strip().splitlines())
+    # Each summary line: key, value, then what the key means.
+    summary = dict(line.split()[:2] for line in r.stdout.split("Summary", 1)[1].strip().splitlines())
     assert int(summary["records_sent"]) == int(summary["records_received"]) > 0, summary
     assert float(summary["guest_matches_host"]) == 1.0 and int(summary["rejected"]) == 0, summary
+
+
+def _interruptible() -> None:
+    # A background job of a non-interactive shell (CI) inherits SIGINT ignored; a user's Ctrl-C is not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_stops_the_demo_quietly_with_the_summary_of_what_ran() -> None:
+    script = Path(sys.executable).with_name("vhost-user-cpufreq")
+    proc = subprocess.Popen([str(script), "demo", "--duration", "30", "--plain"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+    try:
+        # Interrupt once the guest is running: the first screen is printed 80 ms after it starts.
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("vhost-user-cpufreq demo"), first
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    head, _, rest = out.partition("Summary (interrupted after ")
+    assert rest, out[-2000:]
+    summary = dict(line.split()[:2] for line in rest.splitlines()[1:] if line.strip())
+    assert 0 < float(summary["seconds"]) < 30
+    assert int(summary["records_sent"]) == int(summary["records_received"]) > 0, summary
+
+
+def test_the_demo_screen_keeps_its_columns_and_says_why_the_host_differs() -> None:
+    script = Path(sys.executable).with_name("vhost-user-cpufreq")
+    r = subprocess.run([str(script), "demo", "--duration", "4", "--plain", "--refresh", "0.2"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\s+\d+  (little|mid|big) ", line)]
+    assert len(rows) >= 4 * 10, r.stdout[-2000:]
+    # The three frequency columns end at the same offsets on every row, whatever the bar's length.
+    ends = {tuple(m.end() for m in re.finditer(r"(\d+|-) MHz|  - ", row))[:3] for row in rows}
+    assert len(ends) == 1, ends
+    # During the thermal cap the big cluster is held below what its vCPU asks, and the row says so.
+    assert any("thermal cap 1426 MHz" in row for row in rows), r.stdout[-3000:]
+    assert any("cluster shared with vCPU" in row for row in rows), r.stdout[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("v", "wants", "runs", "cap", "expected"),
+    [
+        (0, {}, 300_000, None, "no record yet"),
+        (0, {0: 300_000}, 300_000, None, ""),
+        (0, {0: 310_000}, 574_000, None, "next OPP up"),
+        (3, {3: 2_500_000}, 1_426_000, 1_426_000, "thermal cap 1426 MHz"),
+        (0, {0: 300_000, 1: 1_500_000}, 1_803_000, None, "cluster shared with vCPU 1"),
+        (0, {0: 1_500_000}, 300_000, None, "host steps every 100 ms"),
+    ],
+)
+def test_why_names_the_reason_host_and_policy_differ(v: int, wants: dict[int, int], runs: int, cap: int | None,
+                                                      expected: str) -> None:
+    from vhost_user_cpufreq.backend.service.demo import _why
+
+    assert _why(v, (0, 0, 1, 2), wants, runs, cap) == expected

@@ -150,23 +150,28 @@ def _capabilities() -> Finding:
 
 
 def _qemu() -> Finding:
+    # VUC_QEMU (a command prefix, e.g. "chroot /var/cache/... qemu-system-x86_64") wins over PATH,
+    # as for the tests; the finding names which one it used, so a user can tell why.
     prefix = os.environ.get("VUC_QEMU")
     found = shutil.which("qemu-system-x86_64")
-    cmd = prefix.split() if prefix else [found] if found else []
-    if not cmd:
-        return Finding("qemu", "info", "no qemu-system-x86_64 on PATH (QEMU 10.2+ is needed for "
-                       "vhost-user-test-device-pci)")
+    if prefix:
+        cmd, origin = prefix.split(), f"VUC_QEMU={prefix}"
+    elif found:
+        cmd, origin = [found], found
+    else:
+        return Finding("qemu", "info", "no qemu-system-x86_64 on PATH and VUC_QEMU is not set (QEMU 10.2+ is "
+                       "needed for vhost-user-test-device-pci)")
     try:
         out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Finding("qemu", "info", f"{' '.join(cmd)}: {exc}")
+        return Finding("qemu", "info", f"{origin}: {exc}")
     m = re.search(r"version (\d+)\.(\d+)(\.\d+)?", out)
     if not m:
-        return Finding("qemu", "info", f"unrecognised version output: {out.strip()[:80]}")
+        return Finding("qemu", "info", f"{origin}: unrecognised version output: {out.strip()[:80]!r}")
     ver = (int(m.group(1)), int(m.group(2)))
     state = "ok" if ver >= (10, 2) else "info"
-    note = "" if state == "ok" else " (too old for vhost-user-test-device-pci: needs 10.2+)"
-    return Finding("qemu", state, f"QEMU {m.group(0).split()[1]}{note}")
+    note = "" if state == "ok" else ", too old for vhost-user-test-device-pci: needs 10.2+"
+    return Finding("qemu", state, f"QEMU {m.group(0).split()[1]} ({origin}{note})")
 
 
 def _hotplug() -> Finding:

@@ -26,7 +26,7 @@ from . import systemd
 from .check import run_checks
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 DEFAULT_CONTROL_SOCKET = "/run/vhost-user-cpufreq/control.sock"
 _SERVE_CONVENTIONS = {"--print-capabilities", "--socket-path", "--fd"}
@@ -39,6 +39,16 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{self.PRIO.get(record.levelno, 6)}>{super().format(record)}"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Append an option's default to its help, when it has one worth saying (not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _setup_logging(verbose: int) -> None:
@@ -58,7 +68,14 @@ def _config_from_args(args: argparse.Namespace) -> ServiceConfig:
     else:
         if not (args.socket_path or args.fd is not None):
             raise ConfigError("serve needs --config FILE, --socket-path PATH or --fd N")
-        vm = VmSettings(args.name, args.socket_path or f"/dev/fd/{args.fd}", args.vcpus, qmp=args.qmp,
+        vcpus = args.vcpus
+        if vcpus is None:
+            # The backend-program conventions let a VMM start us with --socket-path alone; serve,
+            # but never silently describe fewer vCPUs than the VM may have.
+            vcpus = 1
+            logging.getLogger("vhost_user_cpufreq").warning(
+                "no --vcpus given: the device describes 1 vCPU for VM %r; give --vcpus N (QEMU's -smp)", args.name)
+        vm = VmSettings(args.name, args.socket_path or f"/dev/fd/{args.fd}", vcpus, qmp=args.qmp,
                         clamp="thread" if args.qmp or args.clamp else "none")
         cfg = ServiceConfig(vms={vm.name: vm}, control_socket=args.control_socket, source="command line")
     if args.nominal_khz:
@@ -112,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    findings = run_checks(args.sysfs_root or "/sys", args.nominal_khz)
+    findings = run_checks(args.sysfs_root, args.nominal_khz)
     if args.json:
         print(json.dumps([f.as_dict() for f in findings], indent=2))
     else:
@@ -152,43 +169,61 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--duration", type=float, default=8.0, help="seconds to run (default 8)")
-    p.add_argument("--vcpus", type=int, default=4, help="guest vCPUs, 1-8 (default 4)")
-    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds to run")
+    p.add_argument("--vcpus", type=int, default=4, help="guest vCPUs, 1-8")
+    p.add_argument("--seed", type=int, default=1, help="seed of the guest's bursty workload")
     p.add_argument("--refresh", type=float, default=0.5, help="seconds between screen updates")
-    p.add_argument("--plain", action="store_true", help="print blocks instead of redrawing the screen")
+    p.add_argument("--plain", action="store_true",
+                   help="print one block per update instead of redrawing the screen (the default when "
+                        "stdout is not a terminal)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vhost-user-cpufreq", description="vhost-user cpufreq device back-end")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every option with its help and, where it has one, its default."""
+    # Every option says what it does and, through the formatter, its default.
+    fmt = _HelpFormatter
+    p = argparse.ArgumentParser(prog="vhost-user-cpufreq", description="vhost-user cpufreq device back-end",
+                                formatter_class=fmt)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging: -v adds debug lines (and, for check, the probes' own log lines)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,serve,check,status}")
 
-    d = sub.add_parser("demo", help="the back-end and a modelled guest over a real socket (no QEMU, no root)")
+    d = sub.add_parser("demo", formatter_class=fmt,
+                       help="the back-end and a modelled guest over a real socket (no QEMU, no root)")
     _demo_arguments(d)
 
-    s = sub.add_parser("serve", help="serve VMs (from --config, or one VM from flags)")
-    s.add_argument("--config", help="TOML configuration file")
+    s = sub.add_parser("serve", formatter_class=fmt, help="serve VMs (from --config, or one VM from flags)")
+    s.add_argument("--config", help="TOML configuration file (see README, 'Run the service')")
     s.add_argument("--socket-path", help="listen for one VM's front-end on this unix socket")
     s.add_argument("--fd", type=int, help="an inherited, listening unix socket for one VM")
     s.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON")
-    s.add_argument("--name", default="vm0", help="VM name with --socket-path/--fd (default vm0)")
-    s.add_argument("--vcpus", type=int, default=1, help="vCPUs with --socket-path/--fd")
+    s.add_argument("--name", default="vm0", help="VM name with --socket-path/--fd")
+    s.add_argument("--vcpus", type=int, default=None,
+                   help="that VM's vCPUs, as QEMU's -smp; without it the device describes 1 vCPU, and says so")
     s.add_argument("--qmp", help="QMP socket of that VM's QEMU (vCPU thread discovery)")
     s.add_argument("--clamp", action="store_true", help="pin and clamp vCPU threads found in /proc")
-    s.add_argument("--control-socket", default=None, help="status socket (default: none from flags)")
-    s.add_argument("--nominal-khz", type=int, help="frequency to report on hosts without cpufreq")
-    s.add_argument("--sysfs-root", help="read CPUs from this sysfs root instead of /sys")
+    s.add_argument("--control-socket", default=None,
+                   help="status socket; from flags there is none unless given")
+    s.add_argument("--nominal-khz", type=int,
+                   help="frequency to report on hosts without cpufreq (default: /proc/cpuinfo's)")
+    s.add_argument("--sysfs-root", help="read CPUs from this sysfs root (default: the configuration's, or /sys)")
 
-    c = sub.add_parser("check", help="probe what this host supports; exit 1 if serving would be degraded")
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--sysfs-root")
-    c.add_argument("--nominal-khz", type=int)
+    c = sub.add_parser("check", formatter_class=fmt,
+                       help="probe what this host supports; exit 1 if serving would be degraded")
+    c.add_argument("--json", action="store_true", help="the findings as a JSON list, nothing else on stdout")
+    c.add_argument("--sysfs-root", default="/sys", help="read CPUs from this sysfs root")
+    c.add_argument("--nominal-khz", type=int,
+                   help="frequency to report on hosts without cpufreq (default: /proc/cpuinfo's)")
 
-    st = sub.add_parser("status", help="ask the running service")
-    st.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET)
+    st = sub.add_parser("status", formatter_class=fmt, help="ask the running service")
+    st.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET, help="the service's control socket")
     st.add_argument("--config", help="take the control socket from this configuration file")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="the whole status as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # The vhost-user spec's back-end conventions run `BINARY --print-capabilities` or
@@ -196,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0].startswith("--") and argv[0].split("=")[0] in _SERVE_CONVENTIONS:
         argv.insert(0, "serve")
     args = p.parse_args(argv)
-    _setup_logging(args.verbose if args.command != "demo" else args.verbose - 1)
+    # check prints every finding itself; the probes' own warnings would repeat them on stderr.
+    quieter = {"demo": 1, "check": 2}.get(args.command, 0)
+    _setup_logging(args.verbose - quieter)
     if args.command == "demo":
         from . import demo  # late: the demo loads the guest model, which serve must not
 

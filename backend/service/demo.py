@@ -87,29 +87,35 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, flo
             lag_samples.append(loop.time() - changed_at)
             changed_at = None
 
-    while (now := loop.time()) < start + opts.duration:
-        for v in range(opts.vcpus):
-            driver.set_util(v, pelt[v].step(work.busy(v, TICK_MS), TICK_MS))
-        driver.flush()
-        if now >= next_host:
-            next_host += 0.1
-            want = [d.min_khz for d in PIXEL6.domains]
-            for v, dec in policy.latest.get("demo", {}).items():
-                dom = vmap[v]
-                want[dom] = max(want[dom], _opp_at_or_above(PIXEL6_OPPS_KHZ[dom], dec.target_khz))
-            if cap_from <= now < cap_to:
-                want[2] = min(want[2], opts.thermal_cap_khz)
-            if want != host_cur:
-                host_cur = want
-                source.set_frequencies(want)
-                changed_at = loop.time()
-        if driver.config_changed.is_set():
-            driver.config_changed.clear()
-            on_guest_refresh()
-        if now >= next_draw:
-            next_draw += opts.refresh
-            _draw(out, tty, now - start, opts, driver, policy, vmap, host_cur, cap_from <= now < cap_to, slot)
-        await asyncio.sleep(TICK_MS / 1000)
+    interrupted_at: float | None = None
+    try:
+        while (now := loop.time()) < start + opts.duration:
+            for v in range(opts.vcpus):
+                driver.set_util(v, pelt[v].step(work.busy(v, TICK_MS), TICK_MS))
+            driver.flush()
+            if now >= next_host:
+                next_host += 0.1
+                want = [d.min_khz for d in PIXEL6.domains]
+                for v, dec in policy.latest.get("demo", {}).items():
+                    dom = vmap[v]
+                    want[dom] = max(want[dom], _opp_at_or_above(PIXEL6_OPPS_KHZ[dom], dec.target_khz))
+                if cap_from <= now < cap_to:
+                    want[2] = min(want[2], opts.thermal_cap_khz)
+                if want != host_cur:
+                    host_cur = want
+                    source.set_frequencies(want)
+                    changed_at = loop.time()
+            if driver.config_changed.is_set():
+                driver.config_changed.clear()
+                on_guest_refresh()
+            if now >= next_draw:
+                next_draw += opts.refresh
+                _draw(out, tty, now - start, opts, driver, policy, vmap, host_cur,
+                      opts.thermal_cap_khz if cap_from <= now < cap_to else None, slot)
+            await asyncio.sleep(TICK_MS / 1000)
+    except asyncio.CancelledError:
+        # Ctrl-C (asyncio.run cancels this task): stop the guest, then report what ran so far.
+        interrupted_at = loop.time() - start
 
     # Send what the driver still holds back (SPEC 6.4), let the last notification land, then compare views.
     driver.kick_held()
@@ -120,7 +126,7 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, flo
     host_view = [host_cur[vmap[v]] for v in range(opts.vcpus)]
     c = slot.counters
     summary = {
-        "seconds": opts.duration,
+        "seconds": opts.duration if interrupted_at is None else round(interrupted_at, 3),
         "records_sent": driver.stats.records,
         "records_received": c.get("records"),
         "batches": driver.stats.batches,
@@ -136,37 +142,57 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> dict[str, flo
     await asyncio.sleep(0.05)
     await service.close()
     os.rmdir(tmp)
-    print("\nSummary", file=out)
-    for key, value in summary.items():
-        print(f"  {key:22} {value:.3f}" if isinstance(value, float) else f"  {key:22} {value}", file=out)
+    _print_summary(out, summary, interrupted=interrupted_at is not None)
     return summary
 
 
+_DOMAIN_NAMES = ("little A55", "mid A76", "big X1")
+_BAR = 10  # columns of the utilisation bar: full at 1024
+
+
+def _why(v: int, vmap: tuple[int, ...], wants: dict[int, int], runs_khz: int, cap_khz: int | None) -> str:
+    """Why the host runs vCPU v's cluster at other than the policy's pick for v (the demo's last column)."""
+    if v not in wants:
+        return "no record yet"
+    dom = vmap[v]
+    opp = _opp_at_or_above(PIXEL6_OPPS_KHZ[dom], wants[v])
+    if runs_khz == opp:
+        return "" if opp == wants[v] else "next OPP up"
+    if cap_khz is not None and dom == 2 and runs_khz == cap_khz < opp:
+        return f"thermal cap {cap_khz // 1000} MHz"
+    rivals = [u for u in wants if u != v and vmap[u] == dom and wants[u] > wants[v]]
+    if runs_khz > opp and rivals:
+        return f"cluster shared with vCPU {max(rivals, key=wants.__getitem__)}"
+    return "host steps every 100 ms"
+
+
 def _draw(out: TextIO, tty: bool, t: float, opts: DemoOptions, driver: CpufreqDriver, policy: RecordingPolicy,
-          vmap: tuple[int, ...], host_cur: list[int], capped: bool, slot: VmSlot) -> None:
-    names = ("little A55", "mid A76", "big X1")
+          vmap: tuple[int, ...], host_cur: list[int], cap_khz: int | None, slot: VmSlot) -> None:
     lines = [
         f"vhost-user-cpufreq demo  t={t:4.1f}s/{opts.duration:.0f}s  VM 'demo', {opts.vcpus} vCPUs on a Pixel 6 host"
-        + ("  [thermal cap on big cluster]" if capped else ""),
+        + (f"  [thermal cap: big cluster at most {cap_khz // 1000} MHz]" if cap_khz is not None else ""),
         "",
-        f"{'vCPU':>4}  {'domain':<10} {'guest util':>10}  {'policy wants':>12}  {'host runs':>10}  {'guest sees':>10}",
+        f"{'vCPU':>4}  {'cluster':<10}  {'guest util':<16}  {'policy wants':>12}  {'host runs':>9}  "
+        f"{'guest sees':>10}  why host runs differs",
     ]
-    latest = policy.latest.get("demo", {})
+    wants = {v: dec.target_khz for v, dec in policy.latest.get("demo", {}).items()}
     for v in range(opts.vcpus):
-        dec = latest.get(v)
         util = slot.device.vcpus[v].util
-        bar = "#" * (util * 10 // 1024)
+        bar = "#" * min(_BAR, util * _BAR // 1024)
+        runs = host_cur[vmap[v]]
+        want = f"{wants[v] / 1000:.0f} MHz" if v in wants else "-"
         lines.append(
-            f"{v:>4}  {names[vmap[v]]:<10} {util:>5} {bar:<5} "
-            f"{(dec.target_khz / 1000 if dec else 0):>9.0f} MHz {host_cur[vmap[v]] / 1000:>6.0f} MHz "
-            f"{driver.cur_khz(v) / 1000:>6.0f} MHz"
+            f"{v:>4}  {_DOMAIN_NAMES[vmap[v]]:<10}  {util:>4} {bar:<{_BAR}}  {want:>12}  {runs / 1000:>5.0f} MHz  "
+            f"{driver.cur_khz(v) / 1000:>6.0f} MHz  {_why(v, vmap, wants, runs, cap_khz)}".rstrip()
         )
     s = driver.stats
     lines += [
         "",
         f"guest: {s.records} records in {s.batches} batches, {s.kicks} kicks, "
-        f"{s.config_refreshes} config refreshes   backend: {slot.counters.get('records')} records, "
+        f"{s.config_refreshes} config refreshes   back-end: {slot.counters.get('records')} records, "
         f"{slot.counters.total('rejected')} rejected",
+        "host runs: the cluster's frequency, set every 100 ms to the highest any of its vCPUs asks,",
+        "rounded up to an OPP; guest sees: what the device's config space told the guest",
     ]
     text = "\n".join(lines)
     if tty:
@@ -176,8 +202,35 @@ def _draw(out: TextIO, tty: bool, t: float, opts: DemoOptions, driver: CpufreqDr
     out.flush()
 
 
+#: What each summary key means, printed beside it (the keys stay machine-readable: tests parse them).
+_SUMMARY_MEANING = {
+    "seconds": "how long the guest ran",
+    "records_sent": "utilisation records the guest's driver sent",
+    "records_received": "records the back-end took from the request queue",
+    "batches": "buffers they travelled in",
+    "kicks": "notifications the guest sent (the device asks only for rises, SPEC 6.4)",
+    "kicks_per_record": "",
+    "config_notifications": "config change notifications: one per host frequency change that reached the guest",
+    "config_reads": "4-byte config space reads by the guest, each after a notification",
+    "rejected": "records or buffers the back-end refused (0 from a well-behaved guest)",
+    "guest_matches_host": "1 when the guest's view of every vCPU's frequency equals the host's at the end",
+    "median_mirror_lag_ms": "host frequency change -> the guest's refreshed view, median",
+}
+
+
+def _print_summary(out: TextIO, summary: dict[str, float], *, interrupted: bool) -> None:
+    head = f"Summary (interrupted after {summary['seconds']:.1f} s)" if interrupted else "Summary"
+    print("\n" + head, file=out)
+    for key, value in summary.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else f"{value}"
+        meaning = _SUMMARY_MEANING.get(key, "")
+        print(f"  {key:22} {shown:<10} {meaning}".rstrip(), file=out)
+
+
 def main(args: argparse.Namespace) -> int:
     opts = DemoOptions(duration=args.duration, vcpus=args.vcpus, seed=args.seed, refresh=args.refresh,
                        plain=args.plain)
     summary = asyncio.run(run_demo(opts))
+    if summary["seconds"] < opts.duration:
+        return 130  # interrupted (Ctrl-C), as a shell reports SIGINT
     return 0 if summary["records_received"] == summary["records_sent"] and summary["guest_matches_host"] else 1

@@ -216,7 +216,7 @@ BAD_CONFIGS = [
     ("floor above ceiling", 'floor = 800\nceiling = 200\n', "vm.a.floor", "800 is above ceiling 200"),
     ("unknown VM key", 'frequency = 3\n', "vm.a.frequency", "unknown key"),
     ("pinning length", 'pinning = [4]\n', "vm.a.pinning", "lists 1 pCPUs for 2 vCPUs"),
-    ("pCPU twice", 'pinning = [4, 4]\n', "vm.a.pinning", "uses a pCPU twice"),
+    ("pinning mode", 'pinning = "spread"\n', "vm.a.pinning", 'must be "auto", "keep", "none" or a list'),
     ("ceiling out of range", 'ceiling = 2000\n', "vm.a.ceiling", "must be an integer 0..1024, got 2000"),
     ("clamp mechanism", 'clamp = "magic"\n', "vm.a.clamp", "must be"),
 ]

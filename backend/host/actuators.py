@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..counters import Counters
@@ -52,27 +52,35 @@ class ThreadActuator:
         self.pinned: dict[int, int] = {}
         self.clamps: dict[int, int] = {}  # applied, or would-be-applied when degraded
 
-    def _remember(self, tid: int) -> None:
-        if tid in self.originals:
+    def _remember(self, tid: int, *, affinity: bool) -> None:
+        """Record what ``tid`` has before its first change; its affinity only once we are about to pin
+        it, so a thread whose affinity someone else owns (``keep``, ``none``) never has it rewritten."""
+        orig = self.originals.get(tid)
+        if orig is not None and (orig.affinity is not None or not affinity):
             return
-        aff = frozenset(os.sched_getaffinity(tid))
-        umin: int | None
-        umax: int | None
-        try:
-            a = sched.sched_getattr(tid)
-            umin, umax, rof = a.util_min, a.util_max, bool(a.flags & sched.SCHED_FLAG_RESET_ON_FORK)
-        except OSError:
-            umin = umax = None
-            rof = False
-        self.originals[tid] = Original(aff, umin, umax, rof)
+        aff = frozenset(os.sched_getaffinity(tid)) if affinity else None
+        if orig is not None:
+            self.originals[tid] = replace(orig, affinity=aff)
+        else:
+            umin: int | None
+            umax: int | None
+            try:
+                a = sched.sched_getattr(tid)
+                umin, umax, rof = a.util_min, a.util_max, bool(a.flags & sched.SCHED_FLAG_RESET_ON_FORK)
+            except OSError:
+                umin = umax = None
+                rof = False
+            orig = self.originals[tid] = Original(aff, umin, umax, rof)
         start = thread_start_time(tid)
         if self.state is not None and start is not None and not self.dry_run:
             # Write-ahead: on disk before the thread is changed, so a SIGKILL can be undone.
-            self.state.record(ThreadRecord(tid, start, sorted(aff), umin, umax, rof))
+            o = self.originals[tid]
+            self.state.record(ThreadRecord(tid, start, sorted(o.affinity) if o.affinity is not None else None,
+                                           o.util_min, o.util_max, o.reset_on_fork))
 
     def pin(self, tid: int, pcpu: int) -> bool:
         try:
-            self._remember(tid)
+            self._remember(tid, affinity=True)
             if not self.dry_run:
                 os.sched_setaffinity(tid, {pcpu})
         except OSError as exc:
@@ -83,9 +91,24 @@ class ThreadActuator:
         self.counters.inc("pins")
         return True
 
+    def unpin(self, tid: int) -> None:
+        """Give a thread we pinned its original affinity back (a plan that stopped pinning it)."""
+        orig = self.originals.get(tid)
+        if self.pinned.pop(tid, None) is None or orig is None or orig.affinity is None:
+            return
+        try:
+            if not self.dry_run:
+                os.sched_setaffinity(tid, orig.affinity)
+        except OSError as exc:
+            self.counters.inc("restore_failed", _errname(exc))
+            log.warning("could not unpin thread %d: %s", tid, exc.strerror)
+            return
+        self.originals[tid] = replace(orig, affinity=None)
+        self.counters.inc("unpinned")
+
     def clamp(self, tid: int, util_min: int) -> bool:
         try:
-            self._remember(tid)
+            self._remember(tid, affinity=False)
             if self.degraded is None:
                 sched.sched_setattr_clamp(tid, util_min)
         except sched.UclampUnsupported as exc:
@@ -122,7 +145,8 @@ class ThreadActuator:
 
     def restore_record(self, rec: ThreadRecord) -> None:
         """Undo a change a previous, killed instance recorded (see statefile.recover)."""
-        os.sched_setaffinity(rec.tid, set(rec.affinity))
+        if rec.affinity is not None:
+            os.sched_setaffinity(rec.tid, set(rec.affinity))
         if self.degraded is None and rec.util_min is not None:
             sched.sched_setattr_clamp(rec.tid, rec.util_min, rec.util_max, reset_on_fork=rec.reset_on_fork)
 

@@ -131,15 +131,23 @@ class HostPolicy:
         else:
             log.warning("could not clamp thread %d: %s", tid, os.strerror(err))
 
-    def attach_threads(self, vm: str, tids: dict[int, int], pid: int | None = None) -> None:
-        """Pin each known vCPU thread to its pCPU (thread ids already verified, tasks of ``pid``)."""
+    def attach_threads(self, vm: str, tids: dict[int, int], pid: int | None = None, *,
+                       unpin: Sequence[int] = ()) -> None:
+        """Pin each known vCPU thread whose placement has a pCPU (thread ids already verified, tasks of
+        ``pid``); give the threads in ``unpin`` (pinned before, not any more) their own affinity back."""
         b = self.vms[vm]
         known = b.engine.vcpus
         # Threads of vCPUs the VM is not configured for are left alone.
         b.tids = {v: t for v, t in tids.items() if v in known}
         b.pid = pid if pid is not None else b.pid
-        pinned = sum(self.actuator.pin(tid, b.engine.placement(v).pcpu) for v, tid in b.tids.items())
-        log.info("[%s] pinned %d of %d vCPU threads", vm, pinned, len(b.tids))
+        for tid in unpin:
+            self.actuator.unpin(tid)
+        targets = {tid: b.engine.placement(v).pcpu for v, tid in b.tids.items()}
+        pinned = sum(self.actuator.pin(tid, pcpu) for tid, pcpu in targets.items() if pcpu is not None)
+        if any(pcpu is not None for pcpu in targets.values()):
+            log.info("[%s] pinned %d of %d vCPU threads", vm, pinned, len(b.tids))
+        else:
+            log.info("[%s] %d vCPU threads attached, their affinity left as it is", vm, len(b.tids))
         self._lane_threads(b)
         if b.cgroup is not None and b.cgroup.startswith("{qemu}/"):
             self._enter_cgroups(b)

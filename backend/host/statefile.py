@@ -38,7 +38,7 @@ def thread_start_time(tid: int, proc: str = "/proc") -> int | None:
 class ThreadRecord:
     tid: int
     start_time: int
-    affinity: list[int]
+    affinity: list[int] | None  # None: never pinned by the service, so never restored
     util_min: int | None
     util_max: int | None
     reset_on_fork: bool = False  # absent in files of earlier versions

@@ -82,10 +82,10 @@ class VmLimits:
 
 @dataclass(frozen=True, slots=True)
 class VcpuPlacement:
-    """Where one vCPU runs: its pCPU and the capacities and top frequency involved."""
+    """Where one vCPU runs: its pCPU (or home CPU's) capacity, the guest's, and the top frequency involved."""
 
     vcpu: int
-    pcpu: int
+    pcpu: int | None  # pinned there; None: the service leaves its affinity alone (placement.py)
     pcpu_capacity: int
     vcpu_capacity: int
     max_khz: int
@@ -216,28 +216,17 @@ def plan_pinning(
     capacity_classes: Sequence[Sequence[int]],
     *,
     taken: Iterable[int] = (),
-    explicit: Sequence[int] | None = None,
 ) -> tuple[int, ...]:
-    """A 1:1 vCPU-to-pCPU plan.
+    """A 1:1 vCPU-to-pCPU plan (the ``auto`` mode of :mod:`.placement`).
 
     ``capacity_classes`` lists the online pCPUs of each capacity class,
-    smallest class first.  With ``explicit`` the plan is checked and
-    returned.  Otherwise vCPUs are spread over the classes in proportion to
+    smallest class first.  vCPUs are spread over the classes in proportion to
     their size (largest remainder, every class that can get one gets one
     when there are enough vCPUs), little CPUs on the lowest vCPU ids like a
     phone's CPU numbering, skipping pCPUs already ``taken`` by other VMs.
+    Raises ``ValueError`` when there are fewer free pCPUs than vCPUs.
     """
-    online = {c for cls in capacity_classes for c in cls}
     used = set(taken)
-    if explicit is not None:
-        if len(explicit) != num_vcpus:
-            raise ValueError(f"pinning lists {len(explicit)} pCPUs for {num_vcpus} vCPUs")
-        if len(set(explicit)) != len(explicit):
-            raise ValueError("pinning uses a pCPU twice")
-        missing = [c for c in explicit if c not in online]
-        if missing:
-            raise ValueError(f"pinning names offline or unknown pCPUs {missing}")
-        return tuple(explicit)
     free = [[c for c in cls if c not in used] for cls in capacity_classes]
     total = sum(len(f) for f in free)
     if num_vcpus > total:

@@ -159,11 +159,15 @@ def _status(args: argparse.Namespace) -> int:
     for name, vm in st["vms"].items():
         state = f"connected (QEMU pid {vm['peer_pid']})" if vm["connected"] else "waiting for QEMU"
         print(f"VM {name}: {state}, socket {vm['socket']}, config generation {vm['config_generation']}")
+        pin = vm.get("pinning") or {}
+        if pin.get("mode"):
+            print(f"  pinning {pin['mode']}" + (f" ({pin['note']})" if pin.get("note") else ""))
         for d, dom in enumerate(vm["domains"]):
             print(f"  domain {d}: {dom['cur_khz'] / 1000:.0f} MHz of {dom['max_khz'] / 1000:.0f}, "
                   f"capacity {dom['capacity']}")
         for c in vm["vcpus"]:
-            print(f"  vCPU {c['vcpu']}: pCPU {c['pcpu']}, thread {c['thread']}, util {c['util']}, "
+            where = f"pCPU {c['pcpu']}" if c["pcpu"] is not None else f"CPUs {c.get('cpus')} (not pinned)"
+            print(f"  vCPU {c['vcpu']}: {where}, thread {c['thread']}, util {c['util']}, "
                   f"uclamp_min {c['uclamp_min']}")
     return 0
 

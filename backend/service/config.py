@@ -19,7 +19,7 @@ Example::
     socket = "/run/vhost-user-cpufreq/web1.sock"
     vcpus = 4
     qmp = "/run/qemu/web1.qmp"      # optional: vCPU threads from query-cpus-fast
-    pinning = "auto"                # or a list of pCPUs, one per vCPU
+    pinning = "auto"                # auto | keep | none | a list of pCPUs, one per vCPU (may be shared)
     floor = 0                       # util clamp bounds, 0..1024
     ceiling = 1024
     clamp = "thread"                # thread | cgroup | none
@@ -37,6 +37,7 @@ from vhost_user_cpufreq.protocol.errors import CpufreqError
 
 from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
 from ..policy.engine import EngineConfig, VmLimits
+from ..policy.placement import PINNING_MODES
 
 __all__ = ["ConfigError", "VmSettings", "ServiceConfig", "load_config", "parse_config"]
 
@@ -51,7 +52,8 @@ class VmSettings:
     socket: str
     vcpus: int
     qmp: str | None = None
-    pinning: tuple[int, ...] | None = None  # None: automatic
+    #: "auto", "keep", "none", or one pCPU per vCPU (see policy/placement.py)
+    pinning: str | tuple[int, ...] = "auto"
     limits: VmLimits = VmLimits()
     clamp: str = "thread"
     #: for clamp = "cgroup": a template with {vcpu} or {domain} (existing cgroups, e.g. libvirt's), or
@@ -164,16 +166,17 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
         sockets[sock] = name
         vcpus = r.get(t, vp, "vcpus", int, 1, lambda v: 1 <= v <= 4096, "an integer 1..4096")
         pin = t.get("pinning", "auto")
-        if pin == "auto":
-            pinning = None
+        pinning: str | tuple[int, ...]
+        if isinstance(pin, str) and pin in PINNING_MODES:
+            pinning = pin
         elif isinstance(pin, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in pin):
+            # One pCPU per vCPU; sharing a pCPU (between vCPUs, or with other VMs) is allowed:
+            # clamps aggregate per CPU.  Whether the CPUs are online is checked where the host is known.
             if len(pin) != vcpus:
                 raise r.fail(vp + "pinning", f"lists {len(pin)} pCPUs for {vcpus} vCPUs")
-            if len(set(pin)) != len(pin):
-                raise r.fail(vp + "pinning", "uses a pCPU twice")
             pinning = tuple(pin)
         else:
-            raise r.fail(vp + "pinning", f'must be "auto" or a list of CPU numbers, got {pin!r}')
+            raise r.fail(vp + "pinning", f'must be "auto", "keep", "none" or a list of CPU numbers, got {pin!r}')
         floor = r.get(t, vp, "floor", int, 0, lambda v: 0 <= v <= 1024, "an integer 0..1024")
         ceiling = r.get(t, vp, "ceiling", int, 1024, lambda v: 0 <= v <= 1024, "an integer 0..1024")
         if floor > ceiling:

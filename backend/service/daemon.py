@@ -78,6 +78,7 @@ class Daemon:
         # (sysfs logs its own degraded mode, once)
         if self.actuator.degraded:
             log.warning("util clamps degraded: %s", self.actuator.degraded)
+        self.host.check(self.config.vms.values(), self.config.source)
         for s in self.config.vms.values():
             await self._add_vm(s, inherited.pop(s.name, None))
         for name, sock in inherited.items():
@@ -161,6 +162,8 @@ class Daemon:
         for key in fixed:
             if getattr(new, key) != getattr(old, key):
                 raise ConfigError(f"{new.source}: service.{key}: cannot change on reload (restart the service)")
+        # Every placement checked before anything changes: a rejected reload leaves the old one running.
+        self.host.check(new.vms.values(), new.source)
         changes: list[str] = []
         for name in [n for n in old.vms if n not in new.vms]:
             await self.host.remove_vm(name)
@@ -169,20 +172,16 @@ class Daemon:
             o = old.vms.get(name)
             if o == s:
                 continue
-            if o is not None and (o.socket, o.vcpus, o.pinning, o.socket_mode, o.socket_owner, o.socket_group) != (
-                    s.socket, s.vcpus, s.pinning, s.socket_mode, s.socket_owner, s.socket_group):
+            if o is not None and (o.socket, o.vcpus, o.socket_mode, o.socket_owner, o.socket_group) != (
+                    s.socket, s.vcpus, s.socket_mode, s.socket_owner, s.socket_group):
                 await self.host.remove_vm(name)
                 o = None
             if o is None:
                 await self._add_vm(s)
                 changes.append(f"added {name}")
             else:
-                # Limits, QMP socket, clamp mechanism: applied in place; the front-end stays connected.
-                self.host.settings[name] = s
-                b = self.policy.bind(name, self.host.plans[name].placements, s.limits,
-                                     cgroup=s.cgroup if s.clamp == "cgroup" else None)
-                if b.tids:
-                    self.policy.attach_threads(name, b.tids)
+                # Pinning, limits, QMP socket, clamp mechanism: applied in place; the front-end stays connected.
+                self.host.replan(s)
                 changes.append(f"updated {name}")
         self.config = new
         self.counters.inc("reloads")
@@ -217,10 +216,14 @@ class Daemon:
                 "connected": conn is not None,
                 "peer_pid": conn.peer_pid if conn else None,
                 "sessions_served": slot.sessions_served,
+                "pinning": {"configured": _pinning_name(self.host.settings[name].pinning)
+                            if name in self.host.settings else None,
+                            "mode": plan.pins.mode if plan else None, "note": plan.pins.note if plan else ""},
                 "vcpus": [
                     {
                         "vcpu": v,
                         "pcpu": plan.pinning[v] if plan else None,
+                        "cpus": sorted(plan.pins.allowed[v]) if plan else None,
                         "thread": b.tids.get(v) if b else None,
                         "util": st.util,
                         "perf_khz": st.perf_khz,
@@ -331,3 +334,7 @@ def _guard_status() -> dict[str, Any]:
     st = g.stats()
     return {"active": True, "memory_faults": st.faults, "stray_sigbus": st.stray_sigbus,
             "unpatched_faults": st.fatal, "eventfd_timer_signal": g.timer_signal}
+
+
+def _pinning_name(p: str | tuple[int, ...]) -> str | list[int]:
+    return p if isinstance(p, str) else list(p)

@@ -1,32 +1,38 @@
 """The host side of a VM: pinning plan, vCPU threads, clamps, and CPU hotplug.
 
-Theory of operation: when a VM is added, a 1:1 pinning plan is made (from
-its configuration or automatically across capacity classes, never on a pCPU
-another VM holds) and turned into the vCPU-to-domain map its device
-publishes, and into the placements its clamp engine works with.  When a
-front-end connects, its vCPU threads are found (QMP or /proc), checked to be
-tasks of the very process on the socket, and pinned.  When it goes, every
-thread gets its original state back.  On CPU hotplug the host model is
-rebuilt; a VM whose pCPU went offline is re-planned, re-pinned, and its guest
-told the new domain map through a config change.
+Theory of operation: when a VM is added, a placement plan is made in its
+pinning mode (``policy/placement.py``: ``auto`` 1:1 across capacity classes
+on pCPUs no other VM holds, or unpinned when that does not fit; an explicit
+list, shared pCPUs allowed; ``keep``; ``none``) and turned into the
+vCPU-to-domain map its device publishes, and into the placements its clamp
+engine works with.  When a front-end connects, its vCPU threads are found
+(QMP or /proc), checked to be tasks of the very process on the socket, and
+pinned where the plan pins; in ``keep`` mode their current affinity is read
+instead, and the plan follows it.  When it goes, every thread gets its
+original state back.  A reload that changes the mode re-plans in place, with
+the front-end connected.  On CPU hotplug the host model is rebuilt; a VM
+whose pCPU went offline is re-planned, re-pinned, and its guest told the new
+domain map through a config change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
+import os
 import socket
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 from ..defaults import KICK_BATCH_DELAY
 from ..host.hotplug import CpuHotplugMonitor
 from ..host.policy import HostPolicy
 from ..host.sysfs_source import SysfsSource
 from ..host.vcpu_threads import discover_threads
-from ..policy.engine import VcpuPlacement, plan_pinning
+from ..policy.engine import VcpuPlacement
+from ..policy.placement import PinPlan, home_cpu, plan_placement
 from ..vhost.transport import Connection
-from .config import VmSettings
+from .config import ConfigError, VmSettings
 from .vms import Service, VmConfig, VmSlot
 
 __all__ = ["HostSide", "VmPlan"]
@@ -39,9 +45,14 @@ DISCOVERY_TIMEOUT = 30.0
 
 @dataclass(frozen=True, slots=True)
 class VmPlan:
-    pinning: tuple[int, ...]  # pCPU of each vCPU
+    pins: PinPlan  # the mode in force, what is pinned where, where each vCPU may run
     vcpu_host_domain: tuple[int, ...]  # index into the source's snapshot
     placements: tuple[VcpuPlacement, ...]
+
+    @property
+    def pinning(self) -> tuple[int | None, ...]:
+        """The pCPU each vCPU is pinned to (None: not pinned by the service)."""
+        return self.pins.pinned
 
 
 class HostSide:
@@ -51,30 +62,61 @@ class HostSide:
         self.policy = policy
         self.settings: dict[str, VmSettings] = {}
         self.plans: dict[str, VmPlan] = {}
+        #: keep mode: each vCPU's affinity as its thread had it when found
+        self.adopted: dict[str, dict[int, frozenset[int]]] = {}
         self.hotplug: CpuHotplugMonitor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         service.session_hooks.append(self._on_connect)
         service.close_hooks.append(self._on_close)
 
     # -- planning ----------------------------------------------------------------------
-    def plan(self, s: VmSettings, *, exclude_vm: str | None = None) -> VmPlan:
+    def plan(self, s: VmSettings, *, exclude_vm: str | None = None,
+             affinities: Mapping[int, Iterable[int]] | None = None) -> VmPlan:
+        """Place ``s``'s vCPUs (ValueError if an explicit list names a CPU that is not online)."""
         model = self.source.model
-        taken = {c for vm, p in self.plans.items() if vm != exclude_vm for c in p.pinning}
+        # auto never pins onto a pCPU another VM is pinned to; unpinned VMs hold none.
+        taken = {c for vm, p in self.plans.items() if vm != exclude_vm for c in p.pinning if c is not None}
         classes = list(model.capacity_classes().values())
-        pinning = plan_pinning(s.vcpus, classes, taken=taken, explicit=s.pinning)
+        pins = plan_placement(s.vcpus, s.pinning, classes, taken=taken,
+                              affinities=affinities if affinities is not None else self.adopted.get(s.name))
         snap = model.snapshot()
-        capacity = {c.id: c.capacity for c in model.cpus}
+        capacity = {c.id: c.capacity for c in model.cpus if c.online}
         doms: list[int] = []
         places: list[VcpuPlacement] = []
-        for vcpu, pcpu in enumerate(pinning):
-            d = model.domain_of_cpu(pcpu)
+        for vcpu, (pinned, allowed) in enumerate(zip(pins.pinned, pins.allowed)):
+            home = pinned if pinned is not None else home_cpu(allowed, capacity)
+            d = model.domain_of_cpu(home)
             if d is None:
-                raise ValueError(f"vm.{s.name}: pCPU {pcpu} is offline or has no frequency domain")
+                raise ValueError(f"vm.{s.name}: pCPU {home} is offline or has no frequency domain")
             doms.append(d)
             dom = snap.domains[d]
             # The guest is told its vCPU's capacity is its domain's (config space), so the two match.
-            places.append(VcpuPlacement(vcpu, pcpu, capacity.get(pcpu, 1024), dom.capacity, dom.max_khz, d))
-        return VmPlan(pinning, tuple(doms), tuple(places))
+            places.append(VcpuPlacement(vcpu, pinned, capacity.get(home, 1024), dom.capacity, dom.max_khz, d))
+        return VmPlan(pins, tuple(doms), tuple(places))
+
+    def check(self, vms: Iterable[VmSettings], source: str) -> None:
+        """Refuse, naming the file and key, a configuration whose placement cannot be made here."""
+        for s in vms:
+            try:
+                plan_placement(s.vcpus, s.pinning, list(self.source.model.capacity_classes().values()))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: vm.{s.name}.pinning: {exc}") from None
+
+    def _announce(self, slot: VmSlot, plan: VmPlan) -> None:
+        pins = plan.pins
+        if pins.note:
+            slot.counters.inc("pinning_fallback", pins.mode)
+            slot.log.warning("%s", pins.note)
+        if pins.pins:
+            slot.log.info("pinning plan: %s", ", ".join(f"vCPU{v}->CPU{p}" for v, p in enumerate(pins.pinned)))
+        else:
+            slot.log.info("pinning %s: affinity left alone; vCPUs decided for CPUs %s", pins.mode,
+                          ", ".join(f"vCPU{p.vcpu}->CPU{home}" for p, home in
+                                    zip(plan.placements, self._homes(plan))))
+
+    def _homes(self, plan: VmPlan) -> list[int]:
+        capacity = {c.id: c.capacity for c in self.source.model.cpus if c.online}
+        return [p if p is not None else home_cpu(a, capacity) for p, a in zip(plan.pins.pinned, plan.pins.allowed)]
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
                      listen_sock: socket.socket | None = None, kick_batch_delay: float = KICK_BATCH_DELAY) -> VmSlot:
@@ -87,8 +129,27 @@ class HostSide:
         self.settings[s.name] = s
         self.plans[s.name] = plan
         self.policy.bind(s.name, plan.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
-        slot.log.info("pinning plan: %s", ", ".join(f"vCPU{v}->CPU{p}" for v, p in enumerate(plan.pinning)))
+        self._announce(slot, plan)
         return slot
+
+    def replan(self, s: VmSettings) -> None:
+        """Apply ``s`` (a changed pinning mode or limits) to a VM in place: its front-end stays connected."""
+        old = self.plans[s.name]
+        if s.pinning != "keep":
+            self.adopted.pop(s.name, None)
+        new = self.plan(s, exclude_vm=s.name)
+        self.settings[s.name] = s
+        self.plans[s.name] = new
+        b = self.policy.bind(s.name, new.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
+        if b.tids:
+            # Threads the old plan pinned and the new one does not get their own affinity back.
+            self.policy.attach_threads(s.name, b.tids, unpin=[b.tids[v] for v in b.tids
+                                                              if old.pinning[v] is not None and new.pinning[v] is None])
+        slot = self.service.vms.get(s.name)
+        if slot is not None:
+            if new.vcpu_host_domain != old.vcpu_host_domain:
+                slot.device.remap(new.vcpu_host_domain)
+            self._announce(slot, new)
 
     async def remove_vm(self, name: str) -> None:
         await self.service.remove_vm(name)
@@ -96,6 +157,7 @@ class HostSide:
         self.policy.vms.pop(name, None)
         self.settings.pop(name, None)
         self.plans.pop(name, None)
+        self.adopted.pop(name, None)
 
     # -- connections -------------------------------------------------------------------
     def _on_connect(self, slot: VmSlot, conn: Connection) -> None:
@@ -128,8 +190,29 @@ class HostSide:
             return
         if len(tids) != s.vcpus:
             slot.log.warning("found %d vCPU threads, configured %d vCPUs", len(tids), s.vcpus)
+        if s.pinning == "keep":
+            self._adopt(slot, s, tids)
         self.policy.attach_threads(s.name, tids, conn.peer_pid)
         slot.counters.inc("threads_attached", n=len(tids))
+
+    def _adopt(self, slot: VmSlot, s: VmSettings, tids: Mapping[int, int]) -> None:
+        """keep: read each vCPU thread's affinity (libvirt's, the VMM's) and decide for where it may run."""
+        found: dict[int, frozenset[int]] = {}
+        for v, tid in tids.items():
+            try:
+                found[v] = frozenset(os.sched_getaffinity(tid))
+            except OSError as exc:
+                slot.log.warning("cannot read the affinity of vCPU %d's thread %d: %s", v, tid, exc.strerror)
+        self.adopted[s.name] = found
+        new = self.plan(s, exclude_vm=s.name)
+        old = self.plans[s.name]
+        if new == old:
+            return
+        self.plans[s.name] = new
+        self.policy.bind(s.name, new.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
+        if new.vcpu_host_domain != old.vcpu_host_domain:
+            slot.device.remap(new.vcpu_host_domain)  # the guest learns its vCPUs' domains by a config change
+        self._announce(slot, new)
 
     def _on_close(self, slot: VmSlot, conn: Connection) -> None:
         self.policy.detach(slot.config.name)
@@ -145,16 +228,14 @@ class HostSide:
         online = set(self.source.model.online_cpus())
         for name, s in list(self.settings.items()):
             old = self.plans[name]
-            lost = [c for c in old.pinning if c not in online]
+            lost = [c for c in old.pinning if c is not None and c not in online]
             try:
-                if lost and s.pinning is None:
-                    new = self.plan(s, exclude_vm=name)
-                elif lost:
+                if lost and old.pins.mode == "explicit":
                     log.warning("[%s] pinned pCPUs %s went offline; explicit pinning kept, vCPUs unpinned there",
                                 name, lost)
                     continue
-                else:
-                    new = self._replan_same(s, old)
+                # auto: a new 1:1 plan where a pCPU went; the others: where each vCPU may run changed.
+                new = self.plan(s, exclude_vm=name) if lost or not old.pins.pins else self._replan_same(s, old)
             except ValueError as exc:
                 log.warning("[%s] cannot re-plan after hotplug: %s", name, exc)
                 continue
@@ -173,7 +254,20 @@ class HostSide:
 
     def _replan_same(self, s: VmSettings, old: VmPlan) -> VmPlan:
         # Same pCPUs; domain indices may have shifted in the rebuilt snapshot.
-        return self.plan(dataclasses.replace(s, pinning=old.pinning), exclude_vm=s.name)
+        model = self.source.model
+        snap = model.snapshot()
+        capacity = {c.id: c.capacity for c in model.cpus}
+        doms: list[int] = []
+        places: list[VcpuPlacement] = []
+        for p in old.placements:
+            assert p.pcpu is not None  # only pinned plans come here
+            d = model.domain_of_cpu(p.pcpu)
+            if d is None:
+                raise ValueError(f"vm.{s.name}: pCPU {p.pcpu} is offline or has no frequency domain")
+            doms.append(d)
+            dom = snap.domains[d]
+            places.append(VcpuPlacement(p.vcpu, p.pcpu, capacity.get(p.pcpu, 1024), dom.capacity, dom.max_khz, d))
+        return VmPlan(old.pins, tuple(doms), tuple(places))
 
     async def close(self) -> None:
         for t in list(self._tasks):

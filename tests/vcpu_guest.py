@@ -1,0 +1,63 @@
+"""A VM in a process of its own, for tests: QEMU-named vCPU threads and a modelled guest on one socket.
+
+``python -m tests.vcpu_guest SOCKET VCPUS [CPULIST]`` starts VCPUS threads named
+as QEMU names its vCPU threads ("CPU i/KVM"), sets their affinity to CPULIST
+first when given (as libvirt's ``<vcpupin>`` would), connects a modelled guest
+to SOCKET, prints one JSON line ``{"tids": [...]}``, then reports a utilisation
+for every vCPU every 20 ms until stdin closes.  Each test VM is then its own
+SO_PEERCRED peer with its own threads, as each QEMU is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import threading
+
+from vhost_user_cpufreq.guest.frontend import connect_guest
+
+
+def _threads(n: int, cpus: set[int] | None) -> tuple[list[int], threading.Event]:
+    stop = threading.Event()
+    tids: list[int] = []
+    ready = threading.Barrier(n + 1)
+
+    def body() -> None:
+        tids.append(threading.get_native_id())
+        ready.wait()
+        stop.wait()
+
+    for _ in range(n):
+        threading.Thread(target=body, daemon=True).start()
+    ready.wait()
+    tids.sort()
+    for i, tid in enumerate(tids):
+        with open(f"/proc/self/task/{tid}/comm", "w") as f:
+            f.write(f"CPU {i}/KVM")
+        if cpus is not None:
+            os.sched_setaffinity(tid, cpus)
+    return tids, stop
+
+
+async def _main(sock: str, vcpus: int, cpus: set[int] | None) -> None:
+    tids, stop = _threads(vcpus, cpus)
+    guest = await connect_guest(sock, lazy_records=0)
+    print(json.dumps({"tids": tids}), flush=True)
+    loop = asyncio.get_running_loop()
+    closed = loop.run_in_executor(None, sys.stdin.read)  # the test closes stdin to stop us
+    step = 0
+    while not closed.done():
+        for v in range(vcpus):
+            guest.driver.set_util(v, 200 + 100 * ((v + step) % 7))
+        guest.driver.flush()
+        step += 1
+        await asyncio.sleep(0.02)
+    await guest.close()
+    stop.set()
+
+
+if __name__ == "__main__":
+    cpulist = {int(c) for c in sys.argv[3].split(",")} if len(sys.argv) > 3 else None
+    asyncio.run(_main(sys.argv[1], int(sys.argv[2]), cpulist))

@@ -52,8 +52,8 @@ __all__ = ["DataPlane", "dataplane", "CDrainer", "build_library", "pointer_to", 
 log = logging.getLogger("vhost_user_cpufreq.dataplane")
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "ring_drain.c", _HERE / "kick_lane.c", _HERE / "guard.c")
-_HEADERS = (_HERE / "vuc.h",)
+SOURCES = tuple(sorted(_HERE.glob("*.c")))
+_HEADERS = tuple(sorted(_HERE.glob("*.h")))
 _CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror")
 _LIBS = ("-lm", "-lrt")
 _SANITIZE_FLAGS = ("-g", "-O1", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all")

@@ -5,6 +5,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -83,6 +84,15 @@ void vuc_actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c) {
         return;
     }
     s->clamps_applied++;
+}
+
+/* The actuation alone, for tests against ThreadActuator: vCPU ``vcpu``'s thread clamped to ``value``
+ * as the lane would, on a slot no lane serves (its counters and events tell what happened). */
+void vuc_actuate_rule(vuc_slot *s, int32_t vcpu, int32_t value) {
+    vuc_change c = {.vcpu = vcpu, .value = value, .reason = C_REQUEST};
+    pthread_mutex_lock(&s->engine->mu);
+    vuc_actuate(NULL, s, &c);
+    pthread_mutex_unlock(&s->engine->mu);
 }
 
 /* A kick costs the lane a few microseconds.  Under EEVDF (Linux 6.12+) a fair thread may

@@ -109,6 +109,8 @@ CDEFS = """
     void vuc_lane_snapshot(vuc_lane *l, const vuc_slot *s, vuc_slot *out);
     int vuc_lane_abi(void);
     int vuc_busy_rule(vuc_slot *s, double now, uint32_t buffers, double *next_poll);
+    int vuc_ring_rule(vuc_slot *s, int op, uint32_t arg);
+    void vuc_actuate_rule(vuc_slot *s, int32_t vcpu, int32_t value);
 
     /* guard.c */
     int vuc_guard_install(void);

@@ -81,7 +81,7 @@ static void due_by(vuc_lane *l, double t) {
 
 static void notice(vuc_lane *l) {
     uint64_t one = 1;
-    if (l->notice_fd >= 0 && write(l->notice_fd, &one, sizeof one) < 0) {
+    if (l && l->notice_fd >= 0 && write(l->notice_fd, &one, sizeof one) < 0) {
         /* EAGAIN: the counter is already non-zero, Python will look anyway. */
     }
 }

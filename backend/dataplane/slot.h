@@ -92,7 +92,8 @@ static inline uint64_t vuc_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* kick_lane.c: queue an event for Python to log (it wakes on the lane's notice fd). */
+/* kick_lane.c: queue an event for Python to log (it wakes on the lane's notice fd; l may be NULL
+ * for a slot no lane serves, as the *_rule test entries use). */
 VUC_INTERNAL void vuc_push_event(vuc_lane *l, vuc_slot *s, const vuc_event *ev);
 
 /* accounting.c: one drain's entries counted, sequence-checked, stored and decided on. */
@@ -109,10 +110,12 @@ VUC_INTERNAL int vuc_set_avail_event(vuc_slot *s, uint32_t idx);
 VUC_INTERNAL int vuc_enable_notifications(vuc_slot *s);
 VUC_INTERNAL void vuc_disable_notifications(vuc_slot *s);
 VUC_INTERNAL void vuc_signal_used(vuc_lane *l, vuc_slot *s);
+int vuc_ring_rule(vuc_slot *s, int op, uint32_t arg);
 
 /* actuators.c: a decided clamp onto its vCPU thread (engine lock held); the lane's own slice. */
 VUC_INTERNAL void vuc_actuate(vuc_lane *l, vuc_slot *s, const vuc_change *c);
 VUC_INTERNAL int vuc_request_slice(uint64_t slice_req, uint64_t *slice_ns);
+void vuc_actuate_rule(vuc_slot *s, int32_t vcpu, int32_t value);
 
 /* The lane's calls (declared to cffi in cdefs.py). */
 vuc_lane *vuc_lane_new(int notice_fd, uint64_t slice_ns);

@@ -50,8 +50,8 @@ static int need_event(uint32_t event, uint32_t new_idx, uint32_t old) {
     return ((new_idx - event - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF);
 }
 
-/* Publish used.idx and interrupt the driver if it wants one (Session.signal_used). */
-void vuc_signal_used(vuc_lane *l, vuc_slot *s) {
+/* Publish used.idx; 1 if the driver wants an interrupt for it (DeviceQueue.publish, should_notify). */
+static int publish_used(vuc_slot *s) {
     vuc_queue *q = s->q;
     uint32_t new_idx = (uint32_t)(s->cursor >> 32) & 0xFFFF;
     __atomic_store_n(used16(q, 1), (uint16_t)new_idx, __ATOMIC_RELEASE);
@@ -66,7 +66,12 @@ void vuc_signal_used(vuc_lane *l, vuc_slot *s) {
         want = old != (int32_t)new_idx && !(__atomic_load_n(&q->avail[0], __ATOMIC_RELAXED) &
                                              VRING_AVAIL_F_NO_INTERRUPT);
     }
-    if (!want || s->call_fd < 0)
+    return want;
+}
+
+/* Publish used.idx and interrupt the driver if it wants one (Session.signal_used). */
+void vuc_signal_used(vuc_lane *l, vuc_slot *s) {
+    if (!publish_used(s) || s->call_fd < 0)
         return;
     /* The front-end shares this file description: it may be blocking, or full. */
     int rc = vuc_eventfd_signal(s->call_fd);
@@ -80,5 +85,24 @@ void vuc_signal_used(vuc_lane *l, vuc_slot *s) {
         s->call_fd = -1;
         vuc_event ev = {.kind = EV_CALL_STALLED};
         vuc_push_event(l, s, &ev);
+    }
+}
+
+/* The rules alone, for tests against DeviceQueue, on a slot no lane serves: 0 enable_notifications,
+ * 1 disable_notifications, 2 set_avail_event(arg), 3 publish used.idx and say whether the driver
+ * wants an interrupt (nothing is signalled).  Returns the rule's answer (0 for disable). */
+int vuc_ring_rule(vuc_slot *s, int op, uint32_t arg) {
+    switch (op) {
+    case 0:
+        return vuc_enable_notifications(s);
+    case 1:
+        vuc_disable_notifications(s);
+        return 0;
+    case 2:
+        return vuc_set_avail_event(s, arg);
+    case 3:
+        return publish_used(s);
+    default:
+        return -1;
     }
 }

@@ -378,6 +378,26 @@ def test_the_prebuilt_extension_needs_no_compiler(tmp_path) -> None:  # type: ig
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 
+def test_a_stale_prebuilt_extension_is_not_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An extension built from other sources than those beside it (C edited after an editable install)
+    is left alone: the run-time build, or the reference, runs what the sources say."""
+    from vhost_user_cpufreq.backend.dataplane.library import prebuilt_status
+
+    if os.environ.get("VUC_PREBUILT") == "0" or os.environ.get("VUC_SANITIZE") or prebuilt_status():
+        pytest.skip(f"no prebuilt extension in this run: {prebuilt_status() or 'VUC_PREBUILT=0'}")
+    code = ("from vhost_user_cpufreq.backend.dataplane import cdefs\n"
+            "cdefs.source_hash = lambda: 'edited'\n"
+            "from vhost_user_cpufreq.backend.dataplane import library, cdrain\n"
+            "print(library.prebuilt_status()); print(cdrain.dataplane().detail)\n")
+    e = {k: v for k, v in os.environ.items() if k not in ("VUC_DATAPLANE", "CC", "VUC_CACHE_DIR", "CACHE_DIRECTORY")}
+    e.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path), CC="/nonexistent/cc")
+    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
+    why, detail = r.stdout.splitlines()
+    assert why.startswith("prebuilt extension ") and "_vuc" in why and why.endswith(", these are edited)"), r
+    assert " is stale (built from sources " in why, why
+    assert detail.startswith("pure Python (prebuilt extension ") and "is stale" in detail, detail
+
+
 def test_misaligned_rings_are_left_to_the_reference() -> None:
     from vhost_user_cpufreq.backend.dataplane.cdrain import DataPlane
 

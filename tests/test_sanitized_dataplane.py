@@ -2,8 +2,8 @@
 
 The fuzz campaign (tests/fuzz/campaign.py, with ``--lane``: the fuzzed and
 guest VMs on the kick lane, the witness VM on the event loop's C drain), the
-C-against-Python differential tests of ``test_ring_drain.py`` and
-``test_kick_lane.py``, and the fault test that truncates guest RAM under a
+C-against-Python differential tests of ``test_ring_drain.py``,
+``test_kick_lane.py`` and ``test_twins.py``, and the fault test that truncates guest RAM under a
 ring on the lane run in child processes with the library built by
 ``VUC_SANITIZE=address,undefined`` (``library.build_library``; ``VUC_PREBUILT=0``
 keeps the prebuilt extension out).  A child
@@ -198,7 +198,7 @@ def test_the_differential_and_sigbus_tests_pass_on_the_sanitized_data_plane(sani
     # the lane surviving guest RAM truncated under it (SIGBUS) with the ASan runtime loaded.
     env = dict(sanitized["env"], PYTHONMALLOC="malloc")  # the examples each test runs in CI, unless set
     res = _run(env, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ring_drain.py",
-                     "tests/test_kick_lane.py", "tests/test_faults.py::"
+                     "tests/test_kick_lane.py", "tests/test_twins.py", "tests/test_faults.py::"
                      "test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_session"], timeout=900)
     assert not _reports(res.stderr + res.stdout), "sanitizer reports:\n" + (res.stderr + res.stdout)[-6000:]
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

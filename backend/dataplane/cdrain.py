@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, Drained
 from vhost_user_cpufreq.protocol.requests import drain as reference_drain
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 

@@ -39,6 +39,7 @@ ffibuilder.set_source(
     + f'const char *vuc_source_hash(void) {{ return "{cdefs.source_hash()}"; }}\n',
     sources=[_rel(p) for p in cdefs.SOURCES],
     include_dirs=[_rel(cdefs.HERE)],
+    depends=[_rel(p) for p in cdefs.HEADERS],  # an edited header rebuilds it too (so does the hash above)
     extra_compile_args=list(cdefs.CFLAGS),
     extra_link_args=["-pthread"],
     libraries=list(cdefs.LIBS),

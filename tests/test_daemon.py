@@ -25,8 +25,9 @@ from vhost_user_cpufreq.backend.host import vcpu_threads as threads_mod
 from vhost_user_cpufreq.backend.service.config import ConfigError, load_config
 from vhost_user_cpufreq.backend.service.daemon import Daemon, query_status
 from vhost_user_cpufreq.backend.policy.engine import VmLimits
+from vhost_user_cpufreq.backend.dataplane.library import prebuilt_status
 
-from .helpers import named_vcpu_threads, short_tmpdir, start_guest, until
+from .helpers import named_vcpu_threads, short_tmpdir, start_guest, unavailable, until
 from .sysfs_tree import HostSpec, make_sysfs_tree
 
 # cpu0-3: a little cluster (capacity 256), cpu4-7: a big one (1024).
@@ -347,23 +348,45 @@ def test_check_json_lists_every_probe(sysfs: Path) -> None:
     assert cpufreq["state"] == "ok" and "2 frequency domains over 8 online CPUs" in cpufreq["detail"]
     if os.environ.get("VUC_DATAPLANE") == "python":
         assert findings[1]["state"] == "degraded" and "VUC_DATAPLANE=python" in findings[1]["detail"], findings[1]
-    elif shutil.which("cc") or shutil.which("gcc"):
-        assert findings[1]["state"] == "ok" and "dataplane-" in findings[1]["detail"], findings[1]
+    elif not prebuilt_status() or shutil.which("cc") or shutil.which("gcc"):
+        how = "C, prebuilt extension (" if not prebuilt_status() else "C, built at run time in "
+        assert findings[1]["state"] == "ok" and findings[1]["detail"].startswith(how), findings[1]
         assert "C kick lane" in findings[1]["detail"] or os.environ.get("VUC_KICK_LANE") == "0", findings[1]
         assert findings[2]["state"] == "ok" and "SIGBUS" in findings[2]["detail"], findings[2]
     assert out.returncode == (1 if any(f["state"] == "degraded" for f in findings) else 0)
 
 
-def test_check_says_what_a_hostile_vmm_can_do_where_the_guard_cannot_be_built(sysfs: Path, tmp_path: Path) -> None:
+def _no_compiler(tmp_path: Path) -> dict[str, str]:
     nowhere = str(tmp_path)  # no built library in any cache directory, and a compiler that fails
-    env = {**os.environ, "CC": "/bin/false", "VUC_CACHE_DIR": nowhere, "XDG_CACHE_HOME": nowhere, "TMPDIR": nowhere,
-           "HOME": nowhere}
+    return {**os.environ, "CC": "/bin/false", "VUC_CACHE_DIR": nowhere, "XDG_CACHE_HOME": nowhere, "TMPDIR": nowhere,
+            "HOME": nowhere}
+
+
+def test_check_says_what_a_hostile_vmm_can_do_where_the_guard_cannot_be_built(sysfs: Path, tmp_path: Path) -> None:
+    env = dict(_no_compiler(tmp_path), VUC_PREBUILT="0")  # and no prebuilt extension either
     out = subprocess.run(cli("check", "--json", "--sysfs-root", str(sysfs)), capture_output=True, text=True,
                          timeout=60, env=env)
     assert out.returncode == 1, out.stderr
-    isolation = {f["name"]: f for f in json.loads(out.stdout)}["isolation"]
+    found = {f["name"]: f for f in json.loads(out.stdout)}
+    isolation = found["isolation"]
     assert isolation["state"] == "degraded"
     assert "shrinks its guest RAM ends the service" in isolation["detail"]
+    assert found["dataplane"]["state"] == "degraded"
+    assert found["dataplane"]["detail"].startswith("pure Python (prebuilt extension skipped: VUC_PREBUILT=0; no "
+                                                   "run-time build: /bin/false failed (exit 1)"), found["dataplane"]
+
+
+def test_check_runs_the_prebuilt_extension_without_a_compiler(sysfs: Path, tmp_path: Path) -> None:
+    if os.environ.get("VUC_PREBUILT") == "0" or os.environ.get("VUC_SANITIZE"):
+        pytest.skip("this run asks for the run-time build (VUC_PREBUILT=0 or VUC_SANITIZE)")
+    if prebuilt_status():
+        unavailable("VUC_REQUIRE_TOOLS", f"the package was installed without its extension: {prebuilt_status()}")
+    out = subprocess.run(cli("check", "--json", "--sysfs-root", str(sysfs)), capture_output=True, text=True,
+                         timeout=60, env=_no_compiler(tmp_path))
+    found = {f["name"]: f for f in json.loads(out.stdout)}
+    assert found["dataplane"]["detail"].startswith("C, prebuilt extension ("), found["dataplane"]
+    assert found["isolation"]["state"] == "ok", found["isolation"]
+    assert not list(tmp_path.iterdir())  # nothing was built
 
 
 def test_print_capabilities_is_json() -> None:

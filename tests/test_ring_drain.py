@@ -340,24 +340,62 @@ async def test_a_flood_of_bad_buffers_is_counted_in_full_and_logged_within_budge
 
 def _dataplane_in_child(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     """The data-plane choice of a fresh process with empty cache directories."""
-    e = {k: v for k, v in os.environ.items() if k not in ("VUC_DATAPLANE", "CC", "VUC_CACHE_DIR", "CACHE_DIRECTORY")}
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("VUC_DATAPLANE", "CC", "VUC_CACHE_DIR", "CACHE_DIRECTORY", "VUC_PREBUILT")}
     e.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path), **env)
     return subprocess.run([sys.executable, "-m", "vhost_user_cpufreq.backend.dataplane.cdrain"], env=e,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc")
-    assert r.returncode == 1 and r.stdout.startswith("python pure Python: cannot run the C compiler"), r
+    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc", VUC_PREBUILT="0")
+    assert r.returncode == 1 and r.stdout.startswith(
+        "python pure Python (prebuilt extension skipped: VUC_PREBUILT=0; no run-time build: cannot run the C "
+        "compiler"), r
     assert "data plane degraded to the pure-Python reference" in r.stderr
-    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc", VUC_DATAPLANE="c")
+    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc", VUC_PREBUILT="0", VUC_DATAPLANE="c")
     assert r.returncode != 0 and "VUC_DATAPLANE=c but the C data plane is unavailable" in r.stderr, r
 
 
-def test_the_c_drain_is_built_into_an_empty_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_c_drain_is_built_into_an_empty_cache_at_run_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
     c_lib()  # a compiler is here (or the test skips, or fails in CI)
-    r = _dataplane_in_child(tmp_path)
-    assert r.returncode == 0 and r.stdout.startswith(f"c C ({tmp_path}/cache/vhost-user-cpufreq/dataplane-"), r
+    r = _dataplane_in_child(tmp_path, VUC_PREBUILT="0")
+    assert r.returncode == 0 and r.stdout.startswith(
+        f"c C, built at run time in {tmp_path}/cache/vhost-user-cpufreq (dataplane-"), r
+
+
+def test_the_prebuilt_extension_needs_no_compiler(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Where the package was built with its extension (an install, a wheel, an editable install), a
+    process with no compiler and empty caches runs the C data plane; VUC_PREBUILT=0 turns it away."""
+    from vhost_user_cpufreq.backend.dataplane.library import prebuilt_status
+
+    if os.environ.get("VUC_PREBUILT") == "0" or os.environ.get("VUC_SANITIZE"):
+        pytest.skip("this run asks for the run-time build (VUC_PREBUILT=0 or VUC_SANITIZE)")
+    if prebuilt_status():
+        unavailable("VUC_REQUIRE_TOOLS", f"the package was installed without its extension: {prebuilt_status()}")
+    r = _dataplane_in_child(tmp_path, CC="/nonexistent/cc")
+    assert r.returncode == 0 and r.stdout.startswith("c C, prebuilt extension ("), r
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_a_stale_prebuilt_extension_is_not_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An extension built from other sources than those beside it (C edited after an editable install)
+    is left alone: the run-time build, or the reference, runs what the sources say."""
+    from vhost_user_cpufreq.backend.dataplane.library import prebuilt_status
+
+    if os.environ.get("VUC_PREBUILT") == "0" or os.environ.get("VUC_SANITIZE") or prebuilt_status():
+        pytest.skip(f"no prebuilt extension in this run: {prebuilt_status() or 'VUC_PREBUILT=0'}")
+    code = ("from vhost_user_cpufreq.backend.dataplane import cdefs\n"
+            "cdefs.source_hash = lambda: 'edited'\n"
+            "from vhost_user_cpufreq.backend.dataplane import library, cdrain\n"
+            "print(library.prebuilt_status()); print(cdrain.dataplane().detail)\n")
+    e = {k: v for k, v in os.environ.items() if k not in ("VUC_DATAPLANE", "CC", "VUC_CACHE_DIR", "CACHE_DIRECTORY")}
+    e.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path), CC="/nonexistent/cc")
+    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
+    why, detail = r.stdout.splitlines()
+    assert why.startswith("prebuilt extension ") and "_vuc" in why and why.endswith(", these are edited)"), r
+    assert " is stale (built from sources " in why, why
+    assert detail.startswith("pure Python (prebuilt extension ") and "is stale" in detail, detail
 
 
 def test_misaligned_rings_are_left_to_the_reference() -> None:

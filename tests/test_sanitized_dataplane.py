@@ -2,10 +2,11 @@
 
 The fuzz campaign (tests/fuzz/campaign.py, with ``--lane``: the fuzzed and
 guest VMs on the kick lane, the witness VM on the event loop's C drain), the
-C-against-Python differential tests of ``test_ring_drain.py`` and
-``test_kick_lane.py``, and the fault test that truncates guest RAM under a
+C-against-Python differential tests of ``test_ring_drain.py``,
+``test_kick_lane.py`` and ``test_twins.py``, and the fault test that truncates guest RAM under a
 ring on the lane run in child processes with the library built by
-``VUC_SANITIZE=address,undefined`` (``cdrain.build_library``).  A child
+``VUC_SANITIZE=address,undefined`` (``library.build_library``; ``VUC_PREBUILT=0``
+keeps the prebuilt extension out).  A child
 passes only if it exits 0 and its stderr holds no sanitizer report.  The
 child must have loaded that very library, next to the ASan runtime: the
 campaign prints the data plane it chose and the shared objects it mapped.
@@ -97,6 +98,7 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env.update(
         VUC_SANITIZE=SANITIZERS,
         VUC_DATAPLANE="c",  # no silent fall-back to the Python reference
+        VUC_PREBUILT="0",  # the sanitized run-time build, not the (unsanitized) prebuilt extension
         VUC_KICK_LANE="1",
         LD_PRELOAD=asan,
         ASAN_OPTIONS="detect_leaks=0:handle_sigbus=0:allow_user_segv_handler=1:halt_on_error=1",
@@ -173,11 +175,11 @@ def test_the_fuzz_campaign_finds_nothing_in_the_sanitized_data_plane(sanitized: 
     assert res.returncode == 0, f"campaign exit {res.returncode}\n{out[-4000:]}\n{err[-4000:]}"
     # The child ran the sanitized build, with the ASan runtime, and no other data plane.
     lib = str(sanitized["lib"])
-    assert f"data plane: C ({lib})" in out, out[:500]
+    assert f"data plane: C, built at run time in {sanitized['lib'].parent} ({sanitized['lib'].name})" in out, out[:500]
     mapped = next(line for line in out.splitlines() if line.startswith("mapped: "))
     objects = mapped.removeprefix("mapped: ").split(", ")
     assert lib in objects and any("/libasan.so" in o for o in objects), mapped
-    assert [o for o in objects if "/dataplane-" in o] == [lib], mapped
+    assert [o for o in objects if "/dataplane-" in o or "/_vuc" in o] == [lib], mapped
     # It served hostile front-ends and hostile guests, the guests' rings on the kick lane.
     m = re.search(r"(\d+) cases \(stream (\d+), guest (\d+) of which torn (\d+), on the kick lane (\d+)\)", out)
     assert m, out[:1000]
@@ -196,7 +198,7 @@ def test_the_differential_and_sigbus_tests_pass_on_the_sanitized_data_plane(sani
     # the lane surviving guest RAM truncated under it (SIGBUS) with the ASan runtime loaded.
     env = dict(sanitized["env"], PYTHONMALLOC="malloc")  # the examples each test runs in CI, unless set
     res = _run(env, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ring_drain.py",
-                     "tests/test_kick_lane.py", "tests/test_faults.py::"
+                     "tests/test_kick_lane.py", "tests/test_twins.py", "tests/test_faults.py::"
                      "test_guest_ram_shrunk_under_a_ring_on_the_kick_lane_closes_only_that_session"], timeout=900)
     assert not _reports(res.stderr + res.stdout), "sanitizer reports:\n" + (res.stderr + res.stdout)[-6000:]
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

@@ -43,6 +43,8 @@ def test_check_in_the_test_host_finds_util_clamps_and_cgroup_v2(testhost: TestHo
     # TCG has no APERF/MPERF: check names the fact that shapes the closed loop's ceiling figures.
     assert found["invariance"]["state"] == "degraded" and "820" in found["invariance"]["detail"], found["invariance"]
     assert found["dataplane"]["state"] == "ok" and "C kick lane" in found["dataplane"]["detail"], found["dataplane"]
+    # The wheel's prebuilt extension (built on the CI host, abi3), not a build in the root.
+    assert found["dataplane"]["detail"].startswith("C, prebuilt extension (/opt/vuc/"), found["dataplane"]
 
 
 def test_a_guest_record_sets_a_real_util_clamp_that_falls_with_it_and_goes_with_the_vm(testhost: TestHost) -> None:

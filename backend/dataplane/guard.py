@@ -14,7 +14,8 @@ fill the counter).  Either would stop the one process that serves every VM.
 * :func:`signal_eventfd` and :func:`drain_eventfd` never block, whatever the
   other side did to the file description.
 
-Without a C compiler there is no handler: a front-end that shrinks guest RAM
+Without the C library (no prebuilt extension, and no C compiler to build it at run
+time) there is no handler: a front-end that shrinks guest RAM
 then ends the service (SIGBUS), and a write to a call eventfd relies on a
 poll and ``O_NONBLOCK`` that the front-end can race.  ``check`` says so, and
 ``docs/hostile-input.md`` lists what a hostile VMM can then still do.
@@ -101,11 +102,11 @@ def guard() -> Guard | None:
     global _guard, _tried
     if not _tried:
         _tried = True
-        from .cdrain import build_library, ffi  # the guard lives in the data plane's library
+        from .library import ffi, load  # the guard lives in the data plane's library
 
         try:
-            _guard = Guard(ffi.dlopen(str(build_library())), ffi)
-        except (RuntimeError, OSError) as exc:
+            _guard = Guard(load().lib, ffi)
+        except RuntimeError as exc:
             log.warning("guest memory is unguarded (a front-end that shrinks it ends the service): %s", exc)
     return _guard
 

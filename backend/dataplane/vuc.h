@@ -1,13 +1,17 @@
-/* Types shared by the request-queue drain (ring_drain.c) and the kick lane (kick_lane.c).
+/* Types shared by the request-queue drain (ring_drain.c), the kick lane (kick_lane.c and the twins it
+ * runs: engine.c, accounting.c, kick_batcher.c, virtqueue.c, actuators.c) and the guard (guard.c).
  *
- * The layouts are also declared to cffi in backend/dataplane/cdrain.py and backend/dataplane/lane.py;
- * vuc_abi_sizes() and vuc_lane_abi() let Python check them before trusting C.
+ * The layouts are also declared to cffi in backend/dataplane/cdefs.py (the one list of what
+ * Python may call); vuc_abi_sizes() and vuc_lane_abi() let Python check them before trusting C.
  */
 #ifndef VUC_H
 #define VUC_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* Calls between the library's own files: not part of what Python sees. */
+#define VUC_INTERNAL __attribute__((visibility("hidden")))
 
 #define VIRTQ_DESC_F_NEXT 1u
 #define VIRTQ_DESC_F_WRITE 2u
@@ -97,9 +101,17 @@ typedef struct {
 
 /* guard.c: guest memory faults made harmless, eventfd access that cannot block. */
 int vuc_guard_install(void);
-uint64_t vuc_guard_epoch(void);
+int32_t vuc_guard_add(const void *start, uint64_t len);
+void vuc_guard_remove(int32_t id);
+uint64_t vuc_guard_faults(int32_t id);
 uint64_t vuc_guard_faults_in(const void *start, uint64_t len);
+void vuc_guard_stats(uint64_t *epoch, uint64_t *stray, uint64_t *fatal);
+uint64_t vuc_guard_epoch(void);
 int vuc_eventfd_signal(int fd);
+int64_t vuc_eventfd_drain(int fd);
+
+const char *vuc_reason_name(int code);
+int vuc_abi_sizes(void);
 
 uint64_t vuc_drain(vuc_queue *q, uint64_t cursor, uint32_t budget, uint32_t num_vcpus,
                    uint32_t perf_request, vuc_entry *entries, uint8_t *records,

@@ -49,27 +49,29 @@ def _cpufreq(sysfs_root: str, nominal_khz: int | None) -> Finding:
 
 
 def _dataplane() -> Finding:
-    # Also builds the C drain into the cache when a compiler is here (so a
-    # read-only service finds it later).
+    """Which data plane runs: "C, prebuilt extension (...)", "C, built at run time in <dir> (...)"
+    or "pure Python (why)".  A run-time build lands in the cache, so a read-only service finds it later."""
     try:
         dp = dataplane()
     except RuntimeError as exc:  # VUC_DATAPLANE=c and no C
         return Finding("dataplane", "degraded", str(exc))
     if dp.kind == "c":
         if not dp.lane:
-            return Finding("dataplane", "ok", f"request queue drained in {dp.detail}; kicks served on the event loop")
+            return Finding("dataplane", "ok", f"{dp.detail}: request queue drained in C, kicks served on the event "
+                           "loop")
         lane = _lane_sched(dp.lib)
         state = "ok" if lane.applied else "degraded"
-        return Finding("dataplane", state, f"request queue drained in {dp.detail}; kicks served by the C kick lane; "
-                       f"{lane.describe()}")
-    return Finding("dataplane", "degraded", f"request queue drained in {dp.detail}")
+        return Finding("dataplane", state, f"{dp.detail}: request queue drained in C, kicks served by the C kick "
+                       f"lane; {lane.describe()}")
+    return Finding("dataplane", "degraded", f"{dp.detail}: request queue drained by the reference, kicks served on "
+                   "the event loop")
 
 
 def _guard() -> Finding:
     g = guard()
     if g is None:
-        return Finding("isolation", "degraded", "no C guard for shared memory and eventfds (no C compiler to build "
-                       "backend/dataplane/guard.c): a front-end that shrinks its guest RAM ends the service, and with it every "
+        return Finding("isolation", "degraded", "no C guard for shared memory and eventfds (no prebuilt "
+                       "extension, and no C compiler to build backend/dataplane/guard.c): a front-end that shrinks its guest RAM ends the service, and with it every "
                        "VM, and one that clears O_NONBLOCK on its call eventfd while keeping it full can stall it")
     detail = "guest memory faults cost only the faulting session (SIGBUS handler over every guest region)"
     if not g.timer_signal:

@@ -74,7 +74,7 @@ async def campaign(seconds: float, seed: int, guest_share: float, max_cases: int
         failures = list(bed.failures)
         await bed.close()
     print_summary(summary, failures, elapsed=elapsed, seed=seed if replay is None else None)
-    print("mapped: " + (", ".join(mapped_objects("dataplane-", "libasan", "libubsan")) or "no C data plane"))
+    print("mapped: " + (", ".join(mapped_objects("dataplane-", "_vuc", "libasan", "libubsan")) or "no C data plane"))
     return 1 if failures else 0
 
 

@@ -103,6 +103,7 @@ class TestHost:
                  cmdline: str = "", shared_root: Path | None = None, module: Path | None = None) -> None:
         #: virtio_cpufreq.ko to load once booted (the cpufreq device must be among ``qemu_args``)
         self.module = module
+        self.dataplane = ""  # what the installed package runs in the root (set by _install)
         #: another root to boot (a directory inside the chroot), as is: nothing is installed into it
         self.shared_root = shared_root
         self.memory_mib = memory_mib
@@ -228,12 +229,17 @@ class TestHost:
         link = wants / "vuc-agent.service"
         if not link.is_symlink():
             link.symlink_to("/etc/systemd/system/vuc-agent.service")
-        # The service's CacheDirectory: the data plane is built here once, not under TCG at every start.
+        # The data plane the root runs: the wheel's prebuilt extension (abi3, built above against this
+        # host's Python headers, so the root's newer Python loads it), or, should it not load there, a
+        # run-time build into the service's CacheDirectory (the root has gcc), made here once rather than
+        # under TCG at every start.  Anything but C fails the set-up.
         cache = ROOT / "var/cache/vhost-user-cpufreq"
         cache.mkdir(parents=True, exist_ok=True)
-        _run(["unshare", "--mount", "sh", "-c",
-              f"mount -t proc proc {ROOT}/proc && exec chroot {ROOT} env VUC_CACHE_DIR=/var/cache/vhost-user-cpufreq "
-              f"{VENV}/bin/python -m vhost_user_cpufreq.backend.dataplane.cdrain"], "building the C data plane in the root")
+        self.dataplane = _run(["unshare", "--mount", "sh", "-c",
+                               f"mount -t proc proc {ROOT}/proc && exec chroot {ROOT} env "
+                               f"VUC_CACHE_DIR=/var/cache/vhost-user-cpufreq "
+                               f"{VENV}/bin/python -m vhost_user_cpufreq.backend.dataplane.cdrain"],
+                              "loading the C data plane in the root").strip()
         for f in cache.iterdir():
             f.chmod(0o755)  # readable by the service's own user, whose CacheDirectory this becomes
 
@@ -405,13 +411,14 @@ class TestHost:
             time.sleep(0.05)
 
 
-def _run(argv: list[str], what: str) -> None:
+def _run(argv: list[str], what: str) -> str:
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         raise TestHostError(f"{what}: timed out") from None
     if res.returncode != 0:
         raise TestHostError(f"{what} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+    return res.stdout
 
 
 def _no_core_dumps() -> None:

@@ -357,7 +357,7 @@ typedef struct {
     int32_t signalled; /* -1: unknown */
     /* SeqTracker, handed over the same way. */
     int32_t seq_has, off_has;
-    uint32_t seq_last;
+    uint32_t seq_last, seq_undecoded; /* SeqTracker.undecoded: buffers rejected whole since seq_last */
     int64_t min_off, last_age;
     uint64_t seq_lost, seq_stale;
     /* Cumulative counters, read by Python. */
@@ -633,6 +633,7 @@ static int seq_accept(vuc_slot *s, uint32_t seq, int resync) {
     if (!s->seq_has || resync) {
         s->seq_has = 1;
         s->seq_last = seq;
+        s->seq_undecoded = 0;
         return 1;
     }
     int32_t d = (int32_t)(seq - s->seq_last);
@@ -640,7 +641,10 @@ static int seq_accept(vuc_slot *s, uint32_t seq, int resync) {
         s->seq_stale++;
         return 0;
     }
-    s->seq_lost += (uint64_t)(d - 1);
+    /* SPEC 6.2: of the d - 1 numbers skipped, those of buffers rejected whole arrived. */
+    if ((uint32_t)(d - 1) > s->seq_undecoded)
+        s->seq_lost += (uint64_t)((uint32_t)(d - 1) - s->seq_undecoded);
+    s->seq_undecoded = 0;
     s->seq_last = seq;
     return 1;
 }
@@ -673,6 +677,8 @@ static void account(vuc_lane *l, vuc_slot *s, const vuc_result *res, double now)
         const vuc_entry *e = &entries[i];
         if (e->status) {
             s->rejected[e->status]++;
+            if (e->status != REASON_AVAIL_INDEX_JUMP && s->seq_undecoded != UINT32_MAX)
+                s->seq_undecoded++; /* it consumed an avail entry: a batch whose seq is not trusted */
             vuc_event ev = {.kind = e->head == NO_HEAD ? EV_RING : EV_BUFFER, .reason = e->status, .head = e->head};
             push_event(l, s, &ev);
             continue;

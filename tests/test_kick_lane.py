@@ -42,6 +42,7 @@ from vhost_user_cpufreq.backend.dataplane.lane import STAMP_BYTES, CClampEngine,
 from vhost_user_cpufreq.backend.service.vms import Service, VmConfig
 from vhost_user_cpufreq.protocol.cpufreq import F_PERF_REQUEST, Batch, Record, encode_batch
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, REASONS
+from vhost_user_cpufreq.protocol.vhost_user import FrontendRequest
 
 from .helpers import engine_vm, kernel_has_fair_slices, named_vcpu_threads, require_c_dataplane, start_guest, until
 from .test_ring_drain import AVAIL_GPA, U16, USED_GPA, _offer_raw, c_lib, make_queue, scenario
@@ -136,7 +137,8 @@ def _state(dev: CpufreqDevice, pol: HostPolicy, q: Any, a: bytearray, b: bytearr
     size = q.size
     U16.pack_into(mem, USED_GPA, 0)  # used.flags and avail_event: the lane asks for kicks, the bare device does not
     U16.pack_into(mem, USED_GPA + 4 + 8 * size, 0)
-    return (counts, (seq.last, seq.lost, seq.stale), vcpus, dict(pol.vms["vm"].engine.vcpus), q.packed_cursor,
+    return (counts, (seq.last, seq.lost, seq.stale, seq.undecoded), vcpus, dict(pol.vms["vm"].engine.vcpus),
+            q.packed_cursor,
             bytes(mem), bytes(b))
 
 
@@ -250,6 +252,126 @@ async def test_the_lane_and_the_loop_serve_a_vm_alike(tmp_path, caplog, path: st
         await until(lambda: slot.device.vcpus[0].util == 1)
         h = slot.counters.histogram("kick_to_decision_seconds")
         assert h is not None and h.count == slot.counters.get("kicks") > 0
+    finally:
+        await g.close()
+        await svc.close()
+
+
+@pytest.mark.parametrize("path", ["kick-lane", "event-loop"])
+async def test_a_rejected_batch_is_counted_once_not_again_as_lost(tmp_path, path: str) -> None:  # type: ignore[no-untyped-def]
+    """SPEC 6.2: a buffer rejected whole used its sequence number; only numbers nobody sent are lost."""
+    if path == "kick-lane":
+        require_c_dataplane()
+    svc, pol, slot, _ = await engine_vm(tmp_path, lane=path == "kick-lane")
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    try:
+        g.driver.set_util(0, 100)
+        g.driver.flush()
+        await until(lambda: slot.counters.get("batches") == 1, what="the driver's first batch")
+        assert (slot.device._lane_slot is not None) == (path == "kick-lane")
+        s0 = 5000
+        ok = lambda seq, util: encode_batch(Batch(seq, 0, (Record(1, util),)))  # noqa: E731
+        bad_flags = bytearray(ok(s0 + 2, 1))
+        bad_flags[6] = 0x80  # an unknown flag bit: the header cannot be trusted, seq included
+        bad_count = bytearray(ok(s0 + 3, 1))
+        bad_count[4:6] = (0).to_bytes(2, "little")
+        # s0 (RESYNC), then three buffers rejected whole, then s0 + 4: no gap is left.
+        _offer_raw(g, encode_batch(Batch(s0, 0, (Record(1, 10),), flags=1)), b"\x01\x02", bytes(bad_flags), bytes(bad_count),
+                   ok(s0 + 4, 20))
+        await until(lambda: slot.device.vcpus[1].util == 20, what="the batch after the rejected ones")
+        c = slot.counters
+        assert (c.get("rejected", "short-batch"), c.get("rejected", "bad-batch-flags"),
+                c.get("rejected", "bad-record-count"), c.get("lost_batches")) == (1, 1, 1, 0)
+        # A chain the device cannot walk (a segment outside guest RAM) uses a number too.
+        ram, q = g.transport.ram, g.driver.queue
+        q.add([(1 << 40, 24)])
+        q.publish()
+        _offer_raw(g, ok(s0 + 6, 30))
+        await until(lambda: slot.device.vcpus[1].util == 30)
+        assert (c.get("rejected", "address-out-of-range"), c.get("lost_batches")) == (1, 0)
+        # A gap nobody filled: s0 + 7 and s0 + 8 are lost, two numbers, not the difference of three.
+        _offer_raw(g, ok(s0 + 9, 40))
+        await until(lambda: slot.device.vcpus[1].util == 40)
+        assert c.get("lost_batches") == 2
+        # A rejected buffer fills only a gap that follows it: s0 + 10 rejected, s0 + 13 leaves two lost.
+        _offer_raw(g, b"\x00" * 8, ok(s0 + 13, 50))
+        await until(lambda: slot.device.vcpus[1].util == 50)
+        assert (c.get("rejected", "short-batch"), c.get("lost_batches")) == (2, 4)
+        # Stale and duplicate batches are counted as such and leave the count of rejected buffers alone.
+        _offer_raw(g, ok(s0 + 13, 60), b"\x01", ok(s0 + 15, 70))
+        await until(lambda: slot.device.vcpus[1].util == 70)
+        assert (c.get("rejected", "stale-batch"), c.get("lost_batches")) == (1, 4)
+        # A device-writable segment after the batch is ignored, and the batch applied (SPEC 6).
+        gpa, wgpa = ram.alloc(24, 8), ram.alloc(64, 8)
+        ram.memory.view(gpa, 24)[:] = ok(s0 + 16, 80)
+        q.add([(gpa, 24)], [(wgpa, 64)])
+        q.publish()
+        g.transport.notify(0)
+        await until(lambda: slot.device.vcpus[1].util == 80)
+        assert bytes(ram.memory.view(wgpa, 64)) == bytes(64) and c.get("lost_batches") == 4
+        assert c.get("batches") == 8
+        await g.fe.stop_ring(0)  # the lane hands its sequence tracking back
+        assert (slot.device.seq.last, slot.device.seq.lost, slot.device.seq.undecoded) == (s0 + 16, 4, 0)
+    finally:
+        await g.close()
+        await svc.close()
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["nonblocking-fd", "front-end-clears-O_NONBLOCK"])
+@pytest.mark.parametrize("path", ["kick-lane", "event-loop"])
+async def test_a_ring_restarted_on_the_same_kick_fd_counts_no_phantom_kick(tmp_path, path: str,
+                                                                         blocking: bool) -> None:  # type: ignore[no-untyped-def]
+    """SPEC 6.5: the signals a kick eventfd holds when its ring stops or starts are no kick.
+
+    QEMU keeps one eventfd per queue for the VM's life and passes it again after RESET_DEVICE;
+    the lane never reads it (edge-triggered), so it arrives holding the old session's count.
+    With ``blocking`` the front-end clears O_NONBLOCK on the file description it shares with
+    the back-end just before the ring starts: the back-end's reads must not hang on it.
+    """
+    if path == "kick-lane":
+        require_c_dataplane()
+    svc, pol, slot, _ = await engine_vm(tmp_path, lane=path == "kick-lane")
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    try:
+        for i in range(6):
+            g.driver.set_util(i % 4, 100 + 10 * i)
+            g.driver.flush()
+            await until(lambda: slot.counters.get("records") == i + 1)
+        c = slot.counters
+        assert (slot.device._lane_slot is not None) == (path == "kick-lane")
+        kick_fd = g.fe.rings[0].kick
+        kicks = c.get("kicks")
+        assert kicks >= 1
+        await g.fe.stop_ring(0)  # GET_VRING_BASE
+        await asyncio.sleep(0.02)  # room for the loop to read what the lane left in the counter
+        assert c.get("kicks") == kicks, "the counter the lane never read was counted again at the stop"
+        g.fe.kick(0)  # a kick on the stopped ring (a guest that notifies while its driver resets)
+        await asyncio.sleep(0.02)
+        await g.transport.reset()  # RESET_DEVICE: the back-end closes its copy of the kick fd
+        await g.driver.remove()
+        if blocking:
+            send = g.fe.request
+
+            async def clear_nonblock_after_kick(req, payload=None, fds=(), **kw):  # type: ignore[no-untyped-def]
+                r = await send(req, payload, fds, **kw)
+                if req == FrontendRequest.SET_VRING_KICK:
+                    os.set_blocking(kick_fd, True)  # shared with the back-end's copy: O_NONBLOCK is gone for both
+                return r
+
+            g.fe.request = clear_nonblock_after_kick  # type: ignore[method-assign]
+        await g.driver.probe()  # the same eventfd again, as QEMU passes it
+        if blocking:
+            assert os.get_blocking(kick_fd)
+        session = slot.connection.session  # type: ignore[union-attr]
+        await until(lambda: session.rings[0].queue is not None, what="the restarted ring")
+        assert (slot.device._lane_slot is not None) == (path == "kick-lane")
+        await asyncio.sleep(0.05)  # room for a phantom kick to be counted (the lane's epoll or the loop's reader)
+        assert c.get("kicks") == kicks, "a kick counted that the guest did not send to a started ring"
+        g.driver.set_util(1, 300)
+        g.driver.flush()
+        await until(lambda: slot.device.vcpus[1].util == 300, what="a record after the restart")
+        assert c.get("kicks") == kicks + 1
+        assert c.get("lost_batches") == 0 and c.total("rejected") == 0
     finally:
         await g.close()
         await svc.close()

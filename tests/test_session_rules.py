@@ -15,6 +15,8 @@ from vhost_user_cpufreq.protocol.virtqueue import ring_sizes
 
 from .helpers import make_service, memfd_mappings, open_fds, start_guest, until
 
+SPEC = (Path(vu.__file__).parents[1] / "SPEC.md").read_text()
+
 F = vu.FrontendRequest
 PF = vu.ProtocolFeature
 VMAP = (0, 1)
@@ -233,3 +235,49 @@ async def test_reset_device_forgets_the_driver_and_rings(svc) -> None:  # type: 
     g.driver.flush()
     await until(lambda: slot.counters.get("records") == 2)
     await g.close()
+
+
+async def test_what_spec_4_2_and_5_3_promise_a_front_end(tmp_path: Path) -> None:
+    """STATUS, CONFIGURE_MEM_SLOTS and config change notifications as SPEC 4.2 and 5.3 describe them."""
+    from vhost_user_cpufreq.backend.vhost.memory import MAX_REGIONS
+
+    service, source, policy, slots = await make_service(tmp_path, ("vm", VMAP))
+    slot = slots["vm"]
+    g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+    try:
+        fe = g.fe
+        r = await fe.request(F.GET_MAX_MEM_SLOTS)
+        assert r is not None and r.payload.value == MAX_REGIONS == 32  # type: ignore[union-attr]
+        assert "`GET_MAX_MEM_SLOTS` answers 32" in SPEC
+        # STATUS: kept for the front-end; 0 resets the device while the ring runs on.
+        r = await fe.request(F.GET_STATUS)
+        assert r is not None and r.payload.value == 0  # type: ignore[union-attr]
+        await fe.request(F.SET_STATUS, vu.U64(0x8), need_reply=True)
+        r = await fe.request(F.GET_STATUS)
+        assert r is not None and r.payload.value == 0x8  # type: ignore[union-attr]
+        g.driver.set_util(0, 100)
+        g.driver.flush()
+        await until(lambda: slot.counters.get("records") == 1)
+        assert slot.device.seq.last is not None
+        await fe.request(F.SET_STATUS, vu.U64(0), need_reply=True)
+        assert slot.device.seq.last is None and policy.resets["vm"] >= 1
+        r = await fe.request(F.GET_STATUS)
+        assert r is not None and r.payload.value == 0  # type: ignore[union-attr]
+        g.driver.set_util(1, 200)
+        g.driver.flush()
+        await until(lambda: slot.counters.get("records") == 2, what="the ring served after SET_STATUS 0")
+        # SET_CONFIG is refused with an ack of 1 (REPLY_ACK), and the session goes on.
+        r = await fe.request(F.SET_CONFIG, vu.ConfigSpace(0, 4, 0, bytes(4)), need_reply=True)
+        assert r is not None and r.payload.value == 1  # type: ignore[union-attr]
+        assert slot.counters.get("rejected", "read-only-config") == 1 and slot.connection is not None
+        # A notification: request 2, flags 0x1 (version 1, no NEED_REPLY), no payload, no fd.
+        fe.backend_messages.clear()
+        source.set_frequencies([1098000, 2253000, 1426000])
+        await until(lambda: fe.backend_messages, what="CONFIG_CHANGE_MSG")
+        (msg,) = fe.backend_messages
+        assert msg.request == vu.BackendRequest.CONFIG_CHANGE_MSG == 2
+        assert (msg.flags, msg.payload, tuple(msg.fds)) == (0x1, None, ())
+        assert "`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (2), flags 0x1" in SPEC
+    finally:
+        await g.close()
+        await service.close()

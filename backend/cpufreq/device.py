@@ -54,6 +54,7 @@ VIRTIO_F_VERSION_1 = 32
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 #: Work (buffers plus records) per turn before yielding to other VMs (fairness; see session).
 DEFAULT_WORK_BUDGET = 512
+_AVAIL_INDEX_JUMP = REASONS.index("avail-index-jump")
 
 
 @dataclass(slots=True)
@@ -72,16 +73,26 @@ class SeqTracker:
     lost: int = 0
     stale: int = 0
     last_age_ns: int = 0
+    #: Buffers rejected whole (no trusted seq) since the last accepted batch: each
+    #: used one sequence number, so it fills a gap instead of counting as lost.
+    undecoded: int = 0
+
+    def reject_whole(self) -> None:
+        """A buffer taken from the ring and rejected before its seq could be trusted."""
+        self.undecoded = min(self.undecoded + 1, 0xFFFFFFFF)  # kick_lane.c saturates its u32 alike
 
     def accept(self, seq: int, resync: bool) -> bool:
         if self.last is None or resync:
             self.last = seq
+            self.undecoded = 0
             return True
         d = abi.seq_delta(seq, self.last)
         if d <= 0:
             self.stale += 1
             return False
-        self.lost += d - 1
+        # SPEC 6.2: of the d - 1 numbers skipped, those of rejected buffers arrived.
+        self.lost += max(0, d - 1 - self.undecoded)
+        self.undecoded = 0
         self.last = seq
         return True
 
@@ -286,6 +297,8 @@ class CpufreqDevice:
             if status:
                 counters.inc("rejected", REASONS[status])
                 self._log_rejected(head, status)
+                if status != _AVAIL_INDEX_JUMP:  # every other consumed an avail entry: a batch the driver sent
+                    self.seq.reject_whole()
                 continue
             mine = records[pos : pos + nvalid]
             pos += nvalid

@@ -24,6 +24,7 @@ static int seq_accept(vuc_slot *s, uint32_t seq, int resync) {
     if (!s->seq_has || resync) {
         s->seq_has = 1;
         s->seq_last = seq;
+        s->seq_undecoded = 0;
         return 1;
     }
     int32_t d = (int32_t)(seq - s->seq_last);
@@ -31,7 +32,10 @@ static int seq_accept(vuc_slot *s, uint32_t seq, int resync) {
         s->seq_stale++;
         return 0;
     }
-    s->seq_lost += (uint64_t)(d - 1);
+    /* SPEC 6.2: of the d - 1 numbers skipped, those of buffers rejected whole arrived. */
+    if ((uint32_t)(d - 1) > s->seq_undecoded)
+        s->seq_lost += (uint64_t)((uint32_t)(d - 1) - s->seq_undecoded);
+    s->seq_undecoded = 0;
     s->seq_last = seq;
     return 1;
 }
@@ -66,6 +70,8 @@ static void seq_age(vuc_slot *s, int64_t host_ns, uint64_t guest_ns) {
 /* A buffer (or the whole ring: no head) the drain rejected: counted, and queued to be logged. */
 static void reject_entry(vuc_lane *l, vuc_slot *s, const vuc_entry *e) {
     s->rejected[e->status]++;
+    if (e->status != REASON_AVAIL_INDEX_JUMP && s->seq_undecoded != UINT32_MAX)
+        s->seq_undecoded++; /* it consumed an avail entry: a batch whose seq is not trusted */
     vuc_event ev = {.kind = e->head == NO_HEAD ? EV_RING : EV_BUFFER, .reason = e->status, .head = e->head};
     vuc_push_event(l, s, &ev);
 }

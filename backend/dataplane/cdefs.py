@@ -81,7 +81,7 @@ CDEFS = """
         uint64_t cursor;
         int32_t signalled;
         int32_t seq_has, off_has;
-        uint32_t seq_last;
+        uint32_t seq_last, seq_undecoded;
         int64_t min_off, last_age;
         uint64_t seq_lost, seq_stale;
         uint64_t kicks, accepted, batches, drains, interrupts, interrupts_dropped, polls;

@@ -275,6 +275,7 @@ class LaneSlot:
         s.cursor = queue.packed_cursor
         s.signalled = -1 if queue.signalled is None else queue.signalled
         s.seq_has, s.seq_last = (0, 0) if seq.last is None else (1, seq.last)
+        s.seq_undecoded = seq.undecoded
         s.off_has, s.min_off = (0, 0) if seq.min_offset_ns is None else (1, seq.min_offset_ns)
         s.last_age, s.seq_lost, s.seq_stale = seq.last_age_ns, seq.lost, seq.stale
         s.id = -1
@@ -306,6 +307,7 @@ class LaneSlot:
         self._queue.hand_back(s.cursor, None if s.signalled < 0 else s.signalled)
         seq = self._seq
         seq.last = s.seq_last if s.seq_has else None
+        seq.undecoded = s.seq_undecoded
         seq.min_offset_ns = s.min_off if s.off_has else None
         seq.last_age_ns, seq.lost, seq.stale = s.last_age, s.seq_lost, s.seq_stale
         self.take_events()

@@ -57,7 +57,7 @@ typedef struct {
     int32_t signalled; /* -1: unknown */
     /* SeqTracker, handed over the same way. */
     int32_t seq_has, off_has;
-    uint32_t seq_last;
+    uint32_t seq_last, seq_undecoded; /* SeqTracker.undecoded: buffers rejected whole since seq_last */
     int64_t min_off, last_age;
     uint64_t seq_lost, seq_stale;
     /* Cumulative counters, read by Python. */

@@ -296,7 +296,10 @@ class Session:
         self.device.queue_ready(ring.index, ring.queue)
         self.log.debug("ring %d ready: size %d base %d", ring.index, e.num, ring.base)
         # Buffers made available before the ring started are not signalled again
-        # (an offloaded ring is drained once by the lane on attach).
+        # (an offloaded ring is drained once by the lane on attach), so what the kick
+        # counter holds now is spent: QEMU hands the same eventfd to a restarted ring,
+        # and the signals of its last start must not count as a kick (SPEC 6.5).
+        self._discard_kicks(ring)
         if not self._offload(ring):
             self._schedule(ring)
 
@@ -323,6 +326,9 @@ class Session:
             return
         off, ring.offload = ring.offload, None
         off.detach()
+        # The lane never reads the counter (edge-triggered): its kicks were served and
+        # counted there, and the drain scheduled below covers any that came since.
+        self._discard_kicks(ring)
         if ring.kick_fd is not None:
             self.loop.add_reader(ring.kick_fd, self._on_kick, ring)
         if ring.queue is not None:
@@ -350,6 +356,12 @@ class Session:
             ring.base = ring.queue.last_avail_idx
             ring.queue = None
             self.device.queue_ready(ring.index, None)
+            self._discard_kicks(ring)  # GET_VRING_BASE: the kicks of this start are spent
+
+    def _discard_kicks(self, ring: Ring) -> None:
+        """Read the kick counter down without counting a kick (a drain of the ring covers them)."""
+        if ring.kick_fd is not None:
+            drain_eventfd(ring.kick_fd)  # never blocks, whatever flags the front-end set on the fd
 
     def _on_kick(self, ring: Ring) -> None:
         if ring.kick_fd is None:
@@ -357,6 +369,8 @@ class Session:
         # Never a blocking read: the front-end shares the fd's flags and may drain it first.
         if not drain_eventfd(ring.kick_fd):
             return
+        if ring.queue is None:
+            return  # a stopped ring: nothing to serve, and its start drains the ring anyway
         self.counters.inc("kicks")
         if ring.scheduled:
             return  # its turn is already queued: a kick must not buy a ring a second one

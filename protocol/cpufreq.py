@@ -57,6 +57,8 @@ __all__ = [
     "page_domain_offset",
     "page_update_stores",
     "page_flag_stores",
+    "page_count_stores",
+    "FREQ_PAGE_VERSION",
     "decode_page_domain",
 ]
 
@@ -375,6 +377,13 @@ def page_update_stores(index: int, seq: int, d: PageDomain) -> tuple[tuple[int, 
 
 def page_flag_stores(flags: int) -> tuple[tuple[int, int], ...]:
     return ((PAGE_FLAGS_OFFSET, flags & 0xFFFFFFFF),)
+
+
+def page_count_stores(num_domains: int) -> tuple[tuple[int, int], ...]:
+    """The store that publishes a new domain count (after the new entries are written)."""
+    if not 1 <= num_domains <= MAX_DOMAINS:
+        raise ValueError(f"{num_domains} domains")
+    return ((4, FREQ_PAGE_VERSION | num_domains << 16),)
 
 
 def decode_page_header(data: bytes | memoryview) -> PageHeader:

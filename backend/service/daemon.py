@@ -236,6 +236,7 @@ class Daemon:
                              "cap": self.policy.cgroups.caps.get(p)}
                             for p in (self.policy.cgroup_paths(name) if b else [])],
                 "config_generation": cfg.generation,
+                "freq_path": slot.device.freq_path,  # "page" (shared memory) or "config" (config space)
                 "counters": {f"{e}{':' + r if r else ''}": n for (e, r), n in sorted(slot.counters.snapshot().items())},
             }
         return {

@@ -42,6 +42,7 @@ from ..defaults import KICK_BATCH_DELAY
 from ..policy.ratelimit import KickBatcher, NotifyCoalescer
 from .device import Offload, VirtioDevice
 from .memory import MAX_REGIONS, MemoryMap, map_region
+from .shmem import SharedRegions
 
 __all__ = ["Session", "Reply", "OFFERED_PROTOCOL_FEATURES", "RULES"]
 
@@ -126,10 +127,13 @@ class Session:
         self.kick_batch_delay = kick_batch_delay
         self.machine = SessionMachine(DeviceFacts(
             features=device.features(), num_queues=device.num_queues, max_queue_size=device.max_queue_size,
-            config_size=device.config_size, max_mem_slots=MAX_REGIONS))
+            config_size=device.config_size, max_mem_slots=MAX_REGIONS,
+            shmem_sizes=getattr(device, "shmem_sizes", ()), shmem_features=getattr(device, "shmem_features", 0)))
         self.memory = MemoryMap()
         self.rings = [Ring(r) for r in self.machine.rings]
         self.backend_channel: socket.socket | None = None
+        self.shmem = SharedRegions(device, name=name, counters=counters, log=log,
+                                   add_reader=lambda fd, cb: loop.add_reader(fd, cb), remove_reader=loop.remove_reader)
         self.coalescer = NotifyCoalescer(notify_interval)
         self._notify_timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -207,6 +211,7 @@ class Session:
                     _close_fd(fd)
                 case fx.SetBackendChannel(fd):
                     if self.backend_channel is not None:
+                        self.shmem.channel_replaced()
                         self.backend_channel.close()
                     sock = socket.socket(fileno=self._take(fd))
                     sock.setblocking(False)
@@ -262,6 +267,10 @@ class Session:
                     self._drop_queue(self.rings[index])
                 case fx.RefreshRing(index):
                     self._offload(self.rings[index])
+                case fx.MapShmem(shmid, size):
+                    self.shmem.map(self.backend_channel, shmid, size)
+                case fx.ShmemDropped():
+                    self.shmem.dropped()
                 case _:
                     raise AssertionError(f"no shell for effect {e!r}")
         return reply
@@ -491,6 +500,7 @@ class Session:
             _close_fd(ring.call_fd)
             _close_fd(ring.err_fd)
             ring.call_fd = ring.err_fd = None
+        self.shmem.close()
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None

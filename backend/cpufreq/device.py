@@ -252,9 +252,6 @@ class CpufreqDevice:
         self._page_in_use = in_use and bool(self._acked & self.shmem_features)
         self.log.info("host frequencies reach the guest through %s", "the shared page" if self._page_in_use
                       else "config space")
-        if not in_use and self._host is not None:
-            # Whatever the guest missed while it read the page, config space has it.
-            self._host.config_changed()
 
     def shmem_detach(self, shmid: int) -> None:
         if self._page is not None:

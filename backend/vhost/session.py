@@ -136,6 +136,7 @@ class Session:
                                    add_reader=lambda fd, cb: loop.add_reader(fd, cb), remove_reader=loop.remove_reader)
         self.coalescer = NotifyCoalescer(notify_interval)
         self._notify_timer: asyncio.TimerHandle | None = None
+        self._notify_owed = False  # a change came while no ring ran: notified when one starts
         self.closed = False
         #: set by the transport: closes the connection with a reason (a session cannot close its socket)
         self.on_fatal: Callable[[str], None] | None = None
@@ -308,6 +309,9 @@ class Session:
         # (an offloaded ring is drained once by the lane on attach).
         if not self._offload(ring):
             self._schedule(ring)
+        if self._notify_owed:
+            self._notify_owed = False
+            self._send_config_change()
 
     def _offload(self, ring: Ring) -> bool:
         """Let the device serve the ring off the loop if it can; True if it does."""
@@ -476,6 +480,13 @@ class Session:
     def _send_config_change(self) -> None:
         if self.backend_channel is None or not self.machine.has(PF.BACKEND_REQ):
             self.counters.inc("config_notify_skipped", "no-backend-channel")
+            return
+        if not any(r.queue is not None for r in self.rings):
+            # QEMU 11.1.3 crashes on a CONFIG_CHANGE_MSG while its device is stopped (before the
+            # driver's DRIVER_OK, after a reset: docs/qemu-facts.md section e).  The driver reads the
+            # config at probe; what changes after that is notified once a ring runs.
+            self._notify_owed = True
+            self.counters.inc("config_notify_skipped", "device-stopped")
             return
         try:
             # MSG_DONTWAIT: O_NONBLOCK lives in the file description the front-end shares.

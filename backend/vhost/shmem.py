@@ -177,7 +177,10 @@ class SharedRegions:
             self._broken(f"recv-{type(exc).__name__}", str(exc))
             return
         if not data:
-            self._broken("backend-channel-closed", "the front-end closed the back-end channel")
+            # The front-end let the channel go (it does so as it disconnects): nothing more to hear.
+            self.log.debug("the front-end closed the back-end channel")
+            self.broken = "backend-channel-closed"
+            self._unwatch()
             return
         try:
             acks = self.acks.feed(data)

@@ -136,6 +136,7 @@ class Daemon:
                 config=slot.device.config,
                 utils=tuple(st.util for st in list(slot.device.vcpus)),
                 clamps=dict(binding.engine.vcpus) if binding is not None else {},
+                freq_page=slot.device.freq_path == "page",
             )
         model, hp = self.source.model, self.host.hotplug
         host = HostView(

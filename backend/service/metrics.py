@@ -164,6 +164,9 @@ class DaemonCollector:
                                       labels=["vm"])
         generation = GaugeMetricFamily(PREFIX + "config_generation", "Config space generation of the VM's device.",
                                        labels=["vm"])
+        page = GaugeMetricFamily(PREFIX + "freq_page_in_use",
+                                 "1 while host frequencies reach the guest through the shared page (SPEC 8), "
+                                 "0 while through config space.", labels=["vm"])
         uclamp = GaugeMetricFamily(
             PREFIX + "vcpu_uclamp_min_ratio",
             "Util clamp (uclamp.min) applied to the vCPU thread, as a ratio of the biggest CPU's capacity.",
@@ -181,6 +184,7 @@ class DaemonCollector:
             connected.add_metric([vm], 1 if s.connected else 0)
             cfg = s.config
             generation.add_metric([vm], cfg.generation)
+            page.add_metric([vm], 1 if s.freq_page else 0)
             for v, u in enumerate(s.utils):
                 # A vCPU the engine never touched has no clamp from us: 0.
                 uclamp.add_metric([vm, str(v)], (s.clamps.get(v) or 0) / CAPACITY_SCALE)
@@ -188,7 +192,7 @@ class DaemonCollector:
             for i, dom in enumerate(cfg.domains):
                 dom_cur.add_metric([vm, str(i)], dom.cur_khz * 1000.0)
                 dom_max.add_metric([vm, str(i)], dom.max_khz * 1000.0)
-        yield from (connected, generation, uclamp, util, dom_cur, dom_max)
+        yield from (connected, generation, page, uclamp, util, dom_cur, dom_max)
 
         yield GaugeMetricFamily(PREFIX + "vms_configured", "VMs configured (served sockets).", value=len(slots))
 

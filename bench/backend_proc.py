@@ -322,7 +322,7 @@ async def main(args: argparse.Namespace) -> None:
     svc = Service(source, policy, **({} if args.lane_slice_us is None else {"lane_slice_us": args.lane_slice_us}))  # type: ignore[arg-type]
     for n in names:
         await svc.add_vm(VmConfig(n, os.path.join(args.dir, f"{n}.sock"), vmap,
-                                  notify_interval=args.notify_interval, **kick_kw))
+                                  notify_interval=args.notify_interval, shared_page=args.shared_page, **kick_kw))
     if args.sysfs:
         sampler = loop.create_task(source.run(args.period))  # type: ignore[attr-defined]
 
@@ -452,6 +452,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--period", type=float, default=0.05)
     p.add_argument("--follow-host", action="store_true", help="host frequency follows the decisions")
     p.add_argument("--notify-interval", type=float, default=0.01)
+    p.add_argument("--shared-page", action="store_true", help="offer the shared frequency page (SPEC §8)")
     p.add_argument("--kick-batch-delay", type=float, default=None,
                    help="VmConfig.kick_batch_delay (default: the service's); 0 = a kick per buffer")
     p.add_argument("--lane-slice-us", type=int, default=None,

@@ -88,7 +88,8 @@ class Backend:
     def __init__(self, sock_dir: str, *, vms: int = 1, vcpus: int = 8, stamps: bool = False,
                  sysfs: str | None = None, period: float = 0.05, follow: bool = False,
                  kick_batch_delay: float | None = None, age: bool = False, split: bool = False,
-                 policy: str = "stamp", lane_slice_us: int | None = None, stderr_to: str | None = None) -> None:
+                 policy: str = "stamp", lane_slice_us: int | None = None, stderr_to: str | None = None,
+                 shared_page: bool = False) -> None:
         self.dir = sock_dir
         self.stderr_to = stderr_to
         self.vms = vms
@@ -106,6 +107,8 @@ class Backend:
             self.args.append("--age")
         if split:
             self.args.append("--split")
+        if shared_page:
+            self.args.append("--shared-page")
         self.stamp_fd: int | None = None
         self.stamps: mmap.mmap | None = None
         if stamps:

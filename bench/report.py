@@ -254,6 +254,17 @@ def print_table(r: dict[str, Any]) -> None:
                 rows.append((f"mirror period {x['period_ms']:g} ms",
                              f"sampling {_fmt_s(x['sampling_delay'])}; notify path {_fmt_s(x['notification_path'])}; "
                              f"sampler CPU {x['backend_cpu_share_while_sampling'] * 100:.2f}%"))
+        pg = mi.get("page")
+        if isinstance(pg, dict):
+            rows.append((f"page period {pg['sampling_period_ms']:g} ms: host write -> guest page",
+                         f"total {_fmt_s(pg['total_write_to_guest_page'])}; sampling {_fmt_s(pg['sampling_delay'])}; "
+                         f"detection -> page {_fmt_s(pg['detection_to_page'])}; "
+                         f"{pg['config_notifications_during']} notifications, {pg['missed']} missed"))
+        cc = mi.get("change_cost")
+        if isinstance(cc, dict):
+            rows.append(("back-end CPU per host change (3 domains)",
+                         f"page {cc['page_cpu_us_per_change']['median']} us, config path "
+                         f"{cc['config_cpu_us_per_change']['median']} us (before the guest's GET_CONFIGs)"))
     q = ok.get("qemu")
     if q:
         if True:

@@ -11,6 +11,12 @@ only when EVENT_IDX says it is waiting, and then only at once for an urgent
 record (a rise in demand); other records wait for more of their kind or a
 deadline (SPEC 6.4).  The config is re-read only after the
 device's configuration change notification.
+
+Shared frequency page (SPEC §8): when the device offers it and the transport
+has the region, the driver takes the feature and reads frequencies from the
+page (:meth:`page_frequencies`, no device access at all for a real guest),
+each domain under its sequence count with bounded retries; until the page is
+mapped and LIVE, or when the retries run out, the cached config answers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.errors import LocalProtocolError
+from vhost_user_cpufreq.protocol.errors import LocalProtocolError, RecordError
 from vhost_user_cpufreq.protocol.virtqueue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
 from .transport import DriverTransport
@@ -43,6 +49,9 @@ class DriverStats:
     queue_full: int = 0
     deferred_kicks: int = 0  # flushes whose kick (asked for by the device) was held back (SPEC 6.4)
     urgent_kicks: int = 0
+    page_reads: int = 0  # domains read from the shared frequency page
+    page_retries: int = 0  # reads retried: the device was updating the entry (SPEC 8.2)
+    page_fallbacks: int = 0  # frequency reads answered from config space: page absent, not LIVE or busy
 
 
 class CpufreqDriver:
@@ -58,8 +67,12 @@ class CpufreqDriver:
         urgent_delta: int = 128,
         lazy_records: int = 32,
         lazy_deadline_ns: int = 32_000_000,
+        freq_page: bool = True,
+        page_tries: int = 16,
     ) -> None:
         self.t = transport
+        self.want_freq_page = freq_page
+        self.page_tries = page_tries
         # Notification policy (SPEC 6.4): a rise of at least urgent_delta (util, or
         # 1/8 of a frequency request) is urgent and kicked at once; other records
         # kick once lazy_records wait or the oldest waited lazy_deadline_ns.
@@ -98,6 +111,8 @@ class CpufreqDriver:
         want = 1 << VIRTIO_F_VERSION_1 | 1 << abi.F_PERF_REQUEST | 1 << VIRTIO_RING_F_INDIRECT_DESC
         if self.want_event_idx:
             want |= 1 << VIRTIO_RING_F_EVENT_IDX
+        if self.want_freq_page and (self.t.shm_length(abi.FREQ_PAGE_SHMID) or 0) >= abi.FREQ_PAGE_SIZE:
+            want |= 1 << abi.F_FREQ_PAGE
         self.features = offered & want
         await self.t.set_driver_features(self.features)
         await self.refresh_config()
@@ -158,6 +173,53 @@ class CpufreqDriver:
             self._config_dirty.clear()
             await self.refresh_config()
             self.config_changed.set()
+
+    @property
+    def freq_page(self) -> bool:
+        """Whether the driver took the shared frequency page."""
+        return bool(self.features & (1 << abi.F_FREQ_PAGE))
+
+    async def page_frequencies(self) -> tuple[abi.PageDomain, ...] | None:
+        """Every domain's entry from the shared page, or None: use config space (SPEC 8.2)."""
+        if not self.freq_page:
+            return None
+        t, shmid = self.t, abi.FREQ_PAGE_SHMID
+        header = struct.pack("<4I", *[await t.shm_read32(shmid, off) for off in (0, 4, 8, 12)])
+        try:
+            h = abi.decode_page_header(header)
+        except RecordError:
+            self.stats.page_fallbacks += 1  # not mapped yet (reads 0), or not a page we know
+            return None
+        if not h.live:
+            self.stats.page_fallbacks += 1
+            return None
+        out = []
+        for i in range(h.num_domains):
+            off = abi.page_domain_offset(i)
+            for _ in range(self.page_tries):
+                s1 = await t.shm_read32(shmid, off)
+                w1 = await t.shm_read32(shmid, off + 4)
+                w2 = await t.shm_read32(shmid, off + 8)
+                s2 = await t.shm_read32(shmid, off)
+                d = abi.decode_page_domain(s1, struct.pack("<4I", s1, w1, w2, 0), s2)
+                if d is not None:
+                    out.append(d)
+                    self.stats.page_reads += 1
+                    break
+                self.stats.page_retries += 1
+            else:
+                self.stats.page_fallbacks += 1  # the device kept writing (or died mid-update)
+                return None
+        return tuple(out)
+
+    async def current_khz(self, vcpu: int) -> int:
+        """The host frequency behind ``vcpu`` now: from the page when it is in use, else the cached config."""
+        assert self.config is not None
+        page = await self.page_frequencies()
+        dom = self.config.vcpu_domain[vcpu]
+        if page is not None and dom < len(page):
+            return page[dom].cur_khz
+        return self.config.domains[dom].cur_khz
 
     def cur_khz(self, vcpu: int) -> int:
         """The frequency the guest believes ``vcpu`` runs at, from the cached config (no device access)."""

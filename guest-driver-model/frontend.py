@@ -17,8 +17,9 @@ import asyncio
 import mmap
 import os
 import socket
+import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import LocalProtocolError
@@ -96,8 +97,14 @@ class _Ring:
 class VhostUserFrontend:
     """Speaks vhost-user to a back-end over a unix socket (asyncio)."""
 
-    def __init__(self, ram: MemfdRam | None = None) -> None:
+    def __init__(self, ram: MemfdRam | None = None, *,
+                 shmem: Literal["map", "refuse", "garbage", "no-channel", "off"] = "map") -> None:
         self.ram = ram or MemfdRam()
+        # Shared memory regions: "map" like QEMU 11.1; "refuse" acks maps with 1; "garbage" answers
+        # with junk; "no-channel" negotiates BACKEND_REQ but never sends the channel; "off": no SHMEM.
+        self.shmem_mode = shmem
+        self.shmem_sizes: tuple[int, ...] = ()
+        self.shm: dict[int, mmap.mmap] = {}
         self.sock: socket.socket | None = None
         self._reader = vu.MessageReader("backend")
         self._channel: socket.socket | None = None
@@ -151,13 +158,15 @@ class VhostUserFrontend:
         assert r is not None
         wanted = (PF.MQ.mask | PF.REPLY_ACK.mask | PF.BACKEND_REQ.mask | PF.CONFIG.mask
                   | PF.RESET_DEVICE.mask | PF.CONFIGURE_MEM_SLOTS.mask | PF.STATUS.mask)
+        if self.shmem_mode != "off":
+            wanted |= PF.SHMEM.mask
         self.protocol_features = r.payload.value & wanted  # type: ignore[union-attr]
         await self.request(F.SET_PROTOCOL_FEATURES, vu.U64(self.protocol_features))
         r = await self.request(F.GET_QUEUE_NUM)
         self.num_queues = r.payload.value if r else 1  # type: ignore[union-attr]
         if self.protocol_features & PF.CONFIGURE_MEM_SLOTS.mask:
             await self.request(F.GET_MAX_MEM_SLOTS)
-        if self.protocol_features & PF.BACKEND_REQ.mask:
+        if self.protocol_features & PF.BACKEND_REQ.mask and self.shmem_mode != "no-channel":
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             ours.setblocking(False)
             self._channel = ours
@@ -165,6 +174,24 @@ class VhostUserFrontend:
             theirs.close()
             asyncio.get_running_loop().add_reader(ours.fileno(), self._channel_readable)
         await self.request(F.SET_OWNER)
+        if self.protocol_features & PF.SHMEM.mask:
+            r = await self.request(F.GET_SHMEM_CONFIG)
+            assert r is not None and isinstance(r.payload, vu.ShmemConfig)
+            self.shmem_sizes = r.payload.memory_sizes[:r.payload.nregions]
+
+    def _map_shmem(self, msg: vu.Message) -> int:
+        """A SHMEM_MAP from the back-end: map its fd as region ``shmid``; the ack's status."""
+        m = msg.payload
+        assert isinstance(m, vu.ShmemMap)
+        try:
+            if (self.shmem_mode == "refuse" or m.shmid >= len(self.shmem_sizes) or m.shmid in self.shm
+                    or m.shm_offset != 0 or m.length != self.shmem_sizes[m.shmid]):
+                return 1
+            self.shm[m.shmid] = mmap.mmap(msg.fds[0], m.length, offset=m.fd_offset)
+            return 0
+        finally:
+            for fd in msg.fds:
+                os.close(fd)
 
     def _channel_readable(self) -> None:
         assert self._channel is not None
@@ -186,8 +213,13 @@ class VhostUserFrontend:
                 self.config_change_msgs += 1
                 if self.on_config_change is not None:
                     self.on_config_change()
-            if msg.need_reply:
-                send_with_fds(self._channel, vu.encode_reply(msg.request, vu.U64(0)))
+            status = 0
+            if msg.request == vu.BackendRequest.SHMEM_MAP:
+                status = self._map_shmem(msg)
+            if msg.need_reply and self.shmem_mode == "garbage" and msg.request == vu.BackendRequest.SHMEM_MAP:
+                send_with_fds(self._channel, struct.pack("<III", 99, 1, 0))  # a request, not an ack
+            elif msg.need_reply:
+                send_with_fds(self._channel, vu.encode_reply(msg.request, vu.U64(status)))
 
     async def set_mem_table(self) -> None:
         regions = tuple(vu.MemoryRegion(g, s, u, o) for g, s, u, o in self.ram.regions)
@@ -246,6 +278,9 @@ class VhostUserFrontend:
             os.close(ring.kick)
             os.close(ring.call)
         self.rings.clear()
+        for region in self.shm.values():
+            region.close()
+        self.shm.clear()
 
 
 class InProcessTransport(DriverTransport):
@@ -297,6 +332,17 @@ class InProcessTransport(DriverTransport):
     async def reset(self) -> None:
         await self.fe.request(F.RESET_DEVICE, need_reply=True)
 
+    def shm_length(self, shmid: int) -> int | None:
+        # The region exists once the back-end described it; it holds memory once mapped.
+        return self.fe.shmem_sizes[shmid] if shmid < len(self.fe.shmem_sizes) else None
+
+    async def shm_read32(self, shmid: int, offset: int) -> int:
+        region = self.fe.shm.get(shmid)
+        if region is None:
+            return 0  # nothing mapped: reads as zeros, as QEMU's BAR does
+        (value,) = struct.unpack_from("<I", region, offset)
+        return int(value)
+
 
 @dataclass
 class ModelledGuest:
@@ -313,9 +359,10 @@ class ModelledGuest:
 
 
 async def connect_guest(sock: str, *, ram: MemfdRam | None = None, timeout: float = 5.0,
+                        shmem: Literal["map", "refuse", "garbage", "no-channel", "off"] = "map",
                         **driver_kw: object) -> ModelledGuest:
     """Connect to the back-end at ``sock``, do QEMU's handshake, and probe the driver model."""
-    fe = VhostUserFrontend(ram)
+    fe = VhostUserFrontend(ram, shmem=shmem)
     await fe.connect(sock, timeout=timeout)
     await fe.handshake()
     t = InProcessTransport(fe)

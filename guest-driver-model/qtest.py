@@ -111,6 +111,7 @@ CAP_NOTIFY = 2
 CAP_ISR = 3
 CAP_DEVICE = 4
 CAP_PCI_CFG = 5
+CAP_SHARED_MEMORY = 8  # virtio 1.2 4.1.4.7: a shared memory region (64-bit offset and length)
 
 # struct virtio_pci_common_cfg (virtio 1.x, 4.1.4.3)
 _DEVICE_FEATURE_SELECT = 0x00
@@ -146,6 +147,7 @@ class VirtioCap:
     length: int
     cap_offset: int  # where the capability sits in PCI config space
     notify_off_multiplier: int = 0
+    id: int = 0  # the region id (shmid) of a shared memory capability
 
 
 @dataclass(slots=True)
@@ -234,6 +236,9 @@ class QtestTransport(DriverTransport):
         self._notify_mult = 0
         self._device_len = 0
         self._queue_notify: dict[int, int] = {}
+        self._shm: dict[int, tuple[int, int]] = {}  # shmid -> (guest-physical address, length)
+        #: 32-bit loads from shared memory regions (each a plain memory read for a real guest)
+        self.shm_reads = 0
         self._config_cb: Callable[[], None] | None = None
         self._changed = asyncio.Event()  # replaced after each change; waiters hold the old one
         self._irq_event = asyncio.Event()
@@ -303,12 +308,16 @@ class QtestTransport(DriverTransport):
             head = await cfg.read(b, d, fn, ptr, 4)
             cap_id, nxt = head & 0xFF, (head >> 8) & 0xFC
             if cap_id == _CAP_VENDOR:
-                cfg_type = head >> 24
-                bar = (await cfg.read(b, d, fn, ptr + 4, 4)) & 0xFF
+                cfg_type, cap_len = head >> 24, (head >> 16) & 0xFF
+                word = await cfg.read(b, d, fn, ptr + 4, 4)
+                bar, region_id = word & 0xFF, (word >> 8) & 0xFF
                 offset = await cfg.read(b, d, fn, ptr + 8, 4)
                 length = await cfg.read(b, d, fn, ptr + 12, 4)
                 mult = await cfg.read(b, d, fn, ptr + 16, 4) if cfg_type == CAP_NOTIFY else 0
-                f.caps.append(VirtioCap(cfg_type, bar, offset, length, ptr, mult))
+                if cfg_type == CAP_SHARED_MEMORY and cap_len >= 24:  # struct virtio_pci_cap64
+                    offset |= (await cfg.read(b, d, fn, ptr + 16, 4)) << 32
+                    length |= (await cfg.read(b, d, fn, ptr + 20, 4)) << 32
+                f.caps.append(VirtioCap(cfg_type, bar, offset, length, ptr, mult, region_id))
             elif cap_id == _CAP_MSIX:
                 f.msix_cap = ptr
             ptr = nxt
@@ -372,9 +381,24 @@ class QtestTransport(DriverTransport):
         self._notify = where(chosen[CAP_NOTIFY], 2)
         self._notify_mult = chosen[CAP_NOTIFY].notify_off_multiplier
         self._notify_len = chosen[CAP_NOTIFY].length
+        for cap in f.caps:
+            if cap.cfg_type == CAP_SHARED_MEMORY and cap.id not in self._shm and cap.length:
+                self._shm[cap.id] = (where(cap, cap.length), cap.length)
         self.pci = f
         log.debug("virtio device %04x:%04x at %s: bars %s", f.vendor, f.device, f.bdf,
                   {k: hex(v) for k, v in f.bars.items()})
+
+    # -- shared memory regions ----------------------------------------------------------------------
+    def shm_length(self, shmid: int) -> int | None:
+        region = self._shm.get(shmid)
+        return None if region is None else region[1]
+
+    async def shm_read32(self, shmid: int, offset: int) -> int:
+        addr, length = self._shm[shmid]
+        if offset % 4 or not 0 <= offset <= length - 4:
+            raise LocalProtocolError("bad-shm-offset", f"region {shmid}: offset {offset:#x} of {length:#x}")
+        self.shm_reads += 1
+        return await self.qt.mmio_read(addr + offset, 4)
 
     # -- register access --------------------------------------------------------------------------
     async def _r(self, off: int, size: int) -> int:

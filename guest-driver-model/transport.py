@@ -56,3 +56,12 @@ class DriverTransport(abc.ABC):
 
     @abc.abstractmethod
     async def reset(self) -> None: ...
+
+    # -- virtio shared memory regions (optional: a transport without them has none) ----------
+    def shm_length(self, shmid: int) -> int | None:
+        """The length of shared memory region ``shmid``, or None when the device has no such region."""
+        return None
+
+    async def shm_read32(self, shmid: int, offset: int) -> int:
+        """One aligned 32-bit load from region ``shmid`` (plain memory for a guest: no exit)."""
+        raise NotImplementedError("this transport has no shared memory regions")

@@ -44,6 +44,22 @@ __all__ = [
     "seq_delta",
     "runs_from_map",
     "map_from_runs",
+    "F_FREQ_PAGE",
+    "FREQ_PAGE_SHMID",
+    "FREQ_PAGE_SIZE",
+    "FREQ_PAGE_MAGIC",
+    "PAGE_F_LIVE",
+    "PageHeader",
+    "PageDomain",
+    "freq_scale",
+    "encode_page",
+    "decode_page_header",
+    "page_domain_offset",
+    "page_update_stores",
+    "page_flag_stores",
+    "page_count_stores",
+    "FREQ_PAGE_VERSION",
+    "decode_page_domain",
 ]
 
 #: Reserved by OASIS for a device nobody implements; configurable everywhere (PCI id 0x1040 + id).
@@ -54,6 +70,8 @@ REQUEST_QUEUE = 0
 
 #: Device feature bit 0: records may carry a frequency request in kHz.
 F_PERF_REQUEST = 0
+#: Device feature bit 1: the device keeps the shared frequency page (SPEC §8) current.
+F_FREQ_PAGE = 1
 
 UTIL_SCALE = 1024  # util is 0..1024 of the vCPU's capacity, like Linux's SCHED_CAPACITY_SCALE
 
@@ -278,3 +296,114 @@ def seq_delta(seq: int, last: int) -> int:
     """Signed distance from ``last`` to ``seq`` in 32-bit serial arithmetic (RFC 1982)."""
     d = (seq - last) & 0xFFFFFFFF
     return d - (1 << 32) if d & 0x80000000 else d
+
+
+# -- the shared frequency page (SPEC §8) -------------------------------------------------
+# One 4 KiB virtio shared memory region the device writes and the driver only reads.  Every
+# field is an aligned little-endian 32-bit word, so each load and store is single-copy atomic;
+# a domain's words are guarded by its own sequence count (odd while the device writes them).
+
+FREQ_PAGE_SHMID = 0
+FREQ_PAGE_SIZE = 4096  # QEMU wants a multiple of the host page size (docs/qemu-facts.md §e)
+FREQ_PAGE_MAGIC = 0x50464356  # "VCFP" read as a little-endian word
+FREQ_PAGE_VERSION = 1
+PAGE_F_LIVE = 1 << 0  # the device is attached and keeps the page current
+_PAGE_HEADER = struct.Struct("<IHHII")  # magic, version, num_domains, flags, reserved
+_PAGE_DOMAIN = struct.Struct("<IIHHI")  # seq, cur_khz, freq_scale, perf, reserved
+_PAGE_DOMAINS_OFFSET = _PAGE_HEADER.size  # 16
+PAGE_FLAGS_OFFSET = 8
+assert _PAGE_DOMAINS_OFFSET + MAX_DOMAINS * _PAGE_DOMAIN.size <= FREQ_PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class PageHeader:
+    version: int
+    num_domains: int
+    flags: int
+
+    @property
+    def live(self) -> bool:
+        return bool(self.flags & PAGE_F_LIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class PageDomain:
+    """What the driver reads per domain: the frequency and the two per-tick scale factors."""
+
+    cur_khz: int
+    freq_scale: int  # cur_khz / max_khz in 1/1024 (Linux's arch_freq_scale)
+    perf: int  # freq_scale * capacity / 1024: the capacity available now, 0..1024
+
+    @classmethod
+    def of(cls, d: Domain) -> "PageDomain":
+        fs = freq_scale(d.cur_khz, d.max_khz)
+        return cls(d.cur_khz, fs, fs * d.capacity // UTIL_SCALE)
+
+
+def freq_scale(cur_khz: int, max_khz: int) -> int:
+    """``cur/max`` in 1/1024, clamped to 0..1024 (a host above its own max reads as 1024)."""
+    if max_khz <= 0:
+        return UTIL_SCALE
+    return min(UTIL_SCALE, cur_khz * UTIL_SCALE // max_khz)
+
+
+def page_domain_offset(index: int) -> int:
+    if not 0 <= index < MAX_DOMAINS:
+        raise ValueError(f"domain {index} outside 0..{MAX_DOMAINS - 1}")
+    return _PAGE_DOMAINS_OFFSET + index * _PAGE_DOMAIN.size
+
+
+def encode_page(domains: Sequence[PageDomain], flags: int = PAGE_F_LIVE) -> bytes:
+    """The whole page as the device first writes it (every sequence count 0)."""
+    if not 1 <= len(domains) <= MAX_DOMAINS:
+        raise ValueError(f"{len(domains)} domains; the page holds 1..{MAX_DOMAINS}")
+    buf = bytearray(FREQ_PAGE_SIZE)
+    _PAGE_HEADER.pack_into(buf, 0, FREQ_PAGE_MAGIC, FREQ_PAGE_VERSION, len(domains), flags, 0)
+    for i, d in enumerate(domains):
+        _PAGE_DOMAIN.pack_into(buf, page_domain_offset(i), 0, d.cur_khz, d.freq_scale, d.perf, 0)
+    return bytes(buf)
+
+
+def page_update_stores(index: int, seq: int, d: PageDomain) -> tuple[tuple[int, int], ...]:
+    """The 32-bit stores, in order, that move domain ``index`` (whose count is now ``seq``, even)
+    to ``d``: the count to odd, the value words, the count to even.  The writer must make each
+    store visible in this order (x86-64 does; elsewhere a release store is needed)."""
+    if seq & 1:
+        raise ValueError(f"sequence count {seq} is odd: an update is already under way")
+    off = page_domain_offset(index)
+    return ((off, (seq + 1) & 0xFFFFFFFF), (off + 4, d.cur_khz), (off + 8, d.freq_scale | d.perf << 16),
+            (off, (seq + 2) & 0xFFFFFFFF))
+
+
+def page_flag_stores(flags: int) -> tuple[tuple[int, int], ...]:
+    return ((PAGE_FLAGS_OFFSET, flags & 0xFFFFFFFF),)
+
+
+def page_count_stores(num_domains: int) -> tuple[tuple[int, int], ...]:
+    """The store that publishes a new domain count (after the new entries are written)."""
+    if not 1 <= num_domains <= MAX_DOMAINS:
+        raise ValueError(f"{num_domains} domains")
+    return ((4, FREQ_PAGE_VERSION | num_domains << 16),)
+
+
+def decode_page_header(data: bytes | memoryview) -> PageHeader:
+    """The page's header; raises RecordError when it is not (yet) a frequency page."""
+    if len(data) < _PAGE_HEADER.size:
+        raise RecordError("short-page", f"{len(data)} bytes")
+    magic, version, ndom, flags, _ = _PAGE_HEADER.unpack_from(data, 0)
+    if magic != FREQ_PAGE_MAGIC:
+        raise RecordError("page-not-mapped" if magic == 0 else "bad-page-magic", f"magic {magic:#x}")
+    if version != FREQ_PAGE_VERSION or not 1 <= ndom <= MAX_DOMAINS:
+        raise RecordError("bad-page-header", f"version {version}, {ndom} domains")
+    return PageHeader(version, ndom, flags)
+
+
+def decode_page_domain(seq_before: int, entry: bytes | memoryview, seq_after: int) -> PageDomain | None:
+    """One domain from a read of its 16-byte entry between two loads of its count.
+
+    None means the read may be torn (an update was under way or happened in between): retry.
+    """
+    if seq_before & 1 or seq_before != seq_after:
+        return None
+    _, cur, fs, perf, _ = _PAGE_DOMAIN.unpack_from(entry, 0)
+    return PageDomain(cur, fs, perf)

@@ -36,6 +36,7 @@ from typing import Callable, Protocol, TypeVar
 
 from . import vhost_user as vu
 from .errors import LocalProtocolError, ProtocolError, SessionStateError
+from .shmem import ShmemRules, with_shmem
 from .session_effects import (
     CloseFd,
     Effect,
@@ -102,6 +103,8 @@ class DeviceFacts:
     max_queue_size: int
     config_size: int
     max_mem_slots: int
+    shmem_sizes: tuple[int, ...] = ()  # shared memory regions by shmid (protocol/shmem.py)
+    shmem_features: int = 0  # virtio features offered only where those regions can be placed
 
     def __post_init__(self) -> None:
         if self.num_queues < 1 or self.max_queue_size < 1 or self.config_size < 0 or self.max_mem_slots < 1:
@@ -168,7 +171,9 @@ class SessionMachine:
 
     def __init__(self, device: DeviceFacts) -> None:
         self.device = device
-        self.offered_features = device.features | PROTOCOL_FEATURES_BIT
+        self.shmem = ShmemRules(device.shmem_sizes, device.shmem_features)
+        self.offered_protocol_features = (with_shmem(OFFERED_PROTOCOL_FEATURES) if device.shmem_sizes
+                                          else OFFERED_PROTOCOL_FEATURES)
         self.acked_features = 0
         self.features_set = False
         self.protocol_features = 0
@@ -214,6 +219,11 @@ class SessionMachine:
     def has(self, pf: int) -> bool:
         return bool(self.protocol_features & (1 << pf))
 
+    @property
+    def offered_features(self) -> int:
+        """The virtio features offered now: the region-backed ones only where regions can be placed."""
+        return self.device.features | PROTOCOL_FEATURES_BIT | self.shmem.offered_features(self.protocol_features)
+
     def ring_of(self, msg: vu.Message) -> RingState:
         p = msg.payload
         index = p.value & vu.VRING_IDX_MASK if isinstance(p, vu.U64) else getattr(p, "index")
@@ -238,6 +248,8 @@ class SessionMachine:
             if ring.running:
                 ring.running = False
                 out.append(StopRing(ring.index))
+                if not any(r.running for r in self.rings):
+                    self.shmem.stopped(out)
             return
         if ring.running:
             out.append(RefreshRing(ring.index))  # a new kick fd, or memory changed under it
@@ -248,6 +260,7 @@ class SessionMachine:
         out.append(StartRing(ring.index, ring.num, ring.addr,
                              event_idx=bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX)),
                              indirect=bool(self.acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC))))
+        self.shmem.started(self.protocol_features, self.acked_features, out)
 
     def _stop_running(self, out: list[Effect]) -> None:
         for ring in self.rings:
@@ -278,13 +291,16 @@ class SessionMachine:
                 self._update(ring, out)
 
     def _get_protocol_features(self, c: _Call, out: list[Effect]) -> vu.U64:
-        return vu.U64(OFFERED_PROTOCOL_FEATURES)
+        return vu.U64(self.offered_protocol_features)
 
     def _set_protocol_features(self, c: _Call, out: list[Effect]) -> None:
         pf = c.payload(vu.U64).value
-        if pf & ~OFFERED_PROTOCOL_FEATURES:
+        if pf & ~self.offered_protocol_features:
             raise SessionStateError("unsupported-protocol-features",
-                                    f"{pf:#x} not within {OFFERED_PROTOCOL_FEATURES:#x}")
+                                    f"{pf:#x} not within {self.offered_protocol_features:#x}")
+        if self.features_set and self.shmem.offered_features(pf) != self.shmem.offered_features(self.protocol_features):
+            # The offer already made would change under the acked features.
+            raise SessionStateError("protocol-features-changed", "SET_PROTOCOL_FEATURES after SET_FEATURES")
         self.protocol_features = pf
 
     def _set_owner(self, c: _Call, out: list[Effect]) -> None:
@@ -301,6 +317,10 @@ class SessionMachine:
     def _set_backend_req_fd(self, c: _Call, out: list[Effect]) -> None:
         if not c.fds.is_socket(c.msg.fds[0]):
             raise SessionStateError("bad-backend-channel", "SET_BACKEND_REQ_FD fd is not a socket")
+        if self.shmem.mapped:
+            # Our maps went over the old channel; its acks die with it.
+            raise SessionStateError("backend-channel-replaced", "SET_BACKEND_REQ_FD with shared memory mapped")
+        self.shmem.channel = True
         out.append(SetBackendChannel(c.take()))
 
     # -- memory --------------------------------------------------------------------------
@@ -424,8 +444,12 @@ class SessionMachine:
     def _get_status(self, c: _Call, out: list[Effect]) -> vu.U64:
         return vu.U64(self.status)
 
+    def _get_shmem_config(self, c: _Call, out: list[Effect]) -> vu.ShmemConfig:
+        return self.shmem.config()
+
     def _reset_device(self, c: _Call, out: list[Effect]) -> None:
         self._stop_running(out)
+        self.shmem.stopped(out)
         for ring in self.rings:
             out += [SetKickFd(ring.index, None, False), SetCallFd(ring.index, None), SetErrFd(ring.index, None),
                     SetRingBase(ring.index, 0)]
@@ -477,5 +501,7 @@ RULES: dict[int, Rule] = {
     F.RESET_DEVICE: Rule(M._reset_device, _FMT + "RESET_DEVICE", needs_protocol_feature=PF.RESET_DEVICE),
     F.SET_STATUS: Rule(M._set_status, _FMT + "SET_STATUS", needs_protocol_feature=PF.STATUS),
     F.GET_STATUS: Rule(M._get_status, _FMT + "GET_STATUS", needs_protocol_feature=PF.STATUS),
+    F.GET_SHMEM_CONFIG: Rule(M._get_shmem_config, _FMT + "GET_SHMEM_CONFIG (QEMU 11.1: at realize, after "
+                             "SET_VRING_ERR)", needs_protocol_feature=PF.SHMEM),
 }
 del M

@@ -23,7 +23,7 @@ from .vhost_user import MemoryRegion, VringAddr
 __all__ = [
     "Effect", "Reply", "ReplyConfig", "ReplyRingBase", "CloseFd", "SetBackendChannel", "SetDeviceFeatures",
     "WriteConfig", "ResetDevice", "MapRegions", "MapRegion", "UnmapRegion", "SetKickFd", "SetCallFd", "SetErrFd",
-    "SetRingBase", "StartRing", "StopRing", "RefreshRing",
+    "SetRingBase", "StartRing", "StopRing", "RefreshRing", "MapShmem", "ShmemDropped",
 ]
 
 
@@ -207,6 +207,24 @@ class RefreshRing:
         _check_index(self.index)
 
 
+@dataclass(frozen=True, slots=True)
+class MapShmem:
+    """Give shared memory region ``shmid`` its memory (``size`` bytes, filled by the device) and ask the
+    front-end to map it (SHMEM_MAP with NEED_REPLY on the back-end channel); in use once acked with 0."""
+
+    shmid: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shmid <= 0xFF or self.size <= 0:
+            raise ValueError(f"region {self.shmid} of {self.size} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class ShmemDropped:
+    """The front-end dropped every region mapping by itself (its device stopped): forget them, send no UNMAP."""
+
+
 Effect = (Reply | ReplyConfig | ReplyRingBase | CloseFd | SetBackendChannel | SetDeviceFeatures | WriteConfig
           | ResetDevice | MapRegions | MapRegion | UnmapRegion | SetKickFd | SetCallFd | SetErrFd | SetRingBase
-          | StartRing | StopRing | RefreshRing)
+          | StartRing | StopRing | RefreshRing | MapShmem | ShmemDropped)

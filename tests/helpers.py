@@ -73,13 +73,15 @@ async def start_guest(sock: str, **driver_kw: object) -> Guest:
     return await connect_guest(sock, **driver_kw)
 
 
-async def make_service(tmp_path: Path, *vms: tuple[str, tuple[int, ...]]) -> tuple[Service, StaticSource, RecordingPolicy, dict[str, VmSlot]]:
+async def make_service(tmp_path: Path, *vms: tuple[str, tuple[int, ...]], shared_page: bool = False
+                       ) -> tuple[Service, StaticSource, RecordingPolicy, dict[str, VmSlot]]:
     source = StaticSource(PIXEL6)
     policy = RecordingPolicy()
     svc = Service(source, policy)
     slots = {}
     for name, vmap in vms:
-        slots[name] = await svc.add_vm(VmConfig(name, str(tmp_path / f"{name}.sock"), vmap, notify_interval=0.01))
+        slots[name] = await svc.add_vm(VmConfig(name, str(tmp_path / f"{name}.sock"), vmap, notify_interval=0.01,
+                                                shared_page=shared_page))
     return svc, source, policy, slots
 
 

@@ -88,6 +88,7 @@ async def test_start_from_file_serves_every_vm(daemon: Daemon, workdir: Path) ->
     assert set(st["vms"]) == {"a", "b"}
     a = st["vms"]["a"]
     assert a["socket"] == str(workdir / "a.sock") and not a["connected"] and a["peer_pid"] is None
+    assert a["freq_path"] == "config"  # no front-end, no shared page
     assert [c["pcpu"] for c in a["vcpus"]] == [4, 5]
     # Both of a's vCPUs sit in the big cluster's domain, which the guest sees at its max.
     assert {c["guest_domain"] for c in a["vcpus"]} == {0}
@@ -220,7 +221,16 @@ BAD_CONFIGS = [
     ("pinning mode", 'pinning = "spread"\n', "vm.a.pinning", 'must be "auto", "keep", "none" or a list'),
     ("ceiling out of range", 'ceiling = 2000\n', "vm.a.ceiling", "must be an integer 0..1024, got 2000"),
     ("clamp mechanism", 'clamp = "magic"\n', "vm.a.clamp", "must be"),
+    ("shared page not a bool", 'shared_page = 1\n', "vm.a.shared_page", "must be true or false"),
 ]
+
+
+def test_shared_page_is_a_per_vm_choice_off_by_default(workdir: Path) -> None:
+    path = workdir / "page.toml"
+    path.write_text('[vm.a]\nsocket = "/run/a.sock"\nvcpus = 2\nshared_page = true\n'
+                    '[vm.b]\nsocket = "/run/b.sock"\nvcpus = 2\n')
+    cfg = load_config(path)
+    assert cfg.vms["a"].shared_page and not cfg.vms["b"].shared_page
 
 
 @pytest.mark.parametrize("extra,key,why", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])

@@ -42,6 +42,7 @@ from .helpers import require_c_dataplane
 SEED = 20261124
 #: Budgets, sized for about 20 s in all on the 2-core CI machine.
 STREAM_CASES = 3000
+SHMEM_STREAM_CASES = 600  # the shared-page sequence (SHMEM negotiated), on a bed whose fuzzed VM offers it
 GUEST_CASES = 900
 LANE_GUEST_CASES = 450
 HYPOTHESIS_STREAM = 120
@@ -94,6 +95,37 @@ async def test_the_unmutated_qemu_sequence_is_served_without_a_rejection(tmp_pat
             assert res.close_reason == "front-end disconnected" and not res.rejected, (res.close_reason, res.rejected)
     finally:
         await bed.close()
+
+
+async def test_the_unmutated_shmem_sequence_maps_the_page_without_a_rejection(tmp_path: Path) -> None:
+    bed = await FuzzBed.create(tmp_path, shmem=True)
+    try:
+        res = await bed.run_stream(StreamCase(False, (), shmem=True))
+        assert res.ok, res.describe()
+        assert res.close_reason == "front-end disconnected" and not res.rejected, (res.close_reason, res.rejected)
+        c = bed.slots["fuzz"].counters
+        assert c.get("shmem_maps_sent") == 1 and c.get("shmem_fallback") == 0  # the map went out (no ack here)
+    finally:
+        await bed.close()
+
+
+async def test_hostile_shmem_front_ends_seeded(tmp_path: Path, report: list[str], record_property: Any) -> None:
+    """The shared-page sequence mutated: SHMEM messages out of order, wrong sizes, no channel, and the rest."""
+    bed = await FuzzBed.create(tmp_path, shmem=True)
+    try:
+        for i in range(SHMEM_STREAM_CASES):
+            case = random_stream_case(random.Random(SEED + 7919 + i))
+            await bed.run_stream(StreamCase(False, case.ops, shmem=True), seed=SEED + 7919 + i)
+        c = bed.slots["fuzz"].counters
+        shm = {f"{e}:{r}" if r else e: n for (e, r), n in c.snapshot().items() if e.startswith("shmem")}
+        report.append(f"  SHMEM counters: {shm}")
+        # the campaign reached the map, and front-ends that broke the SHMEM rules were refused
+        assert c.get("shmem_maps_sent") > 0, shm
+        assert c.get("rejected", "feature-not-negotiated") + c.get("rejected", "unsupported-protocol-features") > 0
+    finally:
+        await bed.close()
+    _summarise("front-end streams with SHMEM (seeded)", bed, report, record_property)
+    _assert_clean(bed)
 
 
 async def test_well_formed_chains_of_every_shape_deliver_exactly_their_records(tmp_path: Path) -> None:

@@ -155,6 +155,8 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
     assert _value(s, P + "lost_batches_total", **vm) == 0
     assert _value(s, P + "sessions_total", **vm) == 1
     assert _value(s, P + "sessions_connected", **vm) == 1
+    assert _value(s, P + "freq_page_in_use", **vm) == 0  # this VM is not offered the page: config space
+    assert _value(s, P + "freq_page_updates_total", **vm) == 0
     assert _value(s, P + "config_reads_total", **vm) == c.get("config_reads") >= 3
     assert _value(s, P + "config_notifications_total", **vm) == c.get("config_notifications") >= 1
     assert _value(s, P + "config_updates_total", **vm) == c.get("config_updates") >= 1

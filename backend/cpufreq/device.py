@@ -12,6 +12,13 @@ duplicates, staleness) and batch age, counts every rejection by reason (and
 logs them within a budget, so a hostile guest cannot flood the journal), and
 hands the drain's valid records to the policy in one call.
 
+Shared frequency page (SPEC §8): with ``shared_page`` the device asks the
+session for one shared memory region; once the front-end maps it, every host
+sample that changes a domain's value is stored there under the domain's
+sequence count, and frequency changes no longer cost the guest a config
+change notification (the config space is still kept current, and topology
+or flag changes still notify).  The page is written, never read.
+
 Offload: when the C data plane is loaded and the policy can give a C clamp
 engine for the VM (``lane_binding``), a started request queue is served by
 the kick lane instead (backend/dataplane/lane.py): the same drain, bookkeeping and
@@ -134,6 +141,7 @@ class CpufreqDevice:
         log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
         data_plane: DataPlane | None = None,
         lane_slice_us: int = LANE_SLICE_US,
+        shared_page: bool = False,
     ) -> None:
         self.vm = vm
         self.source = source
@@ -150,6 +158,14 @@ class CpufreqDevice:
             | (1 << abi.F_PERF_REQUEST if perf_request else 0)
         )
         self._acked = 0
+        #: the shared frequency page: asked for only when configured (it costs CONFIGURE_MEM_SLOTS)
+        self.shmem_sizes: tuple[int, ...] = (abi.FREQ_PAGE_SIZE,) if shared_page else ()
+        self.shmem_features = 1 << abi.F_FREQ_PAGE if shared_page else 0
+        self._page: memoryview | None = None  # our mapping of the page, as 32-bit words
+        self._page_base: memoryview | None = None
+        self._page_seq: list[int] = []
+        self._page_values: list[abi.PageDomain | None] = []
+        self._page_in_use = False
         self._host: DeviceHost | None = None
         self._vcpus = [VcpuState() for _ in vcpu_host_domain]
         self._lane_slot: LaneSlot | None = None
@@ -195,6 +211,7 @@ class CpufreqDevice:
     def remap(self, vcpu_host_domain: Sequence[int]) -> None:
         """New vCPU placement (hotplug, re-pinning): rebuild config and notify."""
         self.config = self._build_config(self.source.snapshot(), vcpu_host_domain, self.config.generation + 1)
+        self._page_topology()
         self.counters.inc("config_updates")
         if self._host is not None:
             self._host.config_changed()
@@ -206,6 +223,15 @@ class CpufreqDevice:
         cur = [by_key[k].cur_khz if k in by_key else d.cur_khz for k, d in zip(self._host_domains, self.config.domains)]
         flags = abi.CFG_F_NOMINAL if snap.nominal else 0
         old = self.config
+        if self._page is not None:
+            self._write_page(old.domains, cur)
+        if self._page_in_use and flags == old.flags:
+            # The guest reads frequencies from the page: config space follows without a notification.
+            if cur != [d.cur_khz for d in old.domains]:
+                self.config = old.with_frequencies(cur, flags)
+                self.counters.inc("config_updates")
+                self.counters.inc("config_notify_skipped", "freq-page")
+            return
         moved = any(
             abs(c - d.cur_khz) > self.mirror_threshold * max(d.max_khz, 1) for c, d in zip(cur, old.domains)
         ) or (cur != [d.cur_khz for d in old.domains] and self.mirror_threshold == 0)
@@ -219,6 +245,58 @@ class CpufreqDevice:
 
     def close(self) -> None:
         self._unsubscribe()
+
+    # -- the shared frequency page (the session's ShmemDevice) ----------------------------
+    @property
+    def freq_path(self) -> str:
+        """How the guest gets host frequencies now: "page" (shared memory) or "config" (config space)."""
+        return "page" if self._page_in_use else "config"
+
+    def shmem_attach(self, shmid: int, view: memoryview) -> None:
+        doms = [abi.PageDomain.of(d) for d in self.config.domains]
+        view[:] = abi.encode_page(doms)  # not visible to the guest before the map
+        self._page_base, self._page = view, view.cast("I")
+        self._page_seq = [0] * abi.MAX_DOMAINS
+        self._page_values = [*doms, *[None] * (abi.MAX_DOMAINS - len(doms))]
+
+    def shmem_in_use(self, shmid: int, in_use: bool) -> None:
+        self._page_in_use = in_use and bool(self._acked & self.shmem_features)
+        self.log.info("host frequencies reach the guest through %s", "the shared page" if self._page_in_use
+                      else "config space")
+
+    def shmem_detach(self, shmid: int) -> None:
+        if self._page is not None:
+            self._store(abi.page_flag_stores(0))  # not LIVE: a front-end may keep showing the page
+            self._page.release()
+        if self._page_base is not None:
+            self._page_base.release()
+        self._page = self._page_base = None
+        self._page_in_use = False
+
+    def _store(self, stores: tuple[tuple[int, int], ...]) -> None:
+        # One aligned 32-bit store each (memoryview item assignment of format "I"), in order;
+        # x86-64 keeps them in order for the guest (SPEC §8.1).  Native order is little-endian here.
+        words = self._page
+        assert words is not None
+        for off, value in stores:
+            words[off >> 2] = value
+
+    def _write_page(self, domains: Sequence[abi.Domain], cur: Sequence[int]) -> None:
+        for i, (d, c) in enumerate(zip(domains, cur)):
+            new = abi.PageDomain.of(abi.Domain(c, d.min_khz, d.max_khz, d.capacity))
+            if new != self._page_values[i]:
+                self._store(abi.page_update_stores(i, self._page_seq[i], new))
+                self._page_seq[i] = (self._page_seq[i] + 2) & 0xFFFFFFFF
+                self._page_values[i] = new
+                self.counters.inc("freq_page_updates")
+
+    def _page_topology(self) -> None:
+        """After a remap: every domain's entry, then the domain count."""
+        if self._page is None:
+            return
+        doms = self.config.domains
+        self._write_page(doms, [d.cur_khz for d in doms])
+        self._store(abi.page_count_stores(len(doms)))
 
     # -- VirtioDevice ------------------------------------------------------------
     def features(self) -> int:

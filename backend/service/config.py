@@ -24,6 +24,7 @@ Example::
     ceiling = 1024
     clamp = "thread"                # thread | cgroup | none
     cgroup = "{qemu}/vuc-domain{domain}"  # with clamp = "cgroup": where the clamps are written
+    shared_page = false             # host frequency in shared memory (QEMU >= 11.1; SPEC §8)
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class VmSettings:
     socket_mode: int = 0o600
     socket_owner: int | None = None  # uid to chown the socket to (root only)
     socket_group: int | None = None  # gid, e.g. the group QEMU runs in
+    shared_page: bool = False  # offer the shared frequency page (vhost-user SHMEM; no CONFIGURE_MEM_SLOTS then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,7 @@ _SERVICE_KEYS = {
     "state_file", "allowed_uids", "allowed_gids", "kick_batch_delay", "lane_slice_us",
 }
 _VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "clamp", "cgroup", "socket_mode",
-            "socket_owner", "socket_group"}
+            "socket_owner", "socket_group", "shared_page"}
 
 
 def _ids(r: "_Reader", table: dict[str, Any], key: str) -> tuple[int, ...] | None:
@@ -195,6 +197,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             r.get(t, vp, "socket_mode", int, 0o600, lambda v: 0 <= v <= 0o777, "a file mode like 0o660"),
             r.get(t, vp, "socket_owner", int, None, lambda v: v >= 0, "a numeric uid"),
             r.get(t, vp, "socket_group", int, None, lambda v: v >= 0, "a numeric gid"),
+            r.get(t, vp, "shared_page", bool, False, None, "true or false"),
         )
     return ServiceConfig(
         sysfs_root=r.get(svc, p, "sysfs_root", str, "/sys", None, "a path"),

@@ -137,6 +137,7 @@ class Daemon:
                 config=slot.device.config,
                 utils=tuple(st.util for st in list(slot.device.vcpus)),
                 clamps=dict(binding.engine.vcpus) if binding is not None else {},
+                freq_page=slot.device.freq_path == "page",
             )
         model, hp = self.source.model, self.host.hotplug
         host = HostView(
@@ -239,6 +240,7 @@ class Daemon:
                              "cap": self.policy.cgroups.caps.get(p)}
                             for p in (self.policy.cgroup_paths(name) if b else [])],
                 "config_generation": cfg.generation,
+                "freq_path": slot.device.freq_path,  # "page" (shared memory) or "config" (config space)
                 "counters": {f"{e}{':' + r if r else ''}": n for (e, r), n in sorted(slot.counters.snapshot().items())},
             }
         return {

@@ -82,6 +82,14 @@ VM_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
      "Configuration change notifications that could not be sent, by reason.", True),
     ("config_notify_skipped", "config_notifications_skipped_total",
      "Configuration changes not notified (no back-end channel), by reason.", True),
+    ("freq_page_updates", "freq_page_updates_total",
+     "Domain entries of the shared frequency page rewritten for a host frequency change.", False),
+    ("shmem_maps_sent", "shmem_maps_sent_total", "Shared memory maps asked of the front-end.", False),
+    ("shmem_mapped", "shmem_mapped_total", "Shared memory maps the front-end acknowledged.", False),
+    ("shmem_dropped", "shmem_dropped_total", "Times the front-end dropped the shared memory (device stopped).",
+     False),
+    ("shmem_fallback", "shmem_fallback_total",
+     "Shared memory not used, so config space carries the frequencies, by reason.", True),
     ("mirror_below_threshold", "mirror_below_threshold_total",
      "Host frequency changes too small to be mirrored to the guest.", False),
     ("threads_attached", "threads_attached_total", "vCPU threads found and attached.", False),
@@ -157,6 +165,9 @@ class DaemonCollector:
                                       labels=["vm"])
         generation = GaugeMetricFamily(PREFIX + "config_generation", "Config space generation of the VM's device.",
                                        labels=["vm"])
+        page = GaugeMetricFamily(PREFIX + "freq_page_in_use",
+                                 "1 while host frequencies reach the guest through the shared page (SPEC 8), "
+                                 "0 while through config space.", labels=["vm"])
         uclamp = GaugeMetricFamily(
             PREFIX + "vcpu_uclamp_min_ratio",
             "Util clamp (uclamp.min) applied to the vCPU thread, as a ratio of the biggest CPU's capacity.",
@@ -174,6 +185,7 @@ class DaemonCollector:
             connected.add_metric([vm], 1 if s.connected else 0)
             cfg = s.config
             generation.add_metric([vm], cfg.generation)
+            page.add_metric([vm], 1 if s.freq_page else 0)
             for v, u in enumerate(s.utils):
                 # A vCPU the engine never touched has no clamp from us: 0.
                 uclamp.add_metric([vm, str(v)], (s.clamps.get(v) or 0) / CAPACITY_SCALE)
@@ -181,7 +193,7 @@ class DaemonCollector:
             for i, dom in enumerate(cfg.domains):
                 dom_cur.add_metric([vm, str(i)], dom.cur_khz * 1000.0)
                 dom_max.add_metric([vm, str(i)], dom.max_khz * 1000.0)
-        yield from (connected, generation, uclamp, util, dom_cur, dom_max)
+        yield from (connected, generation, page, uclamp, util, dom_cur, dom_max)
 
         yield GaugeMetricFamily(PREFIX + "vms_configured", "VMs configured (served sockets).", value=len(slots))
 

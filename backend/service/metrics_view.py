@@ -34,6 +34,7 @@ class VmView:
     config: DeviceConfig  # immutable, replaced whole by the loop
     utils: tuple[int, ...]  # last util each vCPU reported
     clamps: Mapping[int, int | None]  # uclamp.min per vCPU (None: the engine has not clamped it)
+    freq_page: bool = False  # host frequencies reach the guest through the shared page, not config space
 
 
 @dataclass(frozen=True, slots=True)

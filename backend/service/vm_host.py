@@ -123,7 +123,7 @@ class HostSide:
         plan = self.plan(s)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,
-                     s.socket_owner, s.socket_group, kick_batch_delay),
+                     s.socket_owner, s.socket_group, kick_batch_delay, shared_page=s.shared_page),
             listen_sock=listen_sock)
         # Recorded only once the socket is up: a VM that failed to start leaves nothing to undo.
         self.settings[s.name] = s

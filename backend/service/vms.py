@@ -54,6 +54,9 @@ class VmConfig:
     socket_owner: int | None = None
     socket_group: int | None = None
     kick_batch_delay: float = KICK_BATCH_DELAY  # poll period of a busy ring: the longest a buffer waits without a kick
+    #: offer the shared frequency page (SPEC §8) to front-ends with vhost-user SHMEM; costs CONFIGURE_MEM_SLOTS
+    #: on every connection of this VM (QEMU 11.1.3 crashes with both: docs/qemu-facts.md section e)
+    shared_page: bool = False
 
 
 @dataclass(slots=True)
@@ -93,7 +96,8 @@ class Service:
         counters = Counters()
         vlog = VmLog(log, cfg.name)
         device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
-                               mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us)
+                               mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us,
+                               shared_page=cfg.shared_page)
         sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,
                                                                    cfg.socket_owner, cfg.socket_group)
         sock.setblocking(False)

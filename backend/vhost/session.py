@@ -42,6 +42,7 @@ from ..defaults import KICK_BATCH_DELAY
 from ..policy.ratelimit import KickBatcher, NotifyCoalescer
 from .device import Offload, VirtioDevice
 from .memory import MAX_REGIONS, MemoryMap, map_region
+from .shmem import SharedRegions
 
 __all__ = ["Session", "Reply", "OFFERED_PROTOCOL_FEATURES", "RULES"]
 
@@ -126,12 +127,16 @@ class Session:
         self.kick_batch_delay = kick_batch_delay
         self.machine = SessionMachine(DeviceFacts(
             features=device.features(), num_queues=device.num_queues, max_queue_size=device.max_queue_size,
-            config_size=device.config_size, max_mem_slots=MAX_REGIONS))
+            config_size=device.config_size, max_mem_slots=MAX_REGIONS,
+            shmem_sizes=getattr(device, "shmem_sizes", ()), shmem_features=getattr(device, "shmem_features", 0)))
         self.memory = MemoryMap()
         self.rings = [Ring(r) for r in self.machine.rings]
         self.backend_channel: socket.socket | None = None
+        self.shmem = SharedRegions(device, name=name, counters=counters, log=log,
+                                   add_reader=lambda fd, cb: loop.add_reader(fd, cb), remove_reader=loop.remove_reader)
         self.coalescer = NotifyCoalescer(notify_interval)
         self._notify_timer: asyncio.TimerHandle | None = None
+        self._notify_owed = False  # a change came while no ring ran: notified when one starts
         self.closed = False
         #: set by the transport: closes the connection with a reason (a session cannot close its socket)
         self.on_fatal: Callable[[str], None] | None = None
@@ -207,6 +212,7 @@ class Session:
                     _close_fd(fd)
                 case fx.SetBackendChannel(fd):
                     if self.backend_channel is not None:
+                        self.shmem.channel_replaced()
                         self.backend_channel.close()
                     sock = socket.socket(fileno=self._take(fd))
                     sock.setblocking(False)
@@ -262,6 +268,10 @@ class Session:
                     self._drop_queue(self.rings[index])
                 case fx.RefreshRing(index):
                     self._offload(self.rings[index])
+                case fx.MapShmem(shmid, size):
+                    self.shmem.map(self.backend_channel, shmid, size)
+                case fx.ShmemDropped():
+                    self.shmem.dropped()
                 case _:
                     raise AssertionError(f"no shell for effect {e!r}")
         return reply
@@ -302,6 +312,9 @@ class Session:
         self._discard_kicks(ring)
         if not self._offload(ring):
             self._schedule(ring)
+        if self._notify_owed:
+            self._notify_owed = False
+            self._send_config_change()
 
     def _offload(self, ring: Ring) -> bool:
         """Let the device serve the ring off the loop if it can; True if it does."""
@@ -482,6 +495,13 @@ class Session:
         if self.backend_channel is None or not self.machine.has(PF.BACKEND_REQ):
             self.counters.inc("config_notify_skipped", "no-backend-channel")
             return
+        if not any(r.queue is not None for r in self.rings):
+            # QEMU 11.1.3 crashes on a CONFIG_CHANGE_MSG while its device is stopped (before the
+            # driver's DRIVER_OK, after a reset: docs/qemu-facts.md section e).  The driver reads the
+            # config at probe; what changes after that is notified once a ring runs.
+            self._notify_owed = True
+            self.counters.inc("config_notify_skipped", "device-stopped")
+            return
         try:
             # MSG_DONTWAIT: O_NONBLOCK lives in the file description the front-end shares.
             self.backend_channel.send(vu.encode_message(vu.BackendRequest.CONFIG_CHANGE_MSG), socket.MSG_DONTWAIT)
@@ -505,6 +525,7 @@ class Session:
             _close_fd(ring.call_fd)
             _close_fd(ring.err_fd)
             ring.call_fd = ring.err_fd = None
+        self.shmem.close()
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None

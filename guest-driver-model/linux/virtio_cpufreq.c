@@ -31,6 +31,13 @@
  * host's current frequency); scaling_cur_freq shows the last request, as
  * for every fast-switching cpufreq driver.
  *
+ * Shared frequency page (SPEC 8, VIRTIO_CPUFREQ_F_FREQ_PAGE): when the
+ * device has shared memory region 0, the driver maps it (memremap of the
+ * virtio_get_shm_region() range) and ->get() reads the domain's cur_khz
+ * there under its sequence count: plain loads, no exit, no config access.
+ * Until the device has placed the page (magic 0) or while it is not LIVE,
+ * or when the count stays odd, the cached config answers.
+ *
  * Assumption: Linux CPU number N is vCPU N (true for QEMU x86 and arm64
  * guests with the default topology).
  *
@@ -42,6 +49,7 @@
 #include <linux/atomic.h>
 #include <linux/cpufreq.h>
 #include <linux/cpumask.h>
+#include <linux/io.h>
 #include <linux/irq_work.h>
 #include <linux/kernel_stat.h>
 #include <linux/ktime.h>
@@ -67,6 +75,14 @@
 #define VIRTIO_ID_CPUFREQ		38
 
 #define VIRTIO_CPUFREQ_F_PERF_REQUEST	0
+#define VIRTIO_CPUFREQ_F_FREQ_PAGE	1
+
+/* The shared frequency page (SPEC 8): shmid 0, 4 KiB, written by the device only. */
+#define VCF_PAGE_SHMID			0
+#define VCF_PAGE_SIZE			4096
+#define VCF_PAGE_MAGIC			0x50464356	/* "VCFP" */
+#define VCF_PAGE_F_LIVE			(1 << 0)
+#define VCF_PAGE_TRIES			16
 
 #define VCF_CONFIG_SIZE			256
 #define VCF_MAX_DOMAINS			8
@@ -113,6 +129,25 @@ struct virtio_cpufreq_batch {
 	struct virtio_cpufreq_record records[];
 } __packed;
 
+struct virtio_cpufreq_page_domain {
+	__le32 seq;		/* odd while the device writes this entry */
+	__le32 cur_khz;
+	__le16 freq_scale;
+	__le16 perf;
+	__le32 reserved;
+};
+
+struct virtio_cpufreq_page {
+	__le32 magic;
+	__le16 version;
+	__le16 num_domains;
+	__le32 flags;
+	__le32 reserved;
+	struct virtio_cpufreq_page_domain domains[VCF_MAX_DOMAINS];
+};
+
+static_assert(sizeof(struct virtio_cpufreq_page) <= VCF_PAGE_SIZE);
+static_assert(offsetof(struct virtio_cpufreq_page, domains) == 16);
 static_assert(sizeof(struct virtio_cpufreq_config) == VCF_CONFIG_SIZE);
 static_assert(offsetof(struct virtio_cpufreq_config, domains) == 16);
 static_assert(offsetof(struct virtio_cpufreq_config, runs) == 144);
@@ -180,6 +215,7 @@ struct vcf_dev {
 	struct virtio_device *vdev;
 	struct virtqueue *vq;
 	bool perf_request;
+	struct virtio_cpufreq_page *page;	/* the shared frequency page, or NULL */
 
 	/* config mirror */
 	u32 generation;
@@ -222,6 +258,8 @@ struct vcf_dev {
 	atomic64_t stat_config_reads;
 	atomic64_t stat_config_changes;
 	atomic64_t stat_range_changes;
+	atomic64_t stat_page_reads;	/* ->get() answered from the shared page */
+	atomic64_t stat_page_fallbacks;	/* ... from the cache: page not placed, not LIVE, or busy */
 };
 
 /* cpufreq has one driver for the whole system: at most one device is used. */
@@ -623,13 +661,56 @@ static int vcf_target_index(struct cpufreq_policy *policy, unsigned int index)
 	return 0;
 }
 
+/*
+ * Domain @dom's current frequency from the shared page (SPEC 8.2): the
+ * sequence count, the value, the count again; retried while the device
+ * writes, bounded.  False: use the cached config.
+ */
+static bool vcf_page_khz(struct vcf_dev *vi, unsigned int dom, u32 *khz)
+{
+	struct virtio_cpufreq_page *pg = vi->page;
+	struct virtio_cpufreq_page_domain *d;
+	unsigned int i;
+	u32 s1, s2;
+
+	if (!pg || le32_to_cpu(READ_ONCE(pg->magic)) != VCF_PAGE_MAGIC ||
+	    !(le32_to_cpu(READ_ONCE(pg->flags)) & VCF_PAGE_F_LIVE) ||
+	    dom >= le16_to_cpu(READ_ONCE(pg->num_domains)) || dom >= VCF_MAX_DOMAINS)
+		return false;
+	d = &pg->domains[dom];
+	for (i = 0; i < VCF_PAGE_TRIES; i++) {
+		s1 = le32_to_cpu(READ_ONCE(d->seq));
+		if (s1 & 1) {
+			cpu_relax();
+			continue;
+		}
+		smp_rmb();
+		*khz = le32_to_cpu(READ_ONCE(d->cur_khz));
+		smp_rmb();
+		s2 = le32_to_cpu(READ_ONCE(d->seq));
+		if (s1 == s2)
+			return true;
+	}
+	return false;
+}
+
 static unsigned int vcf_get(unsigned int cpu)
 {
 	struct vcf_dev *vi = READ_ONCE(vcf);
+	unsigned int dom;
+	u32 khz;
 
 	if (!vi || cpu >= vi->num_vcpus)
 		return 0;
-	return READ_ONCE(vi->domains[vi->vcpu_domain[cpu]].cur_khz);
+	dom = vi->vcpu_domain[cpu];
+	if (vi->page) {
+		if (vcf_page_khz(vi, dom, &khz)) {
+			atomic64_inc(&vi->stat_page_reads);
+			return khz;
+		}
+		atomic64_inc(&vi->stat_page_fallbacks);
+	}
+	return READ_ONCE(vi->domains[dom].cur_khz);
 }
 
 static int vcf_verify(struct cpufreq_policy_data *policy)
@@ -726,6 +807,9 @@ VCF_STAT_ATTR(config_changes, atomic64_read(&vi->stat_config_changes));
 VCF_STAT_ATTR(range_changes, atomic64_read(&vi->stat_range_changes));
 VCF_STAT_ATTR(generation, READ_ONCE(vi->generation));
 VCF_STAT_ATTR(seq, READ_ONCE(vi->seq));
+VCF_STAT_ATTR(page, vi->page ? 1 : 0);
+VCF_STAT_ATTR(page_reads, atomic64_read(&vi->stat_page_reads));
+VCF_STAT_ATTR(page_fallbacks, atomic64_read(&vi->stat_page_fallbacks));
 
 static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_requests.attr,
@@ -741,6 +825,9 @@ static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_range_changes.attr,
 	&dev_attr_generation.attr,
 	&dev_attr_seq.attr,
+	&dev_attr_page.attr,
+	&dev_attr_page_reads.attr,
+	&dev_attr_page_fallbacks.attr,
 	NULL,
 };
 
@@ -764,6 +851,8 @@ static void vcf_free(struct vcf_dev *vi)
 		free_cpumask_var(vi->domains[i].cpus);
 	kfree(vi->vcpus);
 	kfree(vi->vcpu_domain);
+	if (vi->page)
+		memunmap(vi->page);
 	kfree(vi);
 }
 
@@ -840,6 +929,15 @@ static int vcf_probe(struct virtio_device *vdev)
 	if (err)
 		goto free;
 	vi->perf_request = virtio_has_feature(vdev, VIRTIO_CPUFREQ_F_PERF_REQUEST);
+	if (virtio_has_feature(vdev, VIRTIO_CPUFREQ_F_FREQ_PAGE)) {
+		struct virtio_shm_region r;
+
+		/* The device places the page after DRIVER_OK; ->get() checks its magic. */
+		if (virtio_get_shm_region(vdev, &r, VCF_PAGE_SHMID) && r.len >= VCF_PAGE_SIZE)
+			vi->page = memremap(r.addr, VCF_PAGE_SIZE, MEMREMAP_WB);
+		if (!vi->page)
+			dev_warn(&vdev->dev, "frequency page offered but not mappable; using config space\n");
+	}
 
 	vi->vcpus = kcalloc(vi->num_vcpus, sizeof(*vi->vcpus), GFP_KERNEL);
 	if (!vi->vcpus) {
@@ -877,11 +975,12 @@ static int vcf_probe(struct virtio_device *vdev)
 		dev_warn(&vdev->dev, "no statistics in sysfs\n");
 
 	dev_info(&vdev->dev,
-		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s\n",
+		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s\n",
 		 vi->num_vcpus, vi->num_domains, vi->generation,
 		 (unsigned long long)atomic64_read(&vi->stat_config_reads), vi->nr_bufs, vi->recs_per_buf,
 		 vi->perf_request ? ", perf requests" : "",
-		 virtio_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX) ? ", event idx" : "");
+		 virtio_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX) ? ", event idx" : "",
+		 vi->page ? ", frequency page" : "");
 	for (i = 0; i < vi->num_domains; i++)
 		dev_info(&vdev->dev, "domain %u: cpus %*pbl, %u..%u kHz, now %u kHz, capacity %u\n", i,
 			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
@@ -939,6 +1038,7 @@ MODULE_DEVICE_TABLE(virtio, vcf_id_table);
 
 static const unsigned int vcf_features[] = {
 	VIRTIO_CPUFREQ_F_PERF_REQUEST,
+	VIRTIO_CPUFREQ_F_FREQ_PAGE,
 };
 
 static struct virtio_driver vcf_driver = {

@@ -35,10 +35,12 @@ Wire facts worth knowing before reading the code:
   recvmsg() chunk they arrived with (see :class:`MessageReader`): Linux
   glues queued fd-less messages in front of the one carrying fds.
 * ``GET_SHMEM_CONFIG`` (44), ``BACKEND_SHMEM_MAP``/``UNMAP`` (9/10) and
-  ``PROTOCOL_F_SHMEM`` (20) come from the 2025 "VIRTIO Shared Memory"
-  series (Albert Esteve); the shared-memory config struct grew from 8 to
-  256 size slots during review, so we accept any whole number of slots up
-  to 256 and send 256.
+  ``PROTOCOL_F_SHMEM`` come from the 2025 "VIRTIO Shared Memory" series
+  (Albert Esteve).  The feature was bit 20 in the series and is bit 22 in
+  QEMU 11.1.3 (established by running it: docs/qemu-facts.md section e).
+  The shared-memory config struct grew from 8 to 256 size slots during
+  review, so we accept any whole number of slots up to 256 and send 256
+  (QEMU 11.1.3 takes 72 and 2056 bytes alike).
 
 The package is split along the wire format's seams, each module importing
 only those before it: ``constants`` (flags, limits, enums), ``payloads``

@@ -175,14 +175,20 @@ def wire(req: vu.FrontendRequest, payload: vu.Payload | None = None, fds: Sequen
     return Wire(vu.encode_message(req, payload, need_reply=need_reply), tuple(fds), req.name)
 
 
-def qemu_sequence(*, mem_slots: bool = True, config_read: bool = True, stop: bool = True) -> list[Wire]:
+def qemu_sequence(*, mem_slots: bool = True, config_read: bool = True, stop: bool = True,
+                  shmem: bool = False) -> list[Wire]:
     """What QEMU 11.1 sends for the device: realize, DRIVER_OK, a config read, a driver reset.
 
     ``mem_slots``: CONFIGURE_MEM_SLOTS negotiated, memory comes as three
-    ADD_MEM_REG; otherwise as one SET_MEM_TABLE with three fds.
+    ADD_MEM_REG; otherwise as one SET_MEM_TABLE with three fds.  ``shmem``: the
+    shared frequency page's sequence (SHMEM instead of memory slots,
+    GET_SHMEM_CONFIG at realize, the page's feature acked; docs/qemu-facts.md e).
     """
     regions = [vu.MemoryRegion(g, s, UVA_BASE + g, g) for g, s in STREAM_REGIONS]
+    mem_slots = mem_slots and not shmem
     pf = QEMU_PROTOCOL_FEATURES if mem_slots else QEMU_PROTOCOL_FEATURES & ~PF.CONFIGURE_MEM_SLOTS.mask
+    if shmem:
+        pf |= PF.SHMEM.mask
     size, desc, avail, used = STREAM_RING
     seq = [wire(F.GET_FEATURES), wire(F.GET_PROTOCOL_FEATURES), wire(F.SET_PROTOCOL_FEATURES, vu.U64(pf)),
            wire(F.GET_QUEUE_NUM)]
@@ -194,8 +200,9 @@ def qemu_sequence(*, mem_slots: bool = True, config_read: bool = True, stop: boo
         wire(F.GET_FEATURES),
         wire(F.SET_VRING_CALL, vu.U64(0), ("eventfd",), need_reply=True),
         wire(F.SET_VRING_ERR, vu.U64(0), ("eventfd",), need_reply=True),
+        *([wire(F.GET_SHMEM_CONFIG)] if shmem else []),
         # -- the guest driver writes DRIVER_OK
-        wire(F.SET_FEATURES, vu.U64(VIRTIO_FEATURES)),
+        wire(F.SET_FEATURES, vu.U64(VIRTIO_FEATURES | (1 << abi.F_FREQ_PAGE if shmem else 0))),
         wire(F.GET_STATUS),
         wire(F.SET_STATUS, vu.U64(8), need_reply=True),
     ]
@@ -616,6 +623,7 @@ class StreamCase:
 
     mem_slots: bool = True
     ops: tuple[Op, ...] = ()
+    shmem: bool = False  # the shared-page sequence, against a bed made with shmem=True
 
 
 @dataclass
@@ -627,7 +635,7 @@ class Stream:
 
 
 def apply_ops(case: StreamCase) -> Stream:
-    s = qemu_sequence(mem_slots=case.mem_slots)
+    s = qemu_sequence(mem_slots=case.mem_slots, shmem=case.shmem)
     st = Stream(s)
     for op in case.ops:
         if isinstance(op, Cut):
@@ -1078,8 +1086,10 @@ class FuzzBed:
     GUEST_BOUND = 10.0  # seconds per guest case
     BUFFER_BOUND = 0.05  # seconds per buffer made available (beyond half a second per round)
 
-    def __init__(self, workdir: Path, lane: bool = False) -> None:
+    def __init__(self, workdir: Path, lane: bool = False, shmem: bool = False) -> None:
         self.workdir = workdir
+        #: the fuzzed VM offers the shared frequency page (SHMEM) instead of memory slots
+        self.shmem = shmem
         vcpus = {"fuzz": len(GUEST_VMAP), "guest": len(GUEST_VMAP), "witness": 2}
         #: the fuzzed and guest VMs' request queues on the C kick lane (the witness stays on the loop)
         self.lane = lane
@@ -1109,13 +1119,13 @@ class FuzzBed:
         self._maps_cache: tuple[int, tuple[int, int]] = (-1, (0, 0))
 
     @classmethod
-    async def create(cls, workdir: Path | None = None, *, lane: bool = False) -> FuzzBed:
+    async def create(cls, workdir: Path | None = None, *, lane: bool = False, shmem: bool = False) -> FuzzBed:
         """``lane``: serve the fuzzed and guest VMs' request queues on the C kick lane
         (RuntimeError without the C data plane)."""
         # Leak checks compare mappings and fds before and after each case: garbage
         # an earlier test left in reference cycles must not be freed in the middle.
         gc.collect()
-        bed = cls(Path(workdir or tempfile.mkdtemp(prefix="vuc-fuzz-")), lane)
+        bed = cls(Path(workdir or tempfile.mkdtemp(prefix="vuc-fuzz-")), lane, shmem)
         await bed._start()
         return bed
 
@@ -1127,7 +1137,8 @@ class FuzzBed:
         self._log_level = vlog.level
         vlog.setLevel(logging.CRITICAL)  # every rejection logs a warning: far too many here
         for name, vmap in (("fuzz", GUEST_VMAP), ("guest", GUEST_VMAP), ("witness", (2, 2))):
-            self.slots[name] = await self.svc.add_vm(VmConfig(name, str(self.workdir / f"{name}.sock"), vmap))
+            self.slots[name] = await self.svc.add_vm(VmConfig(name, str(self.workdir / f"{name}.sock"), vmap,
+                                                              shared_page=self.shmem and name == "fuzz"))
         self.svc.session_hooks.append(self._on_session)
         self.svc.close_hooks.append(lambda slot, conn: self._closed.set())
         self._ram_fd = os.memfd_create("vuc-fuzz-ram", os.MFD_CLOEXEC)

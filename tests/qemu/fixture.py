@@ -486,10 +486,11 @@ class QemuLab:
         return self.dir / f"{name}.sock"
 
     async def add_vm(self, name: str, vcpu_host_domain: tuple[int, ...] = (0, 0, 1, 2),
-                     notify_interval: float = 0.01) -> VmSlot:
+                     notify_interval: float = 0.01, shared_page: bool = False) -> VmSlot:
         """Serve VM ``name`` (the back-end listens on ``socket_path(name)``)."""
         return await self.service.add_vm(
-            VmConfig(name, str(self.socket_path(name)), vcpu_host_domain, notify_interval=notify_interval))
+            VmConfig(name, str(self.socket_path(name)), vcpu_host_domain, notify_interval=notify_interval,
+                     shared_page=shared_page))
 
     async def start_qemu(self, name: str, **kw: object) -> QemuVm:
         """Start a QEMU connected to VM ``name``'s socket (``smp`` defaults to its vCPU count)."""

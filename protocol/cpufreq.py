@@ -391,8 +391,10 @@ def decode_page_header(data: bytes | memoryview) -> PageHeader:
     if len(data) < _PAGE_HEADER.size:
         raise RecordError("short-page", f"{len(data)} bytes")
     magic, version, ndom, flags, _ = _PAGE_HEADER.unpack_from(data, 0)
+    if magic == 0:
+        raise RecordError("page-not-mapped", "magic 0: the device has not placed the page yet")
     if magic != FREQ_PAGE_MAGIC:
-        raise RecordError("page-not-mapped" if magic == 0 else "bad-page-magic", f"magic {magic:#x}")
+        raise RecordError("bad-page-magic", f"magic {magic:#x}")
     if version != FREQ_PAGE_VERSION or not 1 <= ndom <= MAX_DOMAINS:
         raise RecordError("bad-page-header", f"version {version}, {ndom} domains")
     return PageHeader(version, ndom, flags)

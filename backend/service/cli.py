@@ -83,6 +83,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.fd is not None:
         inherited[args.name] = socket.socket(fileno=args.fd)
 
+    taken = None
+    if args.take_over:
+        from .handover import take_over
+
+        taken = take_over(args.take_over)
+        if taken is None:
+            print(f"vhost-user-cpufreq: the service on {args.take_over} did not hand over; it serves on",
+                  file=sys.stderr)
+            return 1
+
     async def run() -> int:
         daemon = Daemon(cfg, config_path=args.config)
         loop = asyncio.get_running_loop()
@@ -98,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
         try:
-            await daemon.start(inherited)
+            await daemon.start(inherited, taken)
         except (OSError, ValueError, ConfigError) as exc:
             print(f"vhost-user-cpufreq: cannot start: {exc}", file=sys.stderr)
             await daemon.stop()
@@ -179,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--control-socket", default=None, help="status socket (default: none from flags)")
     s.add_argument("--nominal-khz", type=int, help="frequency to report on hosts without cpufreq")
     s.add_argument("--sysfs-root", help="read CPUs from this sysfs root instead of /sys")
+    s.add_argument("--take-over", metavar="CONTROL_SOCKET",
+                   help="take every VM and live session over from the service on this control socket, "
+                        "without the front-ends noticing (upgrade, restart)")
 
     c = sub.add_parser("check", help="probe what this host supports; exit 1 if serving would be degraded")
     c.add_argument("--json", action="store_true")

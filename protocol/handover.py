@@ -14,7 +14,7 @@ whose fds did not arrive is an error, never a misattribution.
      |    old stops serving (quiescent)     |
      | -- LISTENER(vm) + 1 fd -----------> |   one per VM
      | -- SESSION(snapshot) + n fds -----> |   one per connected front-end
-     | -- DONE(listeners, sessions) -----> |
+     | -- DONE(listeners, sessions, lost) > |   lost: sessions it could not write down
      | <------------------------- ACK ---- |   the new has it all
      | -- BYE ---------------------------> |   the old will never serve again
      |    old exits, closing nothing       |   new serves
@@ -48,7 +48,7 @@ MAX_BODY = 1 << 17
 #: a session's fds: connection, back-end channel, 3 per ring, one per memory region (32)
 MAX_FRAME_FDS = 64
 _HELLO = struct.Struct("<HI")  # version, pid
-_DONE = struct.Struct("<II")  # listeners, sessions
+_DONE = struct.Struct("<III")  # listeners, sessions, sessions that could not be carried
 
 
 class HandoverError(RemoteProtocolError):
@@ -158,6 +158,7 @@ class OldSide(_Side):
         super().__init__(pid)
         self.sent_listeners = 0
         self.sent_sessions = 0
+        self.not_carried = 0  # sessions that could not be written down (their front-ends see a close)
 
     def hello(self) -> bytes:
         self._expect("start")
@@ -197,7 +198,7 @@ class OldSide(_Side):
     def done(self) -> bytes:
         self._expect("sending")
         self.state = "done-sent"
-        return encode_frame(FrameType.DONE, _DONE.pack(self.sent_listeners, self.sent_sessions))
+        return encode_frame(FrameType.DONE, _DONE.pack(self.sent_listeners, self.sent_sessions, self.not_carried))
 
     def bye(self) -> bytes:
         self._expect("committed")
@@ -216,6 +217,7 @@ class NewSide(_Side):
         super().__init__(pid)
         self.listeners: list[tuple[str, int]] = []
         self.sessions: list[tuple[bytes, tuple[int, ...]]] = []
+        self.not_carried = 0  # sessions the old process could not write down
 
     def receive(self, f: Frame) -> bytes | None:
         """Apply a frame from the old process; returns the frame to answer with, if any."""
@@ -250,7 +252,7 @@ class NewSide(_Side):
             self._expect("receiving")
             if len(f.body) != _DONE.size or f.fds:
                 raise HandoverError("bad-done", f"{len(f.body)} bytes")
-            nl, ns = _DONE.unpack(f.body)
+            nl, ns, self.not_carried = _DONE.unpack(f.body)
             if (nl, ns) != (len(self.listeners), len(self.sessions)):
                 raise HandoverError("count-mismatch", f"DONE says {nl} listeners and {ns} sessions, "
                                     f"{len(self.listeners)} and {len(self.sessions)} came")

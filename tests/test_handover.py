@@ -145,3 +145,37 @@ async def test_a_take_over_of_nothing_fails_and_leaves_no_process_serving() -> N
                             str(d / "control.sock")], capture_output=True, timeout=30)
         assert p.returncode == 1
         assert b"did not hand over" in p.stderr
+
+
+async def test_a_session_caught_mid_message_is_dropped_alone_and_counted() -> None:
+    with short_tmpdir("vuc-ho-") as d:
+        _config(d)
+        old = _serve(d, {}, log="old.log")
+        new: subprocess.Popen[bytes] | None = None
+        try:
+            await until(lambda: _answers(d, old.pid) or old.poll() is not None, timeout=20, what="old ready")
+            g = await start_guest(str(d / "vm0.sock"), util_threshold=1)
+            bad = await start_guest(str(d / "idle.sock"))
+            assert bad.fe.sock is not None
+            bad.fe.sock.send(b"\x01\x00\x00\x00")  # the first 4 bytes of a 12-byte header
+            await asyncio.sleep(0.3)  # read (and buffered) by the old process
+            new = _serve(d, {}, "--take-over", str(d / "control.sock"), log="new.log")
+            await until(lambda: _answers(d, new.pid) or new.poll() is not None, timeout=20,
+                        what=lambda: "new ready\n" + _log(d, "new.log"))
+            st = _status(d)
+            assert st["vms"]["vm0"]["connected"] and not st["vms"]["idle"]["connected"]
+            assert st["counters"].get("handover_dropped:not-carried") == 1, st["counters"]
+            assert "mid-message" in _log(d, "old.log")
+            # The session that was carried goes on.
+            g.driver.set_util(0, 700)
+            g.driver.flush()
+            await until(lambda: _status(d)["vms"]["vm0"]["counters"].get("records", 0) > 0, timeout=5,
+                        what="vm0 served by the new process")
+            # The other front-end sees its connection closed (the old process exited), nothing else.
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(bad.fe.sock, 1), 5) == b""
+            await g.close()
+        finally:
+            stop_process(old)
+            if new is not None:
+                stop_process(new)

@@ -131,7 +131,7 @@ def test_done_with_counts_that_do_not_match_what_came_is_refused() -> None:
     old, new = OldSide(1), NewSide(2)
     old.receive(one(new.receive(one(old.hello())) or b""))
     new.receive(one(old.listener("vm0"), (5,)))
-    bad = encode_frame(FrameType.DONE, struct.pack("<II", 1, 1))
+    bad = encode_frame(FrameType.DONE, struct.pack("<III", 1, 1, 0))
     with pytest.raises(HandoverError) as err:
         new.receive(one(bad))
     assert err.value.reason == "count-mismatch"

@@ -93,6 +93,9 @@ class Daemon:
         if taken is not None:
             resumed = sum(self.service.resume(raw, fds) is not None for raw, fds in taken.sessions)
             self.counters.inc("handovers_taken")
+            if taken.not_carried:
+                self.counters.inc("handover_dropped", "not-carried", n=taken.not_carried)
+                log.error("the previous process could not hand %d session(s) over (see its log)", taken.not_carried)
             log.info("took over from pid %d: %d of %d sessions resumed", taken.old_pid, resumed, len(taken.sessions))
         self.host.start_hotplug()
         loop = asyncio.get_running_loop()

@@ -54,6 +54,7 @@ class Taken:
     """What the new process received: listening sockets by VM, sessions (snapshot, fds), the old pid."""
 
     old_pid: int
+    not_carried: int = 0  # sessions the old process could not write down (closed when it exited)
     listeners: dict[str, socket.socket] = field(default_factory=dict)
     sessions: list[tuple[bytes, list[int]]] = field(default_factory=list)
 
@@ -114,8 +115,9 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
                 raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0)
             except SnapshotError as exc:
                 # Not carried: its connection closes when this process exits.
-                slot.counters.inc("handover_not_carried", exc.reason)
-                slot.log.error("session cannot be handed over: %s", exc)
+                slot.log.error("session cannot be handed over (its front-end will see the connection close): %s",
+                               exc)
+                old.not_carried += 1
                 continue
             _send(sock, old.session(raw, len(fds)), fds)
         _send(sock, old.done())
@@ -169,7 +171,7 @@ def take_over(control_path: str, timeout: float = HANDOVER_TIMEOUT) -> Taken | N
         return None
     for fd in leftovers:
         os.close(fd)
-    taken = Taken(new.peer_pid)
+    taken = Taken(new.peer_pid, new.not_carried)
     for name, fd in new.listeners:
         taken.listeners[name] = socket.socket(fileno=fd)
     taken.sessions = [(raw, list(fds)) for raw, fds in new.sessions]

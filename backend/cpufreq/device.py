@@ -29,7 +29,9 @@ lane reports and reads the per-vCPU state from it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -39,6 +41,7 @@ from vhost_user_cpufreq.protocol.cpufreq import Record
 from vhost_user_cpufreq.protocol.errors import SessionStateError
 from vhost_user_cpufreq.protocol.requests import EXPLAIN, NO_HEAD, REASONS, Drained
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
+from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, SeqSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
     VIRTIO_RING_F_EVENT_IDX,
@@ -407,6 +410,32 @@ class CpufreqDevice:
             counters.inc("lost_batches", n=lost)
         if batches:
             counters.inc("batches", n=batches)
+
+    # -- handover (backend/vhost/handover.py) -------------------------------------
+    def snapshot(self) -> DeviceSnapshot:
+        """What a successor process needs to go on; taken with the lane detached (the session froze)."""
+        q = self.seq
+        return DeviceSnapshot(self._acked, self.config.encode(),
+                              SeqSnapshot(q.last, q.min_offset_ns, q.lost, q.stale, q.last_age_ns),
+                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus))
+
+    def restore(self, d: DeviceSnapshot) -> None:
+        """Go on from a predecessor's state.  The config keeps its generation if nothing in it moved,
+        and takes the next one otherwise (the session notifies the front-end after a resume)."""
+        if len(d.vcpus) != len(self._vcpus):
+            raise SnapshotError("vcpu-count", f"snapshot has {len(d.vcpus)} vCPUs, this VM {len(self._vcpus)}")
+        if d.acked_features & ~self._offered:
+            raise SnapshotError("features-not-offered", f"device features {d.acked_features:#x}")
+        if len(d.config) != abi.CONFIG_SIZE:
+            raise SnapshotError("bad-config", f"{len(d.config)} bytes")
+        (generation,) = struct.unpack_from("<I", d.config)
+        same = dataclasses.replace(self.config, generation=generation)
+        self.config = same if same.encode() == d.config else dataclasses.replace(
+            self.config, generation=(generation + 1) & 0xFFFFFFFF)
+        self._acked = d.acked_features
+        s = d.seq
+        self.seq = SeqTracker(s.last, s.min_offset_ns, s.lost, s.stale, s.last_age_ns)
+        self._vcpus = [VcpuState(u, p, t) for u, p, t in d.vcpus]
 
     # -- the kick lane ----------------------------------------------------------
     def offload(self, index: int, queue: DeviceQueue, kick_fd: int, call_fd: int | None,

@@ -100,6 +100,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.fd is not None:
         inherited[args.name] = socket.socket(fileno=args.fd)
 
+    taken = None
+    if args.take_over:
+        from .handover import take_over
+
+        taken = take_over(args.take_over)
+        if taken is None:
+            print(f"vhost-user-cpufreq: the service on {args.take_over} did not hand over; it serves on",
+                  file=sys.stderr)
+            return 1
+
     async def run() -> int:
         daemon = Daemon(cfg, config_path=args.config)
         loop = asyncio.get_running_loop()
@@ -115,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
         try:
-            await daemon.start(inherited)
+            await daemon.start(inherited, taken)
         except (OSError, ValueError, ConfigError) as exc:
             print(f"vhost-user-cpufreq: cannot start: {exc}", file=sys.stderr)
             await daemon.stop()
@@ -211,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nominal-khz", type=int,
                    help="frequency to report on hosts without cpufreq (default: /proc/cpuinfo's)")
     s.add_argument("--sysfs-root", help="read CPUs from this sysfs root (default: the configuration's, or /sys)")
+    s.add_argument("--take-over", metavar="CONTROL_SOCKET",
+                   help="take every VM and live session over from the service on this control socket, "
+                        "without the front-ends noticing (upgrade, restart)")
 
     c = sub.add_parser("check", formatter_class=fmt,
                        help="probe what this host supports; exit 1 if serving would be degraded")

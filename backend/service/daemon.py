@@ -24,13 +24,14 @@ from typing import Any
 from ..counters import Counters
 from ..dataplane.guard import guard
 from ..dataplane.lane import running_lanes
-from ..host.actuators import ThreadActuator
+from ..host.actuators import Original, ThreadActuator
 from ..host.policy import HostPolicy
-from ..host.statefile import StateFile, recover
+from ..host.statefile import StateFile, recover, thread_start_time
 from ..host.sysfs_source import SysfsSource
 from . import systemd
 from ..host.cgroups import recover_cgroups
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
+from .handover import Taken, give_over
 from .metrics_view import DaemonView, HostView, VmView
 from .vm_host import HostSide
 from .vms import Service
@@ -59,8 +60,11 @@ class Daemon:
         self.stopping = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
+    async def start(self, inherited: dict[str, socket.socket] | None = None, taken: Taken | None = None) -> None:
+        """Serve; ``taken``: what a predecessor handed over (its listening sockets and live sessions)."""
         inherited = dict(inherited or {})
+        if taken is not None:
+            inherited.update(taken.listeners)
         # Before any front-end: guest memory faults and stray SIGBUS are handled from the
         # start, and every VM's fds fit (systemd's soft limit is 1024, its hard limit far more).
         guard()
@@ -70,7 +74,10 @@ class Daemon:
             from .metrics import start_metrics_server
 
             self.metrics_server = start_metrics_server(self, self.config.metrics_address)
-        if self.state is not None:
+        if self.state is not None and taken is not None:
+            # The predecessor's changes to threads are ours now: kept, and undone when a VM goes.
+            self.counters.inc("adopted_threads", n=_adopt_threads(self.state, self.actuator))
+        elif self.state is not None:
             # A previous instance killed without cleanup left threads pinned/clamped: undo that first.
             self.counters.inc("recovered_cgroups", n=recover_cgroups(self.state))
             restored, gone = recover(self.state, self.actuator.restore_record)
@@ -84,11 +91,19 @@ class Daemon:
         for name, sock in inherited.items():
             log.warning("inherited socket %r matches no configured VM; closing it", name)
             sock.close()
+        if taken is not None:
+            resumed = sum(self.service.resume(raw, fds) is not None for raw, fds in taken.sessions)
+            self.counters.inc("handovers_taken")
+            if taken.not_carried:
+                self.counters.inc("handover_dropped", "not-carried", n=taken.not_carried)
+                log.error("the previous process could not hand %d session(s) over (see its log)", taken.not_carried)
+            log.info("took over from pid %d: %d of %d sessions resumed", taken.old_pid, resumed, len(taken.sessions))
         self.host.start_hotplug()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.source.run(self.config.sample_period, rebuild_every=30.0)))
         if self.config.control_socket:
-            self._control = await _control_server(self.config.control_socket, self._control_request)
+            self._control = await _control_server(self.config.control_socket, self._control_request,
+                                                  self._give_over)
         interval = systemd.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
@@ -259,6 +274,23 @@ class Daemon:
             "counters": {f"{e}{':' + r if r else ''}": n for (e, r), n in sorted(self.counters.snapshot().items())},
         }
 
+    async def _give_over(self, writer: asyncio.StreamWriter) -> None:
+        """A successor asked for everything on this control connection (service/handover.py)."""
+        self.counters.inc("control_requests")
+        raw = writer.get_extra_info("socket")
+        writer.transport.pause_reading()  # type: ignore[attr-defined]
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(True)
+        try:
+            committed = give_over(self.service, sock)  # blocks the loop on purpose: nothing is served meanwhile
+        finally:
+            sock.close()
+        if committed:
+            # No cleanup: the fds, clamps and threads are the successor's now.
+            logging.shutdown()
+            os._exit(0)
+        self.counters.inc("handover_aborted")
+
     async def _control_request(self, line: str) -> dict[str, Any]:
         self.counters.inc("control_requests")
         cmd = line.strip()
@@ -273,12 +305,15 @@ class Daemon:
         return {"ok": False, "error": f"unknown command {cmd!r} (try: status, reload)"}
 
 
-async def _control_server(path: str, handler: Any) -> asyncio.AbstractServer:
+async def _control_server(path: str, handler: Any, give_over: Any = None) -> asyncio.AbstractServer:
     _unlink(path)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
+            if line.strip() == b"handover" and give_over is not None:
+                await give_over(writer)  # returns only if the successor did not take over
+                return
             writer.write(json.dumps(await handler(line.decode(errors="replace"))).encode() + b"\n")
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError):
@@ -315,6 +350,21 @@ def _unlink(path: str | None) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _adopt_threads(state: StateFile, actuator: ThreadActuator) -> int:
+    """Take the predecessor's records of threads it changed as our own: restored when their VM goes."""
+    n = 0
+    for rec in list(state.load().values()):
+        if thread_start_time(rec.tid) != rec.start_time:
+            state.entries.pop(rec.tid, None)  # gone, or the id recycled: leave it alone
+            continue
+        actuator.originals[rec.tid] = Original(frozenset(rec.affinity), rec.util_min, rec.util_max, rec.reset_on_fork)
+        # Clamped or not by the predecessor, restore() must put the original clamp back.
+        actuator.clamps.setdefault(rec.tid, rec.util_min or 0)
+        n += 1
+    state._write()
+    return n
 
 
 def _raise_fd_limit() -> None:

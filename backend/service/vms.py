@@ -23,6 +23,10 @@ from ..cpufreq.device import CpufreqDevice
 from ..cpufreq.hostfreq import FrequencySource
 from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
 from ..policy.decision import Policy
+from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
+from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
+
+from ..vhost.handover import restore as restore_session
 from ..vhost.session import Session
 from ..vhost.transport import Connection, peer_credentials
 
@@ -127,18 +131,62 @@ class Service:
             slot.log.warning("refused a second front-end: one is connected already")
             conn_sock.close()
             return
-        session = Session(
+        conn = self._connect(slot, conn_sock, self._new_session(slot))
+        slot.counters.inc("sessions")
+        slot.log.info("front-end connected (pid %d, uid %d)", conn.peer_pid, conn.peer_uid)
+        self._run_session_hooks(slot, conn)
+
+    def _new_session(self, slot: VmSlot) -> Session:
+        assert self._loop is not None
+        return Session(
             slot.device, name=slot.config.name, loop=self._loop, counters=slot.counters, log=slot.log,
             notify_interval=slot.config.notify_interval, kick_batch_delay=slot.config.kick_batch_delay,
         )
+
+    def _connect(self, slot: VmSlot, conn_sock: socket.socket, session: Session) -> Connection:
+        assert self._loop is not None
         conn = Connection(conn_sock, session, loop=self._loop, counters=slot.counters, log=slot.log,
                           on_close=lambda c: self._closed(slot, c))
         slot.connection = conn
         slot.sessions_served += 1
-        slot.counters.inc("sessions")
-        slot.log.info("front-end connected (pid %d, uid %d)", conn.peer_pid, conn.peer_uid)
+        return conn
+
+    def _run_session_hooks(self, slot: VmSlot, conn: Connection) -> None:
         for hook in self.session_hooks:
             hook(slot, conn)
+
+    def resume(self, raw: bytes, fds: list[int]) -> VmSlot | None:
+        """Serve a session a predecessor process handed over (service/handover.py).
+
+        Takes ``fds``.  A snapshot that cannot be resumed closes its fds (its front-end sees
+        the connection close): that session alone is dropped, logged and counted.
+        """
+        slot: VmSlot | None = None
+        taken = False
+        try:
+            snap = decode_snapshot(raw, len(fds))
+            slot = self.vms.get(snap.vm)
+            if slot is None:
+                raise SnapshotError("unknown-vm", f"no VM {snap.vm!r} is configured here")
+            if slot.connection is not None:
+                raise SnapshotError("already-connected", f"VM {snap.vm!r} has a front-end already")
+            session = self._new_session(slot)
+            taken = True
+            sock = restore_session(session, snap, fds)  # takes the fds, even when it fails
+        except SnapshotError as exc:
+            for fd in fds if not taken else ():
+                _close_quietly(fd)
+            counters = slot.counters if slot is not None else None
+            if counters is not None:
+                counters.inc("handover_dropped", exc.reason)
+            log.error("%sa handed-over session is dropped: %s", f"[{slot.config.name}] " if slot else "", exc)
+            return None
+        conn = self._connect(slot, sock, session)
+        slot.counters.inc("sessions_resumed")
+        slot.log.info("front-end resumed from the previous process (pid %d)", conn.peer_pid)
+        session.config_changed()  # a change the predecessor had not told yet is told now
+        self._run_session_hooks(slot, conn)
+        return slot
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         if self.allowed_uids is None and self.allowed_gids is None:
@@ -196,6 +244,13 @@ def _listen(path: str, mode: int, owner: int | None = None, group: int | None = 
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
     return sock
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _unlink_socket(path: str) -> None:

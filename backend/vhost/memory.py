@@ -8,8 +8,10 @@ entirely inside one region is a :class:`GuestMemoryError`, so nothing the
 guest or the VMM writes can make us touch memory outside what was shared.
 
 Each region's fd is mmap'd from file offset 0 through ``mmap_offset + size``
-(mmap offsets must be page-aligned; ``mmap_offset`` need not be), and the fd
-is closed right after mapping: the mapping keeps the memory alive.
+(mmap offsets must be page-aligned; ``mmap_offset`` need not be).  The mapping
+keeps the memory alive; the region also keeps a duplicate of the fd (one per
+region, closed with it), the only way to hand guest memory to a successor
+process (handover).
 """
 
 from __future__ import annotations
@@ -43,12 +45,21 @@ class MappedRegion:
     view: memoryview  # exactly ``size`` bytes: the region's guest memory
     _guard: Guard | None = None
     _watched: Watched | None = None  # the mapping's SIGBUS guard (None: unguarded)
+    fd: int | None = None  # our own duplicate of the front-end's fd, for a handover
+
+    def take_fd(self) -> int | None:
+        """Give up the region's fd (handover); the region is then closed without it."""
+        fd, self.fd = self.fd, None
+        return fd
 
     def faults(self) -> int:
         """Accesses to this region that faulted (and were patched over with zero pages)."""
         return 0 if self._guard is None or self._watched is None else self._guard.faults(self._watched.gid)
 
     def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         self.view.release()
         try:
             self._map.close()
@@ -90,7 +101,15 @@ def map_region(fd: int, guest_phys_addr: int, size: int, userspace_addr: int, mm
             mm.close()
             raise GuestMemoryError("too-many-regions", "every guest-memory guard of the service is in use") from None
     view = memoryview(mm)[mmap_offset:length]
-    return MappedRegion(guest_phys_addr, size, userspace_addr, mmap_offset, mm, view, g, watched)
+    try:
+        keep = os.dup(fd)  # close-on-exec, as every fd Python makes
+    except OSError as exc:
+        if watched is not None:
+            watched.release()
+        view.release()
+        mm.close()
+        raise GuestMemoryError("unmappable-region", f"dup: {exc.strerror}") from None
+    return MappedRegion(guest_phys_addr, size, userspace_addr, mmap_offset, mm, view, g, watched, keep)
 
 
 def _seal_against_shrinking(fd: int) -> None:

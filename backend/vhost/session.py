@@ -138,6 +138,8 @@ class Session:
         self._notify_timer: asyncio.TimerHandle | None = None
         self._notify_owed = False  # a change came while no ring ran: notified when one starts
         self.closed = False
+        #: stopped at a quiescent point for a handover (vhost/handover.py): no ring is served
+        self.frozen = False
         #: set by the transport: closes the connection with a reason (a session cannot close its socket)
         self.on_fatal: Callable[[str], None] | None = None
         self._untaken: list[int] = []
@@ -286,8 +288,11 @@ class Session:
             os.set_blocking(fd, False)
             self.loop.add_reader(fd, self._on_kick, ring)
 
-    def _start_ring(self, e: fx.StartRing) -> None:
-        """Make the ring's DeviceQueue over guest memory and hand it to the device."""
+    def _start_ring(self, e: fx.StartRing, cursor: tuple[int, int | None] | None = None) -> None:
+        """Make the ring's DeviceQueue over guest memory and hand it to the device.
+
+        ``cursor``: (used index, used index last signalled) of a ring resumed after a handover.
+        """
         ring = self.rings[e.index]
         desc_len, avail_len, used_len = ring_sizes(e.num)
         a = e.addr
@@ -303,6 +308,8 @@ class Session:
             max_indirect=self.device.max_indirect,
         )
         ring.queue.set_base(ring.base)
+        if cursor is not None:
+            ring.queue.hand_back(ring.base | ring.base << 16 | cursor[0] << 32, cursor[1])
         self.device.queue_ready(ring.index, ring.queue)
         self.log.debug("ring %d ready: size %d base %d", ring.index, e.num, ring.base)
         # Buffers made available before the ring started are not signalled again
@@ -404,7 +411,7 @@ class Session:
 
     def _process(self, ring: Ring) -> None:
         q = ring.queue
-        if q is None or q.broken or ring.offload is not None:
+        if q is None or q.broken or ring.offload is not None or self.frozen:
             return
         self._serve(ring, q)
         if self.memory.faulted():
@@ -488,7 +495,7 @@ class Session:
 
     def _notify_timer_fired(self) -> None:
         self._notify_timer = None
-        if not self.closed and self.coalescer.fire(self.clock()):
+        if not self.closed and not self.frozen and self.coalescer.fire(self.clock()):
             self._send_config_change()
 
     def _send_config_change(self) -> None:

@@ -1,0 +1,191 @@
+"""Live handover between two service processes over a unix socket (the shell of protocol/handover.py).
+
+Theory of operation: the new process (``serve --take-over CONTROL_SOCKET``)
+connects to the running one's control socket and sends ``handover``.  The
+old process answers on that connection with the frames of
+protocol/handover.py, driven here with blocking calls *on its event loop
+thread*: while the exchange runs, no message, kick or timer of any session
+is served, which is what makes the point quiescent.  It freezes every session
+(vhost/handover.py), sends each VM's listening socket and each session's
+snapshot with its fds (SCM_RIGHTS), and on ACK sends BYE and exits at once,
+without closing an fd, undoing a clamp or restoring a thread: the fds now
+live in the new process too, and the threads are its charge.  Without ACK it
+thaws every session and serves on.
+
+The new process then waits for the old one to be gone (pidfd), so the
+control socket, the metrics port and the state file are its own, and the
+daemon starts from the received listening sockets and resumes each session
+(Service.resume).  A session whose snapshot cannot be resumed is closed
+alone, logged and counted (``handover_dropped``).
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vhost_user_cpufreq.protocol.errors import ProtocolError
+from vhost_user_cpufreq.protocol.handover import MAX_FRAME_FDS, Frame, FrameReader, HandoverError, NewSide, OldSide
+from vhost_user_cpufreq.protocol.handover import Outcome
+from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
+
+from ..vhost.handover import freeze, snapshot, thaw
+
+if TYPE_CHECKING:
+    from .vms import Service, VmSlot
+
+__all__ = ["Taken", "give_over", "take_over", "HANDOVER_TIMEOUT"]
+
+log = logging.getLogger("vhost_user_cpufreq.handover")
+
+#: the longest either side waits for the other's next frame
+HANDOVER_TIMEOUT = 10.0
+_FD_SIZE = array.array("i").itemsize
+
+
+@dataclass
+class Taken:
+    """What the new process received: listening sockets by VM, sessions (snapshot, fds), the old pid."""
+
+    old_pid: int
+    not_carried: int = 0  # sessions the old process could not write down (closed when it exited)
+    listeners: dict[str, socket.socket] = field(default_factory=dict)
+    sessions: list[tuple[bytes, list[int]]] = field(default_factory=list)
+
+
+def _send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _next(reader: FrameReader, sock: socket.socket) -> Frame:
+    """The next frame; ConnectionError when the peer closes first."""
+    while True:
+        f = reader.next_frame()
+        if f is not None:
+            return f
+        data, anc, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FRAME_FDS * _FD_SIZE),
+                                           socket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                fds.extend(a)
+        reader.receive(data, fds)
+        if flags & socket.MSG_CTRUNC:
+            raise HandoverError("fds-truncated", "more fds than a frame may carry")
+        if not data:
+            raise ConnectionError("the other process closed the handover connection")
+
+
+# -- the old process ------------------------------------------------------------------------------
+def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER_TIMEOUT) -> bool:
+    """Hand every VM over on ``sock``; True once the successor has it all (the caller exits now)."""
+    old = OldSide(os.getpid())
+    reader = FrameReader()
+    sock.settimeout(timeout)
+    frozen: list["VmSlot"] = []
+    t0 = time.monotonic()
+    try:
+        _send(sock, old.hello())
+        old.receive(_next(reader, sock))
+        if old.state == "aborted":
+            log.warning("the new process refused the handover; serving on")
+            return False
+        for slot in service.vms.values():
+            if slot.connection is not None:
+                freeze(slot.connection.session)
+                frozen.append(slot)
+        for name, slot in service.vms.items():
+            assert slot.server is not None
+            _send(sock, old.listener(name), [slot.server.fileno()])
+        for slot in frozen:
+            conn = slot.connection
+            assert conn is not None
+            try:
+                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0)
+            except SnapshotError as exc:
+                # Not carried: its connection closes when this process exits.
+                slot.log.error("session cannot be handed over (its front-end will see the connection close): %s",
+                               exc)
+                old.not_carried += 1
+                continue
+            _send(sock, old.session(raw, len(fds)), fds)
+        _send(sock, old.done())
+        old.receive(_next(reader, sock))
+    except (OSError, ProtocolError) as exc:
+        log.error("handover failed at %s: %s; serving on", old.state, exc)
+    if old.outcome() is Outcome.NEW_SERVES:
+        try:
+            _send(sock, old.bye())
+        except OSError:
+            pass  # the successor learns it from our exit
+        log.info("handed %d VMs and %d sessions over to pid %s in %.1f ms; exiting", old.sent_listeners,
+                 old.sent_sessions, old.peer_pid, 1000 * (time.monotonic() - t0))
+        return True
+    for fd in reader.release_fds():
+        os.close(fd)
+    for slot in frozen:
+        if slot.connection is not None:
+            thaw(slot.connection.session)
+    return False
+
+
+# -- the new process ------------------------------------------------------------------------------
+def take_over(control_path: str, timeout: float = HANDOVER_TIMEOUT) -> Taken | None:
+    """Ask the service on ``control_path`` for everything; None if it serves on (nothing kept here)."""
+    new = NewSide(os.getpid())
+    reader = FrameReader()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(control_path)
+            sock.sendall(b"handover\n")
+            while new.state not in ("complete", "aborted"):
+                answer = new.receive(_next(reader, sock))
+                if answer is not None:
+                    _send(sock, answer)
+        except (OSError, ProtocolError) as exc:
+            log.warning("handover from %s ended at %s: %s", control_path, new.state, exc)
+    outcome = new.outcome()
+    if outcome is not Outcome.OLD_SERVES and new.peer_pid is not None:
+        # The old process exits right after BYE; when BYE was lost, its exit is the answer.
+        gone = _wait_exit(new.peer_pid, timeout)
+        if outcome is Outcome.UNCERTAIN:
+            outcome = Outcome.NEW_SERVES if gone else Outcome.OLD_SERVES
+        elif not gone:
+            log.warning("pid %d sent BYE but has not exited after %.0f s", new.peer_pid, timeout)
+    leftovers = reader.release_fds()
+    if outcome is not Outcome.NEW_SERVES or new.peer_pid is None:
+        for fd in new.received_fds() + leftovers:
+            os.close(fd)
+        return None
+    for fd in leftovers:
+        os.close(fd)
+    taken = Taken(new.peer_pid, new.not_carried)
+    for name, fd in new.listeners:
+        taken.listeners[name] = socket.socket(fileno=fd)
+    taken.sessions = [(raw, list(fds)) for raw, fds in new.sessions]
+    return taken
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Has ``pid`` exited (a zombie counts) within ``timeout``?"""
+    try:
+        pfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        r, _, _ = select.select([pfd], [], [], timeout)
+        return bool(r)
+    finally:
+        os.close(pfd)

@@ -1,0 +1,375 @@
+"""A vhost-user session as a value, to carry it to another process (handover), sans-IO.
+
+Theory of operation: :class:`SessionSnapshot` holds everything a new service
+process needs to go on serving one front-end connection as if nothing had
+happened: the rules' state (:class:`~.session.SessionMachine`: owner,
+features, protocol features, status, each ring's size, addresses and
+started/enabled state), each ring's position in its queue (next avail index,
+used index, the used index last signalled), the memory table, and the
+device's state a restart would otherwise lose (:class:`DeviceSnapshot`: the
+negotiated device features, the config space the guest last read, sequence
+tracking and each vCPU's last request).
+
+File descriptors cannot live in bytes: every fd the session holds (the
+connection, the back-end channel, kick/call/err eventfds, guest memory) is an
+*index* into an ordered fd list sent beside the snapshot (SCM_RIGHTS).
+:func:`decode` checks that the indices cover that list exactly, once each.
+
+Encoding: a 12-byte header (magic ``VUCS``, version, body length) and a JSON
+body.  JSON because the state is small (under 4 KiB for 32 regions), nested
+and easy to read in a log line when a handover is refused; a hand-laid struct
+would need its own variable-length layout and a second decoder to review.
+The decoder is strict: exact key sets, integers in range (bool is not an
+int), no NaN, no duplicate keys, a body of exactly the announced length.  Any
+departure is a :class:`SnapshotError` with a reason slug, never a guess.
+
+:func:`machine_state` and :func:`restore_machine` are the hooks on
+:class:`SessionMachine`; they live here so session.py needs no change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+from . import vhost_user as vu
+from .errors import RemoteProtocolError
+from .session import OFFERED_PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, DeviceFacts, RingState, SessionMachine
+from .virtqueue import validate_queue_size
+
+__all__ = ["SNAPSHOT_VERSION", "MAX_SNAPSHOT_BYTES", "SnapshotError", "RingSnapshot", "RegionSnapshot",
+           "SeqSnapshot", "DeviceSnapshot", "SessionSnapshot", "encode", "decode", "machine_state",
+           "restore_machine"]
+
+SNAPSHOT_VERSION = 1
+#: A session's snapshot is well under 8 KiB; anything larger is not one of ours.
+MAX_SNAPSHOT_BYTES = 1 << 16
+_HEADER = struct.Struct("<4sHHI")  # magic, version, reserved (0), body length
+_MAGIC = b"VUCS"
+_U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_MAX_RINGS = 64
+_MAX_REGIONS = 512
+_MAX_VCPUS = 4096
+
+
+class SnapshotError(RemoteProtocolError):
+    """A snapshot (or the fds sent with it) that cannot be resumed; ``reason`` says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class RingSnapshot:
+    index: int
+    num: int
+    addr: vu.VringAddr | None
+    started: bool
+    enabled: bool
+    polling: bool
+    running: bool
+    last_avail: int  # the next avail entry to consume (the base when no queue runs)
+    used_idx: int  # the next used entry to write; all published at a quiescent point
+    signalled: int | None  # event-idx state: the used index the driver was last asked about
+    kick_fd: int | None  # indices into the fd list
+    call_fd: int | None
+    err_fd: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSnapshot:
+    guest_phys_addr: int
+    size: int
+    userspace_addr: int
+    mmap_offset: int
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSnapshot:
+    last: int | None
+    min_offset_ns: int | None
+    lost: int
+    stale: int
+    last_age_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    acked_features: int
+    config: bytes  # the config space as the guest last could read it (generation included)
+    seq: SeqSnapshot
+    vcpus: tuple[tuple[int, int, float | None], ...]  # (util, perf_khz, CLOCK_MONOTONIC of the record)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    vm: str
+    connection_fd: int
+    backend_channel_fd: int | None
+    owner: bool
+    acked_features: int
+    features_set: bool
+    protocol_features: int
+    status: int
+    rings: tuple[RingSnapshot, ...]
+    regions: tuple[RegionSnapshot, ...]
+    device: DeviceSnapshot
+
+    def fd_refs(self) -> list[int]:
+        """Every fd index the snapshot names, in the order it names them."""
+        refs = [self.connection_fd]
+        if self.backend_channel_fd is not None:
+            refs.append(self.backend_channel_fd)
+        for r in self.rings:
+            refs += [fd for fd in (r.kick_fd, r.call_fd, r.err_fd) if fd is not None]
+        refs += [g.fd for g in self.regions]
+        return refs
+
+
+# -- the machine's hooks -----------------------------------------------------------------
+def machine_state(m: SessionMachine) -> tuple[bool, int, bool, int, int, tuple[RingState, ...]]:
+    """(owner, acked features, features set, protocol features, status, ring states) of ``m``."""
+    if m.error is not None:
+        raise SnapshotError("session-failed", f"the session already failed ({m.error})")
+    return m.owner, m.acked_features, m.features_set, m.protocol_features, m.status, tuple(m.rings)
+
+
+def restore_machine(device: DeviceFacts, snap: SessionSnapshot) -> SessionMachine:
+    """A machine in the state ``snap`` records, checked against what this process's device offers.
+
+    :raise SnapshotError: the snapshot names features, rings or sizes this device does not have.
+    """
+    m = SessionMachine(device)
+    if snap.acked_features & ~m.offered_features:
+        raise SnapshotError("features-not-offered", f"acked {snap.acked_features:#x}, offered {m.offered_features:#x}")
+    if snap.protocol_features & ~OFFERED_PROTOCOL_FEATURES:
+        raise SnapshotError("protocol-features-not-offered", f"{snap.protocol_features:#x}")
+    if len(snap.rings) != len(m.rings):
+        raise SnapshotError("ring-count", f"{len(snap.rings)} rings, device has {len(m.rings)}")
+    m.owner, m.acked_features, m.features_set = snap.owner, snap.acked_features, snap.features_set
+    m.protocol_features, m.status = snap.protocol_features, snap.status
+    for ring, r in zip(m.rings, snap.rings):
+        if r.num > device.max_queue_size:
+            raise SnapshotError("bad-queue-size", f"ring {r.index}: {r.num} > {device.max_queue_size}")
+        if r.running and not (r.started and r.enabled and r.addr is not None and r.num):
+            raise SnapshotError("inconsistent-ring", f"ring {r.index} runs without being started, enabled, "
+                                "sized and addressed")
+        if r.started and not r.polling and r.kick_fd is None:
+            raise SnapshotError("missing-fd", f"ring {r.index} is started on a kick fd the snapshot lacks")
+        ring.num, ring.addr, ring.started, ring.enabled = r.num, r.addr, r.started, r.enabled
+        ring.polling, ring.running = r.polling, r.running
+    if not snap.acked_features & PROTOCOL_FEATURES_BIT and snap.features_set and not all(
+            r.enabled for r in snap.rings):
+        raise SnapshotError("inconsistent-ring", "rings disabled without PROTOCOL_FEATURES")
+    return m
+
+
+# -- encoding ------------------------------------------------------------------------------
+def encode(snap: SessionSnapshot) -> bytes:
+    body = json.dumps(_to_json(snap), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    if len(body) > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError("too-large", f"{len(body)} bytes")
+    return _HEADER.pack(_MAGIC, SNAPSHOT_VERSION, 0, len(body)) + body
+
+
+def decode(data: bytes, nfds: int) -> SessionSnapshot:
+    """The snapshot in ``data``, whose fd indices must name each of ``nfds`` fds exactly once.
+
+    :raise SnapshotError: truncated, another version, malformed, or fds missing or unnamed.
+    """
+    if len(data) < _HEADER.size:
+        raise SnapshotError("truncated", f"{len(data)} bytes, the header alone is {_HEADER.size}")
+    magic, version, reserved, length = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise SnapshotError("bad-magic", f"{magic!r}")
+    if version != SNAPSHOT_VERSION:
+        raise SnapshotError("version-mismatch", f"snapshot version {version}, this process reads {SNAPSHOT_VERSION}")
+    if reserved:
+        raise SnapshotError("bad-header", f"reserved field {reserved:#x}")
+    if length > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError("too-large", f"{length} bytes")
+    if len(data) - _HEADER.size < length:
+        raise SnapshotError("truncated", f"{len(data) - _HEADER.size} of {length} body bytes")
+    if len(data) - _HEADER.size > length:
+        raise SnapshotError("trailing-bytes", f"{len(data) - _HEADER.size - length} bytes after the body")
+    try:
+        obj = json.loads(data[_HEADER.size:].decode("utf-8"), object_pairs_hook=_no_duplicates,
+                         parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SnapshotError("malformed", f"not JSON: {exc}") from None
+    snap = _from_json(obj)
+    _check_fds(snap, nfds)
+    return snap
+
+
+def _check_fds(snap: SessionSnapshot, nfds: int) -> None:
+    refs = snap.fd_refs()
+    seen: set[int] = set()
+    for i in refs:
+        if i >= nfds:
+            raise SnapshotError("missing-fd", f"fd #{i} named, {nfds} sent")
+        if i in seen:
+            raise SnapshotError("fd-named-twice", f"fd #{i}")
+        seen.add(i)
+    if len(seen) != nfds:
+        raise SnapshotError("unnamed-fd", f"{nfds - len(seen)} of {nfds} fds are named by nothing")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise SnapshotError("malformed", "duplicate key")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise SnapshotError("malformed", f"{name} is not a number here")
+
+
+_T = TypeVar("_T")
+
+
+class _Obj:
+    """A JSON object read with exactly the expected keys."""
+
+    def __init__(self, obj: Any, what: str, keys: tuple[str, ...]) -> None:
+        if not isinstance(obj, dict):
+            raise SnapshotError("malformed", f"{what} is not an object")
+        if set(obj) != set(keys):
+            missing, extra = sorted(set(keys) - set(obj)), sorted(set(obj) - set(keys))
+            raise SnapshotError("malformed", f"{what}: missing {missing}, unexpected {extra}")
+        self.obj: Mapping[str, Any] = obj
+        self.what = what
+
+    def num(self, key: str, lo: int = 0, hi: int = _U64) -> int:
+        v = self.obj[key]
+        if type(v) is not int or not lo <= v <= hi:
+            raise SnapshotError("malformed", f"{self.what}.{key}: {v!r} is not an integer in [{lo}, {hi}]")
+        return v
+
+    def opt(self, key: str, read: Callable[[str], _T]) -> _T | None:
+        return None if self.obj[key] is None else read(key)
+
+    def flag(self, key: str) -> bool:
+        v = self.obj[key]
+        if type(v) is not bool:
+            raise SnapshotError("malformed", f"{self.what}.{key}: {v!r} is not a boolean")
+        return v
+
+    def items(self, key: str, most: int) -> list[Any]:
+        v = self.obj[key]
+        if not isinstance(v, list) or len(v) > most:
+            raise SnapshotError("malformed", f"{self.what}.{key}: not a list of at most {most}")
+        return v
+
+
+_SESSION_KEYS = ("vm", "connection_fd", "backend_channel_fd", "owner", "acked_features", "features_set",
+                 "protocol_features", "status", "rings", "regions", "device")
+_RING_KEYS = ("index", "num", "addr", "started", "enabled", "polling", "running", "last_avail", "used_idx",
+              "signalled", "kick_fd", "call_fd", "err_fd")
+_ADDR_KEYS = ("flags", "desc", "used", "avail", "log")
+_REGION_KEYS = ("gpa", "size", "uva", "mmap_offset", "fd")
+_DEVICE_KEYS = ("acked_features", "config", "seq", "vcpus")
+_SEQ_KEYS = ("last", "min_offset_ns", "lost", "stale", "last_age_ns")
+
+
+def _to_json(s: SessionSnapshot) -> dict[str, Any]:
+    d = s.device
+    return {
+        "vm": s.vm, "connection_fd": s.connection_fd, "backend_channel_fd": s.backend_channel_fd,
+        "owner": s.owner, "acked_features": s.acked_features, "features_set": s.features_set,
+        "protocol_features": s.protocol_features, "status": s.status,
+        "rings": [{
+            "index": r.index, "num": r.num,
+            "addr": None if r.addr is None else {"flags": r.addr.flags, "desc": r.addr.desc_user_addr,
+                                                 "used": r.addr.used_user_addr, "avail": r.addr.avail_user_addr,
+                                                 "log": r.addr.log_guest_addr},
+            "started": r.started, "enabled": r.enabled, "polling": r.polling, "running": r.running,
+            "last_avail": r.last_avail, "used_idx": r.used_idx, "signalled": r.signalled,
+            "kick_fd": r.kick_fd, "call_fd": r.call_fd, "err_fd": r.err_fd} for r in s.rings],
+        "regions": [{"gpa": g.guest_phys_addr, "size": g.size, "uva": g.userspace_addr,
+                     "mmap_offset": g.mmap_offset, "fd": g.fd} for g in s.regions],
+        "device": {"acked_features": d.acked_features, "config": d.config.hex(),
+                   "seq": {"last": d.seq.last, "min_offset_ns": d.seq.min_offset_ns, "lost": d.seq.lost,
+                           "stale": d.seq.stale, "last_age_ns": d.seq.last_age_ns},
+                   "vcpus": [[u, p, t] for u, p, t in d.vcpus]},
+    }
+
+
+def _from_json(obj: Any) -> SessionSnapshot:
+    o = _Obj(obj, "session", _SESSION_KEYS)
+    vm = o.obj["vm"]
+    if not isinstance(vm, str) or not 0 < len(vm) <= 256:
+        raise SnapshotError("malformed", "session.vm is not a name")
+    rings = tuple(_ring(r, i) for i, r in enumerate(o.items("rings", _MAX_RINGS)))
+    regions = tuple(_region(r) for r in o.items("regions", _MAX_REGIONS))
+    return SessionSnapshot(
+        vm=vm, connection_fd=o.num("connection_fd", hi=_U16),
+        backend_channel_fd=o.opt("backend_channel_fd", lambda k: o.num(k, hi=_U16)),
+        owner=o.flag("owner"), acked_features=o.num("acked_features"), features_set=o.flag("features_set"),
+        protocol_features=o.num("protocol_features"), status=o.num("status", hi=0xFF),
+        rings=rings, regions=regions, device=_device(o.obj["device"]))
+
+
+def _ring(obj: Any, i: int) -> RingSnapshot:
+    o = _Obj(obj, f"rings[{i}]", _RING_KEYS)
+    index = o.num("index", hi=_MAX_RINGS)
+    if index != i:
+        raise SnapshotError("malformed", f"rings[{i}] has index {index}")
+    num = o.num("num", hi=1 << 15)
+    if num:
+        try:
+            validate_queue_size(num)
+        except RemoteProtocolError as exc:
+            raise SnapshotError("bad-queue-size", f"rings[{i}]: {exc.detail}") from None
+    addr = None
+    if o.obj["addr"] is not None:
+        a = _Obj(o.obj["addr"], f"rings[{i}].addr", _ADDR_KEYS)
+        addr = vu.VringAddr(index, a.num("flags", hi=_U32), a.num("desc"), a.num("used"), a.num("avail"),
+                            a.num("log"))
+
+    def fd(k: str) -> int:
+        return o.num(k, hi=_U16)
+
+    return RingSnapshot(index, num, addr, o.flag("started"), o.flag("enabled"), o.flag("polling"), o.flag("running"),
+                        o.num("last_avail", hi=_U16), o.num("used_idx", hi=_U16),
+                        o.opt("signalled", lambda k: o.num(k, hi=_U16)),
+                        o.opt("kick_fd", fd), o.opt("call_fd", fd), o.opt("err_fd", fd))
+
+
+def _region(obj: Any) -> RegionSnapshot:
+    o = _Obj(obj, "region", _REGION_KEYS)
+    r = RegionSnapshot(o.num("gpa"), o.num("size", lo=1), o.num("uva"), o.num("mmap_offset"), o.num("fd", hi=_U16))
+    if r.guest_phys_addr + r.size > 1 << 64 or r.userspace_addr + r.size > 1 << 64:
+        raise SnapshotError("malformed", "region wraps past 2**64")
+    return r
+
+
+def _device(obj: Any) -> DeviceSnapshot:
+    o = _Obj(obj, "device", _DEVICE_KEYS)
+    cfg = o.obj["config"]
+    try:
+        config = bytes.fromhex(cfg) if isinstance(cfg, str) and len(cfg) <= 2 * 256 else None
+    except ValueError:
+        config = None
+    if config is None:
+        raise SnapshotError("malformed", "device.config is not hex of at most 256 bytes")
+    s = _Obj(o.obj["seq"], "device.seq", _SEQ_KEYS)
+
+    def i64(k: str) -> int:
+        return s.num(k, lo=_I64_MIN, hi=_I64_MAX)
+
+    seq = SeqSnapshot(s.opt("last", lambda k: s.num(k, hi=_U32)), s.opt("min_offset_ns", i64),
+                      s.num("lost", hi=_I64_MAX), s.num("stale", hi=_I64_MAX), i64("last_age_ns"))
+    vcpus = []
+    for v in o.items("vcpus", _MAX_VCPUS):
+        if (not isinstance(v, list) or len(v) != 3 or type(v[0]) is not int or type(v[1]) is not int
+                or not 0 <= v[0] <= _U16 or not 0 <= v[1] <= _U32):
+            raise SnapshotError("malformed", f"device.vcpus: {v!r}")
+        t = v[2]
+        if t is not None and (type(t) not in (int, float) or not math.isfinite(t)):
+            raise SnapshotError("malformed", f"device.vcpus: time {t!r}")
+        vcpus.append((v[0], v[1], None if t is None else float(t)))
+    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus))

@@ -359,7 +359,8 @@ def _adopt_threads(state: StateFile, actuator: ThreadActuator) -> int:
         if thread_start_time(rec.tid) != rec.start_time:
             state.entries.pop(rec.tid, None)  # gone, or the id recycled: leave it alone
             continue
-        actuator.originals[rec.tid] = Original(frozenset(rec.affinity), rec.util_min, rec.util_max, rec.reset_on_fork)
+        affinity = frozenset(rec.affinity) if rec.affinity is not None else None  # None: never pinned
+        actuator.originals[rec.tid] = Original(affinity, rec.util_min, rec.util_max, rec.reset_on_fork)
         # Clamped or not by the predecessor, restore() must put the original clamp back.
         actuator.clamps.setdefault(rec.tid, rec.util_min or 0)
         n += 1

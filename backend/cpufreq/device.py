@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.cpufreq import Record
 from vhost_user_cpufreq.protocol.errors import SessionStateError
-from vhost_user_cpufreq.protocol.requests import EXPLAIN, NO_HEAD, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import DESCRIPTORS_PER_UNIT, EXPLAIN, NO_HEAD, REASONS, Drained
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
@@ -106,7 +106,7 @@ class CpufreqDevice:
     # Bounds what one buffer can make us copy (its readable part); a batch is at most
     # 16 + 8 * 256 bytes, the rest is room for writable segments the device ignores.
     max_chain_bytes = 1 << 16
-    max_indirect = MAX_INDIRECT_DESCS  # any valid table; its walk is charged to the work budget
+    max_indirect = MAX_INDIRECT_DESCS  # replaced per device by what its work budget pays for (__init__)
 
     def __init__(
         self,
@@ -129,6 +129,10 @@ class CpufreqDevice:
         self.policy = policy
         self.counters = counters or Counters()
         self.work_budget = work_budget
+        # A table is walked before any of it is priced, so one longer than a whole turn pays for
+        # (8 x 512 = 4,096 entries) is refused unwalked: chain-too-long.  Still 4x the largest queue,
+        # and the virtio spec bounds a driver's chain by its queue size.
+        self.max_indirect = min(MAX_INDIRECT_DESCS, DESCRIPTORS_PER_UNIT * work_budget)
         self.lane_slice_us = lane_slice_us  # the kick lane's slice, if this device starts the lane
         self._clock = clock
         self.log = log or logging.LoggerAdapter(logging.getLogger(__name__), {"vm": vm})

@@ -29,6 +29,7 @@ the environment it takes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ from typing import Any, Callable
 
 import cffi
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, PYTHON_BUFFER_UNITS, REASONS, Drained
 from vhost_user_cpufreq.protocol.requests import drain as reference_drain
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
@@ -229,12 +230,16 @@ class DataPlane:
     lane: bool = False  # request queues may be served by the C kick lane (backend/dataplane/lane.py)
 
     def drainer(self, queue: DeviceQueue, budget: int) -> Callable[..., Drained]:
-        """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``."""
+        """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``.
+
+        The Python reference, when it serves, prices a buffer at PYTHON_BUFFER_UNITS: its turn
+        on the event loop is then bounded in time as well as in records (docs/hostile-input.md).
+        """
         if self.lib is not None:
             d = CDrainer.for_queue(self.lib, queue, budget)
             if d is not None:
                 return d.drain
-        return reference_drain
+        return functools.partial(reference_drain, buffer_units=PYTHON_BUFFER_UNITS)
 
 
 _selected: DataPlane | None = None

@@ -34,7 +34,8 @@ from vhost_user_cpufreq.guest.driver import CpufreqDriver
 from vhost_user_cpufreq.guest.frontend import MemfdRam, ModelledGuest
 from vhost_user_cpufreq.guest.frontend import connect_guest as _connect
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.virtqueue import DriverQueue, vring_need_event
+from vhost_user_cpufreq.protocol.virtqueue import vring_need_event
+from vhost_user_cpufreq.protocol.virtqueue_driver import DriverQueue
 
 from backend_proc import SLOT, slot_offset  # type: ignore[import-not-found]
 

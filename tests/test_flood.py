@@ -388,3 +388,51 @@ def test_the_device_stores_a_ring_index_in_one_write() -> None:
     reads, torn = _torn_reads(device, avail_event, 1.0)
     assert reads > 100_000
     assert torn == 0, f"{torn} of {reads} guest reads saw a half-written avail_event"
+
+
+async def test_a_ring_whose_budget_ran_out_is_served_after_every_kick_that_came_during_its_turn(tmp_path: Path) -> None:
+    """Round-robin on the event loop: a backlogged ring's next turn waits behind the VMs that kicked
+    meanwhile (asyncio serves polled I/O before due timers; call_soon would have put it first)."""
+    from vhost_user_cpufreq.protocol.cpufreq import Batch, encode_batch
+
+    from .helpers import make_service, until
+
+    svc, _, pol, slots = await make_service(tmp_path, ("flood", (0, 0, 1, 2)), ("victim", (0, 0, 1, 2)))
+    flooder = await start_guest(str(tmp_path / "flood.sock"))
+    victim = await start_guest(str(tmp_path / "victim.sock"))
+    order: list[str] = []
+    try:
+        for i, g in enumerate((flooder, victim)):  # both rings started and served once
+            g.driver.set_util(0, 10 + i)
+            g.driver.flush()
+        await until(lambda: len(pol.records.get("flood", ())) == len(pol.records.get("victim", ())) == 1,
+                    what="a record from each")
+        for name in ("flood", "victim"):
+            dev = slots[name].device
+            assert dev._lane_slot is None  # the event loop serves both (no C engine in this policy)
+            inner = dev.handle_queue
+
+            def handle(index: int, queue: Any, _inner: Any = inner, _name: str = name) -> bool:
+                order.append(_name)
+                more = _inner(index, queue)
+                if _name == "flood" and order.count("flood") == 1:
+                    victim.driver.set_util(1, 700)  # the victim kicks during the flooder's first turn
+                    victim.driver.flush()
+                return more
+
+            dev.handle_queue = handle  # type: ignore[method-assign]
+        full = encode_batch(Batch(1, 0, tuple(Record(i % 4, i % 1000) for i in range(abi.MAX_RECORDS_PER_BATCH))))
+        ram, q = flooder.transport.ram, flooder.driver.queue
+        for _ in range(6):  # three turns' worth: two 256-record batches fill a turn's 512 units
+            gpa = ram.alloc(len(full), 8)
+            ram.memory.view(gpa, len(full))[:] = full
+            q.add([(gpa, len(full))])
+        q.publish()
+        flooder.transport.notify(0)
+        await until(lambda: order.count("flood") >= 3 and "victim" in order, what="three flood turns and the victim")
+        assert order[:3] == ["flood", "victim", "flood"], order
+        assert pol.records["victim"][-1].util == 700
+    finally:
+        await victim.close()
+        await flooder.close()
+        await svc.close()

@@ -967,6 +967,8 @@ static void *lane_main(void *arg) {
             if (!s)
                 continue; /* detached meanwhile */
             s->kicks++;
+            if (s->again)
+                continue; /* its next turn is queued (housekeeping, below): a kick must not buy a second */
             double t0 = now_s();
             process(l, s);
             observe(s, now_s() - t0);

@@ -23,14 +23,17 @@ The work budget counts a buffer as the records it carries (at least
 guest shapes its buffers.  The buffer that crosses the budget is still
 completed.  Popping, walking and returning a buffer costs this reference far
 more than one record does, so a caller that runs it as the data plane (no C)
-prices each buffer at :data:`PYTHON_BUFFER_UNITS`: a turn of 1-record batches
-then takes about as long as one of 256-record batches.
+prices each buffer at :data:`PYTHON_BUFFER_UNITS` (a turn of 1-record batches
+then takes about as long as one of 256-record batches), may end a turn on time
+as well (``out_of_time``), and takes indirect tables of at most
+:data:`PYTHON_MAX_INDIRECT` entries.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import cpufreq as abi
 from .errors import RecordError, RingError
@@ -43,6 +46,7 @@ __all__ = [
     "NO_HEAD",
     "DESCRIPTORS_PER_UNIT",
     "PYTHON_BUFFER_UNITS",
+    "PYTHON_MAX_INDIRECT",
     "MAX_BUDGET",
     "ENTRY",
     "Drained",
@@ -102,6 +106,9 @@ DESCRIPTORS_PER_UNIT = 8
 #: What one buffer costs this reference when it is the data plane, in records' worth of work:
 #: a pop, a walk, a decode of the header and a push, each in Python.
 PYTHON_BUFFER_UNITS = 8
+#: The longest table this reference walks when it is the data plane: a chain no longer than the
+#: largest queue (the spec's bound on a driver), about 0.2 ms of Python on the development machine.
+PYTHON_MAX_INDIRECT = 1024
 #: Entries are numbered in 16 bits in record rejections.
 MAX_BUDGET = 0xFFFF - abi.MAX_RECORDS_PER_BATCH
 
@@ -131,10 +138,11 @@ class Drained:
 
 
 def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool,
-          buffer_units: int = 1) -> Drained:
+          buffer_units: int = 1, out_of_time: Callable[[], bool] | None = None) -> Drained:
     """Pop, decode and return buffers until the ring is empty or ``budget`` is spent.
 
-    ``buffer_units`` is the least a buffer costs (1: the C drain's pricing).
+    ``buffer_units`` is the least a buffer costs (1: the C drain's pricing).  ``out_of_time``,
+    asked after each buffer, ends the turn early (``more`` stays True) when it says so.
     """
     if not 1 <= budget <= MAX_BUDGET:
         raise ValueError(f"budget {budget} outside 1..{MAX_BUDGET}")
@@ -164,6 +172,8 @@ def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool
         out.spent += max(buffer_units, cost, chain.descriptors // DESCRIPTORS_PER_UNIT)
         queue.push(chain.head, 0)
         out.returned += 1
+        if out_of_time is not None and out.spent < budget and out_of_time():
+            break
     return out
 
 

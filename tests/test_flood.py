@@ -331,7 +331,11 @@ async def test_chains_of_zero_length_indirect_descriptors_do_not_starve_the_vict
 async def test_chains_of_the_longest_indirect_table_taken_do_not_starve_the_victim(rig: Rig) -> None:
     r = await flood(rig, "indirect-max", seconds=3.0)
     assert r.delays and _pct(r.delays, 0.99) < VICTIM_P99_BOUND, r.describe()
-    assert r.flood_records > 100 and rig.slots["flood"].counters.get("rejected", "chain-too-long") == 0
+    refused = rig.slots["flood"].counters.get("rejected", "chain-too-long")
+    if rig.slots["flood"].device.max_indirect >= 4096:  # the C drain walks it
+        assert r.flood_records > 100 and refused == 0, r.describe()
+    else:  # the Python drain takes 1,024 at most
+        assert r.flood_records == 0 and refused > 100, r.describe()
 
 
 def _torn_reads(writer: Any, offset: int, seconds: float) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhost_user_cpufreq.backend.dataplane.cdrain import CDrainer, dataplane
+from vhost_user_cpufreq.backend.dataplane.cdrain import CDrainer, dataplane, python_turn
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.errors import GuestMemoryError
 from vhost_user_cpufreq.protocol.requests import NO_HEAD, PYTHON_BUFFER_UNITS, REASONS, drain
@@ -367,8 +367,7 @@ def test_misaligned_rings_are_left_to_the_reference() -> None:
     mem = TwoRegions(bytearray(REGION1), bytearray(REGION2_SIZE))
     q = DeviceQueue(4, mem.view(DESC_GPA, 64), mem.view(AVAIL_GPA + 1, 14), mem.view(USED_GPA, 38), mem)
     assert CDrainer.for_queue(lib, q, 8) is None
-    ref = DataPlane("c", "C", lib).drainer(q, 8)
-    assert ref.func is drain and ref.keywords == {"buffer_units": PYTHON_BUFFER_UNITS}  # type: ignore[attr-defined]
+    assert DataPlane("c", "C", lib).drainer(q, 8) is python_turn
     aligned = make_queue(bytearray(REGION1), bytearray(REGION2_SIZE), 4, indirect=True, max_chain=64,
                          max_indirect=4, base=0)
     assert isinstance(CDrainer.for_queue(lib, aligned, 8), CDrainer)
@@ -434,12 +433,37 @@ def test_a_turn_of_max_size_batches_stops_at_the_budget(units: int) -> None:
 def test_the_device_takes_an_indirect_table_no_longer_than_its_turn() -> None:
     from vhost_user_cpufreq.backend.cpufreq.device import DEFAULT_WORK_BUDGET, CpufreqDevice
     from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+    from vhost_user_cpufreq.backend.dataplane.cdrain import DataPlane
     from vhost_user_cpufreq.backend.host.hosts import PIXEL6
-    from vhost_user_cpufreq.protocol.requests import DESCRIPTORS_PER_UNIT
+    from vhost_user_cpufreq.protocol.requests import DESCRIPTORS_PER_UNIT, PYTHON_MAX_INDIRECT
 
-    dev = CpufreqDevice("vm", (0, 1), StaticSource(PIXEL6), None, work_budget=DEFAULT_WORK_BUDGET)  # type: ignore[arg-type]
-    assert dev.max_indirect == DESCRIPTORS_PER_UNIT * DEFAULT_WORK_BUDGET == 4096
-    assert CpufreqDevice("vm", (0,), StaticSource(PIXEL6), None, work_budget=8).max_indirect == 64  # type: ignore[arg-type]
+    c, py = DataPlane("c", "C", object()), DataPlane("python", "Python")
+
+    def dev(plane: DataPlane, budget: int = DEFAULT_WORK_BUDGET) -> CpufreqDevice:
+        return CpufreqDevice("vm", (0, 1), StaticSource(PIXEL6), None, work_budget=budget,  # type: ignore[arg-type]
+                             data_plane=plane)
+
+    assert dev(c).max_indirect == DESCRIPTORS_PER_UNIT * DEFAULT_WORK_BUDGET == 4096
+    assert dev(c, 8).max_indirect == 64
+    assert dev(py).max_indirect == PYTHON_MAX_INDIRECT == 1024
+
+
+def test_a_python_turn_ends_on_time() -> None:
+    ring = [_batch(s, 1) for s in range(256)]
+    q, _ = _big_ring(256, ring)
+    asked = []
+
+    def out_of_time() -> bool:
+        asked.append(1)
+        return len(asked) == 5
+
+    d = drain(q, 512, num_vcpus=8, perf_request=False, out_of_time=out_of_time)
+    assert len(d.entries) == 5 and d.more  # asked after each buffer; the fifth answer ended it
+    d = drain(q, 3, num_vcpus=8, perf_request=False, out_of_time=lambda: True)
+    assert len(d.entries) == 1 and d.more
+    q, _ = _big_ring(256, ring)
+    d = python_turn(q, 512, num_vcpus=8, perf_request=False)  # the data plane's: priced, and on a clock
+    assert 1 <= len(d.entries) <= 64 and d.more and all(e[1] == 0 for e in d.entries)
 
 
 @pytest.mark.parametrize("use_c", [False, True])

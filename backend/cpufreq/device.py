@@ -30,7 +30,14 @@ from typing import Callable, Sequence
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.cpufreq import Record
 from vhost_user_cpufreq.protocol.errors import SessionStateError
-from vhost_user_cpufreq.protocol.requests import DESCRIPTORS_PER_UNIT, EXPLAIN, NO_HEAD, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import (
+    DESCRIPTORS_PER_UNIT,
+    EXPLAIN,
+    NO_HEAD,
+    PYTHON_MAX_INDIRECT,
+    REASONS,
+    Drained,
+)
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
@@ -129,10 +136,6 @@ class CpufreqDevice:
         self.policy = policy
         self.counters = counters or Counters()
         self.work_budget = work_budget
-        # A table is walked before any of it is priced, so one longer than a whole turn pays for
-        # (8 x 512 = 4,096 entries) is refused unwalked: chain-too-long.  Still 4x the largest queue,
-        # and the virtio spec bounds a driver's chain by its queue size.
-        self.max_indirect = min(MAX_INDIRECT_DESCS, DESCRIPTORS_PER_UNIT * work_budget)
         self.lane_slice_us = lane_slice_us  # the kick lane's slice, if this device starts the lane
         self._clock = clock
         self.log = log or logging.LoggerAdapter(logging.getLogger(__name__), {"vm": vm})
@@ -153,6 +156,12 @@ class CpufreqDevice:
         self._unsubscribe = source.subscribe(self._on_snapshot)
         self._log_budget = LogBudget()
         self._dataplane = data_plane or dataplane()
+        # A table is walked before any of it is priced, so one longer than a whole turn pays for
+        # (8 x 512 = 4,096 entries) is refused unwalked: chain-too-long.  Still 4x the largest queue,
+        # and the virtio spec bounds a driver's chain by its queue size; the Python drain, ten times
+        # slower per entry, takes that bound (1,024) so that one buffer's walk stays a short turn.
+        self.max_indirect = min(MAX_INDIRECT_DESCS, DESCRIPTORS_PER_UNIT * work_budget,
+                                PYTHON_MAX_INDIRECT if self._dataplane.kind == "python" else MAX_INDIRECT_DESCS)
         self._drain_queue: DeviceQueue | None = None
         self._drain: Callable[..., Drained] = drain_requests  # replaced on the first drain
         batch = getattr(policy, "on_records", None)

@@ -29,7 +29,6 @@ the environment it takes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -38,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -239,7 +239,20 @@ class DataPlane:
             d = CDrainer.for_queue(self.lib, queue, budget)
             if d is not None:
                 return d.drain
-        return functools.partial(reference_drain, buffer_units=PYTHON_BUFFER_UNITS)
+        return python_turn
+
+
+#: How long a turn of the Python drain may run before it yields to other VMs (the buffer that
+#: crosses it is completed): a victim VM waits for at most about this much of a flooder's turn.
+PYTHON_TURN_S = 0.0003
+
+
+def python_turn(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool) -> Drained:
+    """The Python reference as the data plane: each buffer priced at PYTHON_BUFFER_UNITS, and the
+    turn ended after PYTHON_TURN_S, so its time on the event loop is bounded (docs/hostile-input.md)."""
+    end = time.perf_counter() + PYTHON_TURN_S
+    return reference_drain(queue, budget, num_vcpus=num_vcpus, perf_request=perf_request,
+                           buffer_units=PYTHON_BUFFER_UNITS, out_of_time=lambda: time.perf_counter() > end)
 
 
 _selected: DataPlane | None = None

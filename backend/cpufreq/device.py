@@ -158,8 +158,8 @@ class CpufreqDevice:
         self._dataplane = data_plane or dataplane()
         # A table is walked before any of it is priced, so one longer than a whole turn pays for
         # (8 x 512 = 4,096 entries) is refused unwalked: chain-too-long.  Still 4x the largest queue,
-        # and the virtio spec bounds a driver's chain by its queue size; the Python drain, ten times
-        # slower per entry, takes that bound (1,024) so that one buffer's walk stays a short turn.
+        # and the virtio spec bounds a driver's chain by its queue size; the Python drain takes that
+        # bound (1,024, about 0.2 ms of Python) so that one buffer's walk stays a short turn.
         self.max_indirect = min(MAX_INDIRECT_DESCS, DESCRIPTORS_PER_UNIT * work_budget,
                                 PYTHON_MAX_INDIRECT if self._dataplane.kind == "python" else MAX_INDIRECT_DESCS)
         self._drain_queue: DeviceQueue | None = None

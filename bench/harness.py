@@ -89,8 +89,9 @@ class Backend:
                  sysfs: str | None = None, period: float = 0.05, follow: bool = False,
                  kick_batch_delay: float | None = None, age: bool = False, split: bool = False,
                  policy: str = "stamp", lane_slice_us: int | None = None, stderr_to: str | None = None,
-                 shared_page: bool = False) -> None:
+                 shared_page: bool = False, env: dict[str, str] | None = None) -> None:
         self.dir = sock_dir
+        self.env = None if env is None else {**os.environ, **env}  # e.g. VUC_DATAPLANE=python
         self.stderr_to = stderr_to
         self.vms = vms
         self.vcpus = vcpus
@@ -129,7 +130,7 @@ class Backend:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "backend_proc.py"), *self.args,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                pass_fds=(self.stamp_fd,) if self.stamp_fd is not None else (), limit=64 << 20)
+                pass_fds=(self.stamp_fd,) if self.stamp_fd is not None else (), limit=64 << 20, env=self.env)
         finally:
             if err is not None:
                 err.close()

@@ -17,16 +17,23 @@ for every ring; the tests compare the two on generated rings.  Everything
 is expressed in small integers so both can produce it: rejection reasons
 are indices into :data:`REASONS`.
 
-The work budget counts a buffer as the records it carries (at least one), or
-its descriptors divided by :data:`DESCRIPTORS_PER_UNIT` if that is more, so a
-turn is bounded however a guest shapes its buffers.  The buffer that crosses
-the budget is still completed.
+The work budget counts a buffer as the records it carries (at least
+``buffer_units``, 1 by default as in C), or its descriptors divided by
+:data:`DESCRIPTORS_PER_UNIT` if that is more, so a turn is bounded however a
+guest shapes its buffers.  The buffer that crosses the budget is still
+completed.  Popping, walking and returning a buffer costs this reference far
+more than one record does, so a caller that runs it as the data plane (no C)
+prices each buffer at :data:`PYTHON_BUFFER_UNITS` (a turn of 1-record batches
+then takes about as long as one of 256-record batches), may end a turn on time
+as well (``out_of_time``), and takes indirect tables of at most
+:data:`PYTHON_MAX_INDIRECT` entries.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import cpufreq as abi
 from .errors import RecordError, RingError
@@ -38,6 +45,8 @@ __all__ = [
     "EXPLAIN",
     "NO_HEAD",
     "DESCRIPTORS_PER_UNIT",
+    "PYTHON_BUFFER_UNITS",
+    "PYTHON_MAX_INDIRECT",
     "MAX_BUDGET",
     "ENTRY",
     "Drained",
@@ -94,6 +103,12 @@ EXPLAIN: dict[str, str] = {
 NO_HEAD = 0xFFFFFFFF
 #: Walking this many descriptors costs about as much as applying one record.
 DESCRIPTORS_PER_UNIT = 8
+#: What one buffer costs this reference when it is the data plane, in records' worth of work:
+#: a pop, a walk, a decode of the header and a push, each in Python.
+PYTHON_BUFFER_UNITS = 8
+#: The longest table this reference walks when it is the data plane: a chain no longer than the
+#: largest queue (the spec's bound on a driver), about 0.2 ms of Python on the development machine.
+PYTHON_MAX_INDIRECT = 1024
 #: Entries are numbered in 16 bits in record rejections.
 MAX_BUDGET = 0xFFFF - abi.MAX_RECORDS_PER_BATCH
 
@@ -122,10 +137,17 @@ class Drained:
     returned: int = 0  # buffers put on the used ring (every entry but a ring-level error)
 
 
-def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool) -> Drained:
-    """Pop, decode and return buffers until the ring is empty or ``budget`` is spent."""
+def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool,
+          buffer_units: int = 1, out_of_time: Callable[[], bool] | None = None) -> Drained:
+    """Pop, decode and return buffers until the ring is empty or ``budget`` is spent.
+
+    ``buffer_units`` is the least a buffer costs (1: the C drain's pricing).  ``out_of_time``,
+    asked after each buffer, ends the turn early (``more`` stays True) when it says so.
+    """
     if not 1 <= budget <= MAX_BUDGET:
         raise ValueError(f"budget {budget} outside 1..{MAX_BUDGET}")
+    if buffer_units < 1:
+        raise ValueError(f"buffer_units {buffer_units} below 1")
     out = Drained()
     codes = REASON_CODES
     while out.spent < budget:
@@ -140,16 +162,18 @@ def drain(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool
             out.entries.append((exc.head, code, 0, 0, 0, 0, 0))
             queue.push(exc.head, 0)
             out.returned += 1
-            out.spent += 1
+            out.spent += buffer_units
             continue
         if chain is None:
             out.more = False
             break
         cost = _decode(chain.read_all(), chain.head, out, num_vcpus, perf_request)
         out.descriptors += chain.descriptors
-        out.spent += max(1, cost, chain.descriptors // DESCRIPTORS_PER_UNIT)
+        out.spent += max(buffer_units, cost, chain.descriptors // DESCRIPTORS_PER_UNIT)
         queue.push(chain.head, 0)
         out.returned += 1
+        if out_of_time is not None and out.spent < budget and out_of_time():
+            break
     return out
 
 

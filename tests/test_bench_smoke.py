@@ -170,3 +170,28 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
             _rate_ok(q[f"batch_{b}"])
 
     assert data["targets"] and all("met" in t for t in data["targets"])
+
+
+def test_flood_bench_tiny_end_to_end(tmp_path: Path) -> None:
+    """bench/flood.py in its tiny configuration: every path (or its skip reason) and every flood kind
+    comes back with the victim's delays, the ratio to the no-flood trial, and the machine's load."""
+    out, md = tmp_path / "flood.json", tmp_path / "flood.md"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "flood.py"), "--tiny", "--json", str(out), "--md", str(md)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["cores"] and len(data["loadavg_start"]) == 3
+    assert set(data["paths"]) == {"lane", "loop-c", "loop-python"}
+    kinds = {"none", "kick-storm", "small", "full-ring", "indirect-zero", "indirect-max"}
+    ran = [p for p in data["paths"].values() if "skipped" not in p]
+    assert "skipped" not in data["paths"]["loop-python"]  # needs no compiler
+    for p in ran:
+        assert set(p["kinds"]) == kinds
+        for kind, s in p["kinds"].items():
+            assert s["n"] > 0, kind  # the victim was decided on during every trial
+            assert 0 < s["p50"] <= s["p99"] <= s["p99.9"] <= s["max"], s
+            assert _num(s["p99_ratio"]) and len(s["loadavg_1m"]) == len(s["others_cores"]) == 1
+            assert (s["flood_buffers_per_s"] > 0) == (kind not in ("none", "kick-storm")), (kind, s)
+        assert p["victim_missed"] == 0 and p["backend_errors"]["sessions_closed"] == 0
+    text = md.read_text()
+    assert "| loop-python | full-ring |" in text and "Target: every flood's p99 ratio" in text

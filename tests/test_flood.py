@@ -1,7 +1,7 @@
 """Guest floods and fairness: one VM floods, a victim VM on the same service must still be heard.
 
-The flooding guest runs in its own process (as a real guest would, on the
-other core of this 2-core machine): it keeps its 256-entry ring full of
+The flooding guest (tests/floodlib.py) runs in its own process (as a real guest
+would, on the other core of this 2-core machine): it keeps its 256-entry ring full of
 max-size batches (256 records each) and kicks after every refill, as fast as
 it can.  The service, with the real HostPolicy (dry-run actuator, a ceiling
 of 300 on the flooder), and the victim guest run in the test process; the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import struct
 import sys
 import threading
 import time
@@ -43,97 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOOD_VMAP = (0, 0, 1, 1, 2, 2, 2, 2)  # 8 vCPUs over the three PIXEL6 clusters
 VICTIM_VMAP = (2, 2)
 CEILING = 300
-
-
-# -- the flooding guest (a child process) -----------------------------------------------------------
-
-
-def flooder_main(path: str, seconds: float, mode: str) -> None:
-    """Entry point of the flooding guest process: prints "ready", floods, prints the batches sent."""
-    asyncio.run(_flood(path, seconds, mode))
-
-
-async def _flood(path: str, seconds: float, mode: str) -> None:
-    import ctypes
-    import mmap
-
-    from vhost_user_cpufreq.guest.driver import CpufreqDriver
-    from vhost_user_cpufreq.guest.frontend import InProcessTransport, VhostUserFrontend
-    from vhost_user_cpufreq.protocol.errors import RingError
-
-    fe = VhostUserFrontend()
-    await fe.connect(path)
-    await fe.handshake()
-    t = InProcessTransport(fe)
-    d = CpufreqDriver(t, queue_size=256, util_threshold=1)
-    await d.probe()
-    q, mem = d.queue, t.ram.memory
-    ring = fe.rings[0]
-    assert d.config is not None
-    n = d.config.num_vcpus
-    # avail.idx is published with one 16-bit store, as a real driver does (DriverQueue.publish
-    # stores it a byte at a time, which the back-end could read torn: see the test below).
-    shared = mmap.mmap(t.ram.fd, t.ram.size, flags=mmap.MAP_SHARED)
-    avail_idx = ctypes.c_uint16.from_buffer(shared, ring.avail + 2)
-    rng = random.Random(7)
-    # Max-size batches: 256 records, every vCPU many times over, half of them asking for the top frequency.
-    per_batch = 1 if mode == "small" else abi.MAX_RECORDS_PER_BATCH
-    templates = [
-        bytearray(abi.encode_batch(abi.Batch(0, 0, tuple(
-            abi.Record((k + i) % n, rng.randrange(abi.UTIL_SCALE + 1), 2802000 if rng.random() < 0.5 else 0)
-            for i in range(per_batch)))))
-        for k in range(8)
-    ]
-    size = len(templates[0])
-    free = [t.ram.alloc(size, 8) for _ in range(q.size)]
-    table = 0
-    if mode == "indirect-zero":
-        # One indirect table shared by every buffer: 32767 zero-length entries, then the batch.
-        nd = vq.MAX_INDIRECT_DESCS
-        table = t.ram.alloc(16 * nd, 16)
-        buf = bytearray(16 * nd)
-        for i in range(nd - 1):
-            struct.pack_into("<QIHH", buf, 16 * i, 0, 0, vq.VIRTQ_DESC_F_NEXT, i + 1)
-        mem.view(table, len(buf))[:] = buf
-    inflight: dict[int, int] = {}
-    seq = sent = torn = 0
-    print("ready", flush=True)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if mode == "kick-storm":
-            for _ in range(1000):
-                t.notify(0)
-            await asyncio.sleep(0)
-            continue
-        try:
-            for head, _ in q.reclaim():
-                free.append(inflight.pop(head))
-        except RingError:
-            torn += 1  # used.idx read half-written (the back-end stores it byte by byte); read again later
-        while free and q.num_free:
-            gpa = free.pop()
-            data = templates[seq % len(templates)]
-            struct.pack_into("<IHHQ", data, 0, seq & 0xFFFFFFFF, per_batch,
-                             abi.BATCH_F_RESYNC if seq == 0 else 0, time.monotonic_ns())
-            mem.view(gpa, size)[:] = data
-            head = q.add([(gpa, size)])
-            if mode == "indirect-zero":
-                # A well-formed chain: 32767 zero-length indirect descriptors, then a batch (the
-                # table is shared, so all but the first are stale duplicates: the walk costs the same).
-                if seq == 0:
-                    struct.pack_into("<QIHH", mem.view(table + 16 * (vq.MAX_INDIRECT_DESCS - 1), 16), 0, gpa, size, 0, 0)
-                struct.pack_into("<QIHH", mem.view(ring.desc + 16 * head, 16), 0, table,
-                                 16 * vq.MAX_INDIRECT_DESCS, vq.VIRTQ_DESC_F_INDIRECT, 0)
-            inflight[head] = gpa
-            seq += 1
-            sent += 1
-        avail_idx.value = q.avail_idx
-        t.notify(0)  # every time, wanted or not: as fast as it can
-        await asyncio.sleep(0)
-    print(f"torn {torn} sent {sent}", flush=True)
-    del avail_idx
-    await d.remove()
-    await fe.close()
 
 
 # -- the service side -----------------------------------------------------------------------------------
@@ -230,7 +138,7 @@ class Rig:
         return str(self.tmp / f"{vm}.sock")
 
     async def start_flooder(self, seconds: float, mode: str = "full-ring") -> Any:
-        code = f"from tests.test_flood import flooder_main; flooder_main({self.path('flood')!r}, {seconds}, {mode!r})"
+        code = f"from tests.floodlib import flooder_main; flooder_main({self.path('flood')!r}, {seconds}, {mode!r})"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, cwd=str(ROOT), stdout=asyncio.subprocess.PIPE)
         self.procs.append(proc)
@@ -416,6 +324,18 @@ async def test_a_flood_of_max_size_batches_does_not_starve_the_victim(rig: Rig) 
 async def test_chains_of_zero_length_indirect_descriptors_do_not_starve_the_victim(rig: Rig) -> None:
     r = await flood(rig, "indirect-zero", seconds=3.0)
     assert r.delays and _pct(r.delays, 0.99) < VICTIM_P99_BOUND, r.describe()
+    # 32,768 entries: more than a turn pays for, so each is refused before its walk.
+    assert rig.slots["flood"].counters.get("rejected", "chain-too-long") > 1000 and r.flood_records == 0
+
+
+async def test_chains_of_the_longest_indirect_table_taken_do_not_starve_the_victim(rig: Rig) -> None:
+    r = await flood(rig, "indirect-max", seconds=3.0)
+    assert r.delays and _pct(r.delays, 0.99) < VICTIM_P99_BOUND, r.describe()
+    refused = rig.slots["flood"].counters.get("rejected", "chain-too-long")
+    if rig.slots["flood"].device.max_indirect >= 4096:  # the C drain walks it
+        assert r.flood_records > 100 and refused == 0, r.describe()
+    else:  # the Python drain takes 1,024 at most
+        assert r.flood_records == 0 and refused > 100, r.describe()
 
 
 def _torn_reads(writer: Any, offset: int, seconds: float) -> tuple[int, int]:
@@ -472,3 +392,51 @@ def test_the_device_stores_a_ring_index_in_one_write() -> None:
     reads, torn = _torn_reads(device, avail_event, 1.0)
     assert reads > 100_000
     assert torn == 0, f"{torn} of {reads} guest reads saw a half-written avail_event"
+
+
+async def test_a_ring_whose_budget_ran_out_is_served_after_every_kick_that_came_during_its_turn(tmp_path: Path) -> None:
+    """Round-robin on the event loop: a backlogged ring's next turn waits behind the VMs that kicked
+    meanwhile (asyncio serves polled I/O before due timers; call_soon would have put it first)."""
+    from vhost_user_cpufreq.protocol.cpufreq import Batch, encode_batch
+
+    from .helpers import make_service, until
+
+    svc, _, pol, slots = await make_service(tmp_path, ("flood", (0, 0, 1, 2)), ("victim", (0, 0, 1, 2)))
+    flooder = await start_guest(str(tmp_path / "flood.sock"))
+    victim = await start_guest(str(tmp_path / "victim.sock"))
+    order: list[str] = []
+    try:
+        for i, g in enumerate((flooder, victim)):  # both rings started and served once
+            g.driver.set_util(0, 10 + i)
+            g.driver.flush()
+        await until(lambda: len(pol.records.get("flood", ())) == len(pol.records.get("victim", ())) == 1,
+                    what="a record from each")
+        for name in ("flood", "victim"):
+            dev = slots[name].device
+            assert dev._lane_slot is None  # the event loop serves both (no C engine in this policy)
+            inner = dev.handle_queue
+
+            def handle(index: int, queue: Any, _inner: Any = inner, _name: str = name) -> bool:
+                order.append(_name)
+                more = _inner(index, queue)
+                if _name == "flood" and order.count("flood") == 1:
+                    victim.driver.set_util(1, 700)  # the victim kicks during the flooder's first turn
+                    victim.driver.flush()
+                return more
+
+            dev.handle_queue = handle  # type: ignore[method-assign]
+        full = encode_batch(Batch(1, 0, tuple(Record(i % 4, i % 1000) for i in range(abi.MAX_RECORDS_PER_BATCH))))
+        ram, q = flooder.transport.ram, flooder.driver.queue
+        for _ in range(6):  # three turns' worth: two 256-record batches fill a turn's 512 units
+            gpa = ram.alloc(len(full), 8)
+            ram.memory.view(gpa, len(full))[:] = full
+            q.add([(gpa, len(full))])
+        q.publish()
+        flooder.transport.notify(0)
+        await until(lambda: order.count("flood") >= 3 and "victim" in order, what="three flood turns and the victim")
+        assert order[:3] == ["flood", "victim", "flood"], order
+        assert pol.records["victim"][-1].util == 700
+    finally:
+        await victim.close()
+        await flooder.close()
+        await svc.close()

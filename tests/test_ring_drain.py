@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhost_user_cpufreq.backend.dataplane.cdrain import CDrainer, dataplane
+from vhost_user_cpufreq.backend.dataplane.cdrain import CDrainer, dataplane, python_turn
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.errors import GuestMemoryError
-from vhost_user_cpufreq.protocol.requests import NO_HEAD, REASONS, drain
+from vhost_user_cpufreq.protocol.requests import NO_HEAD, PYTHON_BUFFER_UNITS, REASONS, drain
 from vhost_user_cpufreq.protocol.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -164,7 +164,7 @@ def scenario(draw: st.DrawFn) -> dict:
         a=a, b=b, size=size, base=base,
         indirect=draw(st.integers(0, 3)) > 0,
         max_chain=draw(st.sampled_from([16, 64, 2064, 65536, 65536])),
-        max_indirect=draw(st.sampled_from([1, 2, 32768, 32768])),
+        max_indirect=draw(st.sampled_from([1, 2, 4096, 32768])),
         budget=draw(st.sampled_from([1, 2, 5, 512, 512])),
         num_vcpus=draw(st.integers(1, 10)),
         perf_request=draw(st.booleans()),
@@ -405,7 +405,149 @@ def test_misaligned_rings_are_left_to_the_reference() -> None:
     mem = TwoRegions(bytearray(REGION1), bytearray(REGION2_SIZE))
     q = DeviceQueue(4, mem.view(DESC_GPA, 64), mem.view(AVAIL_GPA + 1, 14), mem.view(USED_GPA, 38), mem)
     assert CDrainer.for_queue(lib, q, 8) is None
-    assert DataPlane("c", "C", lib).drainer(q, 8) is drain
+    assert DataPlane("c", "C", lib).drainer(q, 8) is python_turn
     aligned = make_queue(bytearray(REGION1), bytearray(REGION2_SIZE), 4, indirect=True, max_chain=64,
                          max_indirect=4, base=0)
     assert isinstance(CDrainer.for_queue(lib, aligned, 8), CDrainer)
+
+
+# -- pricing a turn (docs/hostile-input.md, flood) ----------------------------------------------
+
+
+def _big_ring(size: int, batches: list[bytes], *, indirect_entries: int = 0,
+              max_indirect: int = 32768) -> tuple[DeviceQueue, bytearray]:
+    """A ring of ``size`` in one 1 MiB region holding ``batches`` (each behind an indirect table of
+    ``indirect_entries`` zero-length descriptors then the batch, if that is not 0)."""
+    mem = bytearray(1 << 20)
+    flat = TwoRegions(mem, bytearray(REGION2_SIZE))
+    desc, avail, used, data = 0, 16 * size, 16 * size + 8 + 2 * size, 32 * size + 4096
+    q = DeviceQueue(size, flat.view(desc, 16 * size), flat.view(avail, 6 + 2 * size), flat.view(used, 6 + 8 * size),
+                    flat, indirect=True, max_chain_bytes=65536, max_indirect=max_indirect)
+    drv = DriverQueue(size, flat.view(desc, 16 * size), flat.view(avail, 6 + 2 * size),
+                      flat.view(used, 6 + 8 * size), flat)
+    gpa = data
+    for b in batches:
+        mem[gpa : gpa + len(b)] = b
+        head = drv.add([(gpa, len(b))])
+        gpa += (len(b) + 15) // 16 * 16
+        if indirect_entries:
+            table = gpa
+            for i in range(indirect_entries - 1):
+                DESC.pack_into(mem, table + 16 * i, 0, 0, VIRTQ_DESC_F_NEXT, i + 1)
+            DESC.pack_into(mem, table + 16 * (indirect_entries - 1), gpa - (len(b) + 15) // 16 * 16, len(b), 0, 0)
+            DESC.pack_into(mem, desc + 16 * head, table, 16 * indirect_entries, VIRTQ_DESC_F_INDIRECT, 0)
+            gpa += 16 * indirect_entries
+    drv.publish()
+    return q, mem
+
+
+def _batch(seq: int, n: int) -> bytes:
+    return abi.encode_batch(abi.Batch(seq, 0, tuple(abi.Record(i % 8, i % 1025) for i in range(n))))
+
+
+def test_a_python_turn_prices_each_buffer_so_small_batches_stop_early() -> None:
+    ring = [_batch(s, 1) for s in range(256)]
+    q, _ = _big_ring(256, ring)
+    d = drain(q, 512, num_vcpus=8, perf_request=False, buffer_units=PYTHON_BUFFER_UNITS)
+    assert len(d.entries) == 512 // PYTHON_BUFFER_UNITS == 64 and d.spent == 512 and d.more
+    assert len(d.records) == 64 and all(e[1] == 0 for e in d.entries)
+    q, _ = _big_ring(256, ring)  # the C drain's pricing: a 1-record buffer is one unit
+    d = drain(q, 512, num_vcpus=8, perf_request=False)
+    assert len(d.entries) == 256 and d.spent == 256 and not d.more
+    with pytest.raises(ValueError):
+        drain(q, 512, num_vcpus=8, perf_request=False, buffer_units=0)
+
+
+@pytest.mark.parametrize("units", [1, PYTHON_BUFFER_UNITS])
+def test_a_turn_of_max_size_batches_stops_at_the_budget(units: int) -> None:
+    q, _ = _big_ring(8, [_batch(s, abi.MAX_RECORDS_PER_BATCH) for s in range(8)])
+    d = drain(q, 512, num_vcpus=8, perf_request=False, buffer_units=units)
+    assert len(d.entries) == 2 and d.spent == 512 and d.more  # 256 records each: two fill the turn
+    assert len(d.records) == 512
+    d = drain(q, 300, num_vcpus=8, perf_request=False, buffer_units=units)
+    assert len(d.entries) == 2 and d.spent == 512  # the buffer that crosses the budget is completed
+
+
+def test_the_device_takes_an_indirect_table_no_longer_than_its_turn() -> None:
+    from vhost_user_cpufreq.backend.cpufreq.device import DEFAULT_WORK_BUDGET, CpufreqDevice
+    from vhost_user_cpufreq.backend.cpufreq.hostfreq import StaticSource
+    from vhost_user_cpufreq.backend.dataplane.cdrain import DataPlane
+    from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+    from vhost_user_cpufreq.protocol.requests import DESCRIPTORS_PER_UNIT, PYTHON_MAX_INDIRECT
+
+    c, py = DataPlane("c", "C", object()), DataPlane("python", "Python")
+
+    def dev(plane: DataPlane, budget: int = DEFAULT_WORK_BUDGET) -> CpufreqDevice:
+        return CpufreqDevice("vm", (0, 1), StaticSource(PIXEL6), None, work_budget=budget,  # type: ignore[arg-type]
+                             data_plane=plane)
+
+    assert dev(c).max_indirect == DESCRIPTORS_PER_UNIT * DEFAULT_WORK_BUDGET == 4096
+    assert dev(c, 8).max_indirect == 64
+    assert dev(py).max_indirect == PYTHON_MAX_INDIRECT == 1024
+
+
+def test_a_python_turn_ends_on_time() -> None:
+    ring = [_batch(s, 1) for s in range(256)]
+    q, _ = _big_ring(256, ring)
+    asked = []
+
+    def out_of_time() -> bool:
+        asked.append(1)
+        return len(asked) == 5
+
+    d = drain(q, 512, num_vcpus=8, perf_request=False, out_of_time=out_of_time)
+    assert len(d.entries) == 5 and d.more  # asked after each buffer; the fifth answer ended it
+    d = drain(q, 3, num_vcpus=8, perf_request=False, out_of_time=lambda: True)
+    assert len(d.entries) == 1 and d.more
+    q, _ = _big_ring(256, ring)
+    d = python_turn(q, 512, num_vcpus=8, perf_request=False)  # the data plane's: priced, and on a clock
+    assert 1 <= len(d.entries) <= 64 and d.more and all(e[1] == 0 for e in d.entries)
+
+
+@pytest.mark.parametrize("use_c", [False, True])
+def test_an_oversize_indirect_table_is_refused_unwalked_on_both_drains(use_c: bool) -> None:
+    """4,097 entries: chain-too-long at one unit, before a single entry is read (the entries would
+    loop, which a walk would report as descriptor-loop).  4,096 zero-length ones are walked and
+    cost the whole turn's 512 units."""
+    run = CDrainer(c_lib(), _big_ring(4, [])[0], 512).drain if use_c else drain
+    q, mem = _big_ring(4, [_batch(0, 1)], indirect_entries=4097, max_indirect=4096)
+    table = DESC.unpack_from(mem, 0)[0]
+    for i in range(4097):  # every entry now links back to the first: a walk would find a loop
+        DESC.pack_into(mem, table + 16 * i, 0, 0, VIRTQ_DESC_F_NEXT, 0)
+    if use_c:
+        run = CDrainer(c_lib(), q, 512).drain
+    d = run(q, 512, num_vcpus=8, perf_request=False)
+    assert d.entries == [(0, REASONS.index("chain-too-long"), 0, 0, 0, 0, 0)] and d.spent == 1
+    assert d.descriptors == 0 and d.returned == 1
+    q, _ = _big_ring(4, [_batch(0, 1), _batch(1, 1)], indirect_entries=4096, max_indirect=4096)
+    if use_c:
+        run = CDrainer(c_lib(), q, 512).drain
+    d = run(q, 512, num_vcpus=8, perf_request=False)
+    assert [e[1] for e in d.entries] == [0] and d.spent == 512 and d.more and d.descriptors == 4097  # and the ring's own
+
+
+async def test_an_oversize_indirect_table_is_counted_and_logged(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Over a real session: the rejection is counted by reason and logged, and the VM is served."""
+    import logging
+
+    svc, _, pol, slots = await make_service(tmp_path, ("vm", (0, 0, 1, 2)))
+    g = await start_guest(str(tmp_path / "vm.sock"))
+    caplog.set_level(logging.WARNING)
+    try:
+        ram, q = g.transport.ram, g.driver.queue
+        table = ram.alloc(16 * 4097, 16)
+        ram.memory.view(table, 16 * 4097)[:] = bytes(16 * 4097)
+        head = q.add([(table, 16)])  # rewritten below as an indirect descriptor over the whole table
+        ring = g.fe.rings[0]
+        ram.memory.view(ring.desc + 16 * head, 16)[:] = DESC.pack(table, 16 * 4097, VIRTQ_DESC_F_INDIRECT, 0)
+        q.publish()
+        g.transport.notify(0)
+        await until(lambda: slots["vm"].counters.get("rejected", "chain-too-long") == 1, what="the rejection")
+        assert any("chain-too-long" in r.getMessage() for r in caplog.records)
+        assert len(q.reclaim()) == 1
+        g.driver.set_util(1, 700)
+        g.driver.flush()
+        await until(lambda: pol.records["vm"] and pol.records["vm"][-1].util == 700, what="a good record")
+    finally:
+        await g.close()
+        await svc.close()

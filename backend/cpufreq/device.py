@@ -39,7 +39,14 @@ from typing import Callable, Sequence
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.cpufreq import Record
 from vhost_user_cpufreq.protocol.errors import SessionStateError
-from vhost_user_cpufreq.protocol.requests import EXPLAIN, NO_HEAD, REASONS, Drained
+from vhost_user_cpufreq.protocol.requests import (
+    DESCRIPTORS_PER_UNIT,
+    EXPLAIN,
+    NO_HEAD,
+    PYTHON_MAX_INDIRECT,
+    REASONS,
+    Drained,
+)
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
 from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, SeqSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.virtqueue import (
@@ -127,7 +134,7 @@ class CpufreqDevice:
     # Bounds what one buffer can make us copy (its readable part); a batch is at most
     # 16 + 8 * 256 bytes, the rest is room for writable segments the device ignores.
     max_chain_bytes = 1 << 16
-    max_indirect = MAX_INDIRECT_DESCS  # any valid table; its walk is charged to the work budget
+    max_indirect = MAX_INDIRECT_DESCS  # replaced per device by what its work budget pays for (__init__)
 
     def __init__(
         self,
@@ -179,6 +186,12 @@ class CpufreqDevice:
         self._unsubscribe = source.subscribe(self._on_snapshot)
         self._log_budget = LogBudget()
         self._dataplane = data_plane or dataplane()
+        # A table is walked before any of it is priced, so one longer than a whole turn pays for
+        # (8 x 512 = 4,096 entries) is refused unwalked: chain-too-long.  Still 4x the largest queue,
+        # and the virtio spec bounds a driver's chain by its queue size; the Python drain takes that
+        # bound (1,024, about 0.2 ms of Python) so that one buffer's walk stays a short turn.
+        self.max_indirect = min(MAX_INDIRECT_DESCS, DESCRIPTORS_PER_UNIT * work_budget,
+                                PYTHON_MAX_INDIRECT if self._dataplane.kind == "python" else MAX_INDIRECT_DESCS)
         self._drain_queue: DeviceQueue | None = None
         self._drain: Callable[..., Drained] = drain_requests  # replaced on the first drain
         batch = getattr(policy, "on_records", None)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, Drained
+from vhost_user_cpufreq.protocol.requests import ENTRY, MAX_BUDGET, PYTHON_BUFFER_UNITS, Drained
 from vhost_user_cpufreq.protocol.requests import drain as reference_drain
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
@@ -46,12 +47,29 @@ class DataPlane:
     lane: bool = False  # request queues may be served by the C kick lane (backend/dataplane/lane.py)
 
     def drainer(self, queue: DeviceQueue, budget: int) -> Callable[..., Drained]:
-        """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``."""
+        """A ``drain(queue, budget, num_vcpus=, perf_request=)`` bound to ``queue``.
+
+        The Python reference, when it serves, prices a buffer at PYTHON_BUFFER_UNITS: its turn
+        on the event loop is then bounded in time as well as in records (docs/hostile-input.md).
+        """
         if self.lib is not None:
             d = CDrainer.for_queue(self.lib, queue, budget)
             if d is not None:
                 return d.drain
-        return reference_drain
+        return python_turn
+
+
+#: How long a turn of the Python drain may run before it yields to other VMs (the buffer that
+#: crosses it is completed): a victim VM waits for at most about this much of a flooder's turn.
+PYTHON_TURN_S = 0.0003
+
+
+def python_turn(queue: DeviceQueue, budget: int, *, num_vcpus: int, perf_request: bool) -> Drained:
+    """The Python reference as the data plane: each buffer priced at PYTHON_BUFFER_UNITS, and the
+    turn ended after PYTHON_TURN_S, so its time on the event loop is bounded (docs/hostile-input.md)."""
+    end = time.perf_counter() + PYTHON_TURN_S
+    return reference_drain(queue, budget, num_vcpus=num_vcpus, perf_request=perf_request,
+                           buffer_units=PYTHON_BUFFER_UNITS, out_of_time=lambda: time.perf_counter() > end)
 
 
 _selected: DataPlane | None = None

@@ -281,6 +281,8 @@ static void *lane_main(void *arg) {
             if (!s)
                 continue; /* detached meanwhile */
             s->kicks++;
+            if (s->again)
+                continue; /* its next turn is queued (housekeeping, below): a kick must not buy a second */
             double t0 = vuc_now_s();
             process(l, s);
             observe(s, vuc_now_s() - t0);

@@ -399,10 +399,17 @@ class Session:
         # From the guest's kick being read to every record of it decided on.
         self.counters.observe("kick_to_decision_seconds", time.perf_counter() - t0)
 
-    def _schedule(self, ring: Ring) -> None:
+    def _schedule(self, ring: Ring, *, behind_io: bool = False) -> None:
         if not ring.scheduled:
             ring.scheduled = True
-            self.loop.call_soon(self._scheduled_process, ring)
+            if behind_io:
+                # A timer due now, not call_soon: asyncio runs the callbacks of the I/O it polls
+                # next before the timers that came due, so every kick that arrived during this
+                # turn (any VM's) is served before this ring's next turn, and backlogged rings
+                # take turns in the order they yielded.  call_soon would put this turn first.
+                self.loop.call_at(self.loop.time(), self._scheduled_process, ring)
+            else:
+                self.loop.call_soon(self._scheduled_process, ring)
 
     def _scheduled_process(self, ring: Ring) -> None:
         ring.scheduled = False
@@ -425,7 +432,7 @@ class Session:
         before = q.last_avail_idx
         more = self.device.handle_queue(ring.index, q)
         if more:
-            self._schedule(ring)  # work budget spent: come back after other sessions had their turn
+            self._schedule(ring, behind_io=True)  # budget spent: back after every VM that is ready
             return
         ahead, due = 1, None
         if q.event_idx and self.kick_batch_delay > 0:

@@ -14,35 +14,21 @@ import asyncio
 import json
 import os
 import sys
-import threading
 
 from vhost_user_cpufreq.guest.frontend import connect_guest
 
-
-def _threads(n: int, cpus: set[int] | None) -> tuple[list[int], threading.Event]:
-    stop = threading.Event()
-    tids: list[int] = []
-    ready = threading.Barrier(n + 1)
-
-    def body() -> None:
-        tids.append(threading.get_native_id())
-        ready.wait()
-        stop.wait()
-
-    for _ in range(n):
-        threading.Thread(target=body, daemon=True).start()
-    ready.wait()
-    tids.sort()
-    for i, tid in enumerate(tids):
-        with open(f"/proc/self/task/{tid}/comm", "w") as f:
-            f.write(f"CPU {i}/KVM")
-        if cpus is not None:
-            os.sched_setaffinity(tid, cpus)
-    return tids, stop
+from tests.helpers import named_vcpu_threads
 
 
 async def _main(sock: str, vcpus: int, cpus: set[int] | None) -> None:
-    tids, stop = _threads(vcpus, cpus)
+    with named_vcpu_threads(vcpus) as tids:
+        if cpus is not None:
+            for tid in tids:
+                os.sched_setaffinity(tid, cpus)
+        await _serve(sock, vcpus, tids)
+
+
+async def _serve(sock: str, vcpus: int, tids: list[int]) -> None:
     guest = await connect_guest(sock, lazy_records=0)
     print(json.dumps({"tids": tids}), flush=True)
     loop = asyncio.get_running_loop()
@@ -55,7 +41,6 @@ async def _main(sock: str, vcpus: int, cpus: set[int] | None) -> None:
         step += 1
         await asyncio.sleep(0.02)
     await guest.close()
-    stop.set()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 
 from ..defaults import KICK_BATCH_DELAY
 from ..host.hotplug import CpuHotplugMonitor
-from ..host.policy import HostPolicy
+from ..host.policy import HostPolicy, VmBinding
 from ..host.sysfs_source import SysfsSource
 from ..host.vcpu_threads import discover_threads
 from ..policy.engine import VcpuPlacement
@@ -110,13 +110,13 @@ class HostSide:
         if pins.pins:
             slot.log.info("pinning plan: %s", ", ".join(f"vCPU{v}->CPU{p}" for v, p in enumerate(pins.pinned)))
         else:
-            slot.log.info("pinning %s: affinity left alone; vCPUs decided for CPUs %s", pins.mode,
-                          ", ".join(f"vCPU{p.vcpu}->CPU{home}" for p, home in
-                                    zip(plan.placements, self._homes(plan))))
+            slot.log.info("pinning %s: affinity left alone; vCPUs decided for host domains %s", pins.mode,
+                          ", ".join(f"vCPU{p.vcpu}->{p.domain}" for p in plan.placements))
 
-    def _homes(self, plan: VmPlan) -> list[int]:
-        capacity = {c.id: c.capacity for c in self.source.model.cpus if c.online}
-        return [p if p is not None else home_cpu(a, capacity) for p, a in zip(plan.pins.pinned, plan.pins.allowed)]
+    def _bind(self, s: VmSettings, plan: VmPlan) -> VmBinding:
+        """Make ``plan`` the VM's, and hand its placements and limits to the policy."""
+        self.plans[s.name] = plan
+        return self.policy.bind(s.name, plan.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
                      listen_sock: socket.socket | None = None, kick_batch_delay: float = KICK_BATCH_DELAY) -> VmSlot:
@@ -127,8 +127,7 @@ class HostSide:
             listen_sock=listen_sock)
         # Recorded only once the socket is up: a VM that failed to start leaves nothing to undo.
         self.settings[s.name] = s
-        self.plans[s.name] = plan
-        self.policy.bind(s.name, plan.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
+        self._bind(s, plan)
         self._announce(slot, plan)
         return slot
 
@@ -139,8 +138,7 @@ class HostSide:
             self.adopted.pop(s.name, None)
         new = self.plan(s, exclude_vm=s.name)
         self.settings[s.name] = s
-        self.plans[s.name] = new
-        b = self.policy.bind(s.name, new.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
+        b = self._bind(s, new)
         if b.tids:
             # Threads the old plan pinned and the new one does not get their own affinity back.
             self.policy.attach_threads(s.name, b.tids, unpin=[b.tids[v] for v in b.tids
@@ -208,8 +206,7 @@ class HostSide:
         old = self.plans[s.name]
         if new == old:
             return
-        self.plans[s.name] = new
-        self.policy.bind(s.name, new.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
+        self._bind(s, new)
         if new.vcpu_host_domain != old.vcpu_host_domain:
             slot.device.remap(new.vcpu_host_domain)  # the guest learns its vCPUs' domains by a config change
         self._announce(slot, new)
@@ -241,8 +238,7 @@ class HostSide:
                 continue
             if new == old:
                 continue
-            self.plans[name] = new
-            b = self.policy.bind(name, new.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
+            b = self._bind(s, new)
             if b.tids:
                 self.policy.attach_threads(name, b.tids)
             slot = self.service.vms.get(name)

@@ -12,7 +12,9 @@ from vhost_user_cpufreq.backend.policy.engine import (
     VmLimits,
     bound,
     clamp_percent,
+    domain_cap,
     domain_clamps,
+    effective_cap,
     perf_to_clamp,
     plan_pinning,
     util_to_clamp,
@@ -116,6 +118,45 @@ def test_engine_invariants_hold_for_any_sequence(evs, floor: int, ceiling: int) 
     e.tick(now + 20)
     for v, applied in e.vcpus.items():
         assert applied is None or applied == bound(0, lim, e.placement(v).pcpu_capacity)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events, st.integers(0, 1024), st.integers(0, 1024), st.integers(0, 1024),
+       st.sampled_from([1024, 0, 300]) | st.integers(0, 1024), st.sampled_from([1024, 130]) | st.integers(0, 1024),
+       st.booleans())
+def test_caps_bound_every_clamp(evs, a: int, b: int, c: int, cap0: int, cap1: int,  # type: ignore[no-untyped-def]
+                                release: bool) -> None:
+    floor, ceiling, vm_cap = sorted((a, b, c))[0], sorted((a, b, c))[2], sorted((a, b, c))[1]
+    lim = VmLimits(floor, ceiling, vm_cap)
+    places = [VcpuPlacement(0, 6, 1024, 1024, 2802000, 1, cap0), VcpuPlacement(1, 0, 160, 160, 1803000, 0, cap1)]
+    e = ClampEngine(places, lim, CFG)
+    top = {p.vcpu: min(cap0 if p.vcpu == 0 else cap1, vm_cap) for p in places}
+    assert {p.vcpu: effective_cap(p, lim) for p in places} == top
+    now = 0.0
+    for kind, vcpu, util, perf, dt in evs:
+        now += dt
+        changes = e.on_record(vcpu, util, perf if perf % 3 == 0 else 0, now) if kind == "rec" else e.tick(now)
+        if release and util % 7 == 0:
+            changes += e.release_all()
+        for ch in changes:
+            assert ch.uclamp_min <= top[ch.vcpu]  # the floor too: the kernel refuses uclamp_min > uclamp_max
+        for v, applied in e.vcpus.items():
+            assert applied is None or applied <= top[v]
+
+
+def test_a_cap_below_the_floor_is_refused() -> None:
+    with pytest.raises(ValueError, match="uclamp_max"):
+        VmLimits(floor=300, uclamp_max=200)
+
+
+def test_a_vcpu_advertised_a_lower_top_frequency_is_capped_there() -> None:
+    # A vCPU promised 1.4 GHz on a 2.8 GHz pCPU: the clamp at which schedutil picks 1.4 GHz.
+    assert domain_cap(1401000, 2802000, 1024, 0.8) == perf_to_clamp(1401000, 2802000, 1024, 0.8) == 409
+    assert domain_cap(2802000, 2802000, 1024, 0.8) == 1024  # same top: no cap
+    assert domain_cap(3000000, 2802000, 1024, 0.8) == 1024  # a faster promise is not a cap
+    assert domain_cap(1401000, 0, 1024, 0.8) == 1024  # unknown pCPU top: no cap
+    e = ClampEngine([VcpuPlacement(0, 6, 1024, 1024, 2802000, 0, 409)], VmLimits(floor=500), CFG)
+    assert [c.uclamp_min for c in e.on_record(0, 1024, 0, 0.0)] == [409]  # floor and request, both capped
 
 
 def test_domain_clamps_take_the_max_of_their_vcpus() -> None:

@@ -57,8 +57,10 @@ def engine_case(draw: st.DrawFn) -> dict[str, Any]:
     for v in ids:
         pcap = draw(st.sampled_from([160, 498, 1024, 1]))
         places.append(VcpuPlacement(v, draw(st.integers(0, 7)), pcap, draw(st.sampled_from([160, 498, 1024])),
-                                    draw(st.sampled_from([0, 1803000, 2802000, 1])), draw(st.integers(0, 2))))
+                                    draw(st.sampled_from([0, 1803000, 2802000, 1])), draw(st.integers(0, 2)),
+                                    draw(st.sampled_from([1024, 1024, 0, 130, 700]) | st.integers(0, 1024))))
     a, b = sorted((draw(st.integers(0, 1024)), draw(st.integers(0, 1024))))
+    cap = draw(st.sampled_from([1024, a]) | st.integers(a, 1024))  # the VM's uclamp_max (never below the floor)
     cfg = EngineConfig(hysteresis=draw(st.sampled_from([0, 1, 16, 32, 1024])),
                        min_interval=draw(st.sampled_from([0.0, 0.004, 0.008, 0.05])),
                        stale_after=draw(st.sampled_from([0.01, 0.1, 0.5])),
@@ -69,7 +71,7 @@ def engine_case(draw: st.DrawFn) -> dict[str, Any]:
         st.tuples(st.just("tick"), st.integers(0, 200)),
         st.tuples(st.just("release")),
     ), max_size=40))
-    return dict(places=places, limits=VmLimits(a, b), cfg=cfg, ops=ops)
+    return dict(places=places, limits=VmLimits(a, b, cap), cfg=cfg, ops=ops)
 
 
 @settings(max_examples=int(os.environ.get("VUC_ENGINE_EXAMPLES", "600")), deadline=None)

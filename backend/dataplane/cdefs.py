@@ -50,7 +50,7 @@ CDEFS = """
 
     /* engine.h, slot.h: the clamp engine and the kick lane */
     typedef struct { int32_t vcpu; int32_t value; int32_t reason; } vuc_change;
-    typedef struct { int32_t vcpu, pcpu_cap, vcpu_cap, pad; int64_t max_khz; } vuc_placement;
+    typedef struct { int32_t vcpu, pcpu_cap, vcpu_cap, cap; int64_t max_khz; } vuc_placement;
     typedef struct vuc_engine vuc_engine;
     vuc_engine *vuc_engine_new(void);
     void vuc_engine_free(vuc_engine *e);

@@ -47,6 +47,7 @@ int vuc_engine_configure(vuc_engine *e, uint32_t n, const vuc_placement *p, int3
         s->vcpu = p[i].vcpu;
         s->pcpu_cap = p[i].pcpu_cap;
         s->vcpu_cap = p[i].vcpu_cap;
+        s->top = p[i].cap < p[i].pcpu_cap ? p[i].cap : p[i].pcpu_cap;
         s->max_khz = p[i].max_khz;
         s->applied = NO_CLAMP;
         s->changed_at = -INFINITY;
@@ -104,8 +105,8 @@ evcpu *vuc_engine_find(vuc_engine *e, int32_t vcpu) {
 static inline int32_t imin(int32_t a, int32_t b) { return a < b ? a : b; }
 static inline int32_t imax(int32_t a, int32_t b) { return a > b ? a : b; }
 
-static int32_t bound(const vuc_engine *e, int32_t value, int32_t cap) {
-    return imax(imin(e->floor, cap), imin(imin(value, e->ceiling), cap));
+static int32_t bound(const vuc_engine *e, int32_t value, int32_t top) {
+    return imax(imin(e->floor, top), imin(imin(value, e->ceiling), top));
 }
 
 static int32_t util_to_clamp(int32_t util, int32_t vcpu_cap, int32_t pcpu_cap) {
@@ -123,7 +124,7 @@ static int32_t perf_to_clamp(int64_t perf, int64_t max_khz, int32_t pcpu_cap, do
 
 /* engine.py _consider: 1 and *out filled when the clamp moves now. */
 static uint32_t consider(vuc_engine *e, evcpu *s, double now, int reason, vuc_change *out) {
-    int32_t lo = bound(e, 0, s->pcpu_cap), hi = bound(e, CAPACITY_SCALE, s->pcpu_cap);
+    int32_t lo = bound(e, 0, s->top), hi = bound(e, CAPACITY_SCALE, s->top);
     if (s->applied != NO_CLAMP) {
         int32_t delta = abs(s->wanted - s->applied);
         if (delta == 0 || (delta < e->hysteresis && s->wanted != lo && s->wanted != hi)) {
@@ -151,7 +152,7 @@ uint32_t vuc_engine_record_locked(vuc_engine *e, int32_t vcpu, int32_t util, int
         return 0;
     int32_t raw = perf ? perf_to_clamp(perf, s->max_khz, s->pcpu_cap, e->headroom)
                        : util_to_clamp(util, s->vcpu_cap, s->pcpu_cap);
-    s->wanted = bound(e, raw, s->pcpu_cap);
+    s->wanted = bound(e, raw, s->top);
     s->record_at = now;
     s->has_record = 1;
     return consider(e, s, now, C_REQUEST, out);
@@ -163,7 +164,7 @@ uint32_t vuc_engine_tick_locked(vuc_engine *e, double now, vuc_change *out) {
         evcpu *s = &e->v[i];
         if (s->has_record && now - s->record_at >= e->stale_after) {
             s->has_record = 0;
-            s->wanted = bound(e, 0, s->pcpu_cap);
+            s->wanted = bound(e, 0, s->top);
             k += consider(e, s, now, C_STALE, &out[k]);
         } else if (s->pending) {
             k += consider(e, s, now, C_DEFERRED, &out[k]);

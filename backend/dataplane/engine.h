@@ -26,13 +26,14 @@ typedef struct {
 } vuc_change;
 
 typedef struct {
-    int32_t vcpu, pcpu_cap, vcpu_cap, pad;
+    int32_t vcpu, pcpu_cap, vcpu_cap, cap; /* cap: engine.py effective_cap(), the vCPU's uclamp_max */
     int64_t max_khz;
 } vuc_placement;
 
 /* One vCPU's engine state (engine.py _Vcpu), and what the lane needs to clamp its thread. */
 typedef struct {
     int32_t vcpu, pcpu_cap, vcpu_cap;
+    int32_t top; /* no clamp above: min(pcpu_cap, cap), engine.py _Vcpu.top */
     int64_t max_khz;
     int32_t wanted, applied; /* applied NO_CLAMP: never touched */
     double changed_at, record_at;

@@ -35,7 +35,7 @@ from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
 from ..counters import LATENCY_BUCKETS, Counters
 from ..defaults import LANE_SLICE_US
-from ..policy.engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits
+from ..policy.engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits, effective_cap
 from .cdrain import CDrainer, ffi, pointer_to
 
 __all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
@@ -70,6 +70,7 @@ class CClampEngine:
         for i, pl in enumerate(placements):
             p[i].vcpu, p[i].pcpu_cap, p[i].vcpu_cap, p[i].max_khz = (pl.vcpu, pl.pcpu_capacity, pl.vcpu_capacity,
                                                                       pl.max_khz)
+            p[i].cap = effective_cap(pl, limits)
         if self._lib.vuc_engine_configure(self.handle, len(placements), p, limits.floor, limits.ceiling,
                                           config.hysteresis, config.min_interval, config.stale_after,
                                           config.headroom) != 0:

@@ -27,6 +27,13 @@ whose guest sent nothing for ``stale_after`` seconds falls back to the floor:
 a guest that stops reporting loses its boost.  Per-VM floor and ceiling bound
 every value.
 
+Power cap: a vCPU's ``uclamp_max`` (the VM's cap, lowered further for a vCPU
+advertised a top frequency below its pCPU's, see :func:`domain_cap`) is also
+written to the thread or cgroup, and the kernel refuses a ``uclamp_min``
+above a task's ``uclamp_max`` (EINVAL).  So every value the engine decides,
+the floor included, is bounded by the vCPU's cap: ``top`` below is the lowest
+of pCPU capacity and cap.
+
 The engine returns :class:`ClampChange` lists; the asyncio shell applies them
 through actuators and arms one timer at :meth:`ClampEngine.next_deadline`.
 """
@@ -46,8 +53,10 @@ __all__ = [
     "util_to_clamp",
     "perf_to_clamp",
     "bound",
+    "effective_cap",
     "domain_clamps",
     "clamp_percent",
+    "domain_cap",
     "plan_pinning",
 ]
 
@@ -74,10 +83,14 @@ class EngineConfig:
 class VmLimits:
     floor: int = 0  # never clamp below (a guaranteed minimum)
     ceiling: int = CAPACITY_SCALE  # never boost above
+    #: the VM's power cap, written as uclamp_max (1024: no cap, the threads' uclamp_max is left alone)
+    uclamp_max: int = CAPACITY_SCALE
 
     def __post_init__(self) -> None:
         if not 0 <= self.floor <= self.ceiling <= CAPACITY_SCALE:
             raise ValueError(f"need 0 <= floor ({self.floor}) <= ceiling ({self.ceiling}) <= 1024")
+        if not self.floor <= self.uclamp_max <= CAPACITY_SCALE:
+            raise ValueError(f"need floor ({self.floor}) <= uclamp_max ({self.uclamp_max}) <= 1024")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +103,8 @@ class VcpuPlacement:
     vcpu_capacity: int
     max_khz: int
     domain: int = 0  # host frequency domain of the pCPU (for per-domain cgroup clamps)
+    #: this vCPU's own cap (:func:`domain_cap`: advertised a lower top frequency than its pCPU's); 1024: none
+    uclamp_max: int = CAPACITY_SCALE
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +128,35 @@ def perf_to_clamp(perf_khz: int, max_khz: int, pcpu_capacity: int, headroom: flo
     return min(pcpu_capacity, int(frac * pcpu_capacity * headroom))
 
 
-def bound(value: int, limits: VmLimits, pcpu_capacity: int) -> int:
-    """Apply the VM's floor and ceiling; the floor is capped by what the pCPU can give."""
-    return max(min(limits.floor, pcpu_capacity), min(value, limits.ceiling, pcpu_capacity))
+def bound(value: int, limits: VmLimits, top: int) -> int:
+    """Apply the VM's floor and ceiling; the floor is capped by ``top`` (what the pCPU can give, or the cap)."""
+    return max(min(limits.floor, top), min(value, limits.ceiling, top))
+
+
+def effective_cap(place: VcpuPlacement, limits: VmLimits) -> int:
+    """The uclamp_max for ``place``'s thread: the VM's cap and the vCPU's own, whichever is lower."""
+    return min(place.uclamp_max, limits.uclamp_max)
+
+
+def domain_cap(vcpu_max_khz: int, pcpu_max_khz: int, pcpu_capacity: int, headroom: float) -> int:
+    """The cap of a vCPU advertised ``vcpu_max_khz`` on a pCPU whose top is ``pcpu_max_khz``.
+
+    crosvm (devices/src/virtcpufreq_v2.rs) also sets uclamp_max when the two
+    tops differ, there to each request.  Here it is the clamp of a request
+    for the vCPU's top frequency (:func:`perf_to_clamp`), fixed while the
+    placement holds: the pCPU then never runs faster than the fastest vCPU
+    the guest was promised, and the guest's governor stays free below it.
+    1024 (no cap) where the vCPU's top is not lower.
+    """
+    if vcpu_max_khz <= 0 or pcpu_max_khz <= 0 or vcpu_max_khz >= pcpu_max_khz:
+        return CAPACITY_SCALE
+    return perf_to_clamp(vcpu_max_khz, pcpu_max_khz, pcpu_capacity, headroom)
 
 
 @dataclass(slots=True)
 class _Vcpu:
     place: VcpuPlacement
+    top: int  # no clamp above: the pCPU's capacity or the vCPU's cap, whichever is lower
     wanted: int = 0  # latest bounded request
     applied: int | None = None  # last value handed out (None: never touched)
     changed_at: float = float("-inf")
@@ -135,7 +171,7 @@ class ClampEngine:
                  config: EngineConfig = EngineConfig()) -> None:
         self.limits = limits
         self.config = config
-        self._v = {p.vcpu: _Vcpu(p) for p in placements}
+        self._v = {p.vcpu: _Vcpu(p, min(p.pcpu_capacity, effective_cap(p, limits))) for p in placements}
 
     @property
     def vcpus(self) -> Mapping[int, int | None]:
@@ -152,12 +188,12 @@ class ClampEngine:
         p = s.place
         raw = (perf_to_clamp(perf_khz, p.max_khz, p.pcpu_capacity, self.config.headroom) if perf_khz
                else util_to_clamp(util, p.vcpu_capacity, p.pcpu_capacity))
-        s.wanted = bound(raw, self.limits, p.pcpu_capacity)
+        s.wanted = bound(raw, self.limits, s.top)
         s.record_at = now
         return self._consider(s, now, "request")
 
     def _consider(self, s: _Vcpu, now: float, reason: str) -> list[ClampChange]:
-        lo, hi = bound(0, self.limits, s.place.pcpu_capacity), bound(CAPACITY_SCALE, self.limits, s.place.pcpu_capacity)
+        lo, hi = bound(0, self.limits, s.top), bound(CAPACITY_SCALE, self.limits, s.top)
         if s.applied is not None:
             delta = abs(s.wanted - s.applied)
             if delta == 0 or (delta < self.config.hysteresis and s.wanted not in (lo, hi)):
@@ -175,7 +211,7 @@ class ClampEngine:
         for s in self._v.values():
             if s.record_at is not None and now - s.record_at >= self.config.stale_after:
                 s.record_at = None
-                s.wanted = bound(0, self.limits, s.place.pcpu_capacity)
+                s.wanted = bound(0, self.limits, s.top)
                 out += self._consider(s, now, "stale")
             elif s.pending:
                 out += self._consider(s, now, "deferred")

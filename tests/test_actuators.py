@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from vhost_user_cpufreq.backend.host import sched
 from vhost_user_cpufreq.backend.host.actuators import CgroupClampActuator, ThreadActuator
 from vhost_user_cpufreq.backend.counters import Counters
+from vhost_user_cpufreq.backend.host.statefile import StateFile
 
 CHILD = """
 import threading, time, sys
@@ -112,3 +114,53 @@ def test_cgroup_clamp_writes_percent_and_restores(tmp_path: Path) -> None:
     assert (cg / "cpu.uclamp.min").read_text() == "50.00\n"
     act.restore_all()
     assert (cg / "cpu.uclamp.min").read_text() == "0.00\n"
+
+
+def test_a_power_cap_sets_uclamp_max_lowers_a_higher_clamp_and_restore_puts_both_back(
+        child_threads: list[int], tmp_path: Path) -> None:
+    tid = child_threads[1]
+    before = sched.sched_getattr(tid)
+    c = Counters()
+    state = StateFile(str(tmp_path / "state.json"))
+    act = ThreadActuator(c, state=state)
+    assert act.clamp(tid, 700)
+    # Written ahead: the original clamps (uclamp_max included) are on disk before the thread changes.
+    rec = json.loads((tmp_path / "state.json").read_text())["threads"][0]
+    assert (rec["tid"], rec["util_min"], rec["util_max"]) == (tid, before.util_min, before.util_max)
+    assert act.cap(tid, 400)
+    assert act.caps[tid] == 400
+    if act.degraded is None:
+        a = sched.sched_getattr(tid)
+        # The kernel refuses uclamp_min > uclamp_max: the clamp came down with the cap.
+        assert (a.util_min, a.util_max) == (400, 400) and act.clamps[tid] == 400
+        assert c.get("caps_applied") == 1
+        assert act.cap(tid, None)  # the cap taken away: the thread's own uclamp_max again
+        assert sched.sched_getattr(tid).util_max == before.util_max and tid not in act.caps
+        assert act.cap(tid, 600)
+        assert sched.sched_getattr(tid).util_max == 600
+    else:
+        if os.environ.get("VUC_REQUIRE_UCLAMP") == "1":
+            pytest.fail(f"VUC_REQUIRE_UCLAMP=1 but {act.degraded}", pytrace=False)
+        assert c.get("caps_recorded") == 1  # no CONFIG_UCLAMP_TASK here: recorded, as clamps are
+    act.restore_all()
+    after = sched.sched_getattr(tid)
+    assert (after.util_min, after.util_max) == (before.util_min, before.util_max)
+    assert act.caps == {} and json.loads((tmp_path / "state.json").read_text())["threads"] == []
+
+
+def test_cgroup_power_cap_writes_uclamp_max_and_restores(tmp_path: Path) -> None:
+    cg = tmp_path / "vcpu0"
+    cg.mkdir()
+    (cg / "cpu.uclamp.min").write_text("0.00\n")
+    (cg / "cpu.uclamp.max").write_text("max\n")
+    c = Counters()
+    act = CgroupClampActuator(c)
+    assert act.cap(cg, 768)
+    assert (cg / "cpu.uclamp.max").read_text() == "75.00\n" and act.max_values[cg] == 768
+    assert act.cap(cg, None)  # taken away: back to what it was
+    assert (cg / "cpu.uclamp.max").read_text() == "max\n" and cg not in act.max_values
+    assert act.cap(cg, 512) and act.clamp(cg, 300)
+    act.restore_all()
+    assert (cg / "cpu.uclamp.max").read_text() == "max\n" and (cg / "cpu.uclamp.min").read_text() == "0.00\n"
+    missing = tmp_path / "gone"
+    assert not act.cap(missing, 512) and c.get("cap_failed", "enoent") == 1

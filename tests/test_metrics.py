@@ -174,6 +174,8 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
         assert _value(s, P + "vcpu_uclamp_min_ratio", vm="vm0", vcpu=str(v)) == (clamps[v] or 0) / 1024
         assert _value(s, P + "vcpu_guest_utilization_ratio", vm="vm0", vcpu=str(v)) == UTILS[v] / 1024
     assert _value(s, P + "vcpu_uclamp_min_ratio", vm="vm0", vcpu="3") == 1000 / 1024  # big vCPU on the big pCPU
+    # No power cap configured: every vCPU's uclamp_max is the whole capacity.
+    assert all(_value(s, P + "vcpu_uclamp_max_ratio", vm="vm0", vcpu=str(v)) == 1 for v in range(4))
     # Frequencies in hertz: vm0's vCPUs sit on the little, little, mid and big CPUs.
     assert [_value(s, P + "domain_frequency_hertz", vm="vm0", domain=str(i)) for i in range(3)] == [3e8, 4e8, 1.5e9]
     assert [_value(s, P + "host_domain_frequency_hertz", domain=str(i)) for i in range(3)] == [3e8, 4e8, 1.5e9]

@@ -3,7 +3,8 @@
 Each actuator remembers what a thread (or cgroup) had before it first touched
 it and puts exactly that back on :meth:`restore`, so a VM that leaves, or a
 service that stops, leaves nothing behind.  Clamps are applied per thread
-with ``sched_setattr`` or per cgroup through ``cpu.uclamp.min``; when the
+with ``sched_setattr`` or per cgroup through ``cpu.uclamp.min``, and a VM's
+power cap likewise through ``uclamp_max`` / ``cpu.uclamp.max``; when the
 kernel cannot clamp (no CONFIG_UCLAMP_TASK) or in dry-run mode, the value
 that would have been applied is recorded instead and ``degraded`` says why.
 Failures (a thread that exited, a permission denied) are counted and logged,
@@ -51,6 +52,7 @@ class ThreadActuator:
         self.originals: dict[int, Original] = {}
         self.pinned: dict[int, int] = {}
         self.clamps: dict[int, int] = {}  # applied, or would-be-applied when degraded
+        self.caps: dict[int, int] = {}  # uclamp_max applied (or would-be), threads the service capped
 
     def _remember(self, tid: int, *, affinity: bool) -> None:
         """Record what ``tid`` has before its first change; its affinity only once we are about to pin
@@ -122,11 +124,44 @@ class ThreadActuator:
         self.counters.inc("clamps_applied" if self.degraded is None else "clamps_recorded")
         return True
 
+    def cap(self, tid: int, util_max: int | None) -> bool:
+        """Set ``tid``'s uclamp_max (None: back to its own).  The kernel refuses a uclamp_min above
+        uclamp_max (EINVAL), so a thread's uclamp_min above the new cap is lowered to it in the same call."""
+        if util_max is None:
+            if tid not in self.caps:
+                return True
+            orig = self.originals.get(tid)
+            target = orig.util_max if orig is not None and orig.util_max is not None else 1024
+        else:
+            target = util_max
+        try:
+            self._remember(tid, affinity=False)
+            if self.degraded is None:
+                cur = sched.sched_getattr(tid)
+                lower = target if cur.util_min > target else None
+                sched.sched_setattr_clamp(tid, lower, target)
+                if lower is not None and tid in self.clamps:
+                    self.clamps[tid] = lower
+        except sched.UclampUnsupported as exc:
+            self.degraded = f"kernel refused util clamps: {exc.strerror}"
+            log.warning("util clamps unavailable, recording instead: %s", exc)
+        except OSError as exc:
+            self.counters.inc("cap_failed", _errname(exc))
+            log.warning("could not cap thread %d at %d: %s", tid, target, exc.strerror)
+            return False
+        if util_max is None:
+            self.caps.pop(tid, None)
+        else:
+            self.caps[tid] = util_max
+        self.counters.inc("caps_applied" if self.degraded is None else "caps_recorded")
+        return True
+
     def restore(self, tid: int) -> None:
         """Give ``tid`` back what it had before we touched it."""
         orig = self.originals.pop(tid, None)
         self.pinned.pop(tid, None)
         touched_clamp = self.clamps.pop(tid, None) is not None
+        touched_clamp |= self.caps.pop(tid, None) is not None
         if orig is None or self.dry_run:
             return
         try:
@@ -171,6 +206,40 @@ class CgroupClampActuator:
         self.originals: dict[Path, str] = {}
         self.values: dict[Path, int] = {}
         self.caps: dict[Path, int] = {}  # the ancestors' cap, read when a cgroup is first clamped
+        self.max_originals: dict[Path, str] = {}  # cpu.uclamp.max before the service's power cap
+        self.max_values: dict[Path, int] = {}  # the power cap written (cpu.uclamp.max)
+
+    def cap(self, cgroup: Path, util_max: int | None) -> bool:
+        """Write ``cgroup``'s ``cpu.uclamp.max`` (the VM's power cap); None: back to what it was."""
+        f = cgroup / "cpu.uclamp.max"
+        if util_max is None:
+            if cgroup not in self.max_values:
+                return True
+            self._restore_max(cgroup)
+            return True
+        try:
+            if cgroup not in self.max_originals:
+                self.max_originals[cgroup] = f.read_text().strip()
+            if not self.dry_run:
+                f.write_text(clamp_percent(util_max) + "\n")
+        except OSError as exc:
+            self.counters.inc("cap_failed", _errname(exc))
+            log.warning("could not write %s: %s", f, exc.strerror)
+            return False
+        self.max_values[cgroup] = util_max
+        self.counters.inc("caps_applied")
+        return True
+
+    def _restore_max(self, cgroup: Path) -> None:
+        value = self.max_originals.pop(cgroup, None)
+        self.max_values.pop(cgroup, None)
+        if value is None or self.dry_run:
+            return
+        try:
+            (cgroup / "cpu.uclamp.max").write_text(value + "\n")
+        except OSError as exc:
+            self.counters.inc("restore_failed", _errname(exc))
+            log.warning("could not restore %s/cpu.uclamp.max: %s", cgroup, exc.strerror)
 
     def clamp(self, cgroup: Path, util_min: int) -> bool:
         f = cgroup / "cpu.uclamp.min"
@@ -195,6 +264,7 @@ class CgroupClampActuator:
         return True
 
     def restore(self, cgroup: Path) -> None:
+        self._restore_max(cgroup)
         value = self.originals.pop(cgroup, None)
         self.values.pop(cgroup, None)
         self.caps.pop(cgroup, None)
@@ -208,7 +278,7 @@ class CgroupClampActuator:
             log.warning("could not restore %s: %s", cgroup, exc.strerror)
 
     def restore_all(self) -> None:
-        for cg in list(self.originals):
+        for cg in list(self.originals) + [c for c in self.max_originals if c not in self.originals]:
             self.restore(cg)
 
 

@@ -5,7 +5,11 @@ interface).  Per VM it keeps a :class:`~.policy.engine.ClampEngine`, the vCPU th
 ids found for the connected QEMU, and one timer armed at the engine's next
 deadline (deferred values and stale-hint decay).  Attaching a VM pins each
 vCPU thread to its planned pCPU; detaching releases the clamps and gives every
-thread back its original affinity and clamps.
+thread back its original affinity and clamps.  A VM's power cap (each vCPU's
+:func:`~.policy.engine.effective_cap`) is written as the threads' (or cgroups')
+uclamp_max once they are known, and again in place when a reload changes it:
+raised before the engine may decide above the old cap, lowered after it decides
+within the new one, so no clamp the lane writes meets a cap below it.
 
 With the C data plane the engine is a :class:`~.dataplane.lane.CClampEngine`, and
 :meth:`HostPolicy.lane_binding` lets the device hand the VM's request queue
@@ -30,7 +34,8 @@ from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
 from ..dataplane.cdrain import dataplane
 from ..dataplane.lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
 from ..policy.decision import Decision, schedutil_khz
-from ..policy.engine import ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits, domain_clamps
+from ..policy.engine import (CAPACITY_SCALE, ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits,
+                             domain_clamps, effective_cap)
 from .actuators import CgroupClampActuator, ThreadActuator
 from .cgroups import ThreadedCgroups, cgroup_of
 
@@ -83,6 +88,8 @@ class HostPolicy:
         """Set up (or replace) the engine of a VM; threads come with :meth:`attach_threads`."""
         old = self.vms.get(vm)
         engine: ClampEngine | CClampEngine
+        if old is not None and old.tids and old.cgroup == cgroup:
+            self._apply_caps(old, {p.vcpu: effective_cap(p, limits) for p in placements}, rising_only=True)
         if old is not None and isinstance(old.engine, CClampEngine):
             engine = old.engine  # the lane may hold it: start it afresh in place
             engine.configure(placements, limits, self.config)
@@ -100,6 +107,8 @@ class HostPolicy:
                 self._leave_cgroups(old)  # attach_threads() enters the new layout
         self.vms[vm] = b
         self._lane_threads(b)
+        if b.tids and old is not None and old.cgroup == cgroup:
+            self._apply_caps(b)
         if old is not None and b.on_change is not None and (old.cgroup is None) != (cgroup is None):
             b.on_change()  # per-thread <-> cgroup: the lane takes or leaves the VM
         return b
@@ -151,6 +160,8 @@ class HostPolicy:
         self._lane_threads(b)
         if b.cgroup is not None and b.cgroup.startswith("{qemu}/"):
             self._enter_cgroups(b)
+        else:
+            self._apply_caps(b)
 
     def _enter_cgroups(self, b: VmBinding) -> None:
         """Make the VM's threaded cgroups under its QEMU's cgroup and move the vCPU threads in."""
@@ -168,6 +179,7 @@ class HostPolicy:
                                 [t for v, t in b.tids.items() if self._cgroup_key(b, v) == key])
         log.info("[%s] vCPU threads moved into %s", b.vm, ", ".join(str(p) for p in paths.values()))
         self._apply(b, [], force=True)  # what the engine holds already
+        self._apply_caps(b)
 
     def _leave_cgroups(self, b: VmBinding) -> None:
         """Clamps back to what they were; threads out of the cgroups the service made, which go."""
@@ -262,6 +274,39 @@ class HostPolicy:
             path = paths.get(key)
             if path is not None and (force or self.cgroups.values.get(path) != value):
                 self.cgroups.clamp(path, value)
+
+    def caps(self, vm: str) -> dict[int, int]:
+        """Each vCPU's power cap (uclamp_max, 1024: none) as the VM's engine holds it."""
+        b = self.vms.get(vm)
+        if b is None:
+            return {}
+        return {v: effective_cap(b.engine.placement(v), b.engine.limits) for v in b.engine.vcpus}
+
+    def _apply_caps(self, b: VmBinding, caps: dict[int, int] | None = None, *, rising_only: bool = False) -> None:
+        """Write each vCPU's cap (``caps``, by default the engine's) where its clamps go; 1024 takes
+        the service's cap away.  ``rising_only``: only the caps that go up (before the engine may use them)."""
+        want = caps if caps is not None else self.caps(b.vm)
+        if b.cgroup is None:
+            for v, tid in b.tids.items():
+                new = want.get(v, CAPACITY_SCALE)
+                have = self.actuator.caps.get(tid, CAPACITY_SCALE)
+                if new != have and (not rising_only or new > have):
+                    self.actuator.cap(tid, new if new < CAPACITY_SCALE else None)
+            return
+        # One cgroup holds several vCPUs: it gets the highest of their caps (the engine still bounds
+        # each vCPU's clamp by its own).
+        paths = self._cgroup_paths(b)
+        per: dict[int, int] = {}
+        for v in b.engine.vcpus:
+            k = self._cgroup_key(b, v)
+            per[k] = max(per.get(k, 0), want.get(v, CAPACITY_SCALE))
+        for key, value in per.items():
+            path = paths.get(key)
+            if path is None:
+                continue
+            have = self.cgroups.max_values.get(path, CAPACITY_SCALE)
+            if value != have and (not rising_only or value > have):
+                self.cgroups.cap(path, value if value < CAPACITY_SCALE else None)
 
     @staticmethod
     def _cgroup_key(b: VmBinding, vcpu: int) -> int:

@@ -22,6 +22,7 @@ Example::
     pinning = "auto"                # auto | keep | none | a list of pCPUs, one per vCPU (may be shared)
     floor = 0                       # util clamp bounds, 0..1024
     ceiling = 1024
+    uclamp_max = 1024               # power cap (uclamp_max of the threads or cgroups); 1024: none
     clamp = "thread"                # thread | cgroup | none
     cgroup = "{qemu}/vuc-domain{domain}"  # with clamp = "cgroup": where the clamps are written
     shared_page = false             # host frequency in shared memory (QEMU >= 11.1; SPEC §8)
@@ -91,7 +92,7 @@ _SERVICE_KEYS = {
     "hysteresis", "min_interval", "stale_after", "headroom", "control_socket", "metrics_address",
     "state_file", "allowed_uids", "allowed_gids", "kick_batch_delay", "lane_slice_us",
 }
-_VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "clamp", "cgroup", "socket_mode",
+_VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "uclamp_max", "clamp", "cgroup", "socket_mode",
             "socket_owner", "socket_group", "shared_page"}
 
 
@@ -183,6 +184,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
         ceiling = r.get(t, vp, "ceiling", int, 1024, lambda v: 0 <= v <= 1024, "an integer 0..1024")
         if floor > ceiling:
             raise r.fail(vp + "floor", f"{floor} is above ceiling {ceiling}")
+        cap = r.get(t, vp, "uclamp_max", int, 1024, lambda v: 0 <= v <= 1024, "an integer 0..1024")
+        if cap < floor:
+            # The kernel refuses a uclamp_min above the task's uclamp_max: the floor could never hold.
+            raise r.fail(vp + "uclamp_max", f"{cap} is below floor {floor} (a guaranteed minimum above the cap)")
         clamp = r.get(t, vp, "clamp", str, "thread", lambda v: v in ("thread", "cgroup", "none"),
                       '"thread", "cgroup" or "none"')
         cgroup = r.get(t, vp, "cgroup", str, None, _cgroup_template_ok,
@@ -193,7 +198,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             raise r.fail(vp + "cgroup", 'is required with clamp = "cgroup"')
         vms[name] = VmSettings(
             name, sock, vcpus, r.get(t, vp, "qmp", str, None, lambda v: v.startswith("/"), "an absolute path"),
-            pinning, VmLimits(floor, ceiling), clamp, cgroup,
+            pinning, VmLimits(floor, ceiling, cap), clamp, cgroup,
             r.get(t, vp, "socket_mode", int, 0o600, lambda v: 0 <= v <= 0o777, "a file mode like 0o660"),
             r.get(t, vp, "socket_owner", int, None, lambda v: v >= 0, "a numeric uid"),
             r.get(t, vp, "socket_group", int, None, lambda v: v >= 0, "a numeric gid"),

@@ -153,6 +153,7 @@ class Daemon:
                 utils=tuple(st.util for st in list(slot.device.vcpus)),
                 clamps=dict(binding.engine.vcpus) if binding is not None else {},
                 freq_page=slot.device.freq_path == "page",
+                caps=self.policy.caps(vm),
             )
         model, hp = self.source.model, self.host.hotplug
         host = HostView(
@@ -225,6 +226,7 @@ class Daemon:
         for name, slot in self.service.vms.items():
             b = self.policy.vms.get(name)
             plan = self.host.plans.get(name)
+            caps = self.policy.caps(name)
             conn = slot.connection
             cfg = slot.device.config
             vms[name] = {
@@ -245,6 +247,7 @@ class Daemon:
                         "perf_khz": st.perf_khz,
                         "record_at": st.updated,  # CLOCK_MONOTONIC of the last record
                         "uclamp_min": (b.engine.vcpus.get(v) if b else None),
+                        "uclamp_max": caps.get(v),  # the power cap; 1024: none
                         "guest_domain": cfg.vcpu_domain[v],
                     }
                     for v, st in enumerate(slot.device.vcpus)
@@ -252,7 +255,7 @@ class Daemon:
                 "domains": [{"cur_khz": d.cur_khz, "min_khz": d.min_khz, "max_khz": d.max_khz,
                              "capacity": d.capacity} for d in cfg.domains],
                 "cgroups": [{"path": str(p), "uclamp_min": self.policy.cgroups.values.get(p),
-                             "cap": self.policy.cgroups.caps.get(p)}
+                             "cap": self.policy.cgroups.caps.get(p), "uclamp_max": self.policy.cgroups.max_values.get(p)}
                             for p in (self.policy.cgroup_paths(name) if b else [])],
                 "config_generation": cfg.generation,
                 "freq_path": slot.device.freq_path,  # "page" (shared memory) or "config" (config space)

@@ -105,6 +105,9 @@ SERVICE_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
     ("clamps_recorded", "clamps_recorded_total", "Util clamps recorded but not applied (degraded or dry run).",
      False),
     ("clamp_failed", "clamps_failed_total", "Util clamps that failed, by errno.", True),
+    ("caps_applied", "caps_applied_total", "Power caps (uclamp_max) written to vCPU threads or cgroups.", False),
+    ("caps_recorded", "caps_recorded_total", "Power caps recorded but not applied (degraded or dry run).", False),
+    ("cap_failed", "caps_failed_total", "Power caps (uclamp_max) that failed, by errno.", True),
     ("pins", "pins_total", "vCPU threads pinned to their planned pCPU.", False),
     ("pin_failed", "pins_failed_total", "vCPU thread pinnings that failed, by errno.", True),
     ("restored", "threads_restored_total", "vCPU threads given back their original affinity and clamps.", False),
@@ -172,6 +175,10 @@ class DaemonCollector:
             PREFIX + "vcpu_uclamp_min_ratio",
             "Util clamp (uclamp.min) applied to the vCPU thread, as a ratio of the biggest CPU's capacity.",
             labels=["vm", "vcpu"])
+        ucap = GaugeMetricFamily(
+            PREFIX + "vcpu_uclamp_max_ratio",
+            "Power cap (uclamp.max) of the vCPU, as a ratio of the biggest CPU's capacity; 1: no cap.",
+            labels=["vm", "vcpu"])
         util = GaugeMetricFamily(
             PREFIX + "vcpu_guest_utilization_ratio",
             "Last utilisation the guest reported for the vCPU, as a ratio of the vCPU's capacity.",
@@ -189,11 +196,12 @@ class DaemonCollector:
             for v, u in enumerate(s.utils):
                 # A vCPU the engine never touched has no clamp from us: 0.
                 uclamp.add_metric([vm, str(v)], (s.clamps.get(v) or 0) / CAPACITY_SCALE)
+                ucap.add_metric([vm, str(v)], s.caps.get(v, CAPACITY_SCALE) / CAPACITY_SCALE)
                 util.add_metric([vm, str(v)], u / CAPACITY_SCALE)
             for i, dom in enumerate(cfg.domains):
                 dom_cur.add_metric([vm, str(i)], dom.cur_khz * 1000.0)
                 dom_max.add_metric([vm, str(i)], dom.max_khz * 1000.0)
-        yield from (connected, generation, page, uclamp, util, dom_cur, dom_max)
+        yield from (connected, generation, page, uclamp, ucap, util, dom_cur, dom_max)
 
         yield GaugeMetricFamily(PREFIX + "vms_configured", "VMs configured (served sockets).", value=len(slots))
 

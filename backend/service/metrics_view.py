@@ -11,7 +11,7 @@ views without loading prometheus_client when no metrics address is set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig
@@ -35,6 +35,7 @@ class VmView:
     utils: tuple[int, ...]  # last util each vCPU reported
     clamps: Mapping[int, int | None]  # uclamp.min per vCPU (None: the engine has not clamped it)
     freq_page: bool = False  # host frequencies reach the guest through the shared page, not config space
+    caps: Mapping[int, int] = field(default_factory=dict)  # uclamp_max (power cap) per vCPU; 1024: none
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ falls back on it.
 
 from __future__ import annotations
 
-__all__ = ["KICK_BATCH_DELAY", "LANE_SLICE_US"]
+import os
+
+__all__ = ["KICK_BATCH_DELAY", "LANE_SLICE_US", "RUNTIME_DIR", "make_runtime_dir"]
 
 #: Poll period of a busy ring, in seconds (SPEC 6.3): the longest a busy VM's buffer
 #: waits without a kick.  0 means a kick for every buffer.
@@ -17,3 +19,14 @@ KICK_BATCH_DELAY = 0.004
 #: preempts a busy thread on the lane's CPU instead of waiting out its slice
 #: (kick_lane.c, request_slice).  0 leaves the kernel's default slice.
 LANE_SLICE_US = 100
+
+#: The unit's RuntimeDirectory= (deploy/): sockets, control socket and state file by default.
+RUNTIME_DIR = "/run/vhost-user-cpufreq"
+
+
+def make_runtime_dir(path: str) -> None:
+    """Make :data:`RUNTIME_DIR` if ``path`` is in it and it is missing: systemd makes it for the unit,
+    nobody does for a service started by hand (README's ``serve --socket-path ...``).  Any other
+    missing directory stays an error naming the path (a mistyped path is not silently made)."""
+    if os.path.dirname(path) == RUNTIME_DIR and not os.path.isdir(RUNTIME_DIR):
+        os.makedirs(RUNTIME_DIR, 0o755, exist_ok=True)

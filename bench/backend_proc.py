@@ -177,7 +177,8 @@ class EngineStampPolicy(HostPolicy):
     StampPolicy stamps them, after the engine decided.
     """
 
-    def __init__(self, stamper: StampPolicy, names: list[str], vmap: tuple[int, ...], lane: bool = True) -> None:
+    def __init__(self, stamper: StampPolicy, names: list[str], vmap: tuple[int, ...], lane: bool = True,
+                 pinned: bool = True) -> None:
         super().__init__(ThreadActuator(Counters(), dry_run=True), c_engine=None if lane else False)
         self.stamper = stamper
         self.vcpus = len(vmap)
@@ -186,7 +187,10 @@ class EngineStampPolicy(HostPolicy):
             placements = []
             for v, d in enumerate(vmap):
                 dom = PIXEL6.domains[d]
-                cpu = dom.cpus[used.get(d, 0) % len(dom.cpus)]
+                # pinned: a pCPU of the vCPU's domain, shared round-robin by every VM (800 vCPUs on 8 pCPUs,
+                # as explicit lists sharing pCPUs); unpinned (pinning "none"): no pCPU, decided for the
+                # biggest CPU as the daemon decides for a vCPU that may run anywhere (vcpu_map_unpinned).
+                cpu: int | None = dom.cpus[used.get(d, 0) % len(dom.cpus)] if pinned else None
                 used[d] = used.get(d, 0) + 1
                 placements.append(VcpuPlacement(v, cpu, dom.capacity, dom.capacity, dom.max_khz, d))
             self.bind(name, placements, VmLimits())
@@ -284,7 +288,8 @@ async def main(args: argparse.Namespace) -> None:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     loop = asyncio.get_running_loop()
-    vmap = vcpu_map(args.vcpus)
+    # pinning "none": every vCPU may run anywhere and is decided for (and told) the biggest CPU's domain
+    vmap = vcpu_map(args.vcpus) if args.pinning == "pinned" else (len(PIXEL6.domains) - 1,) * args.vcpus
     stamps = None
     if args.stamp_fd is not None:
         stamps = mmap.mmap(args.stamp_fd, stamp_area_size(args.vms, args.vcpus), flags=mmap.MAP_SHARED)
@@ -318,7 +323,7 @@ async def main(args: argparse.Namespace) -> None:
         split.install()
         stamper.split = split
     policy = (stamper if args.policy == "stamp"
-              else EngineStampPolicy(stamper, names, vmap, lane=args.policy == "engine"))
+              else EngineStampPolicy(stamper, names, vmap, lane=args.policy == "engine", pinned=args.pinning == "pinned"))
     svc = Service(source, policy, **({} if args.lane_slice_us is None else {"lane_slice_us": args.lane_slice_us}))  # type: ignore[arg-type]
     for n in names:
         await svc.add_vm(VmConfig(n, os.path.join(args.dir, f"{n}.sock"), vmap,
@@ -443,6 +448,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", required=True, help="directory for the VMs' sockets")
     p.add_argument("--vms", type=int, default=1)
     p.add_argument("--vcpus", type=int, default=8)
+    p.add_argument("--pinning", choices=("pinned", "none"), default="pinned",
+                   help="engine policies: vCPUs pinned to pCPUs shared by all VMs, or unpinned (pinning none)")
     p.add_argument("--policy", choices=("stamp", "engine", "engine-loop"), default="stamp",
                    help="stamp: schedutil's answer per vCPU, on the event loop; engine: the daemon's clamp engine "
                         "and actuator (dry run) on its default path, the C kick lane when the C data plane loads; "

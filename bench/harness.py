@@ -89,13 +89,14 @@ class Backend:
                  sysfs: str | None = None, period: float = 0.05, follow: bool = False,
                  kick_batch_delay: float | None = None, age: bool = False, split: bool = False,
                  policy: str = "stamp", lane_slice_us: int | None = None, stderr_to: str | None = None,
-                 shared_page: bool = False, env: dict[str, str] | None = None) -> None:
+                 shared_page: bool = False, env: dict[str, str] | None = None, pinning: str = "pinned") -> None:
         self.dir = sock_dir
         self.env = None if env is None else {**os.environ, **env}  # e.g. VUC_DATAPLANE=python
         self.stderr_to = stderr_to
         self.vms = vms
         self.vcpus = vcpus
-        self.args = ["--dir", sock_dir, "--vms", str(vms), "--vcpus", str(vcpus), "--policy", policy]
+        self.args = ["--dir", sock_dir, "--vms", str(vms), "--vcpus", str(vcpus), "--policy", policy,
+                     "--pinning", pinning]
         if kick_batch_delay is not None:
             self.args += ["--kick-batch-delay", str(kick_batch_delay)]
         if lane_slice_us is not None:

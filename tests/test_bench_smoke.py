@@ -145,7 +145,9 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     idle = sc["default"]["idle"]
     assert _num(idle["cpu_share"]) and _num(idle["rss_mib"]["VmRSS"])
     assert idle["connected"] == sc["vms"]
-    for variant in ("per-buffer", "default"):
+    assert sc["default"]["pinning"] == "pinned" and sc["default-unpinned"]["pinning"] == "none"
+    assert sc["default-unpinned"]["idle"]["connected"] == sc["vms"]
+    for variant in ("per-buffer", "default", "default-unpinned"):
         assert sc[variant]["policy"] == "engine"
         load = sc[variant]["load"]
         assert load["records"] > 0 and _num(load["cpu_share"])

@@ -328,7 +328,9 @@ def test_service_runs_under_the_units_seccomp_policy(workdir: Path) -> None:
 def test_example_config_loads() -> None:
     cfg = load_config(CONFIG)
     assert set(cfg.vms) == {"web1", "db1"}
-    assert cfg.vms["db1"].pinning == (2, 3) and cfg.vms["db1"].limits.floor == 256
+    # CPUs 0 and 1: the example serves as it is on a 2-CPU machine (issue 22)
+    assert cfg.vms["db1"].pinning == (0, 1) and cfg.vms["db1"].limits.floor == 256
+    assert cfg.vms["db1"].limits.uclamp_max == 768 and cfg.vms["web1"].limits.uclamp_max == 1024
     assert cfg.state_file == "/run/vhost-user-cpufreq/state.json"
 
 
@@ -344,7 +346,8 @@ async def test_example_config_is_served(workdir: Path) -> None:
     await d.start()
     try:
         st = d.status()
-        assert [c["pcpu"] for c in st["vms"]["db1"]["vcpus"]] == [2, 3]
+        assert [c["pcpu"] for c in st["vms"]["db1"]["vcpus"]] == [0, 1]
+        assert [c["uclamp_max"] for c in st["vms"]["db1"]["vcpus"]] == [768, 768]
         assert len(st["vms"]["web1"]["vcpus"]) == 4
         assert (workdir / "web1.sock").stat().st_mode & 0o777 == 0o660
     finally:
@@ -516,3 +519,16 @@ def test_daemonset() -> None:
     assert cfg.allowed_uids == (107,)
     assert all(vm.socket_group == 107 and vm.socket_mode == 0o660 for vm in cfg.vms.values())
     assert 107 in spec["securityContext"]["supplementalGroups"]
+
+
+def test_the_runtime_directory_is_made_by_hand_as_systemd_makes_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # README's `serve --socket-path /run/vhost-user-cpufreq/vm0.sock` on a machine without the unit.
+    from vhost_user_cpufreq.backend import defaults
+
+    run = tmp_path / "run-vuc"
+    monkeypatch.setattr(defaults, "RUNTIME_DIR", str(run))
+    defaults.make_runtime_dir(str(tmp_path / "elsewhere" / "a.sock"))
+    assert not run.exists() and not (tmp_path / "elsewhere").exists()  # only the service's own directory
+    defaults.make_runtime_dir(str(run / "vm0.sock"))
+    assert run.is_dir() and run.stat().st_mode & 0o777 == 0o755

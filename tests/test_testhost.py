@@ -57,6 +57,11 @@ def test_a_guest_record_sets_a_real_util_clamp_that_falls_with_it_and_goes_with_
     assert report["raised"], (report, log)
     high = report["high"][0]["util_min"]
     assert high > 0 and report["status_clamp"] == high  # what the kernel holds is what the service says
+    # The power cap (uclamp_max = 600) on both threads, read back from the kernel; the clamp within it.
+    assert report["capped"] and [a["util_max"] for a in report["high"]] == [600, 600], report["high"]
+    assert high <= 600 and report["status_cap"] == [600, 600]
+    # SIGHUP with a cap of 400: lowered in place, the clamp with it (the kernel refuses min > max).
+    assert report["recapped"] and all(a["util_min"] <= 400 for a in report["reloaded"]), report["reloaded"]
     assert report["high"][0]["flags"] & 0x01  # SCHED_FLAG_RESET_ON_FORK: a fork of a vCPU thread starts unclamped
     assert report["high"][1]["util_min"] == 0  # vCPU 1 sent nothing
     assert report["lowered"], report
@@ -191,6 +196,10 @@ def test_threaded_cgroups_take_the_vcpu_threads_clamp_them_and_give_them_back(te
     assert capped["types"] == {"vuc-domain0": "threaded", "vuc-domain1": "threaded"}, capped
     assert capped["threads"] == {"vuc-domain0": [str(report["tids"][0])], "vuc-domain1": [str(report["tids"][1])]}
     assert capped["uclamp_min"] == {"vuc-domain0": "29.30", "vuc-domain1": "87.89"}
+    # The power cap (uclamp_max = 950) in each cgroup's cpu.uclamp.max, and the kernel's effective max.
+    assert capped["uclamp_max"] == {"vuc-domain0": "92.77", "vuc-domain1": "92.77"}
+    assert capped["effective_max"] == [950, 950], capped
+    assert [c["uclamp_max"] for c in report["status_cgroups"]] == [950, 950]
     assert "cpu" in capped["home_subtree_control"] and "cpu" not in report["before"]["home_subtree_control"]
     # system.slice's cpu.uclamp.min is 0: the kernel caps the clamps, and the service says so.
     assert capped["effective"] == [0, 0]

@@ -17,6 +17,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from ..defaults import make_runtime_dir
+
 __all__ = ["ThreadRecord", "CgroupRecord", "StateFile", "thread_start_time", "recover"]
 
 log = logging.getLogger("vhost_user_cpufreq.state")
@@ -96,6 +98,7 @@ class StateFile:
 
     def _write(self) -> None:
         tmp = f"{self.path}.tmp"
+        make_runtime_dir(self.path)
         with open(tmp, "w") as f:
             json.dump({"threads": [asdict(r) for r in self.entries.values()],
                        "cgroups": [asdict(r) for r in self.cgroups.values()]}, f)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ..counters import Counters
 from ..cpufreq.device import CpufreqDevice
 from ..cpufreq.hostfreq import FrequencySource
-from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
+from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US, make_runtime_dir
 from ..policy.decision import Policy
 from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
 from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
@@ -231,6 +231,7 @@ def _listen(path: str, mode: int, owner: int | None = None, group: int | None = 
     _unlink_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        make_runtime_dir(path)
         # Create with the final mode already in place: no window where others may connect.
         old = os.umask(0o777 & ~mode)
         try:

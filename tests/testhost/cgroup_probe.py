@@ -13,7 +13,8 @@ reads what the kernel says at each step:
    moves each thread into its domain's and writes the clamps; the ancestors'
    ``cpu.uclamp.min`` is 0, so the kernel's *effective* clamp
    (``/proc/PID/task/TID/sched``) stays 0 and the service says so (cap 0,
-   ``clamps_capped``);
+   ``clamps_capped``); the VM's power cap (``uclamp_max = 950``) is written
+   to each directory's ``cpu.uclamp.max`` and is the threads' effective max;
 2. the administrator's step: ``system.slice`` and the unit's cgroup raised to
    "max"; the effective clamps become the service's;
 3. util 0: the effective clamp falls;
@@ -44,11 +45,11 @@ SLICE = Path("/sys/fs/cgroup/system.slice")
 UNIT = "vuc-cgroup-svc"
 
 
-def _effective(tid: int) -> int:
+def _effective(tid: int, which: str = "min") -> int:
     for line in Path(f"/proc/self/task/{tid}/sched").read_text().splitlines():
-        if line.startswith("effective uclamp.min"):
+        if line.startswith(f"effective uclamp.{which}"):
             return int(line.split(":")[1])
-    raise AssertionError("no 'effective uclamp.min' in sched: a kernel without CONFIG_UCLAMP_TASK")
+    raise AssertionError(f"no 'effective uclamp.{which}' in sched: a kernel without CONFIG_UCLAMP_TASK")
 
 
 def _cgroup(tid: int) -> str:
@@ -84,8 +85,10 @@ def _layout(home: Path, tids: list[int]) -> dict:  # type: ignore[type-arg]
             "types": {n: (home / n / "cgroup.type").read_text().strip() for n in dirs},
             "threads": {n: (home / n / "cgroup.threads").read_text().split() for n in dirs},
             "uclamp_min": {n: (home / n / "cpu.uclamp.min").read_text().strip() for n in dirs},
+            "uclamp_max": {n: (home / n / "cpu.uclamp.max").read_text().strip() for n in dirs},
             "thread_cgroups": [_cgroup(t) for t in tids],
             "effective": [_effective(t) for t in tids],
+            "effective_max": [_effective(t, "max") for t in tids],
             "home_subtree_control": (home / "cgroup.subtree_control").read_text().split()}
 
 
@@ -94,7 +97,7 @@ async def main(d: Path) -> dict:  # type: ignore[type-arg]
     cfg.write_text("\n".join([
         "[service]", f'control_socket = "{d}/control.sock"', f'state_file = "{d}/state.json"',
         "[vm.vm]", f'socket = "{d}/vm.sock"', "vcpus = 2", "pinning = [0, 1]", 'clamp = "cgroup"',
-        'cgroup = "{qemu}/vuc-domain{domain}"']) + "\n")
+        'cgroup = "{qemu}/vuc-domain{domain}"', "uclamp_max = 950"]) + "\n")
     home = cgroup_of(os.getpid())
     report: dict = {"home": str(home), "home_controllers": (home / "cgroup.controllers").read_text().split()}
     raised: list[Path] = []

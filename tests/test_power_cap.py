@@ -19,7 +19,8 @@ from vhost_user_cpufreq.backend.counters import Counters
 from vhost_user_cpufreq.backend.host import sched
 from vhost_user_cpufreq.backend.host.actuators import CgroupClampActuator, ThreadActuator
 from vhost_user_cpufreq.backend.host.policy import HostPolicy
-from vhost_user_cpufreq.backend.policy.engine import EngineConfig, VcpuPlacement, VmLimits
+from vhost_user_cpufreq.backend.cpufreq.hostfreq import advertised
+from vhost_user_cpufreq.backend.policy.engine import EngineConfig, VcpuPlacement, VmLimits, domain_cap
 from vhost_user_cpufreq.backend.service.config import ConfigError, load_config
 from vhost_user_cpufreq.backend.service.daemon import Daemon
 from vhost_user_cpufreq.backend.service.metrics import render
@@ -58,6 +59,9 @@ def test_a_cap_below_the_floor_or_out_of_range_is_refused_naming_file_and_key(tm
         load_config(path)
     assert load_config(_config(tmp_path, floor=300, uclamp_max=300)).vms["v"].limits == VmLimits(300, 1024, 300)
     assert load_config(_config(tmp_path)).vms["v"].limits.uclamp_max == 1024  # no cap unless asked
+    path = _config(tmp_path, max_khz=10)
+    with pytest.raises(ConfigError, match=rf"^{path}: vm\.v\.max_khz: must be kHz 1000\.\.20000000, got 10"):
+        load_config(path)
 
 
 # -- by thread, through the daemon ---------------------------------------------------------------------
@@ -185,3 +189,50 @@ def test_the_policy_writes_no_cap_when_none_is_configured(tmp_path: Path) -> Non
     pol.attach_threads("v", {0: os.getpid()})
     assert (cgs[0] / "cpu.uclamp.max").read_text() == "max\n" and pol.cgroups.max_values == {}
     assert pol.caps("v") == {0: 1024}
+
+
+# -- slower vCPUs: a domain advertised below its pCPU's top is capped there (as crosvm does) --------------
+
+
+def test_a_vm_top_below_the_hosts_is_advertised_with_its_capacity_scaled() -> None:
+    assert advertised(2802000, 1024, None) == (2802000, 1024)
+    assert advertised(2802000, 1024, 3000000) == (2802000, 1024)  # faster than the host: the host's
+    assert advertised(2802000, 1024, 1401000) == (1401000, 512)
+    assert advertised(1803000, 160, 1401000) == (1401000, 124)
+
+
+async def test_slower_vcpus_are_advertised_lower_capped_there_and_a_reload_changes_both(workdir: Path) -> None:
+    _require_two_cpus()
+    make_sysfs_tree(workdir / "sys", TWO_CPUS)  # CPUs 0 and 1: 2.0 GHz at the top, capacity 1024
+    path = _config(workdir, max_khz=1000000)
+    d = Daemon(load_config(path), config_path=str(path))
+    await d.start()
+    vm = _Vm(workdir / "v.sock", 2, None)
+    try:
+        tids = await vm.tids()
+        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+        st = d.status()["vms"]["v"]
+        assert [(x["max_khz"], x["capacity"]) for x in st["domains"]] == [(1000000, 512)]
+        assert all(x["cur_khz"] <= 1000000 for x in st["domains"])
+        cap = domain_cap(1000000, 2000000, 1024, 0.8)
+        assert cap == 409 and [c["uclamp_max"] for c in st["vcpus"]] == [cap, cap]
+        await until(lambda: all(d.actuator.caps.get(t) == cap for t in tids), what="threads capped", timeout=30)
+        # util is of the advertised capacity: 800 of 512 is 400 in host units, within the cap.
+        await until(lambda: max(c["uclamp_min"] or 0 for c in d.status()["vms"]["v"]["vcpus"]) == 400,
+                    what="a clamp in host units", timeout=30)
+        generation = st["config_generation"]
+        _config(workdir, max_khz=1500000)
+        assert await d.reload() == ["updated v"]
+        st = d.status()["vms"]["v"]
+        assert [(x["max_khz"], x["capacity"]) for x in st["domains"]] == [(1500000, 768)]
+        assert st["config_generation"] > generation  # the guest is told by a config change
+        assert [c["uclamp_max"] for c in st["vcpus"]] == [614, 614]
+        assert all(d.actuator.caps.get(t) == 614 for t in tids)
+        _config(workdir)
+        assert await d.reload() == ["updated v"]
+        st = d.status()["vms"]["v"]
+        assert [(x["max_khz"], x["capacity"]) for x in st["domains"]] == [(2000000, 1024)]
+        assert [c["uclamp_max"] for c in st["vcpus"]] == [1024, 1024] and not any(t in d.actuator.caps for t in tids)
+    finally:
+        vm.stop()
+        await d.stop()

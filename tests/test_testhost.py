@@ -213,7 +213,7 @@ def test_threaded_cgroups_take_the_vcpu_threads_clamp_them_and_give_them_back(te
     for when in ("after_disconnect", "after_recovery"):
         after = report[when]
         assert after["dirs"] == [] and after["thread_cgroups"] == [f"0::{home}"] * 2, (when, after)
-        assert "cpu" not in after["home_subtree_control"], (when, after)
+        assert "cpu" not in after["home_subtree_control"], (when, after, log)
     assert report["moved_back"]
     # SIGKILL leaves them behind; the next instance undoes them from its state file.
     assert report["made_again"] and report["killed"] and report["after_kill"]["dirs"] == ["vuc-domain0",

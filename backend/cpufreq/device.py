@@ -63,7 +63,7 @@ from ..defaults import LANE_SLICE_US
 from ..policy.decision import Policy
 from ..policy.ratelimit import LogBudget
 from ..vhost.device import DeviceHost
-from .hostfreq import FrequencySource, HostSnapshot
+from .hostfreq import FrequencySource, HostDomain, HostSnapshot, advertised
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
@@ -152,8 +152,10 @@ class CpufreqDevice:
         data_plane: DataPlane | None = None,
         lane_slice_us: int = LANE_SLICE_US,
         shared_page: bool = False,
+        max_khz: int | None = None,
     ) -> None:
         self.vm = vm
+        self.max_khz = max_khz  # the VM's vCPUs' top frequency, below the host's (hostfreq.advertised)
         self.source = source
         self.policy = policy
         self.counters = counters or Counters()
@@ -220,9 +222,13 @@ class CpufreqDevice:
         if len(keys) > abi.MAX_DOMAINS:
             raise ValueError(f"VM {self.vm} spans {len(keys)} host domains; at most {abi.MAX_DOMAINS}")
         by_key = {d.key: d for d in snap.domains}
-        doms = tuple(abi.Domain(d.cur_khz, d.min_khz, d.max_khz, d.capacity) for d in (by_key[k] for k in keys))
+        doms = tuple(self._advertise(by_key[k]) for k in keys)
         self._host_domains = keys
         return abi.DeviceConfig(generation, doms, tuple(guest_map), abi.CFG_F_NOMINAL if snap.nominal else 0)
+
+    def _advertise(self, d: HostDomain) -> abi.Domain:
+        top, capacity = advertised(d.max_khz, d.capacity, self.max_khz)
+        return abi.Domain(min(d.cur_khz, top), min(d.min_khz, top), top, capacity)
 
     def remap(self, vcpu_host_domain: Sequence[int]) -> None:
         """New vCPU placement (hotplug, re-pinning): rebuild config and notify."""
@@ -236,7 +242,9 @@ class CpufreqDevice:
         by_key = {d.key: d for d in snap.domains}
         # A domain that vanished (all its CPUs offline) keeps its last value
         # until the host side re-pins the VM and calls remap().
-        cur = [by_key[k].cur_khz if k in by_key else d.cur_khz for k, d in zip(self._host_domains, self.config.domains)]
+        # (never above what the guest was told is the top: a VM with slower vCPUs, hostfreq.advertised)
+        cur = [min(by_key[k].cur_khz, d.max_khz) if k in by_key else d.cur_khz
+               for k, d in zip(self._host_domains, self.config.domains)]
         flags = abi.CFG_F_NOMINAL if snap.nominal else 0
         old = self.config
         if self._page is not None:

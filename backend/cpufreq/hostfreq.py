@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-__all__ = ["HostDomain", "HostSnapshot", "FrequencySource", "StaticSource", "ScriptedSource"]
+__all__ = ["HostDomain", "HostSnapshot", "FrequencySource", "StaticSource", "ScriptedSource", "advertised"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,20 @@ class HostSnapshot:
             for d, c in zip(self.domains, cur_khz, strict=True)
         )
         return HostSnapshot(doms, self.nominal)
+
+
+def advertised(max_khz: int, capacity: int, vm_max_khz: int | None) -> tuple[int, int]:
+    """The top frequency and capacity a guest is told for a host domain, with the VM's top ``vm_max_khz``.
+
+    A VM may be given slower vCPUs than the host's CPUs (``max_khz`` in its
+    configuration; crosvm's vCPU frequency tables do the same): a domain
+    whose top is above it is advertised at it, and its capacity scaled with
+    the frequency (the same work per cycle).  The host then caps the vCPU's
+    threads there (policy/engine.py ``domain_cap``).
+    """
+    if vm_max_khz is None or vm_max_khz >= max_khz or max_khz <= 0:
+        return max_khz, capacity
+    return vm_max_khz, max(1, capacity * vm_max_khz // max_khz)
 
 
 Listener = Callable[[HostSnapshot], None]

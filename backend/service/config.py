@@ -23,6 +23,7 @@ Example::
     floor = 0                       # util clamp bounds, 0..1024
     ceiling = 1024
     uclamp_max = 1024               # power cap (uclamp_max of the threads or cgroups); 1024: none
+    max_khz = 2000000               # optional: slower vCPUs; a domain whose top is above is advertised at it
     clamp = "thread"                # thread | cgroup | none
     cgroup = "{qemu}/vuc-domain{domain}"  # with clamp = "cgroup": where the clamps are written
     shared_page = false             # host frequency in shared memory (QEMU >= 11.1; SPEC §8)
@@ -65,6 +66,8 @@ class VmSettings:
     socket_owner: int | None = None  # uid to chown the socket to (root only)
     socket_group: int | None = None  # gid, e.g. the group QEMU runs in
     shared_page: bool = False  # offer the shared frequency page (vhost-user SHMEM; no CONFIGURE_MEM_SLOTS then)
+    #: the vCPUs' top frequency where below the host's: advertised there, and the threads capped there
+    max_khz: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,8 @@ _SERVICE_KEYS = {
     "hysteresis", "min_interval", "stale_after", "headroom", "control_socket", "metrics_address",
     "state_file", "allowed_uids", "allowed_gids", "kick_batch_delay", "lane_slice_us",
 }
-_VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "uclamp_max", "clamp", "cgroup", "socket_mode",
+_VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "uclamp_max", "max_khz", "clamp", "cgroup",
+            "socket_mode",
             "socket_owner", "socket_group", "shared_page"}
 
 
@@ -203,6 +207,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             r.get(t, vp, "socket_owner", int, None, lambda v: v >= 0, "a numeric uid"),
             r.get(t, vp, "socket_group", int, None, lambda v: v >= 0, "a numeric gid"),
             r.get(t, vp, "shared_page", bool, False, None, "true or false"),
+            r.get(t, vp, "max_khz", int, None, lambda v: 1000 <= v <= 20_000_000, "kHz 1000..20000000"),
         )
     return ServiceConfig(
         sysfs_root=r.get(svc, p, "sysfs_root", str, "/sys", None, "a path"),

@@ -29,7 +29,8 @@ from ..host.hotplug import CpuHotplugMonitor
 from ..host.policy import HostPolicy, VmBinding
 from ..host.sysfs_source import SysfsSource
 from ..host.vcpu_threads import discover_threads
-from ..policy.engine import VcpuPlacement
+from ..cpufreq.hostfreq import HostDomain, advertised
+from ..policy.engine import VcpuPlacement, domain_cap
 from ..policy.placement import PinPlan, home_cpu, plan_placement
 from ..vhost.transport import Connection
 from .config import ConfigError, VmSettings
@@ -89,10 +90,16 @@ class HostSide:
             if d is None:
                 raise ValueError(f"vm.{s.name}: pCPU {home} is offline or has no frequency domain")
             doms.append(d)
-            dom = snap.domains[d]
-            # The guest is told its vCPU's capacity is its domain's (config space), so the two match.
-            places.append(VcpuPlacement(vcpu, pinned, capacity.get(home, 1024), dom.capacity, dom.max_khz, d))
+            places.append(self._placement(s, vcpu, pinned, capacity.get(home, 1024), snap.domains[d], d))
         return VmPlan(pins, tuple(doms), tuple(places))
+
+    def _placement(self, s: VmSettings, vcpu: int, pinned: int | None, pcpu_capacity: int, dom: HostDomain,
+                   d: int) -> VcpuPlacement:
+        # The guest is told its vCPU's capacity is its domain's (config space), so the two match; a VM
+        # with slower vCPUs (max_khz) is told less, and its threads are capped at that top (domain_cap).
+        top, vcpu_capacity = advertised(dom.max_khz, dom.capacity, s.max_khz)
+        cap = domain_cap(top, dom.max_khz, pcpu_capacity, self.policy.config.headroom)
+        return VcpuPlacement(vcpu, pinned, pcpu_capacity, vcpu_capacity, dom.max_khz, d, cap)
 
     def check(self, vms: Iterable[VmSettings], source: str) -> None:
         """Refuse, naming the file and key, a configuration whose placement cannot be made here."""
@@ -123,7 +130,7 @@ class HostSide:
         plan = self.plan(s)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,
-                     s.socket_owner, s.socket_group, kick_batch_delay, shared_page=s.shared_page),
+                     s.socket_owner, s.socket_group, kick_batch_delay, shared_page=s.shared_page, max_khz=s.max_khz),
             listen_sock=listen_sock)
         # Recorded only once the socket is up: a VM that failed to start leaves nothing to undo.
         self.settings[s.name] = s
@@ -145,7 +152,8 @@ class HostSide:
                                                               if old.pinning[v] is not None and new.pinning[v] is None])
         slot = self.service.vms.get(s.name)
         if slot is not None:
-            if new.vcpu_host_domain != old.vcpu_host_domain:
+            if new.vcpu_host_domain != old.vcpu_host_domain or slot.device.max_khz != s.max_khz:
+                slot.device.max_khz = s.max_khz  # the guest is told its new top by a config change
                 slot.device.remap(new.vcpu_host_domain)
             self._announce(slot, new)
 
@@ -261,8 +269,7 @@ class HostSide:
             if d is None:
                 raise ValueError(f"vm.{s.name}: pCPU {p.pcpu} is offline or has no frequency domain")
             doms.append(d)
-            dom = snap.domains[d]
-            places.append(VcpuPlacement(p.vcpu, p.pcpu, capacity.get(p.pcpu, 1024), dom.capacity, dom.max_khz, d))
+            places.append(self._placement(s, p.vcpu, p.pcpu, capacity.get(p.pcpu, 1024), snap.domains[d], d))
         return VmPlan(old.pins, tuple(doms), tuple(places))
 
     async def close(self) -> None:

@@ -61,6 +61,8 @@ class VmConfig:
     #: offer the shared frequency page (SPEC §8) to front-ends with vhost-user SHMEM; costs CONFIGURE_MEM_SLOTS
     #: on every connection of this VM (QEMU 11.1.3 crashes with both: docs/qemu-facts.md section e)
     shared_page: bool = False
+    #: the top frequency of the VM's vCPUs where below the host's (hostfreq.advertised); None: the host's
+    max_khz: int | None = None
 
 
 @dataclass(slots=True)
@@ -101,7 +103,7 @@ class Service:
         vlog = VmLog(log, cfg.name)
         device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
                                mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us,
-                               shared_page=cfg.shared_page)
+                               shared_page=cfg.shared_page, max_khz=cfg.max_khz)
         sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,
                                                                    cfg.socket_owner, cfg.socket_group)
         sock.setblocking(False)

@@ -236,3 +236,16 @@ async def test_slower_vcpus_are_advertised_lower_capped_there_and_a_reload_chang
     finally:
         vm.stop()
         await d.stop()
+
+
+async def test_moving_a_vm_from_thread_to_cgroup_clamps_takes_the_thread_caps_away(tmp_path: Path) -> None:
+    cgs = _cgroups(tmp_path, 1)
+    act = ThreadActuator(Counters(), dry_run=True)
+    pol = HostPolicy(act, cgroups=CgroupClampActuator(Counters(), root=tmp_path), c_engine=False)
+    places = [VcpuPlacement(0, None, 1024, 1024, 2000000)]
+    pol.bind("v", places, VmLimits(0, 1024, 700))
+    pol.attach_threads("v", {0: os.getpid()})
+    assert act.caps == {os.getpid(): 700}  # recorded (dry run)
+    pol.bind("v", places, VmLimits(0, 1024, 700), cgroup=str(tmp_path / "vcpu{vcpu}"))  # a reload to cgroups
+    pol.attach_threads("v", {0: os.getpid()})
+    assert act.caps == {} and (cgs[0] / "cpu.uclamp.max").read_text() == "68.36\n"

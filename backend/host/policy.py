@@ -90,6 +90,9 @@ class HostPolicy:
         engine: ClampEngine | CClampEngine
         if old is not None and old.tids and old.cgroup == cgroup:
             self._apply_caps(old, {p.vcpu: effective_cap(p, limits) for p in placements}, rising_only=True)
+        elif old is not None and old.cgroup is None:
+            for tid in old.tids.values():
+                self.actuator.cap(tid, None)  # per-thread caps out: the cgroups' take over
         if old is not None and isinstance(old.engine, CClampEngine):
             engine = old.engine  # the lane may hold it: start it afresh in place
             engine.configure(placements, limits, self.config)

@@ -24,7 +24,7 @@ from vhost_user_cpufreq.protocol.errors import ProtocolError
 from ..counters import Counters
 from .session import Session
 
-__all__ = ["Connection", "recv_with_fds", "send_with_fds", "peer_credentials", "MAX_FDS"]
+__all__ = ["Connection", "FdsTruncated", "recv_with_fds", "send_with_fds", "peer_credentials", "MAX_FDS"]
 
 #: More than any message carries (SET_MEM_TABLE: 8); extra fds are closed.
 MAX_FDS = 32
@@ -35,10 +35,19 @@ _RECV_SIZE = 65536
 _FD_SIZE = array.array("i").itemsize
 
 
-def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE) -> tuple[bytes, list[int]]:
-    """One ``recvmsg``: data and every fd passed with it (possibly truncated fds closed)."""
+class FdsTruncated(ConnectionError):
+    """More fds came with one message than the receiver allows (the kernel dropped the rest)."""
+
+    reason = "fds-truncated"
+
+
+def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE, max_fds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+    """One ``recvmsg``: data and every fd passed with it, at most ``max_fds``.
+
+    :raise FdsTruncated: more came; the fds that did arrive are closed.
+    """
     # Close-on-exec from the start: nothing the service runs may inherit a front-end's fds.
-    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -48,7 +57,7 @@ def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE) -> tuple[bytes, l
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
-        raise ConnectionError("too many fds in one message (control data truncated)")
+        raise FdsTruncated(f"more than {max_fds} fds in one message (control data truncated)")
     return data, fds
 
 

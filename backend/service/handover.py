@@ -54,6 +54,8 @@ class Taken:
 
     old_pid: int
     not_carried: int = 0  # sessions the old process could not write down (closed when it exited)
+    origin: str = "handover"  # or "fdstore": kept in systemd's fd store by a process that died or stopped
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (VM, reason) of sessions refused before resume
     listeners: dict[str, socket.socket] = field(default_factory=dict)
     sessions: list[tuple[bytes, list[int]]] = field(default_factory=list)
 

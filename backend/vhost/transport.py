@@ -97,6 +97,9 @@ class Connection:
         self.reader = vu.MessageReader("frontend")
         self.closed: asyncio.Future[str] = loop.create_future()
         self._on_close = on_close
+        #: called with True before each read from the socket and with False once everything read was
+        #: handled (the fd store marks its record busy meanwhile: service/fdstore.py)
+        self.watch: Callable[[bool], None] | None = None
         self.peer_pid, self.peer_uid, self.peer_gid = peer_credentials(sock)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
@@ -109,6 +112,17 @@ class Connection:
             self.close(reason)
 
     def _readable(self) -> None:
+        if self.watch is None:
+            self._receive()
+            return
+        self.watch(True)
+        try:
+            self._receive()
+        finally:
+            if not self.closed.done():
+                self.watch(False)
+
+    def _receive(self) -> None:
         try:
             data, fds = recv_with_fds(self.sock)
         except BlockingIOError:

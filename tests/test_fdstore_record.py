@@ -1,0 +1,57 @@
+"""protocol/fdstore.py: the fd store's record and names, refused by reason when they cannot be trusted."""
+
+from __future__ import annotations
+
+import pytest
+
+from vhost_user_cpufreq.protocol.fdstore import (
+    BUSY,
+    FLAGS_OFFSET,
+    decode_record,
+    encode_record,
+    listener_name,
+    name_ok,
+    parse_name,
+    record_name,
+    session_fd_name,
+)
+from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
+
+BODY = b"VUCS-any-snapshot-bytes"
+
+
+def test_a_record_reads_back_with_its_generation_and_flags() -> None:
+    r = decode_record(encode_record(7, BODY, clean=True))
+    assert r is not None and (r.generation, r.snapshot, r.clean, r.busy) == (7, BODY, True, False)
+    assert decode_record(b"") is None  # an emptied record: the VM had no session
+
+
+def test_the_busy_byte_is_outside_the_checksum() -> None:
+    data = bytearray(encode_record(1, BODY))
+    data[FLAGS_OFFSET] = BUSY
+    r = decode_record(bytes(data))
+    assert r is not None and r.busy and not r.clean
+
+
+@pytest.mark.parametrize("cut, reason", [
+    (lambda d: d[:10], "truncated"),
+    (lambda d: d[:-1], "truncated"),
+    (lambda d: d + b"x", "truncated"),  # a shorter record written over a longer one, cut before ftruncate
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "torn-record"),
+    (lambda d: b"XXXX" + d[4:], "bad-magic"),
+    (lambda d: d[:4] + b"\x02\x00" + d[6:], "version-mismatch"),
+    (lambda d: d[:FLAGS_OFFSET] + b"\x80" + d[FLAGS_OFFSET + 1:], "bad-header"),
+])
+def test_a_record_that_cannot_be_trusted_is_refused_by_reason(cut, reason) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SnapshotError) as ei:
+        decode_record(cut(encode_record(3, BODY)))
+    assert ei.value.reason == reason
+
+
+def test_names_round_trip_and_others_are_not_ours() -> None:
+    assert parse_name(listener_name("web-1")) == ("web-1", "l", None, None)
+    assert parse_name(record_name("web-1")) == ("web-1", "r", None, None)
+    assert parse_name(session_fd_name("web-1", 12, 3)) == ("web-1", "g", 12, 3)
+    for other in ("web-1", "vuc.web 1.l", "vuc.a.x", "vuc.a.g1", "vuc..l", "stored"):
+        assert parse_name(other) is None
+    assert name_ok("vm_0") and not name_ok("a:b") and not name_ok("a.b") and not name_ok("")

@@ -21,8 +21,15 @@ the old one's exit, reading the state file, binding the control socket and the
 metrics port, resuming each session.  It does not include the new process's
 Python start-up (about half a second), which happens before it asks.
 
-Writes ``<date>-handover.json`` and ``.md`` into ``--out-dir`` (bench/results
-by default).  ``--tiny``: two rounds, for the smoke test; its figures mean nothing.
+``--mode sigkill`` / ``sigterm``: instead of a handover, the process is
+killed (SIGKILL) or stopped (SIGTERM: it parks its sessions) and the next one
+started from systemd's fd store, systemd's part played by tests/minisystemd.py;
+the gap then includes the next process's whole start, Python's included.
+After a SIGKILL the sequence tracking starts afresh (service/fdstore.py), so
+``lost_batches`` counts nothing there; buffers not returned still would.
+
+Writes ``<date>-handover[-MODE].json`` and ``.md`` into ``--out-dir``
+(bench/results by default).  ``--tiny``: two rounds, for the smoke test; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +56,7 @@ for p in (str(HERE), str(REPO)):
 
 from stats import machine_info, mono_ns, summary  # noqa: E402
 
+from tests.minisystemd import MiniSystemd  # noqa: E402
 from vhost_user_cpufreq.backend.service.daemon import query_status  # noqa: E402
 
 QUIET_LEAD_S = 0.3  # a baseline stretch starts this long after a new process answered, ends at the next request
@@ -121,17 +130,20 @@ def gaps_within(done: list[int], lo: int, hi: int) -> list[int]:
     return out
 
 
-def run(rounds: int, period_ms: float, tmp: str) -> dict[str, Any]:
+def run(rounds: int, period_ms: float, tmp: str, mode: str = "takeover") -> dict[str, Any]:
     d = Path(tempfile.mkdtemp(dir=tmp, prefix="ho-"))
     control = str(d / "control.sock")
     (d / "config.toml").write_text("\n".join([
         "[service]", f'control_socket = "{control}"', f'state_file = "{d}/state.json"',
         "[vm.vm0]", f'socket = "{d}/vm0.sock"', "vcpus = 2", 'pinning = "none"', 'clamp = "none"',
     ]) + "\n")
+    sd = MiniSystemd(d) if mode != "takeover" else None
 
     def serve(*extra: str, log: str) -> "subprocess.Popen[bytes]":
-        return subprocess.Popen([_exe(), "serve", "--config", str(d / "config.toml"), *extra],
-                                stderr=open(d / log, "wb"))
+        argv = [_exe(), "serve", "--config", str(d / "config.toml"), *extra]
+        if sd is not None:  # under (a stand-in for) systemd: the next process gets the fd store
+            return sd.start(argv, dict(os.environ), open(d / log, "wb"))
+        return subprocess.Popen(argv, stderr=open(d / log, "wb"))
 
     procs = [serve(log="p0.log")]
     guest: subprocess.Popen[bytes] | None = None
@@ -148,7 +160,12 @@ def run(rounds: int, period_ms: float, tmp: str) -> dict[str, Any]:
         for r in range(1, rounds + 1):
             old = procs[-1]
             t_req = mono_ns()
-            new = serve("--take-over", control, log=f"p{r}.log")
+            if mode == "takeover":
+                new = serve("--take-over", control, log=f"p{r}.log")
+            else:  # systemd's part: the signal, the exit seen, the next process started with the store
+                old.send_signal(signal.SIGKILL if mode == "sigkill" else signal.SIGTERM)
+                old.wait(30)
+                new = serve(log=f"p{r}.log")
             procs.append(new)
             _wait(lambda: old.poll() is not None, 30, f"round {r}: the old process's exit")
             _wait(lambda: _answers(control, new.pid) or new.poll() is not None, 30, f"round {r}: the new process")
@@ -164,6 +181,8 @@ def run(rounds: int, period_ms: float, tmp: str) -> dict[str, Any]:
     finally:
         if guest is not None and guest.poll() is None:
             guest.kill()
+        if sd is not None:
+            sd.close()
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -184,7 +203,7 @@ def run(rounds: int, period_ms: float, tmp: str) -> dict[str, Any]:
     exch = [row["exchange_ms"] for row in rows if row["exchange_ms"] is not None]
     return {
         "machine": machine_info(),
-        "rounds": rounds, "period_ms": period_ms,
+        "mode": mode, "rounds": rounds, "period_ms": period_ms,
         "gap_ms": summary(handover_gaps, "ms", 1e-6),
         "exchange_ms": summary(exch, "ms"),
         "quiet_interval_ms": summary(quiet, "ms", 1e-6),
@@ -197,18 +216,20 @@ def run(rounds: int, period_ms: float, tmp: str) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     m, gap, ex, q = r["machine"], r["gap_ms"], r["exchange_ms"], r["quiet_interval_ms"]
+    what = {"takeover": "handovers (serve --take-over)", "sigkill": "SIGKILLs, each followed by a start from "
+            "the fd store", "sigterm": "SIGTERMs (parked), each followed by a start from the fd store"}[r["mode"]]
     return "\n".join([
-        f"# Handover gap, {m['date']}",
+        f"# Serving gap, {r['mode']}, {m['date']}",
         "",
         f"{m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
-        f"{r['rounds']} handovers, one record every {r['period_ms']} ms.",
+        f"{r['rounds']} {what}, one record every {r['period_ms']} ms.",
         "",
         "| figure | p50 | p99 | max | n |",
         "|---|---|---|---|---|",
-        f"| serving gap: last decision of the old process -> first of the new (ms) | {gap['median']} | "
+        f"| serving gap: last decision of the old process -> first of the next (ms) | {gap['median']} | "
         f"{gap['p99']} | {gap['max']} | {gap['n']} |",
-        f"| exchange, freeze -> ACK, as the old process logs it (ms) | {ex['median']} | {ex['p99']} | {ex['max']} | "
-        f"{ex['n']} |",
+        *([f"| exchange, freeze -> ACK, as the old process logs it (ms) | {ex['median']} | {ex['p99']} | "
+           f"{ex['max']} | {ex['n']} |"] if ex["n"] else []),
         f"| interval between decisions away from a handover (ms) | {q['median']} | {q['p99']} | {q['max']} | "
         f"{q['n']} |",
         "",
@@ -222,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--period", type=float, default=1.0, help="ms between the guest's records")
+    p.add_argument("--mode", choices=("takeover", "sigkill", "sigterm"), default="takeover",
+                   help="takeover: serve --take-over; sigkill/sigterm: the process killed or stopped and the next "
+                        "one started from the fd store (systemd's part played by tests/minisystemd.py)")
     p.add_argument("--tiny", action="store_true", help="two rounds: the smoke test's")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--guest", help=argparse.SUPPRESS)
@@ -231,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds = 2 if args.tiny else args.rounds
     with tempfile.TemporaryDirectory(prefix="vuc-hob-", dir="/tmp") as tmp:
-        r = run(rounds, args.period, tmp)
+        r = run(rounds, args.period, tmp, args.mode)
     md = markdown(r)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime()) + "-handover" + ("-tiny" if args.tiny else "")
+    mode = "" if args.mode == "takeover" else f"-{args.mode}"
+    stem = time.strftime("%Y-%m-%dT%H%M", time.gmtime()) + "-handover" + mode + ("-tiny" if args.tiny else "")
     (out / f"{stem}.json").write_text(json.dumps(r, indent=1) + "\n")
     (out / f"{stem}.md").write_text(md)
     print(md)

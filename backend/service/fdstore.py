@@ -82,6 +82,9 @@ class FdStore:
             systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
 
 
+_SOCKET_UNIT = object()
+
+
 @dataclass
 class _Vm:
     record_fd: int  # the memfd in the store under record_name(vm)
@@ -101,7 +104,8 @@ class Keeper:
         self.store = store
         self.vms: dict[str, _Vm] = {vm: _Vm(fd) for vm, fd in (records or {}).items()}
         self._old = dict(old or {})  # a resumed session's generation and names, removed once re-stored
-        self.listeners: set[str] = set()  # VMs whose listening socket is in the store (or a socket unit's)
+        #: each VM's listening socket in the store (or _SOCKET_UNIT: systemd passes it at every start anyway)
+        self.listeners: dict[str, object] = {}
         self._warned: set[str] = set()
 
     def install(self, service: "Service") -> None:
@@ -115,9 +119,15 @@ class Keeper:
 
     # -- hooks ------------------------------------------------------------------------
     def _listener(self, vm: str, slot: "VmSlot") -> None:
-        if vm not in self.listeners and slot.server is not None and name_ok(vm):
-            self.store.put(listener_name(vm), slot.server.fileno())
-            self.listeners.add(vm)
+        if slot.server is None or not name_ok(vm):
+            return
+        held = self.listeners.get(vm)
+        if held is not None and (held is slot.server or held is _SOCKET_UNIT):
+            return
+        if held is not None:
+            self.store.remove(listener_name(vm))  # the VM was re-created on reload with another socket
+        self.store.put(listener_name(vm), slot.server.fileno())
+        self.listeners[vm] = slot.server
 
     def _session(self, slot: "VmSlot", conn: Connection) -> None:
         vm = slot.config.name
@@ -292,7 +302,8 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
         except OSError:
             pass
     keeper = Keeper(store, records, old)
-    keeper.listeners |= set(listeners)
+    keeper.listeners.update(listeners)
+    keeper.listeners.update((name, _SOCKET_UNIT) for name, _ in rest if name in vms)
     for vm, fd in records.items():
         if any(d == vm for d, _ in taken.dropped):
             os.ftruncate(fd, 0)

@@ -5,23 +5,27 @@ with ``FDSTORE=1`` and an ``FDNAME=``, and hands them all back, named, to the
 next process of the service (after a crash, a ``systemctl restart``).  Per VM
 the store holds its listening socket (:func:`listener_name`), one memfd whose
 contents are the :class:`StoreRecord` of its live session
-(:func:`record_name`), and the session's fds, each under
-:func:`session_fd_name` (the VM, a generation, the fd's index in the
-snapshot's fd list).  The generation moves when the session's set of fds
-changes (a new kick fd, a new memory table): the new set is stored before the
-record names it and the old set is removed after, so a crash at any moment
-leaves the record naming a complete set.
+(:func:`record_name`), and each distinct open file of the session under a
+name of its own (:func:`object_name`: the VM and a serial number).  systemd
+keeps one entry per open file, whatever its name (an fd already stored under
+another name is not stored again), and a session may hold one open file
+several times (QEMU sends the same guest memory fd for each of its regions),
+so the record names the object of each fd of the snapshot's fd list, names
+repeating.  A new object is stored before the record names it and an object no
+longer named is removed after, so a crash at any moment leaves the record
+naming objects the store holds.
 
-The record: a 20-byte header (magic ``VUCF``, version, a flags byte written on
-its own, the generation, the body's CRC-32 and length) and the body, the
-session snapshot (session_snapshot.py).  The flags byte is outside the CRC:
-the service sets ``BUSY`` before it reads from the front-end's socket and
-clears it once every message read was handled and the record rewritten, so a
-process killed with bytes of a message taken from the socket but not acted on
-leaves ``BUSY`` behind, and that session is not resumed (its state cannot be
-known).  ``CLEAN``: written by a process that stopped serving first (SIGTERM),
-so the snapshot's ring positions are exact; without it they are taken from the
-rings in guest memory.  A record cut by a crash mid-write fails its CRC.
+The record: a 16-byte header (magic ``VUCF``, version, a flags byte written
+on its own, the body's CRC-32 and length) and the body: the count of names, the
+names, each on its own line, and the session snapshot (session_snapshot.py).
+The flags byte is outside the CRC: the service sets ``BUSY`` before it reads
+from the front-end's socket and clears it once every message read was handled
+and the record rewritten, so a process killed with bytes of a message taken
+from the socket but not acted on leaves ``BUSY`` behind, and that session is
+not resumed (its state cannot be known).  ``CLEAN``: written by a process
+that stopped serving first (SIGTERM), so the snapshot's ring positions are
+exact; without it they are taken from the rings in guest memory.  A record cut
+by a crash mid-write fails its length or its CRC.
 """
 
 from __future__ import annotations
@@ -34,24 +38,26 @@ from dataclasses import dataclass
 from .session_snapshot import MAX_SNAPSHOT_BYTES, SnapshotError
 
 __all__ = ["STORE_VERSION", "BUSY", "CLEAN", "FLAGS_OFFSET", "StoreRecord", "encode_record", "decode_record",
-           "listener_name", "record_name", "session_fd_name", "parse_name", "name_ok"]
+           "listener_name", "record_name", "object_name", "parse_name", "name_ok"]
 
 STORE_VERSION = 1
 BUSY = 1
 CLEAN = 2
-_HEADER = struct.Struct("<4sHBxIII")  # magic, version, flags, pad, generation, crc32 of the body, body length
+_HEADER = struct.Struct("<4sHBxII")  # magic, version, flags, pad, crc32 of the body, body length
+_COUNT = struct.Struct("<H")
+_MAX_NAMES = 1024
 _MAGIC = b"VUCF"
 FLAGS_OFFSET = 6  # of the flags byte in the record
 _PREFIX = "vuc"
 # systemd's FDNAME: printable ASCII without ':' and at most 255 characters; ours adds '.'-separated parts.
 _VM = re.compile(r"[A-Za-z0-9_@+=,~-]{1,200}")
-_NAME = re.compile(r"vuc\.(?P<vm>[A-Za-z0-9_@+=,~-]{1,200})\.(?P<kind>l|r|g(?P<gen>\d{1,10})\.(?P<i>\d{1,5}))")
+_NAME = re.compile(r"vuc\.(?P<vm>[A-Za-z0-9_@+=,~-]{1,200})\.(?P<kind>l|r|f(?P<serial>\d{1,12}))")
 
 
 @dataclass(frozen=True, slots=True)
 class StoreRecord:
-    generation: int
     flags: int
+    names: tuple[str, ...]  # the store's name of each fd of the snapshot's fd list, in order
     snapshot: bytes  # session_snapshot.encode()
 
     @property
@@ -63,9 +69,9 @@ class StoreRecord:
         return bool(self.flags & CLEAN)
 
 
-def encode_record(generation: int, snapshot: bytes, *, clean: bool = False) -> bytes:
-    return _HEADER.pack(_MAGIC, STORE_VERSION, CLEAN if clean else 0, generation, zlib.crc32(snapshot),
-                        len(snapshot)) + snapshot
+def encode_record(names: list[str] | tuple[str, ...], snapshot: bytes, *, clean: bool = False) -> bytes:
+    body = _COUNT.pack(len(names)) + "".join(f"{n}\n" for n in names).encode() + snapshot
+    return _HEADER.pack(_MAGIC, STORE_VERSION, CLEAN if clean else 0, zlib.crc32(body), len(body)) + body
 
 
 def decode_record(data: bytes) -> StoreRecord | None:
@@ -77,19 +83,34 @@ def decode_record(data: bytes) -> StoreRecord | None:
         return None
     if len(data) < _HEADER.size:
         raise SnapshotError("truncated", f"{len(data)} bytes, the header alone is {_HEADER.size}")
-    magic, version, flags, generation, crc, length = _HEADER.unpack_from(data)
+    magic, version, flags, crc, length = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise SnapshotError("bad-magic", f"{magic!r}")
     if version != STORE_VERSION:
         raise SnapshotError("version-mismatch", f"store record version {version}, this process reads {STORE_VERSION}")
     if flags & ~(BUSY | CLEAN):
         raise SnapshotError("bad-header", f"flags {flags:#x}")
-    if length > MAX_SNAPSHOT_BYTES or len(data) - _HEADER.size != length:
+    if length > MAX_SNAPSHOT_BYTES + 300 * _MAX_NAMES or len(data) - _HEADER.size != length:
         raise SnapshotError("truncated", f"{len(data) - _HEADER.size} body bytes, header says {length}")
     body = bytes(data[_HEADER.size:])
     if zlib.crc32(body) != crc:
         raise SnapshotError("torn-record", "the body does not match its checksum (written when the process died)")
-    return StoreRecord(generation, flags, body)
+    if len(body) < _COUNT.size:
+        raise SnapshotError("malformed", "no name count")
+    (count,) = _COUNT.unpack_from(body)
+    pos, names = _COUNT.size, []
+    for _ in range(min(count, _MAX_NAMES + 1)):
+        end = body.find(b"\n", pos)
+        if end < 0:
+            raise SnapshotError("malformed", "names cut short")
+        name = body[pos:end].decode("ascii", errors="replace")
+        if parse_name(name) is None:
+            raise SnapshotError("malformed", f"{name!r} is not one of our names")
+        names.append(name)
+        pos = end + 1
+    if count > _MAX_NAMES:
+        raise SnapshotError("malformed", f"{count} names")
+    return StoreRecord(flags, tuple(names), body[pos:])
 
 
 def name_ok(vm: str) -> bool:
@@ -105,15 +126,15 @@ def record_name(vm: str) -> str:
     return f"{_PREFIX}.{vm}.r"
 
 
-def session_fd_name(vm: str, generation: int, index: int) -> str:
-    return f"{_PREFIX}.{vm}.g{generation}.{index}"
+def object_name(vm: str, serial: int) -> str:
+    return f"{_PREFIX}.{vm}.f{serial}"
 
 
-def parse_name(name: str) -> tuple[str, str, int | None, int | None] | None:
-    """(vm, kind "l"/"r"/"g", generation, index) of one of our names; None for any other name."""
+def parse_name(name: str) -> tuple[str, str, int | None] | None:
+    """(vm, kind "l"/"r"/"f", serial) of one of our names; None for any other name."""
     m = _NAME.fullmatch(name)
     if m is None:
         return None
-    if m["gen"] is None:
-        return m["vm"], m["kind"], None, None
-    return m["vm"], "g", int(m["gen"]), int(m["i"])
+    if m["serial"] is None:
+        return m["vm"], m["kind"], None
+    return m["vm"], "f", int(m["serial"])

@@ -2,7 +2,8 @@
 
 :class:`MiniSystemd` owns a notify socket, keeps every fd sent with
 ``FDSTORE=1`` under its ``FDNAME=`` (``FDSTOREREMOVE=1`` closes every fd of a
-name), and starts the service the way systemd does: the stored fds as fds 3..
+name; an open file stored already, under any name, is not stored again, as
+systemd's ``same_fd`` check does), and starts the service the way systemd does: the stored fds as fds 3..
 with ``LISTEN_FDS``, ``LISTEN_PID`` (the service's own pid, set by a small
 trampoline before exec) and ``LISTEN_FDNAMES``, and ``$FDSTORE``.  What it does
 not do: drop a stored fd on ``POLLHUP`` (systemd's default), so a test sees
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from vhost_user_cpufreq.backend.service.fdstore import same_file
 
 _TRAMPOLINE = """
 import fcntl, os, sys
@@ -68,7 +71,9 @@ class MiniSystemd:
                 self.messages.append(text)
                 if fields.get("FDSTORE") == "1":
                     for fd in fds:
-                        if len(self.store) < self.fdstore_max:
+                        if any(same_file(fd, f) for _, f in self.store):
+                            os.close(fd)
+                        elif len(self.store) < self.fdstore_max:
                             self.store.append((fields.get("FDNAME", "stored"), fd))
                         else:
                             os.close(fd)

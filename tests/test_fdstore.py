@@ -120,7 +120,7 @@ async def _all_back(g: Guest) -> None:
 
 
 def _session_fds(w: World, vm: str) -> list[str]:
-    return [n for n in w.sd.names() if n.startswith(f"vuc.{vm}.g")]
+    return [n for n in w.sd.names() if n.startswith(f"vuc.{vm}.f")]
 
 
 async def test_sigkill_then_sigterm_the_guest_never_sees_its_connection_close(world: World) -> None:

@@ -13,21 +13,24 @@ from vhost_user_cpufreq.protocol.fdstore import (
     name_ok,
     parse_name,
     record_name,
-    session_fd_name,
+    object_name,
 )
 from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
 
 BODY = b"VUCS-any-snapshot-bytes"
 
 
-def test_a_record_reads_back_with_its_generation_and_flags() -> None:
-    r = decode_record(encode_record(7, BODY, clean=True))
-    assert r is not None and (r.generation, r.snapshot, r.clean, r.busy) == (7, BODY, True, False)
+NAMES = ["vuc.vm0.f1", "vuc.vm0.f2", "vuc.vm0.f2"]
+
+
+def test_a_record_reads_back_with_its_names_and_flags() -> None:
+    r = decode_record(encode_record(NAMES, BODY, clean=True))
+    assert r is not None and (r.names, r.snapshot, r.clean, r.busy) == (tuple(NAMES), BODY, True, False)
     assert decode_record(b"") is None  # an emptied record: the VM had no session
 
 
 def test_the_busy_byte_is_outside_the_checksum() -> None:
-    data = bytearray(encode_record(1, BODY))
+    data = bytearray(encode_record(NAMES, BODY))
     data[FLAGS_OFFSET] = BUSY
     r = decode_record(bytes(data))
     assert r is not None and r.busy and not r.clean
@@ -44,14 +47,20 @@ def test_the_busy_byte_is_outside_the_checksum() -> None:
 ])
 def test_a_record_that_cannot_be_trusted_is_refused_by_reason(cut, reason) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SnapshotError) as ei:
-        decode_record(cut(encode_record(3, BODY)))
+        decode_record(cut(encode_record(NAMES, BODY)))
     assert ei.value.reason == reason
 
 
 def test_names_round_trip_and_others_are_not_ours() -> None:
-    assert parse_name(listener_name("web-1")) == ("web-1", "l", None, None)
-    assert parse_name(record_name("web-1")) == ("web-1", "r", None, None)
-    assert parse_name(session_fd_name("web-1", 12, 3)) == ("web-1", "g", 12, 3)
-    for other in ("web-1", "vuc.web 1.l", "vuc.a.x", "vuc.a.g1", "vuc..l", "stored"):
+    assert parse_name(listener_name("web-1")) == ("web-1", "l", None)
+    assert parse_name(record_name("web-1")) == ("web-1", "r", None)
+    assert parse_name(object_name("web-1", 12)) == ("web-1", "f", 12)
+    for other in ("web-1", "vuc.web 1.l", "vuc.a.x", "vuc.a.f", "vuc.a.g1.2", "vuc..l", "stored"):
         assert parse_name(other) is None
     assert name_ok("vm_0") and not name_ok("a:b") and not name_ok("a.b") and not name_ok("")
+
+
+def test_a_record_naming_something_else_is_refused() -> None:
+    with pytest.raises(SnapshotError) as ei:
+        decode_record(encode_record(["vuc.vm0.f1", "other"], BODY))
+    assert ei.value.reason == "malformed"

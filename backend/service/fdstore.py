@@ -5,11 +5,11 @@ Theory of operation: with ``FileDescriptorStoreMax=`` set, systemd tells us
 the next process of the service (after ``SIGKILL``, a watchdog abort,
 ``systemctl restart``) receives them all, named, like socket-activated ones.
 :class:`Keeper` keeps the store current while the service runs: each VM's
-listening socket; per live session its connection, back-end channel,
-kick/call/err eventfds and guest memory fds; and one memfd per VM holding the
-session's record (its snapshot), rewritten after every batch of control
-messages and marked busy while a read from the front-end's socket is being
-handled.  When a session ends its fds leave the store (a closed connection
+listening socket; per live session each open file it holds (connection,
+back-end channel, kick/call/err eventfds, guest memory) once; and one memfd
+per VM holding the session's record (its snapshot and the store's name of
+each of its fds), rewritten after every batch of control messages and marked
+busy while a read from the front-end's socket is being handled.  When a session ends its fds leave the store (a closed connection
 would otherwise stay open there, and QEMU would never see it close).
 
 :func:`from_store` turns what the store handed back into a
@@ -26,6 +26,7 @@ loses no buffer.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -39,9 +40,9 @@ from vhost_user_cpufreq.protocol.fdstore import (
     encode_record,
     listener_name,
     name_ok,
+    object_name,
     parse_name,
     record_name,
-    session_fd_name,
 )
 from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError, at_used, encode
 from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
@@ -83,15 +84,39 @@ class FdStore:
 
 
 _SOCKET_UNIT = object()
+_F_DUPFD_QUERY = 1027  # F_LINUX_SPECIFIC_BASE + 3 (Linux 6.10): do two fds share one open file?
+
+
+def same_file(a: int, b: int) -> bool:
+    """Do ``a`` and ``b`` name one open file (what systemd's store counts as one entry)?"""
+    try:
+        return fcntl.fcntl(a, _F_DUPFD_QUERY, b) == 1
+    except OSError:
+        pass
+    # Older kernels: the same inode (eventfds share one: their id tells them apart).
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) and _eventfd_id(a) == _eventfd_id(b)
+
+
+def _eventfd_id(fd: int) -> str | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("eventfd-id:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 @dataclass
 class _Vm:
     record_fd: int  # the memfd in the store under record_name(vm)
     conn: Connection | None = None
-    generation: int = 0
-    names: list[str] = field(default_factory=list)  # the session's fds in the store, by name
-    stored: list[int] = field(default_factory=list)  # their numbers here when stored
+    serial: int = 0  # of the last object name given
+    held: dict[str, int] = field(default_factory=dict)  # name -> our duplicate of each object in the store
+    names: list[str] = field(default_factory=list)  # the object of each fd of the last record
+    stored: list[int] = field(default_factory=list)  # those fds' numbers
     busy: bool = False
     last: bytes = b""
 
@@ -100,10 +125,14 @@ class Keeper:
     """Keeps the fd store current: install before the daemon starts, ``started`` after."""
 
     def __init__(self, store: FdStore, records: dict[str, int] | None = None,
-                 old: dict[str, tuple[int, list[str]]] | None = None) -> None:
+                 held: dict[str, dict[str, int]] | None = None, serials: dict[str, int] | None = None) -> None:
         self.store = store
         self.vms: dict[str, _Vm] = {vm: _Vm(fd) for vm, fd in (records or {}).items()}
-        self._old = dict(old or {})  # a resumed session's generation and names, removed once re-stored
+        for vm, objs in (held or {}).items():  # a resumed session's objects, already in the store
+            self.vms[vm].held = objs
+        for vm, n in (serials or {}).items():
+            if vm in self.vms:
+                self.vms[vm].serial = n
         #: each VM's listening socket in the store (or _SOCKET_UNIT: systemd passes it at every start anyway)
         self.listeners: dict[str, object] = {}
         self._warned: set[str] = set()
@@ -144,9 +173,7 @@ class Keeper:
             fd = os.memfd_create(f"vuc-record-{vm}", os.MFD_CLOEXEC)
             self.store.put(record_name(vm), fd)
             st = self.vms[vm] = _Vm(fd)
-        st.conn, st.busy, st.last = conn, False, b""
-        generation, st.names = self._old.pop(vm, (0, []))
-        st.generation, st.stored = max(st.generation, generation), []
+        st.conn, st.busy, st.last, st.names, st.stored = conn, False, b"", [], []
         conn.watch = lambda busy: self._watch(st, busy)
         self._sync(st)
 
@@ -154,10 +181,12 @@ class Keeper:
         st = self.vms.get(slot.config.name)
         if st is None or st.conn is not conn:
             return
-        # The VM went: its fds leave the store, so the front-end's connection really closes.
+        # The VM went: its objects leave the store, so the front-end's connection really closes.
         self._write(st, b"")
-        self._forget(st)
-        st.conn = None
+        for name, dup in st.held.items():
+            self.store.remove(name)
+            os.close(dup)
+        st.held, st.names, st.stored, st.conn = {}, [], [], None
 
     def _watch(self, st: _Vm, busy: bool) -> None:
         conn = st.conn
@@ -186,32 +215,37 @@ class Keeper:
             else:
                 log.debug("[%s] no record: %s", conn.session.name, exc)
             return
-        if fds != st.stored or not st.names:
-            # A new set: stored under the next generation before the record names it, the old removed after.
-            old = st.names
-            st.generation += 1
-            st.names = [session_fd_name(conn.session.name, st.generation, i) for i in range(len(fds))]
-            for name, fd in zip(st.names, fds):
-                self.store.put(name, fd)
-            st.stored = list(fds)
-            self._write(st, encode_record(st.generation, raw, clean=parked))
-            for name in old:
-                self.store.remove(name)
+        if fds == st.stored and all(same_file(st.held[n], fd) for n, fd in zip(st.names, fds)):
+            names = st.names
         else:
-            data = encode_record(st.generation, raw, clean=parked)
-            if data != st.last or st.busy:
-                self._write(st, data)
+            names = self._objects(st, conn.session.name, fds)
+        data = encode_record(names, raw, clean=parked)
+        if data != st.last or st.busy:
+            self._write(st, data)
         st.busy = False
+        # Objects no longer named leave the store after the record stopped naming them.
+        for name in [n for n in st.held if n not in names]:
+            self.store.remove(name)
+            os.close(st.held.pop(name))
+        st.names, st.stored = names, list(fds)
+
+    def _objects(self, st: _Vm, vm: str, fds: list[int]) -> list[str]:
+        """The store's name of each fd; a new open file is stored (before any record names it)."""
+        names = []
+        for fd in fds:
+            name = next((n for n, dup in st.held.items() if same_file(dup, fd)), None)
+            if name is None:
+                st.serial += 1
+                name = object_name(vm, st.serial)
+                self.store.put(name, fd)
+                st.held[name] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            names.append(name)
+        return names
 
     def _write(self, st: _Vm, data: bytes) -> None:
         os.pwrite(st.record_fd, data, 0)
         os.ftruncate(st.record_fd, len(data))
         st.last = data
-
-    def _forget(self, st: _Vm) -> None:
-        for name in st.names:
-            self.store.remove(name)
-        st.names, st.stored = [], []
 
     def park(self) -> None:
         """SIGTERM with a store: stop serving, write exact records, leave every fd open (the caller exits)."""
@@ -240,71 +274,73 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
     rest: list[tuple[str, int]] = []
     listeners: dict[str, socket.socket] = {}
     records: dict[str, int] = {}
-    gens: dict[str, dict[int, dict[int, tuple[str, int]]]] = {}
+    objects: dict[str, dict[str, int]] = {}
+    serials: dict[str, int] = {}
     unused: list[tuple[str, int]] = []
     for name, fd in named:
         parsed = parse_name(name)
         if parsed is None:
             rest.append((name, fd))
             continue
-        vm, kind, gen, index = parsed
+        vm, kind, serial = parsed
         if vm not in vms:
             unused.append((name, fd))
         elif kind == "l" and vm not in listeners:
             listeners[vm] = socket.socket(fileno=fd)
         elif kind == "r" and vm not in records:
             records[vm] = fd
-        elif kind == "g" and gen is not None and index is not None:
-            slot = gens.setdefault(vm, {}).setdefault(gen, {})
-            if index in slot:
-                unused.append((name, fd))
-            else:
-                slot[index] = (name, fd)
+        elif kind == "f" and serial is not None and name not in objects.setdefault(vm, {}):
+            objects[vm][name] = fd
+            serials[vm] = max(serials.get(vm, 0), serial)
         else:
             unused.append((name, fd))
     taken = Taken(0, origin="fdstore")
-    old: dict[str, tuple[int, list[str]]] = {}
-    for vm in sorted(set(records) | set(gens)):
-        by_gen = gens.get(vm, {})
+    held: dict[str, dict[str, int]] = {}
+    for vm in sorted(set(records) | set(objects)):
+        objs = objects.get(vm, {})
+        used: dict[str, int] = {}
+        fds: list[int] = []
         try:
             if vm not in records:
                 raise SnapshotError("missing-record", "the session's fds are stored, its record is not")
             rec = decode_record(_read_all(records[vm]))
             if rec is None:
-                continue  # no session when the process went; stray fds are closed below
+                continue  # no session when the process went; stray objects are closed below
             if rec.busy:
                 raise SnapshotError("mid-message", "the process died while handling a front-end message")
-            mine = by_gen.pop(rec.generation, {})
-            unused += mine.values()  # taken back below once the snapshot checks out
-            if sorted(mine) != list(range(len(mine))):
-                raise SnapshotError("missing-fd", f"stored fds {sorted(mine)} of generation {rec.generation}")
-            fds = [mine[i][1] for i in range(len(mine))]
+            for name in rec.names:
+                if name not in objs:
+                    raise SnapshotError("missing-fd", f"{name} is not in the store")
+                # One object named at several indices (the regions of one memory backend): one fd each.
+                fds.append(os.dup(objs[name]) if name in used else objs[name])
+                used[name] = objs[name]
             snap = decode_snapshot(rec.snapshot, len(fds))
             if snap.vm != vm:
                 raise SnapshotError("wrong-vm", f"record of {snap.vm!r} stored for {vm!r}")
             raw = rec.snapshot if rec.clean else encode(at_used(snap, guest_used(snap, fds)))
-            for i in range(len(mine)):
-                unused.remove(mine[i])
+            # The keeper's own duplicates: the resumed session's objects are in the store already.
+            held[vm] = {name: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for name, fd in used.items()}
             taken.sessions.append((raw, fds))
-            old[vm] = (rec.generation, [mine[i][0] for i in range(len(mine))])
-        except SnapshotError as exc:
+        except (SnapshotError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, SnapshotError) else "unusable-fd"
             log.error("[%s] the session kept in systemd's fd store cannot be resumed (its front-end sees "
                       "the connection close): %s", vm, exc)
-            taken.dropped.append((vm, exc.reason))
+            taken.dropped.append((vm, reason))
+            for fd in fds:
+                if fd not in used.values():
+                    os.close(fd)  # the duplicates made above
+            used = {}
+            if vm in records:
+                os.ftruncate(records[vm], 0)
         finally:
-            for g in by_gen.values():
-                unused += g.values()
-            by_gen.clear()
+            unused += [(n, fd) for n, fd in objs.items() if n not in used]
     for name, fd in unused:
         store.remove(name)
         try:
             os.close(fd)
         except OSError:
             pass
-    keeper = Keeper(store, records, old)
+    keeper = Keeper(store, records, held, serials)
     keeper.listeners.update(listeners)
     keeper.listeners.update((name, _SOCKET_UNIT) for name, _ in rest if name in vms)
-    for vm, fd in records.items():
-        if any(d == vm for d, _ in taken.dropped):
-            os.ftruncate(fd, 0)
     return rest, listeners, (taken if taken.sessions or taken.dropped else None), keeper

@@ -15,17 +15,21 @@ repeating.  A new object is stored before the record names it and an object no
 longer named is removed after, so a crash at any moment leaves the record
 naming objects the store holds.
 
-The record: a 16-byte header (magic ``VUCF``, version, a flags byte written
-on its own, the body's CRC-32 and length) and the body: the count of names, the
-names, each on its own line, and the session snapshot (session_snapshot.py).
-The flags byte is outside the CRC: the service sets ``BUSY`` before it reads
-from the front-end's socket and clears it once every message read was handled
-and the record rewritten, so a process killed with bytes of a message taken
-from the socket but not acted on leaves ``BUSY`` behind, and that session is
-not resumed (its state cannot be known).  ``CLEAN``: written by a process
-that stopped serving first (SIGTERM), so the snapshot's ring positions are
-exact; without it they are taken from the rings in guest memory.  A record cut
-by a crash mid-write fails its length or its CRC.
+The memfd holds a 4 KiB pending area and then the record: a 16-byte header
+(magic ``VUCF``, version, a flags byte written on its own, the body's CRC-32
+and length) and the body: the count of names, the names, each on its own
+line, and the session snapshot (session_snapshot.py).  The flags byte is
+outside the CRC.  Before the service takes bytes from the front-end's socket
+(it looks at them first, MSG_PEEK) it sets ``REPLAY`` with those bytes in the
+pending area when they are whole requests that change nothing (GET_CONFIG,
+GET_FEATURES...), and ``BUSY`` otherwise; it clears the flag once they were
+handled and the record rewritten.  A process killed in between leaves the
+flag: ``REPLAY`` requests are handled again by the next process (their
+front-end still waits for the answer), a ``BUSY`` session is not resumed (its
+state cannot be known).  ``CLEAN``: written by a process that stopped serving
+first (SIGTERM), so the snapshot's ring positions are exact; without it they
+are taken from the rings in guest memory.  A record cut by a crash mid-write
+fails its length or its CRC.
 """
 
 from __future__ import annotations
@@ -37,12 +41,21 @@ from dataclasses import dataclass
 
 from .session_snapshot import MAX_SNAPSHOT_BYTES, SnapshotError
 
-__all__ = ["STORE_VERSION", "BUSY", "CLEAN", "FLAGS_OFFSET", "StoreRecord", "encode_record", "decode_record",
+__all__ = ["STORE_VERSION", "BUSY", "CLEAN", "REPLAY", "FLAGS_OFFSET", "PENDING_AREA", "encode_pending",
+           "decode_pending", "replayable", "StoreRecord", "encode_record", "decode_record",
            "listener_name", "record_name", "object_name", "parse_name", "name_ok"]
 
 STORE_VERSION = 1
 BUSY = 1
 CLEAN = 2
+REPLAY = 4
+#: The record memfd: [0, PENDING_AREA) the pending area, the record from PENDING_AREA on.
+PENDING_AREA = 4096
+_PENDING = struct.Struct("<I")
+#: Requests that change nothing: handled again by the next process if one was cut before its reply.
+_READ_ONLY = frozenset({1, 15, 17, 24, 36, 40})  # GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
+# GET_CONFIG, GET_MAX_MEM_SLOTS, GET_STATUS (numbers as vhost-user defines them)
+_MSG_HEADER = struct.Struct("<III")  # request, flags, payload size
 _HEADER = struct.Struct("<4sHBxII")  # magic, version, flags, pad, crc32 of the body, body length
 _COUNT = struct.Struct("<H")
 _MAX_NAMES = 1024
@@ -68,6 +81,10 @@ class StoreRecord:
     def clean(self) -> bool:
         return bool(self.flags & CLEAN)
 
+    @property
+    def replay(self) -> bool:
+        return bool(self.flags & REPLAY)
+
 
 def encode_record(names: list[str] | tuple[str, ...], snapshot: bytes, *, clean: bool = False) -> bytes:
     body = _COUNT.pack(len(names)) + "".join(f"{n}\n" for n in names).encode() + snapshot
@@ -88,7 +105,7 @@ def decode_record(data: bytes) -> StoreRecord | None:
         raise SnapshotError("bad-magic", f"{magic!r}")
     if version != STORE_VERSION:
         raise SnapshotError("version-mismatch", f"store record version {version}, this process reads {STORE_VERSION}")
-    if flags & ~(BUSY | CLEAN):
+    if flags & ~(BUSY | CLEAN | REPLAY):
         raise SnapshotError("bad-header", f"flags {flags:#x}")
     if length > MAX_SNAPSHOT_BYTES + 300 * _MAX_NAMES or len(data) - _HEADER.size != length:
         raise SnapshotError("truncated", f"{len(data) - _HEADER.size} body bytes, header says {length}")
@@ -111,6 +128,36 @@ def decode_record(data: bytes) -> StoreRecord | None:
     if count > _MAX_NAMES:
         raise SnapshotError("malformed", f"{count} names")
     return StoreRecord(flags, tuple(names), body[pos:])
+
+
+def replayable(data: bytes) -> bool:
+    """Are ``data`` whole front-end messages that change nothing, small enough to keep for a replay?"""
+    if not data or len(data) > PENDING_AREA - _PENDING.size:
+        return False
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < _MSG_HEADER.size:
+            return False
+        request, _, size = _MSG_HEADER.unpack_from(data, pos)
+        pos += _MSG_HEADER.size + size
+        if request not in _READ_ONLY or pos > len(data):
+            return False
+    return True
+
+
+def encode_pending(data: bytes) -> bytes:
+    return _PENDING.pack(len(data)) + data
+
+
+def decode_pending(area: bytes) -> bytes:
+    """The messages kept in the pending area; SnapshotError if they are not whole read-only messages."""
+    if len(area) < _PENDING.size:
+        raise SnapshotError("truncated", "no pending area")
+    (n,) = _PENDING.unpack_from(area)
+    data = bytes(area[_PENDING.size:_PENDING.size + n])
+    if len(data) != n or not replayable(data):
+        raise SnapshotError("malformed", "the pending area holds no whole read-only messages")
+    return data
 
 
 def name_ok(vm: str) -> bool:

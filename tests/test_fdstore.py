@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import pytest
 
 from vhost_user_cpufreq.backend.service.daemon import query_status
-from vhost_user_cpufreq.protocol.fdstore import FLAGS_OFFSET, record_name
+from vhost_user_cpufreq.protocol import vhost_user as vu
+from vhost_user_cpufreq.protocol.fdstore import FLAGS_OFFSET, PENDING_AREA, REPLAY, encode_pending, record_name
 
 from .helpers import Guest, short_tmpdir, start_guest, stop_process, until
 from .minisystemd import MiniSystemd
@@ -187,10 +188,10 @@ async def test_a_session_that_cannot_be_trusted_is_dropped_alone(world: World, f
     p0.wait()
     rec = w.sd.fd(record_name("vm1"))
     if fault == "busy":  # killed with a front-end message read and not acted on
-        os.pwrite(rec, b"\x01", FLAGS_OFFSET)
+        os.pwrite(rec, b"\x01", PENDING_AREA + FLAGS_OFFSET)
         reason = "mid-message"
     elif fault == "version":
-        os.pwrite(rec, b"\x63\x00", 4)
+        os.pwrite(rec, b"\x63\x00", PENDING_AREA + 4)
         reason = "version-mismatch"
     else:
         w.sd.drop(sorted(_session_fds(w, "vm1"))[-1])
@@ -210,3 +211,33 @@ async def test_a_session_that_cannot_be_trusted_is_dropped_alone(world: World, f
     await _all_back(g0)
     await g0.close()
     stop_process(w.procs[-1])
+
+
+async def test_a_request_read_and_not_answered_when_killed_is_answered_by_the_next_process(world: World) -> None:
+    w = world
+    p0 = await w.start()
+    g = await start_guest(str(w.d / "vm0.sock"), util_threshold=1)
+    g.driver.set_util(0, 300)
+    g.driver.flush()
+    await until(lambda: w.counters().get("records"), timeout=10, what="served")
+    await until(lambda: "vuc.vm0.r" in w.sd.names(), timeout=5, what="record stored")
+    p0.send_signal(signal.SIGKILL)
+    p0.wait()
+    # As the killed process left it had it taken a GET_CONFIG from the socket and not answered it yet.
+    rec = w.sd.fd(record_name("vm0"))
+    os.pwrite(rec, encode_pending(vu.encode_message(vu.FrontendRequest.GET_CONFIG, vu.ConfigSpace(0, 16, 0,
+                                                                                              bytes(16)))), 0)
+    os.pwrite(rec, bytes([REPLAY]), PENDING_AREA + FLAGS_OFFSET)
+    async with g.fe._lock:  # the front-end waits for the answer to the request it sent before the kill
+        waiting = asyncio.get_running_loop().create_task(g.fe._read_reply(vu.FrontendRequest.GET_CONFIG))
+        await w.start()
+        reply = await asyncio.wait_for(waiting, 10)
+    assert len(reply.payload.payload) == 16  # type: ignore[union-attr]
+    c = w.counters()
+    assert c.get("sessions_resumed") == 1 and c.get("config_reads", 0) >= 1, c
+    # And the session goes on.
+    g.driver.set_util(0, 900)
+    g.driver.flush()
+    await until(lambda: w.counters().get("records", 0) > 0, timeout=5, what="served after the replay")
+    await _all_back(g)
+    await g.close()

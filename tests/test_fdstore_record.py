@@ -64,3 +64,19 @@ def test_a_record_naming_something_else_is_refused() -> None:
     with pytest.raises(SnapshotError) as ei:
         decode_record(encode_record(["vuc.vm0.f1", "other"], BODY))
     assert ei.value.reason == "malformed"
+
+
+def test_only_whole_read_only_requests_are_kept_for_a_replay() -> None:
+    from vhost_user_cpufreq.protocol import vhost_user as vu
+    from vhost_user_cpufreq.protocol.fdstore import decode_pending, encode_pending, replayable
+
+    F = vu.FrontendRequest
+    get_config = vu.encode_message(F.GET_CONFIG, vu.ConfigSpace(0, 16, 0, bytes(16)))
+    get_features = vu.encode_message(F.GET_FEATURES)
+    assert replayable(get_config + get_features)
+    assert decode_pending(encode_pending(get_config)) == get_config
+    assert not replayable(get_config[:-1])  # cut
+    assert not replayable(vu.encode_message(F.SET_FEATURES, vu.U64(1)))  # changes the session
+    assert not replayable(b"")
+    with pytest.raises(SnapshotError):
+        decode_pending(encode_pending(vu.encode_message(F.SET_OWNER)))

@@ -36,6 +36,11 @@ from typing import TYPE_CHECKING
 from vhost_user_cpufreq.protocol.fdstore import (
     BUSY,
     FLAGS_OFFSET,
+    PENDING_AREA,
+    REPLAY,
+    decode_pending,
+    encode_pending,
+    replayable,
     decode_record,
     encode_record,
     listener_name,
@@ -118,6 +123,7 @@ class _Vm:
     names: list[str] = field(default_factory=list)  # the object of each fd of the last record
     stored: list[int] = field(default_factory=list)  # those fds' numbers
     busy: bool = False
+    replay: bool = False
     last: bytes = b""
 
 
@@ -125,8 +131,10 @@ class Keeper:
     """Keeps the fd store current: install before the daemon starts, ``started`` after."""
 
     def __init__(self, store: FdStore, records: dict[str, int] | None = None,
-                 held: dict[str, dict[str, int]] | None = None, serials: dict[str, int] | None = None) -> None:
+                 held: dict[str, dict[str, int]] | None = None, serials: dict[str, int] | None = None,
+                 replay: dict[str, bytes] | None = None) -> None:
         self.store = store
+        self._replay = dict(replay or {})  # requests a predecessor read and did not answer, by VM
         self.vms: dict[str, _Vm] = {vm: _Vm(fd) for vm, fd in (records or {}).items()}
         for vm, objs in (held or {}).items():  # a resumed session's objects, already in the store
             self.vms[vm].held = objs
@@ -174,8 +182,12 @@ class Keeper:
             self.store.put(record_name(vm), fd)
             st = self.vms[vm] = _Vm(fd)
         st.conn, st.busy, st.last, st.names, st.stored = conn, False, b"", [], []
-        conn.watch = lambda busy: self._watch(st, busy)
+        conn.watch = lambda busy, pending: self._watch(st, busy, pending)
         self._sync(st)
+        replay = self._replay.pop(vm, None)
+        if replay:
+            # What the previous process read and had not answered, answered now.
+            conn.loop.call_soon(conn.replay, replay)
 
     def _closed(self, slot: "VmSlot", conn: Connection) -> None:
         st = self.vms.get(slot.config.name)
@@ -188,15 +200,24 @@ class Keeper:
             os.close(dup)
         st.held, st.names, st.stored, st.conn = {}, [], [], None
 
-    def _watch(self, st: _Vm, busy: bool) -> None:
+    def _watch(self, st: _Vm, busy: bool, pending: bytes | None) -> None:
         conn = st.conn
         if conn is None:
             return
         if busy:
-            if not st.busy and st.last:
-                os.pwrite(st.record_fd, bytes([BUSY]), FLAGS_OFFSET)
+            if st.last and not conn.reader.buffered and pending is not None and replayable(pending):
+                # Requests that change nothing (GET_CONFIG...): cut before their answer, they are answered
+                # by the next process.  Kept before they are taken from the socket.
+                os.pwrite(st.record_fd, encode_pending(pending), 0)
+                os.pwrite(st.record_fd, bytes([REPLAY]), PENDING_AREA + FLAGS_OFFSET)
+                st.replay = True
+            elif st.last and not st.busy:
+                os.pwrite(st.record_fd, bytes([BUSY]), PENDING_AREA + FLAGS_OFFSET)
             st.busy = True
         elif conn.reader.buffered == 0:
+            if st.replay:  # answered: never again (the record below is unchanged by such requests)
+                os.pwrite(st.record_fd, bytes([0]), PENDING_AREA + FLAGS_OFFSET)
+                st.replay = False
             self._sync(st)
 
     # -- writing --------------------------------------------------------------------------
@@ -211,9 +232,9 @@ class Keeper:
         except SnapshotError as exc:
             if parked:  # left busy: the next process drops this session alone, and says why
                 log.error("[%s] session cannot be kept across the restart: %s", conn.session.name, exc)
-                os.pwrite(st.record_fd, bytes([BUSY]), FLAGS_OFFSET)
+                os.pwrite(st.record_fd, bytes([BUSY]), PENDING_AREA + FLAGS_OFFSET)
             else:
-                log.debug("[%s] no record: %s", conn.session.name, exc)
+                log.warning("[%s] the fd store's record is not updated: %s", conn.session.name, exc)
             return
         if fds == st.stored and all(same_file(st.held[n], fd) for n, fd in zip(st.names, fds)):
             names = st.names
@@ -243,8 +264,8 @@ class Keeper:
         return names
 
     def _write(self, st: _Vm, data: bytes) -> None:
-        os.pwrite(st.record_fd, data, 0)
-        os.ftruncate(st.record_fd, len(data))
+        os.pwrite(st.record_fd, data, PENDING_AREA)
+        os.ftruncate(st.record_fd, PENDING_AREA + len(data) if data else 0)
         st.last = data
 
     def park(self) -> None:
@@ -256,10 +277,10 @@ class Keeper:
         log.info("every session parked in systemd's fd store; exiting without closing them")
 
 
-def _read_all(fd: int) -> bytes:
+def _read_all(fd: int, offset: int = 0) -> bytes:
     out = b""
     while True:
-        chunk = os.pread(fd, 1 << 16, len(out))
+        chunk = os.pread(fd, 1 << 16, offset + len(out))
         if not chunk:
             return out
         out += chunk
@@ -296,6 +317,7 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             unused.append((name, fd))
     taken = Taken(0, origin="fdstore")
     held: dict[str, dict[str, int]] = {}
+    replay: dict[str, bytes] = {}
     for vm in sorted(set(records) | set(objects)):
         objs = objects.get(vm, {})
         used: dict[str, int] = {}
@@ -303,7 +325,7 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
         try:
             if vm not in records:
                 raise SnapshotError("missing-record", "the session's fds are stored, its record is not")
-            rec = decode_record(_read_all(records[vm]))
+            rec = decode_record(_read_all(records[vm], PENDING_AREA))
             if rec is None:
                 continue  # no session when the process went; stray objects are closed below
             if rec.busy:
@@ -318,6 +340,8 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             if snap.vm != vm:
                 raise SnapshotError("wrong-vm", f"record of {snap.vm!r} stored for {vm!r}")
             raw = rec.snapshot if rec.clean else encode(at_used(snap, guest_used(snap, fds)))
+            if rec.replay:
+                replay[vm] = decode_pending(os.pread(records[vm], PENDING_AREA, 0))
             # The keeper's own duplicates: the resumed session's objects are in the store already.
             held[vm] = {name: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for name, fd in used.items()}
             taken.sessions.append((raw, fds))
@@ -340,7 +364,7 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             os.close(fd)
         except OSError:
             pass
-    keeper = Keeper(store, records, held, serials)
+    keeper = Keeper(store, records, held, serials, replay)
     keeper.listeners.update(listeners)
     keeper.listeners.update((name, _SOCKET_UNIT) for name, _ in rest if name in vms)
     return rest, listeners, (taken if taken.sessions or taken.dropped else None), keeper

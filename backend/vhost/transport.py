@@ -97,9 +97,10 @@ class Connection:
         self.reader = vu.MessageReader("frontend")
         self.closed: asyncio.Future[str] = loop.create_future()
         self._on_close = on_close
-        #: called with True before each read from the socket and with False once everything read was
-        #: handled (the fd store marks its record busy meanwhile: service/fdstore.py)
-        self.watch: Callable[[bool], None] | None = None
+        #: called with (True, the bytes about to be read, or None when fds come with them) before each
+        #: read from the socket and with (False, None) once everything read was handled (the fd store
+        #: marks its record busy meanwhile, or keeps the bytes to handle again: service/fdstore.py)
+        self.watch: Callable[[bool, bytes | None], None] | None = None
         self.peer_pid, self.peer_uid, self.peer_gid = peer_credentials(sock)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
@@ -115,21 +116,45 @@ class Connection:
         if self.watch is None:
             self._receive()
             return
-        self.watch(True)
         try:
-            self._receive()
+            # Looked at before it is taken: a process killed meanwhile loses nothing.
+            data, anc, _, _ = self.sock.recvmsg(_RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
+                                                socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, anc = b"", []
+        peeked: bytes | None = data
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                for fd in arr:
+                    _close_quietly(fd)  # duplicates made by the peek; the read below takes the real ones
+                peeked = None
+        self.watch(True, peeked)
+        try:
+            self._receive(len(data) if peeked else _RECV_SIZE)
         finally:
             if not self.closed.done():
-                self.watch(False)
+                self.watch(False, None)
 
-    def _receive(self) -> None:
+    def replay(self, data: bytes) -> None:
+        """Handle ``data`` as if it had just been read (messages a predecessor read and did not answer)."""
+        if not self.closed.done():
+            self._consume(data, [])
+
+    def _receive(self, size: int = _RECV_SIZE) -> None:
         try:
-            data, fds = recv_with_fds(self.sock)
+            data, fds = recv_with_fds(self.sock, size)
         except BlockingIOError:
             return
         except OSError as exc:
             self.close(f"receive failed: {exc}")
             return
+        self._consume(data, fds)
+
+    def _consume(self, data: bytes, fds: list[int]) -> None:
         try:
             self.reader.receive_data(data, fds)
             while True:

@@ -8,8 +8,10 @@ the next process of the service (after ``SIGKILL``, a watchdog abort,
 listening socket; per live session each open file it holds (connection,
 back-end channel, kick/call/err eventfds, guest memory) once; and one memfd
 per VM holding the session's record (its snapshot and the store's name of
-each of its fds), rewritten after every batch of control messages and marked
-busy while a read from the front-end's socket is being handled.  When a session ends its fds leave the store (a closed connection
+each of its fds), rewritten after every batch of control messages.  Before a
+read from the front-end's socket the record keeps the bytes about to be read
+when they are requests that change nothing (answered again by the next
+process if this one dies first), and is marked busy otherwise.  When a session ends its fds leave the store (a closed connection
 would otherwise stay open there, and QEMU would never see it close).
 
 :func:`from_store` turns what the store handed back into a

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, TypeVar
 
 from . import vhost_user as vu
@@ -42,7 +42,7 @@ from .virtqueue import validate_queue_size
 
 __all__ = ["SNAPSHOT_VERSION", "MAX_SNAPSHOT_BYTES", "SnapshotError", "RingSnapshot", "RegionSnapshot",
            "SeqSnapshot", "DeviceSnapshot", "SessionSnapshot", "encode", "decode", "machine_state",
-           "restore_machine"]
+           "restore_machine", "at_used"]
 
 SNAPSHOT_VERSION = 1
 #: A session's snapshot is well under 8 KiB; anything larger is not one of ours.
@@ -164,6 +164,25 @@ def restore_machine(device: DeviceFacts, snap: SessionSnapshot) -> SessionMachin
             r.enabled for r in snap.rings):
         raise SnapshotError("inconsistent-ring", "rings disabled without PROTOCOL_FEATURES")
     return m
+
+
+def at_used(snap: SessionSnapshot, used: Mapping[int, int]) -> SessionSnapshot:
+    """``snap`` with each running ring resumed at its used index as found in guest memory (``used``).
+
+    For a snapshot written while the rings ran (the fd store's, after a crash): every buffer up to
+    the used index was completed, the ones after it are served again.  The sequence tracking
+    starts afresh on the next batch: what the snapshot recorded is older than the ring.
+    """
+    rings = []
+    for r in snap.rings:
+        if r.running:
+            if r.index not in used:
+                raise SnapshotError("inconsistent-ring", f"ring {r.index} runs, its used index was not read")
+            u = used[r.index] & _U16
+            r = replace(r, last_avail=u, used_idx=u, signalled=None)
+        rings.append(r)
+    seq = replace(snap.device.seq, last=None)
+    return replace(snap, rings=tuple(rings), device=replace(snap.device, seq=seq))
 
 
 # -- encoding ------------------------------------------------------------------------------

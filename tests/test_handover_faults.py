@@ -24,7 +24,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from vhost_user_cpufreq.backend.service.handover import _next, _send, take_over
+from vhost_user_cpufreq.backend.service.handover import _next, take_over
+from vhost_user_cpufreq.backend.vhost.transport import send_with_fds as _send
 from vhost_user_cpufreq.protocol.handover import HANDOVER_VERSION, FrameReader, FrameType, OldSide, encode_frame
 
 from .helpers import open_fds, short_tmpdir, start_guest, stop_process, until
@@ -250,3 +251,24 @@ async def test_a_snapshot_that_cannot_be_resumed_drops_that_session_alone_counte
             with pytest.raises(OSError):
                 os.fstat(fd)
         await svc.close()
+
+
+def test_a_frame_with_more_fds_than_allowed_is_refused_and_every_fd_closed() -> None:
+    from vhost_user_cpufreq.protocol.handover import MAX_FRAME_FDS, HandoverError
+
+    a, b = socket.socketpair()
+    fds = [os.eventfd(0) for _ in range(MAX_FRAME_FDS + 1)]
+    try:
+        before = open_fds()
+        _send(a, encode_frame(FrameType.HELLO, struct.pack("<HI", HANDOVER_VERSION, 1)), fds)
+        reader = FrameReader()
+        with pytest.raises(HandoverError) as ei:
+            _next(reader, b)
+        assert ei.value.reason == "fds-truncated"
+        assert reader.release_fds() == []
+        assert open_fds() == before  # the ones that did arrive were closed
+    finally:
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()

@@ -96,11 +96,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vhost-user-cpufreq: {exc}", file=sys.stderr)
         return 2
-    inherited = {name: sock for name, sock in systemd.listen_fds()}
+    from .fdstore import FdStore, from_store
+
+    # Sockets of socket units by VM name; what systemd's fd store kept (service/fdstore.py) by its own names.
+    rest, stored, taken, keeper = from_store(systemd.listen_fds_raw(), FdStore(), set(cfg.vms))
+    inherited = {**{name: socket.socket(fileno=fd) for name, fd in rest}, **stored}
     if args.fd is not None:
         inherited[args.name] = socket.socket(fileno=args.fd)
 
-    taken = None
     if args.take_over:
         from .handover import take_over
 
@@ -124,14 +127,23 @@ def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        if keeper.store.enabled:
+            keeper.install(daemon.service)
         try:
             await daemon.start(inherited, taken)
         except (OSError, ValueError, ConfigError) as exc:
             print(f"vhost-user-cpufreq: cannot start: {exc}", file=sys.stderr)
             await daemon.stop()
             return 1
+        if keeper.store.enabled:
+            keeper.started(daemon.service)
         started.set()
         await stop.wait()
+        if keeper.store.enabled:
+            # Stop or restart: every VM stays connected through the store, served again by the next start.
+            keeper.park()
+            logging.shutdown()
+            os._exit(0)
         await daemon.stop()
         return 0
 

@@ -93,11 +93,16 @@ class Daemon:
             sock.close()
         if taken is not None:
             resumed = sum(self.service.resume(raw, fds) is not None for raw, fds in taken.sessions)
-            self.counters.inc("handovers_taken")
+            self.counters.inc("handovers_taken" if taken.origin == "handover" else "fdstore_restores")
             if taken.not_carried:
                 self.counters.inc("handover_dropped", "not-carried", n=taken.not_carried)
                 log.error("the previous process could not hand %d session(s) over (see its log)", taken.not_carried)
-            log.info("took over from pid %d: %d of %d sessions resumed", taken.old_pid, resumed, len(taken.sessions))
+            for vm, reason in taken.dropped:  # refused before resume (service/fdstore.py logged why)
+                slot = self.service.vms.get(vm)
+                (slot.counters if slot is not None else self.counters).inc("handover_dropped", reason)
+            src = f"pid {taken.old_pid}" if taken.origin == "handover" else "systemd's fd store"
+            log.info("took over from %s: %d of %d sessions resumed", src, resumed,
+                     len(taken.sessions) + len(taken.dropped))
         self.host.start_hotplug()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.source.run(self.config.sample_period, rebuild_every=30.0)))

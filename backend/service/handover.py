@@ -21,7 +21,6 @@ alone, logged and counted (``handover_dropped``).
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import select
@@ -36,6 +35,7 @@ from vhost_user_cpufreq.protocol.handover import Outcome
 from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
 
 from ..vhost.handover import freeze, snapshot, thaw
+from ..vhost.transport import FdsTruncated, recv_with_fds, send_with_fds
 
 if TYPE_CHECKING:
     from .vms import Service, VmSlot
@@ -46,7 +46,6 @@ log = logging.getLogger("vhost_user_cpufreq.handover")
 
 #: the longest either side waits for the other's next frame
 HANDOVER_TIMEOUT = 10.0
-_FD_SIZE = array.array("i").itemsize
 
 
 @dataclass
@@ -55,15 +54,10 @@ class Taken:
 
     old_pid: int
     not_carried: int = 0  # sessions the old process could not write down (closed when it exited)
+    origin: str = "handover"  # or "fdstore": kept in systemd's fd store by a process that died or stopped
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (VM, reason) of sessions refused before resume
     listeners: dict[str, socket.socket] = field(default_factory=dict)
     sessions: list[tuple[bytes, list[int]]] = field(default_factory=list)
-
-
-def _send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sent = sock.sendmsg([data], anc)
-    if sent < len(data):
-        sock.sendall(data[sent:])
 
 
 def _next(reader: FrameReader, sock: socket.socket) -> Frame:
@@ -72,17 +66,11 @@ def _next(reader: FrameReader, sock: socket.socket) -> Frame:
         f = reader.next_frame()
         if f is not None:
             return f
-        data, anc, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FRAME_FDS * _FD_SIZE),
-                                           socket.MSG_CMSG_CLOEXEC)
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                fds.extend(a)
+        try:
+            data, fds = recv_with_fds(sock, 1 << 16, max_fds=MAX_FRAME_FDS)
+        except FdsTruncated as exc:
+            raise HandoverError(exc.reason, "more fds than a frame may carry") from None
         reader.receive(data, fds)
-        if flags & socket.MSG_CTRUNC:
-            raise HandoverError("fds-truncated", "more fds than a frame may carry")
         if not data:
             raise ConnectionError("the other process closed the handover connection")
 
@@ -96,7 +84,7 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
     frozen: list["VmSlot"] = []
     t0 = time.monotonic()
     try:
-        _send(sock, old.hello())
+        send_with_fds(sock, old.hello())
         old.receive(_next(reader, sock))
         if old.state == "aborted":
             log.warning("the new process refused the handover; serving on")
@@ -107,7 +95,7 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
                 frozen.append(slot)
         for name, slot in service.vms.items():
             assert slot.server is not None
-            _send(sock, old.listener(name), [slot.server.fileno()])
+            send_with_fds(sock, old.listener(name), [slot.server.fileno()])
         for slot in frozen:
             conn = slot.connection
             assert conn is not None
@@ -119,14 +107,14 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
                                exc)
                 old.not_carried += 1
                 continue
-            _send(sock, old.session(raw, len(fds)), fds)
-        _send(sock, old.done())
+            send_with_fds(sock, old.session(raw, len(fds)), fds)
+        send_with_fds(sock, old.done())
         old.receive(_next(reader, sock))
     except (OSError, ProtocolError) as exc:
         log.error("handover failed at %s: %s; serving on", old.state, exc)
     if old.outcome() is Outcome.NEW_SERVES:
         try:
-            _send(sock, old.bye())
+            send_with_fds(sock, old.bye())
         except OSError:
             pass  # the successor learns it from our exit
         log.info("handed %d VMs and %d sessions over to pid %s in %.1f ms; exiting", old.sent_listeners,
@@ -153,7 +141,7 @@ def take_over(control_path: str, timeout: float = HANDOVER_TIMEOUT) -> Taken | N
             while new.state not in ("complete", "aborted"):
                 answer = new.receive(_next(reader, sock))
                 if answer is not None:
-                    _send(sock, answer)
+                    send_with_fds(sock, answer)
         except (OSError, ProtocolError) as exc:
             log.warning("handover from %s ended at %s: %s", control_path, new.state, exc)
     outcome = new.outcome()

@@ -36,9 +36,10 @@ from vhost_user_cpufreq.protocol.session_snapshot import (
 )
 from vhost_user_cpufreq.protocol.virtqueue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
+from .memory import MemoryMap
 from .session import Ring, Session, _map_into
 
-__all__ = ["freeze", "thaw", "snapshot", "restore"]
+__all__ = ["freeze", "thaw", "snapshot", "live_snapshot", "guest_used", "restore"]
 
 
 def freeze(session: Session) -> None:
@@ -77,6 +78,19 @@ def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tupl
         raise SnapshotError("not-frozen", "a session is written down only when frozen")
     if mid_message:
         raise SnapshotError("mid-message", "part of a front-end message was read and not handled")
+    return _describe(session, connection_fd, exact=True)
+
+
+def live_snapshot(session: Session, connection_fd: int) -> tuple[bytes, list[int]]:
+    """The serving session's control-plane state (the fd store's record), and its fds in order.
+
+    Ring positions in it are whatever the event loop last saw (the kick lane moves them meanwhile):
+    a process that resumes it takes them from the rings in guest memory (:func:`guest_used`).
+    """
+    return _describe(session, connection_fd, exact=False)
+
+
+def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[bytes, list[int]]:
     dev_snapshot = getattr(session.device, "snapshot", None)
     if dev_snapshot is None:
         raise SnapshotError("device-cannot-snapshot", type(session.device).__name__)
@@ -98,9 +112,10 @@ def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tupl
         if q is not None:
             if q.broken:
                 raise SnapshotError("ring-broken", f"ring {ring.index} was abandoned")
-            if q.in_flight:
-                raise SnapshotError("buffers-in-flight", f"ring {ring.index}: {q.in_flight}")
-            q.publish()
+            if exact:
+                if q.in_flight:
+                    raise SnapshotError("buffers-in-flight", f"ring {ring.index}: {q.in_flight}")
+                q.publish()
             last, used, signalled = q.last_avail_idx, q.used_idx, q.signalled
         else:
             last, used, signalled = ring.base, ring.base, None
@@ -115,6 +130,28 @@ def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tupl
     snap = SessionSnapshot(session.name, conn, backend, owner, acked, features_set, protocol_features, status,
                            tuple(rings), tuple(regions), dev_snapshot())
     return encode(snap), fds
+
+
+def guest_used(snap: SessionSnapshot, fds: list[int]) -> dict[int, int]:
+    """Each running ring's used index as the guest's memory holds it now (the fds stay the caller's).
+
+    :raise SnapshotError: a ring's used ring is not in the snapshot's memory, or it cannot be mapped.
+    """
+    memory = MemoryMap()
+    try:
+        for g in snap.regions:
+            _map_into(memory, fds[g.fd], vu.MemoryRegion(g.guest_phys_addr, g.size, g.userspace_addr, g.mmap_offset))
+        out = {}
+        for r in snap.rings:
+            if r.running and r.addr is not None:
+                out[r.index] = int.from_bytes(memory.view_va(r.addr.used_user_addr + 2, 2), "little")
+        return out
+    except ProtocolError as exc:
+        raise SnapshotError(exc.reason, str(exc)) from None
+    except OSError as exc:
+        raise SnapshotError("unusable-fd", str(exc)) from None
+    finally:
+        memory.clear()
 
 
 def restore(session: Session, snap: SessionSnapshot, fds: list[int]) -> socket.socket:

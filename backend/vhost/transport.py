@@ -24,7 +24,7 @@ from vhost_user_cpufreq.protocol.errors import ProtocolError
 from ..counters import Counters
 from .session import Session
 
-__all__ = ["Connection", "recv_with_fds", "send_with_fds", "peer_credentials", "MAX_FDS"]
+__all__ = ["Connection", "FdsTruncated", "recv_with_fds", "send_with_fds", "peer_credentials", "MAX_FDS"]
 
 #: More than any message carries (SET_MEM_TABLE: 8); extra fds are closed.
 MAX_FDS = 32
@@ -35,10 +35,19 @@ _RECV_SIZE = 65536
 _FD_SIZE = array.array("i").itemsize
 
 
-def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE) -> tuple[bytes, list[int]]:
-    """One ``recvmsg``: data and every fd passed with it (possibly truncated fds closed)."""
+class FdsTruncated(ConnectionError):
+    """More fds came with one message than the receiver allows (the kernel dropped the rest)."""
+
+    reason = "fds-truncated"
+
+
+def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE, max_fds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+    """One ``recvmsg``: data and every fd passed with it, at most ``max_fds``.
+
+    :raise FdsTruncated: more came; the fds that did arrive are closed.
+    """
     # Close-on-exec from the start: nothing the service runs may inherit a front-end's fds.
-    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -48,7 +57,7 @@ def recv_with_fds(sock: socket.socket, size: int = _RECV_SIZE) -> tuple[bytes, l
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
-        raise ConnectionError("too many fds in one message (control data truncated)")
+        raise FdsTruncated(f"more than {max_fds} fds in one message (control data truncated)")
     return data, fds
 
 
@@ -88,6 +97,10 @@ class Connection:
         self.reader = vu.MessageReader("frontend")
         self.closed: asyncio.Future[str] = loop.create_future()
         self._on_close = on_close
+        #: called with (True, the bytes about to be read, or None when fds come with them) before each
+        #: read from the socket and with (False, None) once everything read was handled (the fd store
+        #: marks its record busy meanwhile, or keeps the bytes to handle again: service/fdstore.py)
+        self.watch: Callable[[bool, bytes | None], None] | None = None
         self.peer_pid, self.peer_uid, self.peer_gid = peer_credentials(sock)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
@@ -100,13 +113,48 @@ class Connection:
             self.close(reason)
 
     def _readable(self) -> None:
+        if self.watch is None:
+            self._receive()
+            return
         try:
-            data, fds = recv_with_fds(self.sock)
+            # Looked at before it is taken: a process killed meanwhile loses nothing.
+            data, anc, _, _ = self.sock.recvmsg(_RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
+                                                socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, anc = b"", []
+        peeked: bytes | None = data
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                for fd in arr:
+                    _close_quietly(fd)  # duplicates made by the peek; the read below takes the real ones
+                peeked = None
+        self.watch(True, peeked)
+        try:
+            self._receive(len(data) if peeked else _RECV_SIZE)
+        finally:
+            if not self.closed.done():
+                self.watch(False, None)
+
+    def replay(self, data: bytes) -> None:
+        """Handle ``data`` as if it had just been read (messages a predecessor read and did not answer)."""
+        if not self.closed.done():
+            self._consume(data, [])
+
+    def _receive(self, size: int = _RECV_SIZE) -> None:
+        try:
+            data, fds = recv_with_fds(self.sock, size)
         except BlockingIOError:
             return
         except OSError as exc:
             self.close(f"receive failed: {exc}")
             return
+        self._consume(data, fds)
+
+    def _consume(self, data: bytes, fds: list[int]) -> None:
         try:
             self.reader.receive_data(data, fds)
             while True:

@@ -16,6 +16,8 @@
 #   * qemu-system-arm (qemu-system-aarch64), linux-headers-arm64:arm64 (pulls
 #     in the aarch64 cross compiler; the headers set CROSS_COMPILE, so the
 #     same `make KDIR=...` builds the module) and linux-binary-KVER:arm64,
+#   * device-tree-compiler: the test gives the vCPUs capacity-dmips-mhz in
+#     the machine's device tree, as a VMM describing big.LITTLE vCPUs does,
 #   * busybox-static:arm64 unpacked (dpkg -x) to $CHROOT/opt/vuc-arm64:
 #     installing it would remove the amd64 busybox-static.
 #
@@ -39,7 +41,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CHROOT="${VUC_QEMU_CHROOT:-/var/cache/vhost-user-cpufreq/trixie}"
 PACKAGES=(linux-headers-amd64 busybox-static gcc make cpio kmod libc6-dev)
-ARM64_PACKAGES=(qemu-system-arm linux-headers-arm64:arm64)
+ARM64_PACKAGES=(qemu-system-arm linux-headers-arm64:arm64 device-tree-compiler)
 ARM64_BUSYBOX=/opt/vuc-arm64    # busybox-static:arm64 unpacked here (usr/bin/busybox)
 
 log() { printf '[provision-guest] %s\n' "$*" >&2; }
@@ -60,7 +62,8 @@ ready() {
         && [ -x "$CHROOT/usr/bin/gcc" ] && [ -x "$CHROOT/usr/bin/busybox" ] \
         && [ -x "$CHROOT/usr/bin/cpio" ] && [ -x "$CHROOT/usr/bin/make" ] || return 1
     [ "$ARCH" = x86_64 ] && return 0
-    [ -x "$CHROOT/usr/bin/qemu-system-aarch64" ] && [ -x "$CHROOT$ARM64_BUSYBOX/usr/bin/busybox" ]
+    [ -x "$CHROOT/usr/bin/qemu-system-aarch64" ] && [ -x "$CHROOT$ARM64_BUSYBOX/usr/bin/busybox" ] \
+        && [ -x "$CHROOT/usr/bin/dtc" ]
 }
 
 if ready; then

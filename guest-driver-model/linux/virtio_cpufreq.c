@@ -63,6 +63,12 @@
 #include <linux/virtio_config.h>
 #include <linux/virtio_ring.h>
 #include <linux/workqueue.h>
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+#include <linux/arch_topology.h>
+#include <linux/of.h>
+#include <linux/sched/topology.h>
+#include <linux/topology.h>
+#endif
 
 /*
  * The project's default device id.  OASIS assigned 38 to a "parameter
@@ -188,6 +194,14 @@ static unsigned int num_buffers = 32;
 module_param(num_buffers, uint, 0444);
 MODULE_PARM_DESC(num_buffers, "preallocated batch buffers (capped by the queue size)");
 
+static bool capacities = true;
+module_param(capacities, bool, 0444);
+MODULE_PARM_DESC(capacities, "arm64: give the scheduler each domain's capacity (cpu_scale)");
+
+static bool freq_invariance = true;
+module_param(freq_invariance, bool, 0444);
+MODULE_PARM_DESC(freq_invariance, "arm64: read each vCPU's frequency scale from the shared page every tick");
+
 /* -- driver state ----------------------------------------------------------- */
 
 struct vcf_domain {
@@ -260,6 +274,12 @@ struct vcf_dev {
 	atomic64_t stat_range_changes;
 	atomic64_t stat_page_reads;	/* ->get() answered from the shared page */
 	atomic64_t stat_page_fallbacks;	/* ... from the cache: page not placed, not LIVE, or busy */
+
+	/* arm64 (GENERIC_ARCH_TOPOLOGY): what the scheduler was given */
+	bool fie;		/* our frequency-scale source is registered */
+	enum { VCF_CAP_NONE, VCF_CAP_DEVICE, VCF_CAP_FIRMWARE } cap_source;
+	unsigned long *saved_scale;	/* cpu_scale before this driver wrote it */
+	cpumask_var_t fie_cpus;	/* CPUs it was registered for */
 };
 
 /* cpufreq has one driver for the whole system: at most one device is used. */
@@ -713,6 +733,189 @@ static unsigned int vcf_get(unsigned int cpu)
 	return READ_ONCE(vi->domains[dom].cur_khz);
 }
 
+/* -- scheduler: frequency invariance and capacities (arm64) ------------------ */
+
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+/*
+ * The arch topology code (drivers/base/arch_topology.c) calls the
+ * registered scale_freq_data's set_freq_scale() from every scheduler tick
+ * on the ticking CPU (topology_scale_freq_tick(), under sched-RCU).  Ours
+ * reads the domain's current frequency from the shared page, as upstream
+ * virtual-cpufreq reads its cur_perf register, with no VM exit.  While a
+ * source is registered for a CPU the cpufreq core no longer writes that
+ * CPU's arch_freq_scale from the requested frequency.  Counters from an
+ * architecture (arm64 AMU) keep precedence: then ours is not installed.
+ */
+struct vcf_fie_stat {
+	u64 ticks;		/* scale taken from the page */
+	u64 fallbacks;		/* page not readable: scale from the cached config */
+	u64 changed;		/* ticks + fallbacks when the scale last changed */
+};
+static DEFINE_PER_CPU(struct vcf_fie_stat, vcf_fie_stat);
+
+static unsigned long vcf_scale(u32 khz, u32 max_khz)
+{
+	return min_t(u64, div_u64((u64)khz << SCHED_CAPACITY_SHIFT, max_khz), SCHED_CAPACITY_SCALE);
+}
+
+static void vcf_fie_tick(void)
+{
+	/* vcf stays valid: remove clears the source (synchronize_rcu) before freeing. */
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	unsigned int cpu = smp_processor_id();
+	struct vcf_fie_stat *st = this_cpu_ptr(&vcf_fie_stat);
+	const struct vcf_domain *d;
+	unsigned long scale;
+	u32 khz;
+
+	if (!vi || cpu >= vi->num_vcpus)
+		return;
+	d = &vi->domains[vi->vcpu_domain[cpu]];
+	if (vcf_page_khz(vi, d->index, &khz)) {
+		st->ticks++;
+	} else {
+		khz = READ_ONCE(d->cur_khz);
+		st->fallbacks++;
+	}
+	scale = vcf_scale(khz, d->max_khz);
+	if (scale != this_cpu_read(arch_freq_scale)) {
+		this_cpu_write(arch_freq_scale, scale);
+		st->changed = st->ticks + st->fallbacks;
+	}
+}
+
+static struct scale_freq_data vcf_sfd = {
+	.source		= SCALE_FREQ_SOURCE_VIRT,
+	.set_freq_scale	= vcf_fie_tick,
+};
+
+/*
+ * Capacities.  The scheduler's capacity asymmetry (SD_ASYM_CPUCAPACITY, which
+ * gates misfit migration, capacity-aware wake-up and EAS) is scanned from
+ * cpu_scale only at boot and when the arch topology code itself rebuilds the
+ * domains: after the cpufreq policies exist, when the firmware gave each CPU
+ * capacity-dmips-mhz (DT) or CPPC highest_perf (ACPI).  No exported interface
+ * lets a module ask for that rescan, so the VMM describes the vCPUs'
+ * capacities in firmware (as for upstream virtual-cpufreq) and the device's
+ * capacities must agree with it: capacity_mismatch counts the vCPUs whose
+ * cpu_scale differs from their domain's capacity.  Without firmware
+ * capacities the driver still writes cpu_scale (the exported per-CPU
+ * variable, as arch_topology does at run time): cpu_capacity and the load
+ * balancer's capacity_of() then follow the device, the domains' flags do not.
+ */
+static bool vcf_firmware_capacities(const struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		struct device_node *np = of_get_cpu_node(cpu, NULL);
+		bool has = np && of_property_present(np, "capacity-dmips-mhz");
+
+		of_node_put(np);
+		if (!has)
+			return false;
+	}
+	return true;
+}
+
+static void vcf_set_capacities(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (vcf_firmware_capacities(vi)) {
+		vi->cap_source = VCF_CAP_FIRMWARE;
+		return;
+	}
+	if (!capacities)
+		return;
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		u16 cap = vi->domains[vi->vcpu_domain[cpu]].capacity;
+
+		if (!cap || cap > SCHED_CAPACITY_SCALE)
+			return;		/* the device gives none: leave cpu_scale alone */
+	}
+	vi->saved_scale = kcalloc(vi->num_vcpus, sizeof(*vi->saved_scale), GFP_KERNEL);
+	if (!vi->saved_scale)
+		return;
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		vi->saved_scale[cpu] = per_cpu(cpu_scale, cpu);
+		WRITE_ONCE(per_cpu(cpu_scale, cpu), vi->domains[vi->vcpu_domain[cpu]].capacity);
+	}
+	vi->cap_source = VCF_CAP_DEVICE;
+}
+
+/* What this driver wrote goes back before the governors' exit rebuilds the domains. */
+static void vcf_clear_capacities(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (vi->cap_source == VCF_CAP_DEVICE)
+		for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+			WRITE_ONCE(per_cpu(cpu_scale, cpu), vi->saved_scale[cpu]);
+	kfree(vi->saved_scale);
+	vi->saved_scale = NULL;
+	vi->cap_source = VCF_CAP_NONE;
+}
+
+static unsigned int vcf_capacity_mismatch(const struct vcf_dev *vi)
+{
+	unsigned int cpu, n = 0;
+
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+		n += topology_get_cpu_scale(cpu) != vi->domains[vi->vcpu_domain[cpu]].capacity;
+	return n;
+}
+
+static void vcf_fie_start(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (!freq_invariance || !vi->page)
+		return;
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		cpumask_set_cpu(cpu, vi->fie_cpus);
+		per_cpu(vcf_fie_stat, cpu) = (struct vcf_fie_stat){ 0 };
+	}
+	topology_set_scale_freq_source(&vcf_sfd, vi->fie_cpus);
+	vi->fie = true;
+}
+
+static void vcf_fie_stop(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (!vi->fie)
+		return;
+	/* Waits for every tick still in vcf_fie_tick() (synchronize_rcu). */
+	topology_clear_scale_freq_source(SCALE_FREQ_SOURCE_VIRT, vi->fie_cpus);
+	/* No cpufreq driver may follow: do not leave the last host frequency behind. */
+	for_each_cpu(cpu, vi->fie_cpus)
+		per_cpu(arch_freq_scale, cpu) = SCHED_CAPACITY_SCALE;
+	vi->fie = false;
+}
+
+/* Since this device's source was registered (the counters start at 0 then). */
+static u64 vcf_fie_sum(const struct vcf_dev *vi, bool fallbacks)
+{
+	unsigned int cpu;
+	u64 n = 0;
+
+	for_each_cpu(cpu, vi->fie_cpus)
+		n += fallbacks ? per_cpu(vcf_fie_stat, cpu).fallbacks : per_cpu(vcf_fie_stat, cpu).ticks;
+	return n;
+}
+#else
+/*
+ * x86 (and any architecture without GENERIC_ARCH_TOPOLOGY): the frequency
+ * scale comes from APERF/MPERF in arch_scale_freq_tick() and no interface
+ * takes another source; cpu_scale does not exist.  See README.md.
+ */
+static void vcf_set_capacities(struct vcf_dev *vi) { }
+static void vcf_clear_capacities(struct vcf_dev *vi) { }
+static void vcf_fie_start(struct vcf_dev *vi) { }
+static void vcf_fie_stop(struct vcf_dev *vi) { }
+#endif
+
 static int vcf_verify(struct cpufreq_policy_data *policy)
 {
 	return cpufreq_generic_frequency_table_verify(policy);
@@ -810,6 +1013,42 @@ VCF_STAT_ATTR(seq, READ_ONCE(vi->seq));
 VCF_STAT_ATTR(page, vi->page ? 1 : 0);
 VCF_STAT_ATTR(page_reads, atomic64_read(&vi->stat_page_reads));
 VCF_STAT_ATTR(page_fallbacks, atomic64_read(&vi->stat_page_fallbacks));
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+VCF_STAT_ATTR(fie, vi->fie ? 1 : 0);
+VCF_STAT_ATTR(fie_ticks, vcf_fie_sum(vi, false));
+VCF_STAT_ATTR(fie_fallbacks, vcf_fie_sum(vi, true));
+VCF_STAT_ATTR(capacity_source, vi->cap_source);	/* 0 none, 1 the device's, 2 firmware */
+VCF_STAT_ATTR(capacity_mismatch, vcf_capacity_mismatch(vi));
+
+/*
+ * "jiffies=J hz=HZ cpuN=S/P/T/C ...": each online CPU's arch_freq_scale (S,
+ * what the scheduler uses), the scale the page gives its domain now (P, -1
+ * when the page cannot be read), how many ticks that CPU's source ran (T)
+ * and at which of them S last changed (C), read together for the boot test.
+ */
+static ssize_t freq_scale_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct vcf_dev *vi = dev_to_vcf(dev);
+	unsigned int cpu;
+	int n;
+
+	n = sysfs_emit_at(buf, 0, "jiffies=%lu hz=%u", jiffies, HZ);
+	for_each_online_cpu(cpu) {
+		long page = -1;
+		u32 khz;
+
+		if (cpu < vi->num_vcpus && vcf_page_khz(vi, vi->vcpu_domain[cpu], &khz))
+			page = vcf_scale(khz, vi->domains[vi->vcpu_domain[cpu]].max_khz);
+		const struct vcf_fie_stat *st = per_cpu_ptr(&vcf_fie_stat, cpu);
+
+		n += sysfs_emit_at(buf, n, " cpu%u=%lu/%ld/%llu/%llu", cpu, topology_get_freq_scale(cpu), page,
+				   READ_ONCE(st->ticks) + READ_ONCE(st->fallbacks), READ_ONCE(st->changed));
+	}
+	n += sysfs_emit_at(buf, n, "\n");
+	return n;
+}
+static DEVICE_ATTR_RO(freq_scale);
+#endif
 
 static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_requests.attr,
@@ -828,6 +1067,14 @@ static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_page.attr,
 	&dev_attr_page_reads.attr,
 	&dev_attr_page_fallbacks.attr,
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+	&dev_attr_fie.attr,
+	&dev_attr_fie_ticks.attr,
+	&dev_attr_fie_fallbacks.attr,
+	&dev_attr_capacity_source.attr,
+	&dev_attr_capacity_mismatch.attr,
+	&dev_attr_freq_scale.attr,
+#endif
 	NULL,
 };
 
@@ -849,6 +1096,7 @@ static void vcf_free(struct vcf_dev *vi)
 	}
 	for (i = 0; i < VCF_MAX_DOMAINS; i++)
 		free_cpumask_var(vi->domains[i].cpus);
+	free_cpumask_var(vi->fie_cpus);
 	kfree(vi->vcpus);
 	kfree(vi->vcpu_domain);
 	if (vi->page)
@@ -924,6 +1172,10 @@ static int vcf_probe(struct virtio_device *vdev)
 			goto free;
 		}
 	}
+	if (!zalloc_cpumask_var(&vi->fie_cpus, GFP_KERNEL)) {
+		err = -ENOMEM;
+		goto free;
+	}
 
 	err = vcf_init_config(vi);
 	if (err)
@@ -964,23 +1216,28 @@ static int vcf_probe(struct virtio_device *vdev)
 	virtio_device_ready(vdev);
 
 	WRITE_ONCE(vcf, vi);
+	vcf_set_capacities(vi);
 	err = cpufreq_register_driver(&vcf_cpufreq_driver);
 	if (err) {
 		dev_err(&vdev->dev, "cannot register the cpufreq driver: %d%s\n", err,
 			err == -EEXIST ? " (another cpufreq driver is active)" : "");
+		vcf_clear_capacities(vi);
 		WRITE_ONCE(vcf, NULL);
 		goto reset;
 	}
+	vcf_fie_start(vi);
 	if (sysfs_create_group(&vdev->dev.kobj, &vcf_stat_group))
 		dev_warn(&vdev->dev, "no statistics in sysfs\n");
 
 	dev_info(&vdev->dev,
-		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s\n",
+		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s%s%s\n",
 		 vi->num_vcpus, vi->num_domains, vi->generation,
 		 (unsigned long long)atomic64_read(&vi->stat_config_reads), vi->nr_bufs, vi->recs_per_buf,
 		 vi->perf_request ? ", perf requests" : "",
 		 virtio_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX) ? ", event idx" : "",
-		 vi->page ? ", frequency page" : "");
+		 vi->page ? ", frequency page" : "", vi->fie ? ", frequency-scale source" : "",
+		 vi->cap_source == VCF_CAP_FIRMWARE ? ", firmware capacities" :
+		 vi->cap_source == VCF_CAP_DEVICE ? ", device capacities" : "");
 	for (i = 0; i < vi->num_domains; i++)
 		dev_info(&vdev->dev, "domain %u: cpus %*pbl, %u..%u kHz, now %u kHz, capacity %u\n", i,
 			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
@@ -1007,6 +1264,8 @@ static void vcf_remove(struct virtio_device *vdev)
 
 	mutex_lock(&vcf_probe_lock);
 	sysfs_remove_group(&vdev->dev.kobj, &vcf_stat_group);
+	vcf_fie_stop(vi);		/* no tick reads the page after this */
+	vcf_clear_capacities(vi);	/* before the governors' exit rebuilds the domains */
 	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
 	cpufreq_unregister_driver(&vcf_cpufreq_driver);
 

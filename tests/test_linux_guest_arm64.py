@@ -12,7 +12,10 @@ three, with the shared frequency page (SPEC 8).  The guest must show:
 * the module's frequency-scale source: the busy big vCPU's ``arch_freq_scale`` equals the page's
   scale for its domain, and follows a host change within two ticks, with no config read or
   config change notification after probe;
-* placement: a CPU-bound task spends more of its samples on the big vCPU than chance (1 in 4).
+* placement: a CPU-bound task spends more of its samples on the big vCPU than chance (1 in 4);
+* a topology change the device announces (the VM re-pinned: vCPUs 2 and 3 swap the big and
+  the mid domain): the driver makes its policies anew, cpu_capacity follows, the domains keep
+  their asymmetry and the CPU-bound task now runs on vCPU 2.
   Where light tasks ran is measured and printed: without an energy model (the device gives no
   power figures, SPEC 9) the scheduler has no reason to prefer the little vCPUs for them.
 """
@@ -33,7 +36,15 @@ from vhost_user_cpufreq.backend.host.hosts import PIXEL6
 from vhost_user_cpufreq.protocol.cpufreq import UTIL_SCALE
 
 from .qemu.fixture import QemuInstall, QemuLab, _child_setup
-from .test_linux_guest import BAD_KERNEL_LOG, BOOT_TIMEOUT, HOST_CHANGE, GuestImage, build_guest_image, parse_stats
+from .test_linux_guest import (
+    BAD_KERNEL_LOG,
+    BOOT_TIMEOUT,
+    HOST_CHANGE,
+    GuestImage,
+    build_guest_image,
+    parse_policies,
+    parse_stats,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -41,11 +52,14 @@ pytestmark = pytest.mark.qemu
 VMAP = (0, 0, 1, 2)
 BIG = 3
 LITTLE = (0, 1)
-PLACEMENT_SECS = 10
+PLACEMENT_SECS = 6
 #: During the placement check every host domain runs at its top: the host a busy VM would
 #: have (the lab's host source is static; a real host's governor raises the frequency for
 #: busy vCPU threads, and frequency-invariant load tracking then sees the little vCPU full).
 HOST_BUSY = tuple(d.max_khz for d in PIXEL6.domains)
+#: The topology change the device announces: vCPU 2 re-pinned to the big domain, vCPU 3 to the mid one.
+REMAP = (0, 0, 2, 1)
+NEW_BIG = 2
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hosts" / "google-gs101-pixel6.json"
@@ -108,6 +122,7 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
         "sched_verbose",  # the scheduler domains in debugfs
         ("-dtb", dtb))
     lines: list[str] = []
+    notes_before_remap = -1
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
@@ -121,6 +136,9 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
                     lab.source.set_frequencies(HOST_CHANGE)
                 elif line.startswith("VUC: placement-start"):
                     lab.source.set_frequencies(HOST_BUSY)
+                elif line.startswith("VUC: wait-topology-change"):
+                    notes_before_remap = slot.counters.get("config_notifications")
+                    slot.device.remap(REMAP)
             rc = await proc.wait()
     except TimeoutError:
         pytest.fail(f"guest did not finish within {BOOT_TIMEOUT}s:\n" + "\n".join(lines[-60:]), pytrace=False)
@@ -142,8 +160,8 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     assert sd_flags, f"no scheduler domains shown{ctx}"
     assert any("SD_ASYM_CPUCAPACITY" in line for line in sd_flags), "\n".join(sd_flags)
     eas = field(lines, "VUC: eas")
-    # The firmware's capacities (arch_topology's, from capacity-dmips-mhz and the policies' top
-    # frequencies) outlive the driver: the driver wrote none.
+    # After rmmod cpu_scale holds the firmware's capacities again (arch_topology's, from
+    # capacity-dmips-mhz and the policies' top frequencies): the driver puts back what it replaced.
     removed = [line for line in lines if line.startswith("VUC: capacity") and line.endswith(" removed")]
     assert removed and field(removed, "VUC: capacity") == want, ctx
 
@@ -162,18 +180,40 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     assert probe["fie"] == 1 and end["fie_ticks"] > 0, (probe, end)
     assert probe["capacity_source"] == 2 and probe["capacity_mismatch"] == 0, probe  # firmware, agreeing
     assert end["config_reads"] == probe["config_reads"] and end["config_changes"] == 0, (probe, end)
-    assert slot.counters.get("config_notifications") == 0, slot.counters.snapshot()
+    # Frequencies came through the page alone; the topology change is announced in config space.
+    assert notes_before_remap == 0 and slot.counters.get("config_notifications") >= 1, slot.counters.snapshot()
 
-    # Placement: where the heavy and the light tasks ran.
-    placed = field(lines, "VUC: placement ")
-    heavy = [int(c) for c in placed["heavy"].split(",")]
-    light = [int(c) for c in placed["light"].split(",")]
-    on_big = sum(c == BIG for c in heavy) / len(heavy)
-    on_little = sum(c in LITTLE for c in light) / len(light)
-    print(f"\narm64 guest on GS101: capacities {want}, eas {eas}, fie {follow}, "
-          f"heavy on big {on_big:.0%} of {len(heavy)} samples (chance 25%), "
-          f"light on little {on_little:.0%} of {len(light)} (chance 50%), {wall:.0f}s", file=sys.stderr)
-    assert on_big > 0.5, f"heavy task on the big vCPU only {on_big:.0%} of the time: {heavy}"
+    # Placement: where the heavy and the light tasks ran, before and after the re-pinning.
+    placements = [dict(w.split("=", 1) for w in line.split()[2:]) for line in lines
+                  if line.startswith("VUC: placement ")]
+    assert len(placements) == 2, ctx
+    shares = []
+    for placed, big_cpu in zip(placements, (BIG, NEW_BIG)):
+        heavy = [int(c) for c in placed["heavy"].split(",")]
+        light = [int(c) for c in placed["light"].split(",")]
+        shares.append((sum(c == big_cpu for c in heavy) / len(heavy), len(heavy),
+                       sum(c in LITTLE for c in light) / len(light), len(light)))
+    print(f"\narm64 guest on GS101: capacities {want}, eas {eas}, fie {follow}, " + "; ".join(
+        f"{what}: heavy on the big vCPU {h:.0%} of {nh} samples (chance 25%), light on little "
+        f"{li:.0%} of {nl} (chance 50%)" for what, (h, nh, li, nl) in zip(("as booted", "re-pinned"), shares))
+        + f"; {wall:.0f}s", file=sys.stderr)
+    for h, _, _, _ in shares:
+        assert h > 0.5, f"heavy task on the big vCPU only {h:.0%} of the time: {placements}"
+
+    # The re-pinning: new policies, capacities and the device's capacities in cpu_scale.
+    new = slot.device.config
+    remapped = [line for line in lines if line.startswith("VUC: capacity") and line.endswith(" remapped")]
+    want_new = {f"cpu{v}": str(new.domain_of(v).capacity) for v in range(len(VMAP))}
+    assert want_new != want and remapped and field(remapped, "VUC: capacity") == want_new, ctx
+    policies = parse_policies(lines, "remapped")
+    assert {n: p.max for n, p in policies.items()} == {v: new.domain_of(v).max_khz for v in (0, 2, 3)}, ctx
+    st = parse_stats(lines, "remapped")
+    assert st["topology_changes"] == 1 and st["capacity_source"] == 1 and st["capacity_mismatch"] == 0, st
+    assert any("SD_ASYM_CPUCAPACITY" in line for line in lines
+               if line.startswith("VUC: sd ") and line.endswith(" remapped")), ctx
+    # Rebound after the re-pinning: the firmware's capacities are stale, the device's win.
+    assert parse_stats(lines, "rebound")["capacity_source"] == 1, ctx
+    assert parse_stats(lines, "rebound")["capacity_mismatch"] == 0, ctx
 
     assert re.search(r"VUC: rmmod rc=0 policies_left=0", output), ctx
     bad = [line for line in lines if BAD_KERNEL_LOG.search(line)]

@@ -185,7 +185,7 @@ wait "$BUSY" 2>/dev/null
 sleep 1
 policies idle
 stats end
-[ "$TOPO" = 1 ] && placement "$(arg placement_secs 10)"
+[ "$TOPO" = 1 ] && { placement "$(arg placement_secs 10)"; topo_change "$WAIT_SECS" "$(arg placement_secs 10)"; }
 
 # A driver reset and a fresh probe of the same device (RESYNC, new config read).
 if [ -n "$VDEV" ]; then

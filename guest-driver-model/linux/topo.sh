@@ -100,3 +100,23 @@ placement() {
     wait $HEAVY $L1 $L2 2>/dev/null
     say "placement heavy=${h%,} light=${l%,}"
 }
+
+# topo_change SECS PLACEMENT_SECS: say "wait-topology-change" (the test
+# re-pins the VM: the device announces new domains), wait until some
+# cpu_capacity changes, then show the new capacities, domains and policies
+# and check placement again.
+capacities() { cat /sys/devices/system/cpu/cpu[0-9]*/cpu_capacity 2>/dev/null | tr '\n' ','; }
+topo_change() {
+    before=$(capacities)
+    say "wait-topology-change capacity=$before"
+    n=0
+    while [ "$(capacities)" = "$before" ] && [ $n -lt $(($1 * 10)) ]; do
+        usleep 100000
+        n=$((n + 1))
+    done
+    sleep 1    # schedutil's start on the new policies rebuilds the domains from a work item
+    topo_show remapped
+    policies remapped
+    stats remapped
+    placement "$2"
+}

@@ -274,6 +274,7 @@ struct vcf_dev {
 	atomic64_t stat_range_changes;
 	atomic64_t stat_page_reads;	/* ->get() answered from the shared page */
 	atomic64_t stat_page_fallbacks;	/* ... from the cache: page not placed, not LIVE, or busy */
+	atomic64_t stat_topology_changes;	/* announced by the device and applied */
 
 	/* arm64 (GENERIC_ARCH_TOPOLOGY): what the scheduler was given */
 	bool fie;		/* our frequency-scale source is registered */
@@ -411,19 +412,87 @@ out:
 	return err;
 }
 
-/* After a configuration change notification: refresh the frequency mirror. */
+static void vcf_set_capacities(struct vcf_dev *vi, bool announced);
+static void vcf_fie_start(struct vcf_dev *vi);
+static void vcf_fie_stop(struct vcf_dev *vi);
+static struct cpufreq_driver vcf_cpufreq_driver;
+
+/* The vCPU-to-domain map the runs describe, into @map; false if they do not cover num_vcpus. */
+static bool vcf_runs_map(const struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg, u8 *map)
+{
+	unsigned int i, j, v = 0, nruns = le16_to_cpu(cfg->num_runs);
+
+	for (i = 0; i < nruns && i < VCF_MAX_RUNS; i++) {
+		unsigned int dom = cfg->runs[i].domain, count = cfg->runs[i].count;
+
+		if (dom >= vi->num_domains || v + count > vi->num_vcpus)
+			return false;
+		for (j = 0; j < count; j++)
+			map[v++] = dom;
+	}
+	return v == vi->num_vcpus;
+}
+
+/*
+ * A topology change the device announced (a domain's capacity or the vCPU
+ * map changed: re-pinning): the policies are made anew.  Unregistering the
+ * cpufreq driver stops the governors (no ->fast_switch() after it), the
+ * domains and the map are replaced, the new capacities go to cpu_scale, and
+ * registering again builds the new frequency tables; starting schedutil
+ * rebuilds the scheduler's domains.  The frequency-scale source is off
+ * meanwhile (it reads the map every tick).
+ */
+static void vcf_retopology(struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg, const u8 *map)
+{
+	unsigned int i, v;
+	int err;
+
+	vcf_fie_stop(vi);
+	cpufreq_unregister_driver(&vcf_cpufreq_driver);
+	if (vcf_parse_domains(vi, cfg)) {
+		dev_err(&vi->vdev->dev, "announced topology unusable; the device is not driven\n");
+		return;
+	}
+	for (i = 0; i < vi->num_domains; i++)
+		cpumask_clear(vi->domains[i].cpus);
+	for (v = 0; v < vi->num_vcpus; v++) {
+		WRITE_ONCE(vi->vcpu_domain[v], map[v]);
+		if (v < nr_cpu_ids)
+			cpumask_set_cpu(v, vi->domains[map[v]].cpus);
+		vi->vcpus[v].last_util = -1;	/* the next request goes out */
+	}
+	vcf_set_capacities(vi, true);
+	err = cpufreq_register_driver(&vcf_cpufreq_driver);
+	if (err) {
+		dev_err(&vi->vdev->dev, "cannot register the cpufreq driver again: %d\n", err);
+		return;
+	}
+	vcf_fie_start(vi);
+	atomic64_inc(&vi->stat_topology_changes);
+	for (i = 0; i < vi->num_domains; i++)
+		dev_info(&vi->vdev->dev, "domain %u now: cpus %*pbl, %u..%u kHz, capacity %u\n", i,
+			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
+			 vi->domains[i].max_khz, vi->domains[i].capacity);
+}
+
+/*
+ * After a configuration change notification: refresh the frequency mirror,
+ * or make the policies anew when the topology changed.
+ */
 static void vcf_config_work(struct work_struct *work)
 {
 	struct vcf_dev *vi = container_of(work, struct vcf_dev, config_work);
 	struct virtio_cpufreq_config *cfg;
+	bool topology;
 	unsigned int i;
+	u8 *map = NULL;
 	u32 gen;
 
 	cfg = kzalloc(sizeof(*cfg), GFP_KERNEL);
 	if (!cfg)
 		return;
 	mutex_lock(&vi->config_lock);
-	if (vi->removing || vcf_read_config(vi, cfg, false))
+	if (vi->removing || vcf_read_config(vi, cfg, true))
 		goto out;
 	gen = le32_to_cpu(cfg->generation);
 	if (gen == vi->generation)
@@ -435,25 +504,38 @@ static void vcf_config_work(struct work_struct *work)
 			 le16_to_cpu(cfg->num_domains), le16_to_cpu(cfg->num_vcpus));
 		goto out;
 	}
-	for (i = 0; i < vi->num_domains; i++) {
-		struct vcf_domain *d = &vi->domains[i];
-		const struct virtio_cpufreq_domain *c = &cfg->domains[i];
-		u32 min = le32_to_cpu(c->min_khz), max = le32_to_cpu(c->max_khz);
+	map = kcalloc(vi->num_vcpus, sizeof(*map), GFP_KERNEL);
+	if (!map || !vcf_runs_map(vi, cfg, map)) {
+		dev_warn(&vi->vdev->dev, "bad vCPU map in the configuration; ignored\n");
+		goto out;
+	}
+	topology = memcmp(map, vi->vcpu_domain, vi->num_vcpus) != 0;
+	for (i = 0; i < vi->num_domains; i++)
+		topology |= le16_to_cpu(cfg->domains[i].capacity) != vi->domains[i].capacity;
+	if (topology) {
+		vcf_retopology(vi, cfg, map);
+	} else {
+		for (i = 0; i < vi->num_domains; i++) {
+			struct vcf_domain *d = &vi->domains[i];
+			const struct virtio_cpufreq_domain *c = &cfg->domains[i];
+			u32 min = le32_to_cpu(c->min_khz), max = le32_to_cpu(c->max_khz);
 
-		if (min != d->min_khz || max != d->max_khz) {
-			/* The frequency table stays; requests keep their meaning. */
-			atomic64_inc(&vi->stat_range_changes);
-			dev_info_ratelimited(&vi->vdev->dev,
-					     "domain %u range now %u..%u kHz (table keeps %u..%u)\n",
-					     i, min, max, d->min_khz, d->max_khz);
+			if (min != d->min_khz || max != d->max_khz) {
+				/* The frequency table stays; requests keep their meaning. */
+				atomic64_inc(&vi->stat_range_changes);
+				dev_info_ratelimited(&vi->vdev->dev,
+						     "domain %u range now %u..%u kHz (table keeps %u..%u)\n",
+						     i, min, max, d->min_khz, d->max_khz);
+			}
+			WRITE_ONCE(d->cur_khz, le32_to_cpu(c->cur_khz));
 		}
-		WRITE_ONCE(d->cur_khz, le32_to_cpu(c->cur_khz));
 	}
 	vi->generation = gen;
 	vi->cfg_flags = le32_to_cpu(cfg->flags);
 	atomic64_inc(&vi->stat_config_changes);
 out:
 	mutex_unlock(&vi->config_lock);
+	kfree(map);
 	kfree(cfg);
 }
 
@@ -818,11 +900,15 @@ static bool vcf_firmware_capacities(const struct vcf_dev *vi)
 	return true;
 }
 
-static void vcf_set_capacities(struct vcf_dev *vi)
+/*
+ * At probe (@announced false) firmware capacities win; after a topology change
+ * the device announced they are stale, and the device's are written.
+ */
+static void vcf_set_capacities(struct vcf_dev *vi, bool announced)
 {
 	unsigned int cpu;
 
-	if (vcf_firmware_capacities(vi)) {
+	if (!announced && vcf_firmware_capacities(vi)) {
 		vi->cap_source = VCF_CAP_FIRMWARE;
 		return;
 	}
@@ -834,13 +920,15 @@ static void vcf_set_capacities(struct vcf_dev *vi)
 		if (!cap || cap > SCHED_CAPACITY_SCALE)
 			return;		/* the device gives none: leave cpu_scale alone */
 	}
-	vi->saved_scale = kcalloc(vi->num_vcpus, sizeof(*vi->saved_scale), GFP_KERNEL);
-	if (!vi->saved_scale)
-		return;
-	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
-		vi->saved_scale[cpu] = per_cpu(cpu_scale, cpu);
-		WRITE_ONCE(per_cpu(cpu_scale, cpu), vi->domains[vi->vcpu_domain[cpu]].capacity);
+	if (!vi->saved_scale) {
+		vi->saved_scale = kcalloc(vi->num_vcpus, sizeof(*vi->saved_scale), GFP_KERNEL);
+		if (!vi->saved_scale)
+			return;
+		for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+			vi->saved_scale[cpu] = per_cpu(cpu_scale, cpu);
 	}
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+		WRITE_ONCE(per_cpu(cpu_scale, cpu), vi->domains[vi->vcpu_domain[cpu]].capacity);
 	vi->cap_source = VCF_CAP_DEVICE;
 }
 
@@ -910,8 +998,9 @@ static u64 vcf_fie_sum(const struct vcf_dev *vi, bool fallbacks)
  * scale comes from APERF/MPERF in arch_scale_freq_tick() and no interface
  * takes another source; cpu_scale does not exist.  See README.md.
  */
-static void vcf_set_capacities(struct vcf_dev *vi) { }
+static void vcf_set_capacities(struct vcf_dev *vi, bool announced) { }
 static void vcf_clear_capacities(struct vcf_dev *vi) { }
+static unsigned int vcf_capacity_mismatch(const struct vcf_dev *vi) { return 0; }
 static void vcf_fie_start(struct vcf_dev *vi) { }
 static void vcf_fie_stop(struct vcf_dev *vi) { }
 #endif
@@ -1008,6 +1097,7 @@ VCF_STAT_ATTR(add_errors, READ_ONCE(vi->stat_add_errors));
 VCF_STAT_ATTR(config_reads, atomic64_read(&vi->stat_config_reads));
 VCF_STAT_ATTR(config_changes, atomic64_read(&vi->stat_config_changes));
 VCF_STAT_ATTR(range_changes, atomic64_read(&vi->stat_range_changes));
+VCF_STAT_ATTR(topology_changes, atomic64_read(&vi->stat_topology_changes));
 VCF_STAT_ATTR(generation, READ_ONCE(vi->generation));
 VCF_STAT_ATTR(seq, READ_ONCE(vi->seq));
 VCF_STAT_ATTR(page, vi->page ? 1 : 0);
@@ -1062,6 +1152,7 @@ static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_config_reads.attr,
 	&dev_attr_config_changes.attr,
 	&dev_attr_range_changes.attr,
+	&dev_attr_topology_changes.attr,
 	&dev_attr_generation.attr,
 	&dev_attr_seq.attr,
 	&dev_attr_page.attr,
@@ -1216,7 +1307,7 @@ static int vcf_probe(struct virtio_device *vdev)
 	virtio_device_ready(vdev);
 
 	WRITE_ONCE(vcf, vi);
-	vcf_set_capacities(vi);
+	vcf_set_capacities(vi, false);
 	err = cpufreq_register_driver(&vcf_cpufreq_driver);
 	if (err) {
 		dev_err(&vdev->dev, "cannot register the cpufreq driver: %d%s\n", err,
@@ -1225,6 +1316,13 @@ static int vcf_probe(struct virtio_device *vdev)
 		WRITE_ONCE(vcf, NULL);
 		goto reset;
 	}
+	/*
+	 * Firmware capacities are final now (arch_topology sets them while the
+	 * policies are created); ones that disagree with the device (the VM was
+	 * re-pinned since boot) give way to the device's.
+	 */
+	if (vi->cap_source == VCF_CAP_FIRMWARE && vcf_capacity_mismatch(vi))
+		vcf_set_capacities(vi, true);
 	vcf_fie_start(vi);
 	if (sysfs_create_group(&vdev->dev.kobj, &vcf_stat_group))
 		dev_warn(&vdev->dev, "no statistics in sysfs\n");
@@ -1264,16 +1362,16 @@ static void vcf_remove(struct virtio_device *vdev)
 
 	mutex_lock(&vcf_probe_lock);
 	sysfs_remove_group(&vdev->dev.kobj, &vcf_stat_group);
-	vcf_fie_stop(vi);		/* no tick reads the page after this */
-	vcf_clear_capacities(vi);	/* before the governors' exit rebuilds the domains */
-	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
-	cpufreq_unregister_driver(&vcf_cpufreq_driver);
-
+	/* First the config work: it may be re-registering the cpufreq driver. */
 	mutex_lock(&vi->config_lock);
 	WRITE_ONCE(vi->removing, true);
 	mutex_unlock(&vi->config_lock);
 	virtio_config_driver_disable(vdev);
 	cancel_work_sync(&vi->config_work);
+	vcf_fie_stop(vi);		/* no tick reads the page after this */
+	vcf_clear_capacities(vi);	/* before the governors' exit rebuilds the domains */
+	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
+	cpufreq_unregister_driver(&vcf_cpufreq_driver);
 	irq_work_sync(&vi->flush_work);
 	timer_shutdown_sync(&vi->timer);	/* and no re-arming from here on */
 	irq_work_sync(&vi->flush_work);

@@ -160,6 +160,7 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     assert sd_flags, f"no scheduler domains shown{ctx}"
     assert any("SD_ASYM_CPUCAPACITY" in line for line in sd_flags), "\n".join(sd_flags)
     eas = field(lines, "VUC: eas")
+    assert eas["em"] == "", eas  # the device gives no power figures (SPEC 9): no energy model, no EAS
     # After rmmod cpu_scale holds the firmware's capacities again (arch_topology's, from
     # capacity-dmips-mhz and the policies' top frequencies): the driver puts back what it replaced.
     removed = [line for line in lines if line.startswith("VUC: capacity") and line.endswith(" removed")]

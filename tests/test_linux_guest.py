@@ -13,15 +13,21 @@ The kernel, headers and toolchain live in the QEMU chroot
 provisions and builds them (the first time takes a minute or two);
 otherwise it is skipped when they are not provisioned.
 
-The guest runs a ``qemu64`` CPU with an Intel family 6 signature: Linux then
-sets ``constant_tsc``.  Without it, x86 Linux registers a cpufreq
+The test runs twice, with an x86_64 and an arm64 guest, from the same module
+source (``VUC_GUEST_ARCH`` for build.sh; ``.ci/provision-guest.sh arm64``).
+
+The x86_64 guest runs a ``qemu64`` CPU with an Intel family 6 signature: Linux
+then sets ``constant_tsc``.  Without it, x86 Linux registers a cpufreq
 transition notifier for the TSC, which disables fast frequency switching
 for every cpufreq driver (and marks the TSC unstable on the first change).
+The arm64 guest is ``qemu-system-aarch64 -M virt -cpu max`` under TCG, booted
+straight into the kernel (no firmware) with the same device on its PCIe bus.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import sys
@@ -58,11 +64,36 @@ BAD_KERNEL_LOG = re.compile(r"WARNING:|BUG:|Oops|Call Trace|general protection|k
                             r"list_(add|del) corruption|sleeping function called", re.IGNORECASE)
 
 
+ARCHES = ("x86_64", "arm64")
+
+
 @dataclass(frozen=True)
 class GuestImage:
     kver: str
     kernel: str  # paths as QEMU (in the chroot) sees them
     initrd: str
+    arch: str = "x86_64"
+
+    def qemu(self, install: QemuInstall) -> tuple[str, ...]:
+        """The command prefix that runs this architecture's QEMU."""
+        if self.arch == "x86_64":
+            return install.prefix
+        # The chroot's qemu-system-aarch64 in place of qemu-system-x86_64, same prefix.
+        return (*install.prefix[:-1], os.path.join(os.path.dirname(install.prefix[-1]), "qemu-system-aarch64"))
+
+    def command(self, install: QemuInstall, vu_socket: str, smp: int, append: str,
+                extra: tuple[str, ...] = ()) -> list[str]:
+        """QEMU booting this image with the cpufreq device (``append``: the /init's knobs)."""
+        if self.arch == "x86_64":
+            cmd = qemu_command(install.prefix, vu_socket=vu_socket, smp=smp)
+            cmd += ["-cpu", CPU_MODEL]
+            console = "ttyS0"
+        else:
+            cmd = qemu_command(self.qemu(install), vu_socket=vu_socket, smp=smp, machine="virt")
+            cmd += ["-cpu", "max", "-accel", "tcg"]
+            console = "ttyAMA0"
+        return cmd + [*extra, "-serial", "stdio", "-kernel", self.kernel, "-initrd", self.initrd,
+                      "-append", f"console={console} quiet panic=-1 {append}", "-no-reboot"]
 
 
 @dataclass
@@ -77,9 +108,17 @@ class Policy:
     hw_cur: int | None
 
 
-@pytest.fixture(scope="module")
-def guest_image(qemu_install: QemuInstall) -> GuestImage:
-    """Build the module and the initramfs (provisioning the kernel first under VUC_REQUIRE_QEMU=1)."""
+@functools.lru_cache(maxsize=None)
+def _build(root: Path, arch: str, require: bool) -> tuple[int, str, str]:
+    env = dict(os.environ, VUC_QEMU_CHROOT=str(root), VUC_GUEST_ARCH=arch)
+    if not require:
+        env["VUC_GUEST_NO_PROVISION"] = "1"
+    r = subprocess.run(["bash", str(BUILD)], env=env, capture_output=True, text=True, timeout=1800)
+    return r.returncode, r.stdout, r.stderr
+
+
+def build_guest_image(qemu_install: QemuInstall, arch: str) -> GuestImage:
+    """Build the module and the initramfs for ``arch`` (provisioning it first under VUC_REQUIRE_QEMU=1)."""
     require = os.environ.get("VUC_REQUIRE_QEMU") == "1"
 
     def unavailable(reason: str) -> None:
@@ -91,17 +130,26 @@ def guest_image(qemu_install: QemuInstall) -> GuestImage:
         unavailable("the Linux guest is built in the QEMU chroot (.ci/provision-qemu.sh); this QEMU has none")
     if os.geteuid() != 0:
         unavailable("building the Linux guest in the QEMU chroot needs root")
-    env = dict(os.environ, VUC_QEMU_CHROOT=str(qemu_install.root))
-    if not require:
-        env["VUC_GUEST_NO_PROVISION"] = "1"
-    r = subprocess.run(["bash", str(BUILD)], env=env, capture_output=True, text=True, timeout=1800)
-    if r.returncode == 3 and not require:
-        pytest.skip(f"no guest kernel in {qemu_install.root}: run .ci/provision-guest.sh "
+    rc, stdout, stderr = _build(qemu_install.root, arch, require)
+    if rc == 3 and not require:
+        pytest.skip(f"no {arch} guest kernel in {qemu_install.root}: run .ci/provision-guest.sh {arch} "
                     "(or set VUC_REQUIRE_QEMU=1 to provision it here)")
-    if r.returncode != 0:
-        pytest.fail(f"{BUILD} exited {r.returncode}:\n{r.stderr[-3000:]}", pytrace=False)
-    out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
-    return GuestImage(out["KVER"], out["KERNEL"], out["INITRD"])
+    if rc != 0:
+        pytest.fail(f"{BUILD} ({arch}) exited {rc}:\n{stderr[-3000:]}", pytrace=False)
+    out = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    return GuestImage(out["KVER"], out["KERNEL"], out["INITRD"], arch)
+
+
+@pytest.fixture(scope="module")
+def guest_image(qemu_install: QemuInstall) -> GuestImage:
+    """The x86_64 guest."""
+    return build_guest_image(qemu_install, "x86_64")
+
+
+@pytest.fixture(scope="module", params=ARCHES)
+def any_guest_image(request: pytest.FixtureRequest, qemu_install: QemuInstall) -> GuestImage:
+    """The guest of each architecture in turn."""
+    return build_guest_image(qemu_install, request.param)
 
 
 def parse_policies(lines: list[str], phase: str) -> dict[int, Policy]:
@@ -143,20 +191,13 @@ def rising_run(utils: list[int]) -> list[int]:
     return best
 
 
-async def test_linux_guest_binds_and_drives_the_device(qemu_lab: QemuLab, guest_image: GuestImage) -> None:
+async def test_linux_guest_binds_and_drives_the_device(qemu_lab: QemuLab, any_guest_image: GuestImage) -> None:
     lab = qemu_lab
     install = lab.install
     slot = await lab.add_vm("linux", VMAP)
     cfg_at_boot = slot.device.config
-    cmd = qemu_command(install.prefix, vu_socket=install.guest_path(lab.socket_path("linux")), smp=len(VMAP))
-    cmd += [
-        "-cpu", CPU_MODEL,
-        "-serial", "stdio",
-        "-kernel", guest_image.kernel,
-        "-initrd", guest_image.initrd,
-        "-append", f"console=ttyS0 quiet panic=-1 vuc.busy_cpu={BUSY_CPU} vuc.busy_secs=3 vuc.wait_secs=20",
-        "-no-reboot",
-    ]
+    cmd = any_guest_image.command(install, install.guest_path(lab.socket_path("linux")), len(VMAP),
+                                  f"vuc.busy_cpu={BUSY_CPU} vuc.busy_secs=3 vuc.wait_secs=20")
     records = lab.policy.records["linux"]
     lines: list[str] = []
     mark: dict[str, int] = {}

@@ -3,6 +3,11 @@
 #
 #   guest-driver-model/linux/build.sh            # provisions first if needed
 #   VUC_GUEST_NO_PROVISION=1 .../build.sh        # exit 3 when not provisioned
+#   VUC_GUEST_ARCH=arm64 .../build.sh            # an arm64 guest (default x86_64)
+#
+# The same module source builds for both: the arm64 headers set
+# CROSS_COMPILE, so only KDIR differs.  Outputs go to /var/cache/vuc-guest
+# (x86_64) or /var/cache/vuc-guest-arm64.
 #
 # The kernel, headers and toolchain come from .ci/provision-guest.sh (into
 # the chroot made by .ci/provision-qemu.sh).  The module is built in the
@@ -14,6 +19,7 @@
 # On success the last lines of stdout are KEY=VALUE pairs; paths are as
 # QEMU inside the chroot sees them:
 #   CHROOT=/var/cache/vhost-user-cpufreq/trixie
+#   ARCH=x86_64
 #   KVER=7.3.4+deb13-amd64
 #   KERNEL=/usr/lib/modules/KVER/vmlinuz
 #   INITRD=/var/cache/vuc-guest/initrd.gz
@@ -28,21 +34,30 @@
 # probe), rmmods the module, prints dmesg and powers off.  Its knobs are
 # kernel command line words: vuc.busy_cpu=N (default 1), vuc.busy_secs=S
 # (3), vuc.wait_secs=S (20), vuc.governor=NAME (schedutil), vuc.modparams=
-# a,b (comma-separated module parameters).  Every line it prints starts with
-# "VUC: " (dmesg lines with "VUC-DMESG: ").
+# a,b (comma-separated module parameters), vuc.topo=1 (print each CPU's
+# capacity, the scheduler domains and sched_energy_aware after probe, watch
+# the frequency-scale source follow the host change, and run the placement
+# check: see topo.sh).  Every line it prints starts with "VUC: " (dmesg lines
+# with "VUC-DMESG: ").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 CHROOT="${VUC_QEMU_CHROOT:-/var/cache/vhost-user-cpufreq/trixie}"
-OUT_GUEST=/var/cache/vuc-guest          # inside the chroot
+case "${VUC_GUEST_ARCH:-x86_64}" in
+    x86_64|amd64) ARCH=x86_64; OUT_GUEST=/var/cache/vuc-guest; BUSYBOX=/usr/bin/busybox ;;
+    arm64|aarch64) ARCH=arm64; OUT_GUEST=/var/cache/vuc-guest-arm64; BUSYBOX=/opt/vuc-arm64/usr/bin/busybox ;;
+    *) printf '[guest-build] ERROR: unknown VUC_GUEST_ARCH %s\n' "$VUC_GUEST_ARCH" >&2; exit 1 ;;
+esac                                    # OUT_GUEST and BUSYBOX: inside the chroot
 OUT="$CHROOT$OUT_GUEST"
 
 log() { printf '[guest-build] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-if [ -f "$CHROOT/.vuc-guest-kernel" ] || [ "${VUC_GUEST_NO_PROVISION:-0}" != 1 ]; then
-    KVER="$(bash "$REPO/.ci/provision-guest.sh" | tail -n 1)"
+MARKER="$CHROOT/.vuc-guest-kernel"
+[ "$ARCH" = arm64 ] && MARKER="$MARKER-arm64"
+if [ -f "$MARKER" ] || [ "${VUC_GUEST_NO_PROVISION:-0}" != 1 ]; then
+    KVER="$(bash "$REPO/.ci/provision-guest.sh" "$ARCH" | tail -n 1)"
 else
     log "guest kernel not provisioned in $CHROOT (run .ci/provision-guest.sh)"
     exit 3
@@ -70,8 +85,9 @@ unshare --mount --propagation private sh -c '
 R="$OUT/initramfs"
 rm -rf "$R"
 mkdir -p "$R/bin" "$R/proc" "$R/sys" "$R/dev" "$R/tmp"
-cp "$CHROOT/usr/bin/busybox" "$R/bin/busybox"
+cp "$CHROOT$BUSYBOX" "$R/bin/busybox"
 cp "$OUT/build/virtio_cpufreq.ko" "$R/virtio_cpufreq.ko"
+cp "$HERE/topo.sh" "$R/topo.sh"
 cat >"$R/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -91,6 +107,8 @@ BUSY_SECS=$(arg busy_secs 3)
 WAIT_SECS=$(arg wait_secs 20)
 GOV=$(arg governor schedutil)
 PARAMS=$(arg modparams "" | tr ',' ' ')
+TOPO=$(arg topo 0)
+[ "$TOPO" = 1 ] && . /topo.sh
 CF=/sys/devices/system/cpu/cpufreq
 
 policies() {
@@ -106,7 +124,9 @@ hw_cur() { cat "$CF"/policy*/cpuinfo_cur_freq 2>/dev/null | tr '\n' ' '; }
 stats() {
     [ -n "$VDEV" ] && [ -d "$VDEV/cpufreq" ] || return 0
     line=""
-    for f in "$VDEV"/cpufreq/*; do line="$line $(basename "$f")=$(cat "$f")"; done
+    for f in "$VDEV"/cpufreq/*; do
+        [ "$(basename "$f")" = freq_scale ] || line="$line $(basename "$f")=$(cat "$f")"
+    done
     say "stats$line $1"
 }
 
@@ -136,6 +156,7 @@ for p in "$CF"/policy*; do
         || say "cannot set governor $GOV on $(basename "$p")"
 done
 stats probe
+[ "$TOPO" = 1 ] && { sleep 1; topo_show probe; }   # the domains are rebuilt from a work item
 
 say "busy-start cpu=$BUSY_CPU secs=$BUSY_SECS"
 taskset -c "$BUSY_CPU" sh -c 'while :; do :; done' &
@@ -145,7 +166,9 @@ policies busy
 stats busy
 
 BEFORE=$(hw_cur)
+[ "$TOPO" = 1 ] && fie_arm "$BUSY_CPU"
 say "wait-host-change hw_cur=$BEFORE"
+[ "$TOPO" = 1 ] && fie_watch "$BUSY_CPU" "$WAIT_SECS"
 n=0
 while [ "$(hw_cur)" = "$BEFORE" ] && [ $n -lt $((WAIT_SECS * 10)) ]; do
     usleep 100000
@@ -162,6 +185,7 @@ wait "$BUSY" 2>/dev/null
 sleep 1
 policies idle
 stats end
+[ "$TOPO" = 1 ] && { placement "$(arg placement_secs 10)"; topo_change "$WAIT_SECS" "$(arg placement_secs 10)"; }
 
 # A driver reset and a fresh probe of the same device (RESYNC, new config read).
 if [ -n "$VDEV" ]; then
@@ -182,6 +206,7 @@ fi
 
 rmmod virtio_cpufreq
 say "rmmod rc=$? policies_left=$(ls "$CF" 2>/dev/null | grep -c policy)"
+[ "$TOPO" = 1 ] && { sleep 1; topo_show removed; }
 dmesg | grep -iE 'virtio_cpufreq|cpufreq|warning|bug|oops|call trace|taint|rcu' | sed 's/^/VUC-DMESG: /'
 say "done"
 poweroff -f
@@ -194,6 +219,7 @@ mv -f "$OUT/initrd.gz.new" "$OUT/initrd.gz"
 log "initramfs $(du -h "$OUT/initrd.gz" | cut -f1)"
 
 echo "CHROOT=$CHROOT"
+echo "ARCH=$ARCH"
 echo "KVER=$KVER"
 echo "KERNEL=/usr/lib/modules/$KVER/vmlinuz"
 echo "INITRD=$OUT_GUEST/initrd.gz"

@@ -63,6 +63,12 @@
 #include <linux/virtio_config.h>
 #include <linux/virtio_ring.h>
 #include <linux/workqueue.h>
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+#include <linux/arch_topology.h>
+#include <linux/of.h>
+#include <linux/sched/topology.h>
+#include <linux/topology.h>
+#endif
 
 /*
  * The project's default device id.  OASIS assigned 38 to a "parameter
@@ -188,6 +194,14 @@ static unsigned int num_buffers = 32;
 module_param(num_buffers, uint, 0444);
 MODULE_PARM_DESC(num_buffers, "preallocated batch buffers (capped by the queue size)");
 
+static bool capacities = true;
+module_param(capacities, bool, 0444);
+MODULE_PARM_DESC(capacities, "arm64: give the scheduler each domain's capacity (cpu_scale)");
+
+static bool freq_invariance = true;
+module_param(freq_invariance, bool, 0444);
+MODULE_PARM_DESC(freq_invariance, "arm64: read each vCPU's frequency scale from the shared page every tick");
+
 /* -- driver state ----------------------------------------------------------- */
 
 struct vcf_domain {
@@ -260,6 +274,13 @@ struct vcf_dev {
 	atomic64_t stat_range_changes;
 	atomic64_t stat_page_reads;	/* ->get() answered from the shared page */
 	atomic64_t stat_page_fallbacks;	/* ... from the cache: page not placed, not LIVE, or busy */
+	atomic64_t stat_topology_changes;	/* announced by the device and applied */
+
+	/* arm64 (GENERIC_ARCH_TOPOLOGY): what the scheduler was given */
+	bool fie;		/* our frequency-scale source is registered */
+	enum { VCF_CAP_NONE, VCF_CAP_DEVICE, VCF_CAP_FIRMWARE } cap_source;
+	unsigned long *saved_scale;	/* cpu_scale before this driver wrote it */
+	cpumask_var_t fie_cpus;	/* CPUs it was registered for */
 };
 
 /* cpufreq has one driver for the whole system: at most one device is used. */
@@ -391,19 +412,87 @@ out:
 	return err;
 }
 
-/* After a configuration change notification: refresh the frequency mirror. */
+static void vcf_set_capacities(struct vcf_dev *vi, bool announced);
+static void vcf_fie_start(struct vcf_dev *vi);
+static void vcf_fie_stop(struct vcf_dev *vi);
+static struct cpufreq_driver vcf_cpufreq_driver;
+
+/* The vCPU-to-domain map the runs describe, into @map; false if they do not cover num_vcpus. */
+static bool vcf_runs_map(const struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg, u8 *map)
+{
+	unsigned int i, j, v = 0, nruns = le16_to_cpu(cfg->num_runs);
+
+	for (i = 0; i < nruns && i < VCF_MAX_RUNS; i++) {
+		unsigned int dom = cfg->runs[i].domain, count = cfg->runs[i].count;
+
+		if (dom >= vi->num_domains || v + count > vi->num_vcpus)
+			return false;
+		for (j = 0; j < count; j++)
+			map[v++] = dom;
+	}
+	return v == vi->num_vcpus;
+}
+
+/*
+ * A topology change the device announced (a domain's capacity or the vCPU
+ * map changed: re-pinning): the policies are made anew.  Unregistering the
+ * cpufreq driver stops the governors (no ->fast_switch() after it), the
+ * domains and the map are replaced, the new capacities go to cpu_scale, and
+ * registering again builds the new frequency tables; starting schedutil
+ * rebuilds the scheduler's domains.  The frequency-scale source is off
+ * meanwhile (it reads the map every tick).
+ */
+static void vcf_retopology(struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg, const u8 *map)
+{
+	unsigned int i, v;
+	int err;
+
+	vcf_fie_stop(vi);
+	cpufreq_unregister_driver(&vcf_cpufreq_driver);
+	if (vcf_parse_domains(vi, cfg)) {
+		dev_err(&vi->vdev->dev, "announced topology unusable; the device is not driven\n");
+		return;
+	}
+	for (i = 0; i < vi->num_domains; i++)
+		cpumask_clear(vi->domains[i].cpus);
+	for (v = 0; v < vi->num_vcpus; v++) {
+		WRITE_ONCE(vi->vcpu_domain[v], map[v]);
+		if (v < nr_cpu_ids)
+			cpumask_set_cpu(v, vi->domains[map[v]].cpus);
+		vi->vcpus[v].last_util = -1;	/* the next request goes out */
+	}
+	vcf_set_capacities(vi, true);
+	err = cpufreq_register_driver(&vcf_cpufreq_driver);
+	if (err) {
+		dev_err(&vi->vdev->dev, "cannot register the cpufreq driver again: %d\n", err);
+		return;
+	}
+	vcf_fie_start(vi);
+	atomic64_inc(&vi->stat_topology_changes);
+	for (i = 0; i < vi->num_domains; i++)
+		dev_info(&vi->vdev->dev, "domain %u now: cpus %*pbl, %u..%u kHz, capacity %u\n", i,
+			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
+			 vi->domains[i].max_khz, vi->domains[i].capacity);
+}
+
+/*
+ * After a configuration change notification: refresh the frequency mirror,
+ * or make the policies anew when the topology changed.
+ */
 static void vcf_config_work(struct work_struct *work)
 {
 	struct vcf_dev *vi = container_of(work, struct vcf_dev, config_work);
 	struct virtio_cpufreq_config *cfg;
+	bool topology;
 	unsigned int i;
+	u8 *map = NULL;
 	u32 gen;
 
 	cfg = kzalloc(sizeof(*cfg), GFP_KERNEL);
 	if (!cfg)
 		return;
 	mutex_lock(&vi->config_lock);
-	if (vi->removing || vcf_read_config(vi, cfg, false))
+	if (vi->removing || vcf_read_config(vi, cfg, true))
 		goto out;
 	gen = le32_to_cpu(cfg->generation);
 	if (gen == vi->generation)
@@ -415,25 +504,38 @@ static void vcf_config_work(struct work_struct *work)
 			 le16_to_cpu(cfg->num_domains), le16_to_cpu(cfg->num_vcpus));
 		goto out;
 	}
-	for (i = 0; i < vi->num_domains; i++) {
-		struct vcf_domain *d = &vi->domains[i];
-		const struct virtio_cpufreq_domain *c = &cfg->domains[i];
-		u32 min = le32_to_cpu(c->min_khz), max = le32_to_cpu(c->max_khz);
+	map = kcalloc(vi->num_vcpus, sizeof(*map), GFP_KERNEL);
+	if (!map || !vcf_runs_map(vi, cfg, map)) {
+		dev_warn(&vi->vdev->dev, "bad vCPU map in the configuration; ignored\n");
+		goto out;
+	}
+	topology = memcmp(map, vi->vcpu_domain, vi->num_vcpus) != 0;
+	for (i = 0; i < vi->num_domains; i++)
+		topology |= le16_to_cpu(cfg->domains[i].capacity) != vi->domains[i].capacity;
+	if (topology) {
+		vcf_retopology(vi, cfg, map);
+	} else {
+		for (i = 0; i < vi->num_domains; i++) {
+			struct vcf_domain *d = &vi->domains[i];
+			const struct virtio_cpufreq_domain *c = &cfg->domains[i];
+			u32 min = le32_to_cpu(c->min_khz), max = le32_to_cpu(c->max_khz);
 
-		if (min != d->min_khz || max != d->max_khz) {
-			/* The frequency table stays; requests keep their meaning. */
-			atomic64_inc(&vi->stat_range_changes);
-			dev_info_ratelimited(&vi->vdev->dev,
-					     "domain %u range now %u..%u kHz (table keeps %u..%u)\n",
-					     i, min, max, d->min_khz, d->max_khz);
+			if (min != d->min_khz || max != d->max_khz) {
+				/* The frequency table stays; requests keep their meaning. */
+				atomic64_inc(&vi->stat_range_changes);
+				dev_info_ratelimited(&vi->vdev->dev,
+						     "domain %u range now %u..%u kHz (table keeps %u..%u)\n",
+						     i, min, max, d->min_khz, d->max_khz);
+			}
+			WRITE_ONCE(d->cur_khz, le32_to_cpu(c->cur_khz));
 		}
-		WRITE_ONCE(d->cur_khz, le32_to_cpu(c->cur_khz));
 	}
 	vi->generation = gen;
 	vi->cfg_flags = le32_to_cpu(cfg->flags);
 	atomic64_inc(&vi->stat_config_changes);
 out:
 	mutex_unlock(&vi->config_lock);
+	kfree(map);
 	kfree(cfg);
 }
 
@@ -713,6 +815,196 @@ static unsigned int vcf_get(unsigned int cpu)
 	return READ_ONCE(vi->domains[dom].cur_khz);
 }
 
+/* -- scheduler: frequency invariance and capacities (arm64) ------------------ */
+
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+/*
+ * The arch topology code (drivers/base/arch_topology.c) calls the
+ * registered scale_freq_data's set_freq_scale() from every scheduler tick
+ * on the ticking CPU (topology_scale_freq_tick(), under sched-RCU).  Ours
+ * reads the domain's current frequency from the shared page, as upstream
+ * virtual-cpufreq reads its cur_perf register, with no VM exit.  While a
+ * source is registered for a CPU the cpufreq core no longer writes that
+ * CPU's arch_freq_scale from the requested frequency.  Counters from an
+ * architecture (arm64 AMU) keep precedence: then ours is not installed.
+ */
+struct vcf_fie_stat {
+	u64 ticks;		/* scale taken from the page */
+	u64 fallbacks;		/* page not readable: scale from the cached config */
+	u64 changed;		/* ticks + fallbacks when the scale last changed */
+};
+static DEFINE_PER_CPU(struct vcf_fie_stat, vcf_fie_stat);
+
+static unsigned long vcf_scale(u32 khz, u32 max_khz)
+{
+	return min_t(u64, div_u64((u64)khz << SCHED_CAPACITY_SHIFT, max_khz), SCHED_CAPACITY_SCALE);
+}
+
+static void vcf_fie_tick(void)
+{
+	/* vcf stays valid: remove clears the source (synchronize_rcu) before freeing. */
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	unsigned int cpu = smp_processor_id();
+	struct vcf_fie_stat *st = this_cpu_ptr(&vcf_fie_stat);
+	const struct vcf_domain *d;
+	unsigned long scale;
+	u32 khz;
+
+	if (!vi || cpu >= vi->num_vcpus)
+		return;
+	d = &vi->domains[vi->vcpu_domain[cpu]];
+	if (vcf_page_khz(vi, d->index, &khz)) {
+		st->ticks++;
+	} else {
+		khz = READ_ONCE(d->cur_khz);
+		st->fallbacks++;
+	}
+	scale = vcf_scale(khz, d->max_khz);
+	if (scale != this_cpu_read(arch_freq_scale)) {
+		this_cpu_write(arch_freq_scale, scale);
+		st->changed = st->ticks + st->fallbacks;
+	}
+}
+
+static struct scale_freq_data vcf_sfd = {
+	.source		= SCALE_FREQ_SOURCE_VIRT,
+	.set_freq_scale	= vcf_fie_tick,
+};
+
+/*
+ * Capacities.  The scheduler's capacity asymmetry (SD_ASYM_CPUCAPACITY, which
+ * gates misfit migration, capacity-aware wake-up and EAS) is scanned from
+ * cpu_scale only at boot and when the arch topology code itself rebuilds the
+ * domains: after the cpufreq policies exist, when the firmware gave each CPU
+ * capacity-dmips-mhz (DT) or CPPC highest_perf (ACPI).  No exported interface
+ * lets a module ask for that rescan, so the VMM describes the vCPUs'
+ * capacities in firmware (as for upstream virtual-cpufreq) and the device's
+ * capacities must agree with it: capacity_mismatch counts the vCPUs whose
+ * cpu_scale differs from their domain's capacity.  Without firmware
+ * capacities the driver still writes cpu_scale (the exported per-CPU
+ * variable, as arch_topology does at run time): cpu_capacity and the load
+ * balancer's capacity_of() then follow the device, the domains' flags do not.
+ */
+static bool vcf_firmware_capacities(const struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		struct device_node *np = of_get_cpu_node(cpu, NULL);
+		bool has = np && of_property_present(np, "capacity-dmips-mhz");
+
+		of_node_put(np);
+		if (!has)
+			return false;
+	}
+	return true;
+}
+
+/*
+ * At probe (@announced false) firmware capacities win; after a topology change
+ * the device announced they are stale, and the device's are written.
+ */
+static void vcf_set_capacities(struct vcf_dev *vi, bool announced)
+{
+	unsigned int cpu;
+
+	if (!announced && vcf_firmware_capacities(vi)) {
+		vi->cap_source = VCF_CAP_FIRMWARE;
+		return;
+	}
+	if (!capacities)
+		return;
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		u16 cap = vi->domains[vi->vcpu_domain[cpu]].capacity;
+
+		if (!cap || cap > SCHED_CAPACITY_SCALE)
+			return;		/* the device gives none: leave cpu_scale alone */
+	}
+	if (!vi->saved_scale) {
+		vi->saved_scale = kcalloc(vi->num_vcpus, sizeof(*vi->saved_scale), GFP_KERNEL);
+		if (!vi->saved_scale)
+			return;
+		for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+			vi->saved_scale[cpu] = per_cpu(cpu_scale, cpu);
+	}
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+		WRITE_ONCE(per_cpu(cpu_scale, cpu), vi->domains[vi->vcpu_domain[cpu]].capacity);
+	vi->cap_source = VCF_CAP_DEVICE;
+}
+
+/* What this driver wrote goes back before the governors' exit rebuilds the domains. */
+static void vcf_clear_capacities(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (vi->cap_source == VCF_CAP_DEVICE)
+		for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+			WRITE_ONCE(per_cpu(cpu_scale, cpu), vi->saved_scale[cpu]);
+	kfree(vi->saved_scale);
+	vi->saved_scale = NULL;
+	vi->cap_source = VCF_CAP_NONE;
+}
+
+static unsigned int vcf_capacity_mismatch(const struct vcf_dev *vi)
+{
+	unsigned int cpu, n = 0;
+
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++)
+		n += topology_get_cpu_scale(cpu) != vi->domains[vi->vcpu_domain[cpu]].capacity;
+	return n;
+}
+
+static void vcf_fie_start(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (!freq_invariance || !vi->page)
+		return;
+	for (cpu = 0; cpu < vi->num_vcpus && cpu < nr_cpu_ids; cpu++) {
+		cpumask_set_cpu(cpu, vi->fie_cpus);
+		per_cpu(vcf_fie_stat, cpu) = (struct vcf_fie_stat){ 0 };
+	}
+	topology_set_scale_freq_source(&vcf_sfd, vi->fie_cpus);
+	vi->fie = true;
+}
+
+static void vcf_fie_stop(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	if (!vi->fie)
+		return;
+	/* Waits for every tick still in vcf_fie_tick() (synchronize_rcu). */
+	topology_clear_scale_freq_source(SCALE_FREQ_SOURCE_VIRT, vi->fie_cpus);
+	/* No cpufreq driver may follow: do not leave the last host frequency behind. */
+	for_each_cpu(cpu, vi->fie_cpus)
+		per_cpu(arch_freq_scale, cpu) = SCHED_CAPACITY_SCALE;
+	vi->fie = false;
+}
+
+/* Since this device's source was registered (the counters start at 0 then). */
+static u64 vcf_fie_sum(const struct vcf_dev *vi, bool fallbacks)
+{
+	unsigned int cpu;
+	u64 n = 0;
+
+	for_each_cpu(cpu, vi->fie_cpus)
+		n += fallbacks ? per_cpu(vcf_fie_stat, cpu).fallbacks : per_cpu(vcf_fie_stat, cpu).ticks;
+	return n;
+}
+#else
+/*
+ * x86 (and any architecture without GENERIC_ARCH_TOPOLOGY): the frequency
+ * scale comes from APERF/MPERF in arch_scale_freq_tick() and no interface
+ * takes another source; cpu_scale does not exist.  See README.md.
+ */
+static void vcf_set_capacities(struct vcf_dev *vi, bool announced) { }
+static void vcf_clear_capacities(struct vcf_dev *vi) { }
+static unsigned int vcf_capacity_mismatch(const struct vcf_dev *vi) { return 0; }
+static void vcf_fie_start(struct vcf_dev *vi) { }
+static void vcf_fie_stop(struct vcf_dev *vi) { }
+#endif
+
 static int vcf_verify(struct cpufreq_policy_data *policy)
 {
 	return cpufreq_generic_frequency_table_verify(policy);
@@ -805,11 +1097,48 @@ VCF_STAT_ATTR(add_errors, READ_ONCE(vi->stat_add_errors));
 VCF_STAT_ATTR(config_reads, atomic64_read(&vi->stat_config_reads));
 VCF_STAT_ATTR(config_changes, atomic64_read(&vi->stat_config_changes));
 VCF_STAT_ATTR(range_changes, atomic64_read(&vi->stat_range_changes));
+VCF_STAT_ATTR(topology_changes, atomic64_read(&vi->stat_topology_changes));
 VCF_STAT_ATTR(generation, READ_ONCE(vi->generation));
 VCF_STAT_ATTR(seq, READ_ONCE(vi->seq));
 VCF_STAT_ATTR(page, vi->page ? 1 : 0);
 VCF_STAT_ATTR(page_reads, atomic64_read(&vi->stat_page_reads));
 VCF_STAT_ATTR(page_fallbacks, atomic64_read(&vi->stat_page_fallbacks));
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+VCF_STAT_ATTR(fie, vi->fie ? 1 : 0);
+VCF_STAT_ATTR(fie_ticks, vcf_fie_sum(vi, false));
+VCF_STAT_ATTR(fie_fallbacks, vcf_fie_sum(vi, true));
+VCF_STAT_ATTR(capacity_source, vi->cap_source);	/* 0 none, 1 the device's, 2 firmware */
+VCF_STAT_ATTR(capacity_mismatch, vcf_capacity_mismatch(vi));
+
+/*
+ * "jiffies=J hz=HZ cpuN=S/P/T/C ...": each online CPU's arch_freq_scale (S,
+ * what the scheduler uses), the scale the page gives its domain now (P, -1
+ * when the page cannot be read), how many ticks that CPU's source ran (T)
+ * and at which of them S last changed (C), read together for the boot test.
+ */
+static ssize_t freq_scale_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct vcf_dev *vi = dev_to_vcf(dev);
+	unsigned int cpu;
+	int n;
+
+	n = sysfs_emit_at(buf, 0, "jiffies=%lu hz=%u", jiffies, HZ);
+	for_each_online_cpu(cpu) {
+		long page = -1;
+		u32 khz;
+
+		if (cpu < vi->num_vcpus && vcf_page_khz(vi, vi->vcpu_domain[cpu], &khz))
+			page = vcf_scale(khz, vi->domains[vi->vcpu_domain[cpu]].max_khz);
+		const struct vcf_fie_stat *st = per_cpu_ptr(&vcf_fie_stat, cpu);
+
+		n += sysfs_emit_at(buf, n, " cpu%u=%lu/%ld/%llu/%llu", cpu, topology_get_freq_scale(cpu), page,
+				   READ_ONCE(st->ticks) + READ_ONCE(st->fallbacks), READ_ONCE(st->changed));
+	}
+	n += sysfs_emit_at(buf, n, "\n");
+	return n;
+}
+static DEVICE_ATTR_RO(freq_scale);
+#endif
 
 static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_requests.attr,
@@ -823,11 +1152,20 @@ static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_config_reads.attr,
 	&dev_attr_config_changes.attr,
 	&dev_attr_range_changes.attr,
+	&dev_attr_topology_changes.attr,
 	&dev_attr_generation.attr,
 	&dev_attr_seq.attr,
 	&dev_attr_page.attr,
 	&dev_attr_page_reads.attr,
 	&dev_attr_page_fallbacks.attr,
+#ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
+	&dev_attr_fie.attr,
+	&dev_attr_fie_ticks.attr,
+	&dev_attr_fie_fallbacks.attr,
+	&dev_attr_capacity_source.attr,
+	&dev_attr_capacity_mismatch.attr,
+	&dev_attr_freq_scale.attr,
+#endif
 	NULL,
 };
 
@@ -849,6 +1187,7 @@ static void vcf_free(struct vcf_dev *vi)
 	}
 	for (i = 0; i < VCF_MAX_DOMAINS; i++)
 		free_cpumask_var(vi->domains[i].cpus);
+	free_cpumask_var(vi->fie_cpus);
 	kfree(vi->vcpus);
 	kfree(vi->vcpu_domain);
 	if (vi->page)
@@ -924,6 +1263,10 @@ static int vcf_probe(struct virtio_device *vdev)
 			goto free;
 		}
 	}
+	if (!zalloc_cpumask_var(&vi->fie_cpus, GFP_KERNEL)) {
+		err = -ENOMEM;
+		goto free;
+	}
 
 	err = vcf_init_config(vi);
 	if (err)
@@ -964,23 +1307,35 @@ static int vcf_probe(struct virtio_device *vdev)
 	virtio_device_ready(vdev);
 
 	WRITE_ONCE(vcf, vi);
+	vcf_set_capacities(vi, false);
 	err = cpufreq_register_driver(&vcf_cpufreq_driver);
 	if (err) {
 		dev_err(&vdev->dev, "cannot register the cpufreq driver: %d%s\n", err,
 			err == -EEXIST ? " (another cpufreq driver is active)" : "");
+		vcf_clear_capacities(vi);
 		WRITE_ONCE(vcf, NULL);
 		goto reset;
 	}
+	/*
+	 * Firmware capacities are final now (arch_topology sets them while the
+	 * policies are created); ones that disagree with the device (the VM was
+	 * re-pinned since boot) give way to the device's.
+	 */
+	if (vi->cap_source == VCF_CAP_FIRMWARE && vcf_capacity_mismatch(vi))
+		vcf_set_capacities(vi, true);
+	vcf_fie_start(vi);
 	if (sysfs_create_group(&vdev->dev.kobj, &vcf_stat_group))
 		dev_warn(&vdev->dev, "no statistics in sysfs\n");
 
 	dev_info(&vdev->dev,
-		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s\n",
+		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s%s%s\n",
 		 vi->num_vcpus, vi->num_domains, vi->generation,
 		 (unsigned long long)atomic64_read(&vi->stat_config_reads), vi->nr_bufs, vi->recs_per_buf,
 		 vi->perf_request ? ", perf requests" : "",
 		 virtio_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX) ? ", event idx" : "",
-		 vi->page ? ", frequency page" : "");
+		 vi->page ? ", frequency page" : "", vi->fie ? ", frequency-scale source" : "",
+		 vi->cap_source == VCF_CAP_FIRMWARE ? ", firmware capacities" :
+		 vi->cap_source == VCF_CAP_DEVICE ? ", device capacities" : "");
 	for (i = 0; i < vi->num_domains; i++)
 		dev_info(&vdev->dev, "domain %u: cpus %*pbl, %u..%u kHz, now %u kHz, capacity %u\n", i,
 			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
@@ -1007,14 +1362,16 @@ static void vcf_remove(struct virtio_device *vdev)
 
 	mutex_lock(&vcf_probe_lock);
 	sysfs_remove_group(&vdev->dev.kobj, &vcf_stat_group);
-	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
-	cpufreq_unregister_driver(&vcf_cpufreq_driver);
-
+	/* First the config work: it may be re-registering the cpufreq driver. */
 	mutex_lock(&vi->config_lock);
 	WRITE_ONCE(vi->removing, true);
 	mutex_unlock(&vi->config_lock);
 	virtio_config_driver_disable(vdev);
 	cancel_work_sync(&vi->config_work);
+	vcf_fie_stop(vi);		/* no tick reads the page after this */
+	vcf_clear_capacities(vi);	/* before the governors' exit rebuilds the domains */
+	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
+	cpufreq_unregister_driver(&vcf_cpufreq_driver);
 	irq_work_sync(&vi->flush_work);
 	timer_shutdown_sync(&vi->timer);	/* and no re-arming from here on */
 	irq_work_sync(&vi->flush_work);

@@ -1,0 +1,222 @@
+"""The arm64 guest's scheduler on a heterogeneous host (issue 25): capacities, frequency invariance, placement.
+
+Same image and /init as tests/test_linux_guest.py (guest-driver-model/linux/build.sh, arm64),
+with ``vuc.topo=1`` (guest-driver-model/linux/topo.sh).  The host is the GS101 phone (PIXEL6:
+little, mid and big domains of capacity 160, 498 and 1024); the VM's four vCPUs map onto all
+three, with the shared frequency page (SPEC 8).  The guest must show:
+
+* each vCPU's ``cpu_capacity`` is its domain's capacity, and the scheduler domains carry
+  ``SD_ASYM_CPUCAPACITY``.  The VMM's part (:func:`capacity_dtb`): the vCPUs'
+  ``capacity-dmips-mhz`` in the device tree, the host CPUs' own; Linux derives the capacity
+  from it and each policy's top frequency, and the driver checks it against the device's;
+* the module's frequency-scale source: the busy big vCPU's ``arch_freq_scale`` equals the page's
+  scale for its domain, and follows a host change within two ticks, with no config read or
+  config change notification after probe;
+* placement: a CPU-bound task spends more of its samples on the big vCPU than chance (1 in 4);
+* a topology change the device announces (the VM re-pinned: vCPUs 2 and 3 swap the big and
+  the mid domain): the driver makes its policies anew, cpu_capacity follows, the domains keep
+  their asymmetry and the CPU-bound task now runs on vCPU 2.
+  Where light tasks ran is measured and printed: without an energy model (the device gives no
+  power figures, SPEC 9) the scheduler has no reason to prefer the little vCPUs for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vhost_user_cpufreq.backend.host.hosts import PIXEL6
+from vhost_user_cpufreq.protocol.cpufreq import UTIL_SCALE
+
+from .qemu.fixture import QemuInstall, QemuLab, _child_setup
+from .test_linux_guest import (
+    BAD_KERNEL_LOG,
+    BOOT_TIMEOUT,
+    HOST_CHANGE,
+    GuestImage,
+    build_guest_image,
+    parse_policies,
+    parse_stats,
+)
+
+pytestmark = pytest.mark.qemu
+
+#: vCPUs 0-1 on the little domain, 2 on the mid one, 3 on the big one.
+VMAP = (0, 0, 1, 2)
+BIG = 3
+LITTLE = (0, 1)
+PLACEMENT_SECS = 6
+#: During the placement check every host domain runs at its top: the host a busy VM would
+#: have (the lab's host source is static; a real host's governor raises the frequency for
+#: busy vCPU threads, and frequency-invariant load tracking then sees the little vCPU full).
+HOST_BUSY = tuple(d.max_khz for d in PIXEL6.domains)
+#: The topology change the device announces: vCPU 2 re-pinned to the big domain, vCPU 3 to the mid one.
+REMAP = (0, 0, 2, 1)
+NEW_BIG = 2
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hosts" / "google-gs101-pixel6.json"
+
+
+def dmips_of_host_domains() -> list[int]:
+    """Each PIXEL6 host domain's capacity-dmips-mhz, from the GS101 device tree (the fixture)."""
+    cpus = {c["cpu"]: c["capacity_dmips_mhz"] for c in json.loads(FIXTURE.read_text())["cpus"]}
+    return [cpus[d.cpus[0]] for d in PIXEL6.domains]
+
+
+def capacity_dtb(image: GuestImage, install: QemuInstall, workdir: Path, dmips: list[int]) -> str:
+    """The virt machine's own device tree with ``capacity-dmips-mhz`` on each vCPU, as QEMU's path.
+
+    This is the VMM's part, as for upstream virtual-cpufreq: Linux's arch topology code reads
+    capacity-dmips-mhz at boot and, when the cpufreq driver creates the policies, sets each
+    CPU's capacity from it and the policy's top frequency and rebuilds the scheduler domains
+    with their asymmetry (the only path that rescans it after boot; a module cannot).
+    """
+    raw = workdir / "virt.dtb"
+    subprocess.run([*image.qemu(install), "-machine", f"virt,dumpdtb={install.guest_path(raw)}", "-cpu", "max",
+                    "-accel", "tcg", "-smp", str(len(dmips)), "-m", "256M", "-nodefaults", "-display", "none"],
+                   check=True, capture_output=True, timeout=60)
+    dts = subprocess.run([*install.prefix[:-1], "dtc", "-q", "-I", "dtb", "-O", "dts", install.guest_path(raw)],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    for cpu, d in enumerate(dmips):
+        dts, n = re.subn(rf"(\n(\t+)cpu@{cpu:x} {{\n)", rf"\1\2\tcapacity-dmips-mhz = <{d}>;\n", dts)
+        assert n == 1, f"no cpu@{cpu:x} node in the virt device tree"
+    (workdir / "virt-cap.dts").write_text(dts)
+    out = workdir / "virt-cap.dtb"
+    subprocess.run([*install.prefix[:-1], "dtc", "-q", "-I", "dts", "-O", "dtb", "-o", install.guest_path(out),
+                    install.guest_path(workdir / "virt-cap.dts")], check=True, capture_output=True, timeout=60)
+    return install.guest_path(out)
+
+
+@pytest.fixture(scope="module")
+def arm64_guest_image(qemu_install: QemuInstall) -> GuestImage:
+    return build_guest_image(qemu_install, "arm64")
+
+
+def field(lines: list[str], prefix: str) -> dict[str, str]:
+    """The key=value words of the first line starting with ``prefix``."""
+    for line in lines:
+        if line.startswith(prefix):
+            return dict(w.split("=", 1) for w in line[len(prefix):].split() if "=" in w)
+    raise AssertionError(f"no line starting with {prefix!r}")
+
+
+async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
+        qemu_lab: QemuLab, arm64_guest_image: GuestImage) -> None:
+    lab = qemu_lab
+    install = lab.install
+    slot = await lab.add_vm("gs101", VMAP, shared_page=True)
+    cfg = slot.device.config
+    host_dmips = dmips_of_host_domains()
+    dtb = capacity_dtb(arm64_guest_image, install, lab.dir, [host_dmips[d] for d in VMAP])
+    cmd = arm64_guest_image.command(
+        install, install.guest_path(lab.socket_path("gs101")), len(VMAP),
+        f"vuc.busy_cpu={BIG} vuc.busy_secs=2 vuc.wait_secs=20 vuc.topo=1 vuc.placement_secs={PLACEMENT_SECS} "
+        "sched_verbose",  # the scheduler domains in debugfs
+        ("-dtb", dtb))
+    lines: list[str] = []
+    notes_before_remap = -1
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(BOOT_TIMEOUT):
+            while line_b := await proc.stdout.readline():
+                line = line_b.decode(errors="replace").rstrip("\r\n")
+                lines.append(line)
+                if line.startswith("VUC: wait-host-change"):
+                    lab.source.set_frequencies(HOST_CHANGE)
+                elif line.startswith("VUC: placement-start"):
+                    lab.source.set_frequencies(HOST_BUSY)
+                elif line.startswith("VUC: wait-topology-change"):
+                    notes_before_remap = slot.counters.get("config_notifications")
+                    slot.device.remap(REMAP)
+            rc = await proc.wait()
+    except TimeoutError:
+        pytest.fail(f"guest did not finish within {BOOT_TIMEOUT}s:\n" + "\n".join(lines[-60:]), pytrace=False)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    wall = time.monotonic() - t0
+    output = "\n".join(lines)
+    ctx = f"\n--- guest output ({wall:.1f}s) ---\n{output}"
+    assert rc == 0 and "VUC: done" in output, f"QEMU exited {rc}{ctx}"
+    assert re.search(r"virtio_cpufreq virtio\d+: .*frequency page, frequency-scale source, firmware capacities", output), ctx
+
+    # Capacities: each vCPU has its domain's, the scheduler sees the asymmetry.
+    want = {f"cpu{v}": str(cfg.domain_of(v).capacity) for v in range(len(VMAP))}
+    assert len(set(want.values())) == 3, want
+    assert field(lines, "VUC: capacity") == want, ctx
+    sd_flags = [line for line in lines if line.startswith("VUC: sd ") and line.endswith(" probe")]
+    assert sd_flags, f"no scheduler domains shown{ctx}"
+    assert any("SD_ASYM_CPUCAPACITY" in line for line in sd_flags), "\n".join(sd_flags)
+    eas = field(lines, "VUC: eas")
+    assert eas["em"] == "", eas  # the device gives no power figures (SPEC 9): no energy model, no EAS
+    # After rmmod cpu_scale holds the firmware's capacities again (arch_topology's, from
+    # capacity-dmips-mhz and the policies' top frequencies): the driver puts back what it replaced.
+    removed = [line for line in lines if line.startswith("VUC: capacity") and line.endswith(" removed")]
+    assert removed and field(removed, "VUC: capacity") == want, ctx
+
+    # Frequency invariance from the page: the busy big vCPU's scale is the page's, before and after.
+    start = field(lines, "VUC: fie-start")
+    big = cfg.domain_of(BIG)
+    assert start["scale"] == start["page"] == str(UTIL_SCALE * big.cur_khz // big.max_khz), (start, big)
+    follow = field(lines, "VUC: fie-follow")
+    scale_after = UTIL_SCALE * HOST_CHANGE[VMAP[BIG]] // big.max_khz
+    assert follow["after"] == f"{scale_after}/{scale_after}", (follow, scale_after)
+    # The source took the new value at most one of the busy vCPU's own ticks after the guest could
+    # first see it (lag_ticks_max bounds it from the poll before; its host thread may run late under
+    # TCG on a loaded machine while another vCPU moves jiffies on: those are reported).
+    assert int(follow["lag_ticks"]) <= 1, f"{follow}{ctx}"
+    probe, end = parse_stats(lines, "probe"), parse_stats(lines, "end")
+    assert probe["fie"] == 1 and end["fie_ticks"] > 0, (probe, end)
+    assert probe["capacity_source"] == 2 and probe["capacity_mismatch"] == 0, probe  # firmware, agreeing
+    assert end["config_reads"] == probe["config_reads"] and end["config_changes"] == 0, (probe, end)
+    # Frequencies came through the page alone; the topology change is announced in config space.
+    assert notes_before_remap == 0 and slot.counters.get("config_notifications") >= 1, slot.counters.snapshot()
+
+    # Placement: where the heavy and the light tasks ran, before and after the re-pinning.
+    placements = [dict(w.split("=", 1) for w in line.split()[2:]) for line in lines
+                  if line.startswith("VUC: placement ")]
+    assert len(placements) == 2, ctx
+    shares = []
+    for placed, big_cpu in zip(placements, (BIG, NEW_BIG)):
+        heavy = [int(c) for c in placed["heavy"].split(",")]
+        light = [int(c) for c in placed["light"].split(",")]
+        shares.append((sum(c == big_cpu for c in heavy) / len(heavy), len(heavy),
+                       sum(c in LITTLE for c in light) / len(light), len(light)))
+    print(f"\narm64 guest on GS101: capacities {want}, eas {eas}, fie {follow}, " + "; ".join(
+        f"{what}: heavy on the big vCPU {h:.0%} of {nh} samples (chance 25%), light on little "
+        f"{li:.0%} of {nl} (chance 50%)" for what, (h, nh, li, nl) in zip(("as booted", "re-pinned"), shares))
+        + f"; {wall:.0f}s", file=sys.stderr)
+    for h, _, _, _ in shares:
+        assert h > 0.5, f"heavy task on the big vCPU only {h:.0%} of the time: {placements}"
+
+    # The re-pinning: new policies, capacities and the device's capacities in cpu_scale.
+    new = slot.device.config
+    remapped = [line for line in lines if line.startswith("VUC: capacity") and line.endswith(" remapped")]
+    want_new = {f"cpu{v}": str(new.domain_of(v).capacity) for v in range(len(VMAP))}
+    assert want_new != want and remapped and field(remapped, "VUC: capacity") == want_new, ctx
+    policies = parse_policies(lines, "remapped")
+    assert {n: p.max for n, p in policies.items()} == {v: new.domain_of(v).max_khz for v in (0, 2, 3)}, ctx
+    st = parse_stats(lines, "remapped")
+    assert st["topology_changes"] == 1 and st["capacity_source"] == 1 and st["capacity_mismatch"] == 0, st
+    assert any("SD_ASYM_CPUCAPACITY" in line for line in lines
+               if line.startswith("VUC: sd ") and line.endswith(" remapped")), ctx
+    # Rebound after the re-pinning: the firmware's capacities are stale, the device's win.
+    assert parse_stats(lines, "rebound")["capacity_source"] == 1, ctx
+    assert parse_stats(lines, "rebound")["capacity_mismatch"] == 0, ctx
+
+    assert re.search(r"VUC: rmmod rc=0 policies_left=0", output), ctx
+    bad = [line for line in lines if BAD_KERNEL_LOG.search(line)]
+    assert not bad, "\n".join(bad) + ctx
+    assert wall < 120, f"arm64 boot test took {wall:.0f}s"

@@ -63,6 +63,7 @@ class Task:
     work_done: float = 0.0
     successor: "Task | None" = None
     ran: float = 0.0  # seconds run this step
+    trace_pos: int = 0  # kind "trace": the next release's index
 
 
 class Guest:
@@ -84,8 +85,9 @@ class Guest:
                 chain = Chain(spec.name)
                 self.chains.append(chain)
             allowed = spec.vcpus if spec.vcpus is not None else tuple(range(self.n))
+            first = spec.releases[0][0] if spec.releases else spec.offset_ms
             t = Task(spec, i, chain, allowed, Pelt(dt), random.Random(workload.seed * 1000 + i),
-                     next_release=spec.offset_ms / 1000 if not spec.after else math.inf)
+                     next_release=first / 1000 if not spec.after else math.inf)
             if spec.after:
                 by_name[spec.after].successor = t
             by_name[spec.name] = t
@@ -108,13 +110,17 @@ class Guest:
                     t.next_release += s.period_ms / 1000
                 elif s.kind == "poisson":
                     t.next_release += t.rng.expovariate(1000 / s.mean_gap_ms)
+                elif s.kind == "trace":
+                    k = t.trace_pos = t.trace_pos + 1
+                    t.next_release = s.releases[k][0] / 1000 if k < len(s.releases) else math.inf
                 else:  # batch: the next job comes when this one is done
                     t.next_release = math.inf
                 t.chain.released += 1
                 if t.active:
                     t.chain.dropped += 1
                     continue
-                self._enqueue(t, now, now, self._work(t))
+                work = s.releases[t.trace_pos - 1][1] if s.kind == "trace" else self._work(t)
+                self._enqueue(t, now, now, work)
 
     def _enqueue(self, t: Task, now: float, head_release: float, work: float) -> None:
         s = t.spec

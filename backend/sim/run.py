@@ -40,6 +40,7 @@ class SimOptions:
     tick: float = TICK_S
     duration_s: float | None = None  # None: the workload's
     vcpus: int | None = None  # None: one per host CPU, at most 8
+    pcpus: tuple[int, ...] | None = None  # vCPU i pinned on pcpus[i] (None: on pCPU i)
     uclamp_floor: int = 0  # a static uclamp_min on every vCPU thread (property tests)
     uclamp_max: int = CAPACITY_SCALE
     trace_every: int = 5  # keep one frequency sample every N steps
@@ -78,8 +79,9 @@ class RunResult:
         return self.perf / self.energy_j if self.energy_j > 0 else 0.0
 
 
-def placements(host: Host, n: int) -> tuple[list[VcpuPlacement], abi.DeviceConfig]:
-    cpus = sorted(c for d in host.domains for c in d.cpus)[:n]
+def placements(host: Host, n: int, pcpus: tuple[int, ...] | None = None
+               ) -> tuple[list[VcpuPlacement], abi.DeviceConfig]:
+    cpus = list(pcpus) if pcpus else sorted(c for d in host.domains for c in d.cpus)[:n]
     doms = [host.domain_of(c) for c in cpus]
     used = sorted({d.index for d in doms})
     dev_index = {d: i for i, d in enumerate(used)}
@@ -104,8 +106,8 @@ def simulate(host: Host, workload: Workload, arm_name: str, settings: ArmSetting
     if arm_name not in ARMS:
         raise ValueError(f"unknown arm {arm_name!r}: one of {', '.join(ARMS)}")
     dt = opts.dt
-    n = min(opts.vcpus or 8, host.num_cpus, 8)
-    places, cfg = placements(host, n)
+    n = len(opts.pcpus) if opts.pcpus else min(opts.vcpus or 8, host.num_cpus, 8)
+    places, cfg = placements(host, n, opts.pcpus)
     doms = [host.domain_of(p.pcpu or 0) for p in places]
     govs = {d.index: DomainGovernor(d) for d in host.domains if any(x.index == d.index for x in doms)}
     members = {i: [v for v in range(n) if doms[v].index == i] for i in govs}

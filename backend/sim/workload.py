@@ -54,6 +54,7 @@ class TaskSpec:
     vcpus: tuple[int, ...] | None = None  # None: all
     migrate_every: int = 0
     offset_ms: float = 0.0
+    releases: tuple[tuple[float, float], ...] = ()  # kind "trace" (built in code): (release ms, work-ms)
     uclamp_min: int = 0  # the guest's own boost for this task (Android's top-app), seen by the guest governor
 
 
@@ -93,7 +94,7 @@ def _task(d: Any, i: int, file: str) -> TaskSpec:
     where = f"task[{i}]."
     if not isinstance(d, dict):
         raise SimInputError(file, f"task[{i}]", "expected a table")
-    known = set(TaskSpec.__dataclass_fields__)
+    known = set(TaskSpec.__dataclass_fields__) - {"releases"}
     extra = sorted(set(d) - known)
     if extra:
         raise SimInputError(file, where + extra[0], "unknown key")

@@ -29,6 +29,10 @@ def _fmt(x: float, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _col(x: float, spec: str, width: int, suffix: str = "") -> str:
+    return (_fmt(x, spec) + ("" if isinstance(x, float) and math.isnan(x) else suffix)).rjust(width)
+
+
 def _row(r: RunResult) -> dict[str, Any]:
     dl = [c for c in r.chains.values() if c["deadline"]]
     batch = [c["finished_s"] for c in r.chains.values() if not math.isnan(c["finished_s"])]
@@ -55,10 +59,11 @@ def table(results: Sequence[RunResult]) -> str:
         row = _row(r)
         rel = (r.perf_per_joule / base.perf_per_joule - 1) * 100 if base and base.perf_per_joule else math.nan
         chan = ", ".join(f"{k} {v}" for k, v in r.arm_stats.items() if v)
-        lines.append(
-            f"{r.arm:<10} {_fmt(row['on_time_pct'], '7.1f') + '%':>8} {_fmt(row['fps_on_time'], '7.1f')} "
-            f"{_fmt(row['p95_ms'], '7.1f')} {_fmt(row['batch_done_s'], '8.2f')} {row['energy_j']:9.3f} "
-            f"{row['perf_per_j']:8.1f} {_fmt(rel, '+7.0f')}% {r.clamp_changes:7d} {r.freq_changes:6d}  {chan}")
+        lines.append(" ".join([
+            f"{r.arm:<10}", _col(row["on_time_pct"], ".1f", 8, "%"), _col(row["fps_on_time"], ".1f", 7),
+            _col(row["p95_ms"], ".1f", 7), _col(row["batch_done_s"], ".2f", 8), _col(row["energy_j"], ".3f", 9),
+            _col(row["perf_per_j"], ".1f", 8), _col(rel, "+.0f", 8, "%"), f"{r.clamp_changes:7d}",
+            f"{r.freq_changes:6d}", f" {chan}"]).rstrip())
     return "\n".join(lines)
 
 

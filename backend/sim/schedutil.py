@@ -30,9 +30,14 @@ def effective_util(util: float, runnable: bool, uclamp_min: int, uclamp_max: int
     return min(util, capacity)
 
 
-def target_khz(dom: Domain, util: float) -> int:
-    """schedutil's pick for ``util`` on ``dom`` (``get_next_freq`` then RELATION_L)."""
-    want = 1.25 * dom.max_khz * util / dom.capacity
+def target_khz(dom: Domain, util: float, cur_khz: int | None = None) -> int:
+    """schedutil's pick for ``util`` on ``dom`` (``get_next_freq`` then RELATION_L).
+
+    With ``cur_khz``, the pick of a kernel without frequency invariance (x86
+    without APERF/MPERF, as under TCG): ``get_next_freq`` scales from the
+    current frequency instead of the maximum.
+    """
+    want = 1.25 * (dom.max_khz if cur_khz is None else cur_khz) * util / dom.capacity
     return dom.opp_at_least(want).khz
 
 

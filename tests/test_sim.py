@@ -209,3 +209,14 @@ def test_the_command_reports_a_bad_file_and_exits_2(tmp_path: Path, capsys: pyte
     assert cli_main(["simulate", "--host", str(f), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(f) in err and "not JSON" in err
+
+
+def test_sweep_prints_every_setting_and_returns_the_best_combination() -> None:
+    from vhost_user_cpufreq.backend.sim.sweep import GRID, sweep
+
+    lines: list[str] = []
+    best = sweep(HOSTS["gs101"], load_workload("frames"), SimOptions(duration_s=0.5), say=lines.append)
+    rows = [line for line in lines if line.startswith("  ") and ": on time" in line]
+    assert len(rows) == sum(len(v) for _, v in GRID.values())
+    assert sum("<- best" in line for line in rows) == len(GRID)
+    assert lines[-2].startswith("best combined:") and f"headroom={best.engine.headroom:g}" in lines[-2]

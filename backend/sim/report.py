@@ -39,7 +39,9 @@ def _row(r: RunResult) -> dict[str, Any]:
     return {
         "arm": r.arm,
         "on_time_pct": r.frames_on_time * 100,
-        "fps_on_time": sum(c["on_time"] for c in dl) / r.duration_s if dl else math.nan,
+        # Frames: the periodic deadline chains (not page loads or network jobs).
+        "fps_on_time": (sum(c["on_time"] for c in dl if c["frames"]) / r.duration_s
+                        if any(c["frames"] for c in dl) else math.nan),
         "p95_ms": max((c["p95_ms"] for c in dl), default=math.nan),
         "batch_done_s": max(batch) if batch else math.nan,
         "energy_j": r.energy_j,

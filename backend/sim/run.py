@@ -185,9 +185,11 @@ def simulate(host: Host, workload: Workload, arm_name: str, settings: ArmSetting
     for c in guest.chains:
         lat = sorted(c.latencies)
         has_dl = any(t.chain is c and t.spec.deadline_ms for t in guest.tasks)
+        periodic = any(t.chain is c and t.spec.kind == "periodic" for t in guest.tasks)
         chains[c.name] = {
             "released": c.released, "dropped": c.dropped, "completed": c.completed, "on_time": c.on_time,
             "work_on_time": round(c.work_on_time, 3), "deadline": bool(has_dl),
+            "frames": bool(has_dl and periodic),
             "p50_ms": round(lat[len(lat) // 2] * 1000, 3) if lat else math.nan,
             "p95_ms": round(lat[int(len(lat) * 0.95)] * 1000, 3) if lat else math.nan,
             "finished_s": round(c.finished_at, 4) if c.finished_at is not None else math.nan,

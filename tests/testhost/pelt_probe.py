@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-LOADS = ((2, 16), (4, 16), (8, 16), (12, 16), (1, 4), (3, 4))  # (busy ms, period ms)
+LOADS = ((2, 16), (8, 16), (12, 16), (14, 16), (15, 16), (3, 4))  # (busy ms, period ms): schedutil moves only above 80%
 SECONDS = 3.0
 SAMPLE = 0.005
 CPU = 1

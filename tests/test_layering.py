@@ -12,6 +12,7 @@ import its own layer and the layers below it, never one above.
     backend.vhost                 transport, session, guest memory, device interface
     backend.cpufreq               the device
     backend.host                  sysfs, threads, actuators, the policy shell
+    backend.sim                   the simulator: the real engine and driver on a modelled host
     backend.service               wires everything; nothing below imports it
 
 The guest model is the peer on the other side of ``protocol/``: it imports
@@ -39,10 +40,12 @@ LAYERS = (
     f"{PKG}.backend.vhost",
     f"{PKG}.backend.cpufreq",
     f"{PKG}.backend.host",
+    f"{PKG}.backend.sim",
     f"{PKG}.backend.service",
 )
-#: the one sanctioned crossing: the demo runs a modelled guest against the service
-GUEST_ALLOWED = {f"{PKG}.backend.service.demo"}
+#: the sanctioned crossings: the demo runs a modelled guest against the service, and the
+#: simulator's device arm runs the real guest driver model against the real engine
+GUEST_ALLOWED = {f"{PKG}.backend.service.demo", f"{PKG}.backend.sim.devicearm"}
 
 
 def _modules() -> dict[str, Path]:
@@ -178,6 +181,7 @@ def test_the_layer_table_covers_every_backend_package() -> None:
 def test_serving_does_not_load_the_guest_model() -> None:
     """The CLI imports the demo (and through it the guest model) only for ``demo``."""
     code = ("import sys, vhost_user_cpufreq.backend.service.cli, vhost_user_cpufreq.backend.service.daemon\n"
-            "print(sorted(m for m in sys.modules if m.startswith('vhost_user_cpufreq.guest') or m.endswith('.demo')))")
+            "print(sorted(m for m in sys.modules if m.startswith('vhost_user_cpufreq.guest') or m.endswith('.demo')\n"
+            "             or (m.startswith('vhost_user_cpufreq.backend.sim.') and not m.endswith('.args'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -1,4 +1,4 @@
-"""Command line: ``vhost-user-cpufreq serve | demo | check | status``.
+"""Command line: ``vhost-user-cpufreq serve | demo | check | status | simulate``.
 
 ``serve`` follows the vhost-user spec's "Backend program conventions":
 ``--socket-path`` (listen there), ``--fd`` (an inherited listening socket),
@@ -25,6 +25,7 @@ from vhost_user_cpufreq.protocol.cpufreq import DEFAULT_DEVICE_ID
 from . import systemd
 from .check import run_checks
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
+from ..sim.args import add_arguments as _simulate_arguments
 
 __all__ = ["main", "build_parser"]
 
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=fmt)
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging: -v adds debug lines (and, for check, the probes' own log lines)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,serve,check,status}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,serve,check,status,simulate}")
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="the back-end and a modelled guest over a real socket (no QEMU, no root)")
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nominal-khz", type=int,
                    help="frequency to report on hosts without cpufreq (default: /proc/cpuinfo's)")
 
+    sim = sub.add_parser("simulate", formatter_class=fmt,
+                         help="what the device buys: guest workloads on a modelled DVFS host, four ways")
+    _simulate_arguments(sim)
+
     st = sub.add_parser("status", formatter_class=fmt, help="ask the running service")
     st.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET, help="the service's control socket")
     st.add_argument("--config", help="take the control socket from this configuration file")
@@ -268,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import demo  # late: the demo loads the guest model, which serve must not
 
         return demo.main(args)
+    if args.command == "simulate":
+        from ..sim import cli as sim_cli  # late: serving never loads the simulator
+
+        return sim_cli.main(args)
     if args.command == "check":
         return _check(args)
     if args.command == "status":

@@ -521,3 +521,28 @@ def test_daemonset() -> None:
     assert cfg.allowed_uids == (107,)
     assert cfg.shared_socket_group == 107 and cfg.shared_socket_mode == 0o660
     assert 107 in spec["securityContext"]["supplementalGroups"]
+
+
+#: The Kubernetes releases the manifests must be valid for: the oldest still maintained here, and the newest.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
+    yaml = require_module("yaml", "parses deploy/kubernetes/*.yaml")
+    kv = require_module("kubernetes_validate", "the Kubernetes API schemas")
+    manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    assert DAEMONSET in manifests
+    for path in manifests:
+        for doc in yaml.safe_load_all(path.read_text()):
+            for version in K8S_VERSIONS:
+                # strict: a field the API does not know (a typo) is an error, as kubectl --validate=strict has it
+                kv.validate(doc, version, strict=True)
+    # The check bites: a misspelt field and a wrong type are refused.
+    ds = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d["kind"] == "DaemonSet"][0]
+    typo = json.loads(json.dumps(ds))
+    typo["spec"]["template"]["spec"]["hostPid"] = True
+    wrong = json.loads(json.dumps(ds))
+    wrong["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "9860"
+    for bad in (typo, wrong):
+        with pytest.raises(kv.ValidationError):
+            kv.validate(bad, K8S_VERSIONS[-1], strict=True)

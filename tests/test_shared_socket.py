@@ -283,3 +283,19 @@ async def test_cli_vm_subcommands_talk_to_the_control_api(daemon: Daemon, workdi
                                                     "vm", "--control-socket", str(workdir / "none.sock"), "list"],
                                    capture_output=True, text=True, timeout=60)
     assert gone.returncode == 2 and "cannot reach the service" in gone.stderr
+
+
+async def test_a_reload_naming_a_connected_vm_as_a_section_is_refused_whole(workdir: Path, daemon: Daemon,
+                                                                            peers: Peers, fake_qemu: str) -> None:
+    peers.start(fake_qemu, "-name", "web-5")
+    await until(lambda: "web-5" in daemon.service.vms)
+    old = daemon.config
+    clash = write_config(workdir, body=CLASSES + '[vm.web-5]\nsocket = "%s"\nvcpus = 1\n' % (workdir / "w.sock"))
+    with pytest.raises(ConfigError, match="vm.web-5: is connected to the shared socket"):
+        await daemon.reload(load_config(clash))
+    assert daemon.config is old and daemon.service.vms["web-5"].connection is not None
+    # Classes change on reload, and reach the connected VM in place.
+    changed = write_config(workdir, body=CLASSES.replace("ceiling = 700", "ceiling = 650"))
+    await daemon.reload(load_config(changed))
+    assert daemon.host.settings["web-5"].limits.ceiling == 650
+    assert daemon.service.vms["web-5"].connection is not None

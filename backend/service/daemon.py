@@ -198,6 +198,8 @@ class Daemon:
                 raise ConfigError(f"{new.source}: service.{key}: cannot change on reload (restart the service)")
         # Every placement checked before anything changes: a rejected reload leaves the old one running.
         self.host.check(new.vms.values(), new.source)
+        if self.shared is not None:
+            self.shared.check_names(new)
         changes: list[str] = []
         for name in [n for n in old.vms if n not in new.vms]:
             await self.host.remove_vm(name)

@@ -37,7 +37,7 @@ from ..counters import Counters
 from ..policy.engine import VmLimits
 from ..vhost.transport import Connection, peer_credentials
 from .classes import VmClass, match_class
-from .config import ServiceConfig, VmSettings
+from .config import ConfigError, ServiceConfig, VmSettings
 from .identify import IdentityError, PeerIdentity, PeerProcess, identify, open_peer
 from .registry import Registration, Registry
 from .vm_host import HostSide
@@ -158,7 +158,7 @@ class SharedSocket:
             slot = await self.host.add_vm(s, notify_interval=1.0 / self.config.max_notifications_per_second,
                                           mirror_threshold=self.config.mirror_threshold,
                                           kick_batch_delay=self.config.kick_batch_delay, listen=False)
-        except (ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the name is freed and the peer told
             self.peers.pop(s.name, None)
             self._refuse(conn_sock, "no-placement", f"VM {s.name!r}: {exc}", peer)
             return
@@ -226,6 +226,13 @@ class SharedSocket:
         self.host.replan(s)
         pv.settings, pv.vm_class = s, cls.name
         return f"applied (class {cls.name}, floor {s.limits.floor}, ceiling {s.limits.ceiling})"
+
+    def check_names(self, config: ServiceConfig) -> None:
+        """Refuse (ConfigError) a configuration whose [vm.NAME] is a VM connected to the shared socket."""
+        clash = sorted(set(config.vms) & set(self.peers))
+        if clash:
+            raise ConfigError(f"{config.source}: vm.{clash[0]}: is connected to the shared socket as that name; "
+                              "stop that VM first")
 
     def reconfigure(self, config: ServiceConfig) -> None:
         """A reload: new classes and limits apply to the connected VMs in place."""

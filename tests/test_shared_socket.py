@@ -222,6 +222,12 @@ async def test_registrations_apply_in_place_and_survive_a_restart(workdir: Path,
         assert [b["ok"] for b in bad] == [False] * 8
         assert "registered already" in bad[0]["error"] and "cannot change while its QEMU runs" in bad[4]["error"]
         assert (await control(workdir, 'vm-register {"name": "other", "vcpus": 8}'))["ok"]
+        # A registration tied to a cgroup: a process elsewhere claiming the name is refused.
+        assert (await control(workdir, 'vm-register {"name": "tied", "cgroup": "/machine.slice/machine-qemu*"}'))["ok"]
+        peers.start(fake_qemu, "-name", "tied")
+        await until(lambda: refused(d, "cgroup-mismatch") == 1)
+        assert "tied" not in d.service.vms
+        assert (await control(workdir, 'vm-remove {"name": "tied"}'))["ok"]
     finally:
         await d.stop()
     # A restart finds the registrations in the state directory.

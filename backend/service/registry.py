@@ -22,7 +22,7 @@ from .config import ConfigError
 __all__ = ["Registration", "Registry", "RegistryError", "validate_registration"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FIELDS = ("name", "vcpus", "vm_class", "floor", "ceiling")
+_FIELDS = ("name", "vcpus", "vm_class", "floor", "ceiling", "cgroup")
 
 
 class RegistryError(ValueError):
@@ -36,6 +36,9 @@ class Registration:
     vm_class: str | None = None  # None: the first class that matches
     floor: int | None = None  # None: the class's
     ceiling: int | None = None
+    #: a glob the QEMU process's cgroup must match (e.g. libvirt's machine scope of that very domain):
+    #: the name alone is the peer's claim, its cgroup is set by whoever started it
+    cgroup: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """As requests and the registry file spell it ("class", not "vm_class"); unset fields left out."""
@@ -57,15 +60,20 @@ def validate_registration(d: Any, classes: set[str], base: Registration | None =
         raise RegistryError("the request must be a JSON object")
     unknown = set(d) - set(_FIELDS) - {"class"}
     if unknown:
-        raise RegistryError(f"{sorted(unknown)[0]}: unknown field (known: name, vcpus, class, floor, ceiling)")
+        raise RegistryError(f"{sorted(unknown)[0]}: unknown field (known: name, vcpus, class, floor, ceiling, "
+                            "cgroup)")
     name = d.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise RegistryError(f"name: must be 1-64 of [A-Za-z0-9._-] (as QEMU's -name), got {name!r}")
     cls = d.get("class", d.get("vm_class"))
     if cls is not None and (not isinstance(cls, str) or cls not in classes):
         raise RegistryError(f"class: {cls!r} is not a configured class (have: {', '.join(sorted(classes)) or 'none'})")
+    cgroup = d.get("cgroup")
+    if cgroup is not None and (not isinstance(cgroup, str) or not cgroup.startswith("/")):
+        raise RegistryError(f"cgroup: must be a glob of an absolute cgroup path, got {cgroup!r}")
     fields: dict[str, Any] = {"vcpus": _int(d, "vcpus", 1, 4096), "vm_class": cls,
-                              "floor": _int(d, "floor", 0, 1024), "ceiling": _int(d, "ceiling", 0, 1024)}
+                              "floor": _int(d, "floor", 0, 1024), "ceiling": _int(d, "ceiling", 0, 1024),
+                              "cgroup": cgroup}
     if base is not None:
         # An update changes the fields it names and keeps the others.
         fields = {k: v for k, v in fields.items() if k in d or (k == "vm_class" and "class" in d)}

@@ -11,7 +11,8 @@ closes it, logs the reason and counts ``shared_socket_refused{reason}``):
 3. the name must be free: no ``[vm.NAME]`` section and no connected VM of that
    name (``name-in-use``);
 4. a manager's registration, if any (``admit = "registered"`` makes one
-   mandatory: ``not-registered``), whose vCPU count must equal ``-smp``
+   mandatory: ``not-registered``), whose cgroup glob must match the process's
+   (``cgroup-mismatch``) and whose vCPU count must equal ``-smp``
    (``vcpus-mismatch``);
 5. a policy class: the registration's, else the first that matches
    (``no-class``).
@@ -28,6 +29,7 @@ original affinity and clamps back and the name is free again.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import socket
 from dataclasses import dataclass
@@ -129,6 +131,9 @@ class SharedSocket:
         reg = self.registry.vms.get(name)
         if reg is None and self.config.admit == "registered":
             raise IdentityError("not-registered", f"VM {name!r} is not registered (admit = \"registered\")")
+        if reg is not None and reg.cgroup is not None and not fnmatch.fnmatchcase(ident.cgroup, reg.cgroup):
+            raise IdentityError("cgroup-mismatch", f"VM {name!r} is registered in cgroup {reg.cgroup!r}; "
+                                                   f"this QEMU is in {ident.cgroup or 'none'!r}")
         if reg is not None and reg.vcpus is not None and reg.vcpus != ident.vcpus:
             raise IdentityError("vcpus-mismatch", f"VM {name!r} is registered with {reg.vcpus} vCPUs, "
                                                   f"its QEMU has -smp {ident.vcpus}")

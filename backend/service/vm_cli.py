@@ -29,6 +29,7 @@ def add_vm_parser(sub: Any, fmt: type[argparse.HelpFormatter], default_control: 
         p.add_argument("--class", dest="vm_class", help="the [class.NAME] it gets (default: the first that matches)")
         p.add_argument("--floor", type=int, help="util clamp floor 0..1024 (default: the class's)")
         p.add_argument("--ceiling", type=int, help="util clamp ceiling 0..1024 (default: the class's)")
+        p.add_argument("--cgroup", help="a glob the QEMU process's cgroup must match (e.g. its libvirt scope)")
     r = ops.add_parser("remove", formatter_class=fmt, help="forget a registration")
     r.add_argument("name", help="the VM's name")
     ops.add_parser("list", formatter_class=fmt, help="registered and connected VMs")
@@ -41,7 +42,8 @@ def run_vm(args: argparse.Namespace) -> int:
         line = "vm-list"
     else:
         req: dict[str, Any] = {"name": args.name}
-        for key, attr in (("vcpus", "vcpus"), ("class", "vm_class"), ("floor", "floor"), ("ceiling", "ceiling")):
+        for key, attr in (("vcpus", "vcpus"), ("class", "vm_class"), ("floor", "floor"), ("ceiling", "ceiling"),
+                          ("cgroup", "cgroup")):
             if getattr(args, attr, None) is not None:
                 req[key] = getattr(args, attr)
         line = f"vm-{args.vm_op} {json.dumps(req)}"

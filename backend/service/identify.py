@@ -216,8 +216,9 @@ def identify(peer: PeerProcess, binaries: Sequence[str] = QEMU_BINARIES) -> Peer
         with open(f"{base}/cgroup") as f:
             cgroup_lines = f.read(1 << 16).splitlines()
     except OSError as exc:
-        raise IdentityError("peer-gone" if exc.errno in (errno.ENOENT, errno.ESRCH) else "proc-unreadable",
-                            f"/proc/{peer.pid}: {exc.strerror}") from None
+        if exc.errno in (errno.ENOENT, errno.ESRCH):
+            raise IdentityError("peer-gone", f"/proc/{peer.pid}: {exc.strerror}") from None
+        raise IdentityError("proc-unreadable", f"/proc/{peer.pid}: {exc.strerror}") from None
     # Reads done: they were this process's only if it is still the one the pidfd holds.
     if not peer.alive():
         raise IdentityError("peer-gone", f"pid {peer.pid} exited while it was identified")

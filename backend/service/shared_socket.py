@@ -88,9 +88,9 @@ class SharedSocket:
         log.info("listening on %s for every VM (%d classes)", self.path, len(self.config.classes))
 
     # -- admission -------------------------------------------------------------------------
-    def _refuse(self, sock: socket.socket, reason: str, why: str, peer: PeerProcess | None = None) -> None:
-        self.counters.inc("shared_refused", reason)
-        log.warning("refused a front-end on %s: %s", self.path, why if why.startswith(reason) else f"{reason}: {why}")
+    def _refuse(self, sock: socket.socket, exc: IdentityError, peer: PeerProcess | None = None) -> None:
+        self.counters.inc("shared_refused", exc.reason)
+        log.warning("refused a front-end on %s: %s", self.path, exc)
         if peer is not None:
             peer.close()
         sock.close()
@@ -105,16 +105,15 @@ class SharedSocket:
             log.warning("accept on %s failed: %s", self.path, exc)
             return
         pid, uid, gid = peer_credentials(conn_sock)
-        if not self.service.peer_allowed(uid, gid):
-            self._refuse(conn_sock, "peer-not-allowed", f"pid {pid} uid {uid} gid {gid} is not in the allowlist")
-            return
         peer: PeerProcess | None = None
         try:
+            if not self.service.peer_allowed(uid, gid):
+                raise IdentityError("peer-not-allowed", f"pid {pid} uid {uid} gid {gid} is not in the allowlist")
             peer = open_peer(conn_sock, self.proc)
             ident = identify(peer, self.config.qemu_binaries)
             s, cls = self.decide(ident)
         except IdentityError as exc:
-            self._refuse(conn_sock, exc.reason, str(exc), peer)
+            self._refuse(conn_sock, exc, peer)
             return
         # Reserved now: a second QEMU with the same name, accepted before this one is admitted, finds it taken.
         self.peers[s.name] = PeerVm(ident, PeerProcess(0, -1, None), cls.name, s)
@@ -165,12 +164,12 @@ class SharedSocket:
                                           kick_batch_delay=self.config.kick_batch_delay, listen=False)
         except Exception as exc:  # noqa: BLE001 - whatever fails, the name is freed and the peer told
             self.peers.pop(s.name, None)
-            self._refuse(conn_sock, "no-placement", f"VM {s.name!r}: {exc}", peer)
+            self._refuse(conn_sock, IdentityError("no-placement", f"VM {s.name!r}: {exc}"), peer)
             return
         if not peer.alive():
             self.peers.pop(s.name, None)
             await self.host.remove_vm(s.name)
-            self._refuse(conn_sock, "peer-gone", f"pid {peer.pid} exited while it was admitted", peer)
+            self._refuse(conn_sock, IdentityError("peer-gone", f"pid {peer.pid} exited while it was admitted"), peer)
             return
         self.peers[s.name] = PeerVm(ident, peer, cls.name, s)
         slot.peer_alive = peer.alive

@@ -270,7 +270,8 @@ def test_the_spec_lists_every_rejection_reason_the_service_counts() -> None:
             assert scope in want, f"{reason}: scope {scope}, expected one of {sorted(want)}"
         elif reason in page_reasons:
             assert scope == "page", f"{reason}: the back-end channel's acks only decide the shared page"
-        elif "connections_refused" in how:
+        elif "connections_refused" in how or "IdentityError" in how:
+            # IdentityError: the shared socket's refusals (shared_socket_refused_total), before any message
             assert scope == "connection", reason
         elif "ThreadOwnershipError" in how:
             assert scope == "threads", reason

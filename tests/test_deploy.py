@@ -358,7 +358,7 @@ async def test_example_config_is_served(workdir: Path) -> None:
     """The example as is, but with its paths moved under a test directory and a generated host."""
     data = tomllib.loads(CONFIG.read_text())
     data["service"].update(sysfs_root=str(make_sysfs_tree(workdir / "sys", HOST)), dry_run=True)
-    for key in ("control_socket", "state_file"):
+    for key in ("control_socket", "state_file", "shared_socket", "state_dir"):
         data["service"][key] = str(workdir / Path(data["service"][key]).name)
     for vm in data["vm"].values():
         vm["socket"] = str(workdir / Path(vm["socket"]).name)
@@ -370,6 +370,8 @@ async def test_example_config_is_served(workdir: Path) -> None:
         assert [c["uclamp_max"] for c in st["vms"]["db1"]["vcpus"]] == [768, 768]
         assert len(st["vms"]["web1"]["vcpus"]) == 4
         assert (workdir / "web1.sock").stat().st_mode & 0o777 == 0o660
+        assert (workdir / "vhost.sock").stat().st_mode & 0o777 == 0o660
+        assert list(d.config.classes) == ["db", "default"]
     finally:
         await d.stop()
 
@@ -414,9 +416,11 @@ def test_libvirt_domain_has_the_device_and_shared_memory() -> None:
     assert model == "vhost-user-test-device-pci"
     assert props == {"chardev": chardev["id"], "virtio-id": "38", "num_vqs": "1", "vq_size": "256",
                      "config_size": "256"}
-    vm = load_config(CONFIG).vms[root.findtext("name")]  # type: ignore[index]
-    assert chardev["path"] == vm.socket
-    assert int(root.findtext("vcpu")) == vm.vcpus  # type: ignore[arg-type]
+    # The same arguments for every VM: the shared socket; the VM is told by <name> and <vcpu>.
+    cfg = load_config(CONFIG)
+    assert chardev["path"] == cfg.shared_socket
+    # Its name must not be a [vm.NAME] of the example (that would be refused: name-in-use).
+    assert root.findtext("name") not in cfg.vms
 
 
 def test_libvirt_domain_validates_against_libvirts_schema(workdir: Path) -> None:
@@ -528,7 +532,8 @@ def test_daemonset() -> None:
     cfg = parse_config(tomllib.loads(cm["data"]["config.toml"]), "daemonset.yaml:config.toml")
     assert c["command"] == ["vhost-user-cpufreq", "serve", "--config", f"{config_mount}/config.toml"]
     assert cfg.sysfs_root == "/host/sys"
-    for path in [cfg.control_socket, cfg.state_file, *(vm.socket for vm in cfg.vms.values())]:
+    assert cfg.vms == {} and list(cfg.classes) == ["default"]  # no VM listed: every VM on the one socket
+    for path in [cfg.control_socket, cfg.state_file, cfg.shared_socket]:
         assert path is not None and path.startswith("/run/vhost-user-cpufreq/")
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["exec"]["command"] == ["vhost-user-cpufreq", "status", "--control-socket",
@@ -537,7 +542,7 @@ def test_daemonset() -> None:
     assert c["ports"][0]["containerPort"] == int(cfg.metrics_address.rpartition(":")[2])
     # QEMU in virt-launcher (uid/gid 107) may connect; the daemon can hand it the socket.
     assert cfg.allowed_uids == (107,)
-    assert all(vm.socket_group == 107 and vm.socket_mode == 0o660 for vm in cfg.vms.values())
+    assert cfg.shared_socket_group == 107 and cfg.shared_socket_mode == 0o660
     assert 107 in spec["securityContext"]["supplementalGroups"]
 
 
@@ -552,3 +557,28 @@ def test_the_runtime_directory_is_made_by_hand_as_systemd_makes_it(tmp_path: Pat
     assert not run.exists() and not (tmp_path / "elsewhere").exists()  # only the service's own directory
     defaults.make_runtime_dir(str(run / "vm0.sock"))
     assert run.is_dir() and run.stat().st_mode & 0o777 == 0o755
+
+
+#: The Kubernetes releases the manifests must be valid for: the oldest still maintained here, and the newest.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
+    yaml = require_module("yaml", "parses deploy/kubernetes/*.yaml")
+    kv = require_module("kubernetes_validate", "the Kubernetes API schemas")
+    manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    assert DAEMONSET in manifests
+    for path in manifests:
+        for doc in yaml.safe_load_all(path.read_text()):
+            for version in K8S_VERSIONS:
+                # strict: a field the API does not know (a typo) is an error, as kubectl --validate=strict has it
+                kv.validate(doc, version, strict=True)
+    # The check bites: a misspelt field and a wrong type are refused.
+    ds = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d["kind"] == "DaemonSet"][0]
+    typo = json.loads(json.dumps(ds))
+    typo["spec"]["template"]["spec"]["hostPid"] = True
+    wrong = json.loads(json.dumps(ds))
+    wrong["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "9860"
+    for bad in (typo, wrong):
+        with pytest.raises(kv.ValidationError):
+            kv.validate(bad, K8S_VERSIONS[-1], strict=True)

@@ -26,6 +26,7 @@ from . import systemd
 from .check import run_checks
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 from ..sim.args import add_arguments as _simulate_arguments
+from .vm_cli import add_vm_parser, run_vm
 
 __all__ = ["main", "build_parser"]
 
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=fmt)
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging: -v adds debug lines (and, for check, the probes' own log lines)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,serve,check,status,simulate}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,serve,check,status,simulate,vm}")
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="the back-end and a modelled guest over a real socket (no QEMU, no root)")
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET, help="the service's control socket")
     st.add_argument("--config", help="take the control socket from this configuration file")
     st.add_argument("--json", action="store_true", help="the whole status as JSON")
+    add_vm_parser(sub, fmt, DEFAULT_CONTROL_SOCKET)
     return p
 
 
@@ -281,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "vm":
+        return run_vm(args)
     return _serve(args)
 
 

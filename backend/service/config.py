@@ -27,6 +27,19 @@ Example::
     clamp = "thread"                # thread | cgroup | none
     cgroup = "{qemu}/vuc-domain{domain}"  # with clamp = "cgroup": where the clamps are written
     shared_page = false             # host frequency in shared memory (QEMU >= 11.1; SPEC §8)
+
+The one-socket model (every QEMU on one socket, identified from the peer;
+``[class.NAME]`` tables say what each gets, see classes.py)::
+
+    [service]
+    shared_socket = "/run/vhost-user-cpufreq/vhost.sock"
+    shared_socket_mode = 0o660
+    shared_socket_group = 64055     # the gid QEMU runs as
+    state_dir = "/var/lib/vhost-user-cpufreq"  # registrations (control API) survive restarts here
+    admit = "any"                   # or "registered": only VMs a manager registered
+
+    [class.default]
+    pinning = "none"
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from vhost_user_cpufreq.protocol.errors import CpufreqError
 from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US
 from ..policy.engine import EngineConfig, VmLimits
 from ..policy.placement import PINNING_MODES
+from .classes import VmClass, parse_classes
 
 __all__ = ["ConfigError", "VmSettings", "ServiceConfig", "load_config", "parse_config"]
 
@@ -88,12 +102,24 @@ class ServiceConfig:
     allowed_gids: tuple[int, ...] | None = None
     vms: dict[str, VmSettings] = field(default_factory=dict)
     source: str = "<defaults>"
+    #: the one socket every QEMU may connect to (identify.py); None: per-VM sockets only
+    shared_socket: str | None = None
+    shared_socket_mode: int = 0o600
+    shared_socket_group: int | None = None
+    control_socket_group: int | None = None  # gid whose members may use the control socket (mode 0660)
+    state_dir: str | None = None  # registrations made through the control API, kept across restarts
+    admit: str = "any"  # "any" VM a class matches, or only "registered" ones
+    #: what /proc/PID/exe of a shared-socket peer may be called (globs)
+    qemu_binaries: tuple[str, ...] = ("qemu-system-*", "qemu-kvm")
+    classes: dict[str, VmClass] = field(default_factory=dict)
 
 
 _SERVICE_KEYS = {
     "sysfs_root", "sample_period", "mirror_threshold", "max_notifications_per_second", "nominal_khz", "dry_run",
     "hysteresis", "min_interval", "stale_after", "headroom", "control_socket", "metrics_address",
     "state_file", "allowed_uids", "allowed_gids", "kick_batch_delay", "lane_slice_us",
+    "shared_socket", "shared_socket_mode", "shared_socket_group", "state_dir", "admit", "control_socket_group",
+    "qemu_binaries",
 }
 _VM_KEYS = {"socket", "vcpus", "qmp", "pinning", "floor", "ceiling", "uclamp_max", "max_khz", "clamp", "cgroup",
             "socket_mode",
@@ -131,9 +157,9 @@ class _Reader:
 
 def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfig:
     r = _Reader(source)
-    unknown = set(data) - {"service", "vm"}
+    unknown = set(data) - {"service", "vm", "class"}
     if unknown:
-        raise r.fail(sorted(unknown)[0], "unknown section (expected [service] and [vm.NAME])")
+        raise r.fail(sorted(unknown)[0], "unknown section (expected [service], [vm.NAME] and [class.NAME])")
     svc = data.get("service", {})
     if not isinstance(svc, dict):
         raise r.fail("service", "must be a table")
@@ -209,6 +235,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
             r.get(t, vp, "shared_page", bool, False, None, "true or false"),
             r.get(t, vp, "max_khz", int, None, lambda v: 1000 <= v <= 20_000_000, "kHz 1000..20000000"),
         )
+    shared = r.get(svc, p, "shared_socket", str, None, lambda v: v.startswith("/"), "an absolute path")
+    if shared is not None and shared in sockets:
+        raise r.fail("service.shared_socket", f"already used by vm.{sockets[shared]}")
+    classes = parse_classes(data.get("class", {}), r.fail, r.get, _cgroup_template_ok)
     return ServiceConfig(
         sysfs_root=r.get(svc, p, "sysfs_root", str, "/sys", None, "a path"),
         sample_period=float(r.get(svc, p, "sample_period", num, 0.05, lambda v: 0.001 <= v <= 60, "seconds 0.001..60")),
@@ -229,6 +259,17 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServiceConfi
         allowed_gids=_ids(r, svc, "allowed_gids"),
         vms=vms,
         source=source,
+        shared_socket=shared,
+        shared_socket_mode=r.get(svc, p, "shared_socket_mode", int, 0o600, lambda v: 0 <= v <= 0o777,
+                                 "a file mode like 0o660"),
+        shared_socket_group=r.get(svc, p, "shared_socket_group", int, None, lambda v: v >= 0, "a numeric gid"),
+        control_socket_group=r.get(svc, p, "control_socket_group", int, None, lambda v: v >= 0, "a numeric gid"),
+        state_dir=r.get(svc, p, "state_dir", str, None, lambda v: v.startswith("/"), "an absolute path"),
+        admit=r.get(svc, p, "admit", str, "any", lambda v: v in ("any", "registered"), '"any" or "registered"'),
+        classes=classes,
+        qemu_binaries=tuple(r.get(svc, p, "qemu_binaries", list, ["qemu-system-*", "qemu-kvm"],
+                                  lambda v: bool(v) and all(isinstance(x, str) and x for x in v),
+                                  "a non-empty list of file name globs")),
     )
 
 

@@ -31,8 +31,11 @@ from ..host.sysfs_source import SysfsSource
 from . import systemd
 from ..host.cgroups import recover_cgroups
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
+from .control_api import ControlApi
 from .handover import Taken, give_over
 from .metrics_view import DaemonView, HostView, VmView
+from .registry import Registry
+from .shared_socket import SharedSocket
 from .vm_host import HostSide
 from .vms import Service
 
@@ -54,6 +57,9 @@ class Daemon:
         self.service = Service(self.source, self.policy, allowed_uids=config.allowed_uids,
                                allowed_gids=config.allowed_gids, lane_slice_us=config.lane_slice_us)
         self.host = HostSide(self.service, self.source, self.policy)
+        self.registry = Registry(config.state_dir)  # VMs managers registered (control_api.py)
+        self.shared: SharedSocket | None = None  # the one socket for every VM (shared_socket.py)
+        self.control_api = ControlApi(config, self.registry, None)
         self._tasks: list[asyncio.Task[None]] = []
         self._control: asyncio.AbstractServer | None = None
         self.metrics_server: Any = None
@@ -69,6 +75,7 @@ class Daemon:
         # start, and every VM's fds fit (systemd's soft limit is 1024, its hard limit far more).
         guard()
         _raise_fd_limit()
+        self.registry.load(set(self.config.classes))  # unreadable: the start fails, naming the file
         if self.config.metrics_address:
             # First: a port in use must fail the start before any VM socket is bound.
             from .metrics import start_metrics_server
@@ -91,6 +98,10 @@ class Daemon:
         for name, sock in inherited.items():
             log.warning("inherited socket %r matches no configured VM; closing it", name)
             sock.close()
+        if self.config.shared_socket:
+            self.shared = SharedSocket(self.host, self.config, self.registry, self.counters)
+            self.shared.start()
+            self.control_api.shared = self.shared
         if taken is not None:
             resumed = sum(self.service.resume(raw, fds) is not None for raw, fds in taken.sessions)
             self.counters.inc("handovers_taken" if taken.origin == "handover" else "fdstore_restores")
@@ -109,6 +120,10 @@ class Daemon:
         if self.config.control_socket:
             self._control = await _control_server(self.config.control_socket, self._control_request,
                                                   self._give_over)
+            if self.config.control_socket_group is not None:
+                # Managers in this group may use the control API (and status): the socket's mode is the check.
+                os.chown(self.config.control_socket, -1, self.config.control_socket_group)
+                os.chmod(self.config.control_socket, 0o660)
         interval = systemd.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(self._watchdog(interval)))
@@ -135,6 +150,8 @@ class Daemon:
             _unlink(self.config.control_socket)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        if self.shared is not None:
+            await self.shared.close()
         await self.host.close()
         self.source.close()
         log.info("stopped; every vCPU thread restored")
@@ -180,12 +197,15 @@ class Daemon:
                 raise ConfigError("no configuration file to reload (started from flags)")
             new = load_config(self.config_path)
         old = self.config
-        fixed = ("sysfs_root", "control_socket", "metrics_address", "dry_run", "state_file", "lane_slice_us")
+        fixed = ("sysfs_root", "control_socket", "metrics_address", "dry_run", "state_file", "lane_slice_us",
+                 "shared_socket", "shared_socket_mode", "shared_socket_group", "state_dir", "control_socket_group")
         for key in fixed:
             if getattr(new, key) != getattr(old, key):
                 raise ConfigError(f"{new.source}: service.{key}: cannot change on reload (restart the service)")
         # Every placement checked before anything changes: a rejected reload leaves the old one running.
         self.host.check(new.vms.values(), new.source)
+        if self.shared is not None:
+            self.shared.check_names(new)
         changes: list[str] = []
         for name in [n for n in old.vms if n not in new.vms]:
             await self.host.remove_vm(name)
@@ -206,6 +226,9 @@ class Daemon:
                 self.host.replan(s)
                 changes.append(f"updated {name}")
         self.config = new
+        self.control_api.config = new
+        if self.shared is not None:
+            self.shared.reconfigure(new)  # new classes and limits reach the VMs on the shared socket
         self.counters.inc("reloads")
         systemd.notify(f"STATUS={self.status_line()}")
         return changes
@@ -302,6 +325,8 @@ class Daemon:
     async def _control_request(self, line: str) -> dict[str, Any]:
         self.counters.inc("control_requests")
         cmd = line.strip()
+        if self.control_api.handles(cmd):
+            return self.control_api.handle(cmd)
         if cmd == "status":
             return self.status()
         if cmd == "reload":

@@ -90,12 +90,18 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
             log.warning("the new process refused the handover; serving on")
             return False
         for slot in service.vms.values():
-            if slot.connection is not None:
+            if slot.connection is not None and slot.server is None:
+                # A VM of the shared socket exists only while its session does, and the successor has no
+                # slot to resume it into: not carried (QEMU's reconnect= brings it to the new process).
+                slot.log.error("session of the shared socket cannot be handed over (its front-end will see "
+                               "the connection close)")
+                old.not_carried += 1
+            elif slot.connection is not None:
                 freeze(slot.connection.session)
                 frozen.append(slot)
         for name, slot in service.vms.items():
-            assert slot.server is not None
-            send_with_fds(sock, old.listener(name), [slot.server.fileno()])
+            if slot.server is not None:
+                send_with_fds(sock, old.listener(name), [slot.server.fileno()])
         for slot in frozen:
             conn = slot.connection
             assert conn is not None

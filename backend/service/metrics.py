@@ -115,6 +115,10 @@ SERVICE_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
     ("reloads", "reloads_total", "Configuration reloads applied.", False),
     ("reload_failed", "reload_failures_total", "Configuration reloads rejected.", False),
     ("control_requests", "control_requests_total", "Requests on the control socket.", False),
+    ("shared_admitted", "shared_socket_admitted_total",
+     "Front-ends on the shared socket identified and served as a VM.", False),
+    ("shared_refused", "shared_socket_refused_total",
+     "Front-ends on the shared socket refused, by reason (identity, name in use, no class...).", True),
     ("recovered_threads", "threads_recovered_total",
      "Threads restored at start from the state file of an instance that did not stop cleanly.", False),
 )

@@ -126,12 +126,13 @@ class HostSide:
         return self.policy.bind(s.name, plan.placements, s.limits, cgroup=s.cgroup if s.clamp == "cgroup" else None)
 
     async def add_vm(self, s: VmSettings, *, notify_interval: float, mirror_threshold: float,
-                     listen_sock: socket.socket | None = None, kick_batch_delay: float = KICK_BATCH_DELAY) -> VmSlot:
+                     listen_sock: socket.socket | None = None, kick_batch_delay: float = KICK_BATCH_DELAY,
+                     listen: bool = True) -> VmSlot:
         plan = self.plan(s)
         slot = await self.service.add_vm(
             VmConfig(s.name, s.socket, plan.vcpu_host_domain, s.socket_mode, notify_interval, mirror_threshold,
                      s.socket_owner, s.socket_group, kick_batch_delay, shared_page=s.shared_page, max_khz=s.max_khz),
-            listen_sock=listen_sock)
+            listen_sock=listen_sock, listen=listen)
         # Recorded only once the socket is up: a VM that failed to start leaves nothing to undo.
         self.settings[s.name] = s
         self._bind(s, plan)
@@ -193,6 +194,11 @@ class HostSide:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
         if conn.closed.done():
+            return
+        if slot.peer_alive is not None and not slot.peer_alive():
+            # The process identified at accept is gone or its pid names another one now: touch nothing.
+            slot.counters.inc("thread_discovery_failed", "peer-gone")
+            conn.close("the identified QEMU process is gone")
             return
         if len(tids) != s.vcpus:
             slot.log.warning("found %d vCPU threads, configured %d vCPUs", len(tids), s.vcpus)

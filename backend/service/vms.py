@@ -75,6 +75,9 @@ class VmSlot:
     connection: Connection | None = None
     sessions_served: int = 0
     history: list[str] = field(default_factory=list)
+    #: a VM from the shared socket (shared_socket.py): is the process it was identified from still that one?
+    #: Checked before its threads are touched; None for per-VM sockets.
+    peer_alive: Callable[[], bool] | None = None
 
 
 class Service:
@@ -93,8 +96,11 @@ class Service:
         self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
         self.close_hooks: list[Callable[[VmSlot, Connection], None]] = []
 
-    async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None) -> VmSlot:
-        """Start serving a VM: bind its socket (or adopt ``listen_sock``) and accept front-ends."""
+    async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None, listen: bool = True) -> VmSlot:
+        """Start serving a VM: bind its socket (or adopt ``listen_sock``) and accept front-ends.
+
+        ``listen=False``: no socket of its own; its one front-end comes from the shared socket (:meth:`serve`).
+        """
         if cfg.name in self.vms:
             raise ValueError(f"VM {cfg.name!r} is already served")
         loop = asyncio.get_running_loop()
@@ -104,6 +110,10 @@ class Service:
         device = CpufreqDevice(cfg.name, cfg.vcpu_host_domain, self.source, self.policy, counters=counters, log=vlog,
                                mirror_threshold=cfg.mirror_threshold, lane_slice_us=self.lane_slice_us,
                                shared_page=cfg.shared_page, max_khz=cfg.max_khz)
+        if not listen:
+            slot = VmSlot(cfg, device, counters, vlog)
+            self.vms[cfg.name] = slot
+            return slot
         sock = listen_sock if listen_sock is not None else _listen(cfg.socket_path, cfg.socket_mode,
                                                                    cfg.socket_owner, cfg.socket_group)
         sock.setblocking(False)
@@ -133,10 +143,19 @@ class Service:
             slot.log.warning("refused a second front-end: one is connected already")
             conn_sock.close()
             return
+        self.serve(slot, conn_sock)
+
+    def serve(self, slot: VmSlot, conn_sock: socket.socket) -> Connection:
+        """Start a session for an accepted front-end of ``slot`` (which has none)."""
         conn = self._connect(slot, conn_sock, self._new_session(slot))
         slot.counters.inc("sessions")
         slot.log.info("front-end connected (pid %d, uid %d)", conn.peer_pid, conn.peer_uid)
         self._run_session_hooks(slot, conn)
+        return conn
+
+    def peer_allowed(self, uid: int, gid: int) -> bool:
+        """The SO_PEERCRED allowlist, for the shared socket too."""
+        return self._peer_allowed(uid, gid)
 
     def _new_session(self, slot: VmSlot) -> Session:
         assert self._loop is not None

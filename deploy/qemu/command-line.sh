@@ -3,9 +3,10 @@
 #
 #   command-line.sh [NAME [QEMU ARGS...]]
 #
-# NAME (default web1) is the [vm.NAME] of the service's configuration; the
-# service must already listen on its socket, because QEMU connects once,
-# while creating the device, and does not survive the back-end going away.
+# NAME (default web1) is QEMU's -name: on the service's shared socket it is
+# how the VM is told apart (and the first [class.NAME] matching it applies).
+# The service must already listen, because QEMU connects once, while
+# creating the device, and does not survive the back-end going away.
 # Extra arguments (disks, network, -daemonize, ...) are appended as given.
 #
 # Needs QEMU >= 10.2: the first with vhost-user-test-device-pci, the generic
@@ -13,16 +14,18 @@
 # line.  Environment:
 #   QEMU        the command that runs qemu-system-x86_64 (may be several
 #               words, e.g. "chroot /srv/trixie qemu-system-x86_64")
-#   VUC_SOCKET  the back-end's socket (default /run/vhost-user-cpufreq/NAME.sock)
-#   MEM, SMP    guest RAM and vCPUs (default 4G, 4: keep SMP equal to the
-#               VM's `vcpus` in the service's configuration)
+#   VUC_SOCKET  the back-end's socket (default the shared one,
+#               /run/vhost-user-cpufreq/vhost.sock; a [vm.NAME]'s own socket
+#               for the per-VM model)
+#   MEM, SMP    guest RAM and vCPUs (default 4G, 4; with a per-VM socket keep
+#               SMP equal to the VM's `vcpus` in the service's configuration)
 #   ACCEL       accelerator (default kvm)
 set -eu
 
 NAME=${1:-web1}
 [ "$#" -gt 0 ] && shift
 QEMU=${QEMU:-qemu-system-x86_64}
-VUC_SOCKET=${VUC_SOCKET:-/run/vhost-user-cpufreq/$NAME.sock}
+VUC_SOCKET=${VUC_SOCKET:-/run/vhost-user-cpufreq/vhost.sock}
 MEM=${MEM:-4G}
 SMP=${SMP:-4}
 ACCEL=${ACCEL:-kvm}

@@ -193,6 +193,7 @@ def qemu_command(
     qmp: str | None = None,
     qtest: str | None = None,
     machine: str = "q35",
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line for a VM with the cpufreq device.
 
@@ -227,7 +228,7 @@ def qemu_command(
         cmd += ["-qmp", qmp]
     if qtest is not None:
         cmd += ["-qtest", qtest, "-qtest-log", "/dev/null"]
-    return cmd
+    return cmd + list(extra)
 
 
 def _child_setup() -> None:
@@ -273,6 +274,7 @@ class QemuVm:
         interrupts: Literal["intx", "poll"] = "intx",
         workdir: Path | None = None,
         timeout: float = 20.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.install = install
         self.vu_socket = Path(vu_socket)
@@ -283,6 +285,7 @@ class QemuVm:
         self.device_id = device_id
         self.interrupts = interrupts
         self.timeout = timeout
+        self.extra_args = tuple(extra_args)  # e.g. ("-name", "web1"): the shared socket identifies VMs by them
         tmp = install.tmpdir()
         if workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="vuc-", dir=tmp))
@@ -350,6 +353,7 @@ class QemuVm:
                 bios=self.guest(wd / "idle.bin"),
                 qmp=f"unix:{self.guest(wd / 'qmp.sock')}",
                 qtest=f"unix:{self.guest(wd / 'qtest.sock')}",
+                extra=self.extra_args,
             )
             with open(self.log_path, "wb") as logf:
                 self.proc = await asyncio.create_subprocess_exec(

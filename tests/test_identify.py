@@ -1,0 +1,122 @@
+"""identify.py: QEMU's -name and -smp as QEMU reads them, and the peer's process pinned by a pidfd."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from vhost_user_cpufreq.backend.service.identify import (
+    IdentityError,
+    identify,
+    open_peer,
+    parse_name,
+    parse_qemu_args,
+    parse_smp,
+)
+
+
+@pytest.mark.parametrize("value, name", [
+    ("web1", "web1"),
+    ("guest=web1,debug-threads=on", "web1"),        # libvirt's form
+    ("web1,process=qemu-web1", "web1"),
+    ("process=qemu-x", ""),                          # no guest name at all
+    ("a,,b", "a,b"),                                 # a doubled comma is a literal comma
+])
+def test_name_is_read_in_every_form_qemu_accepts(value: str, name: str) -> None:
+    assert parse_name(value) == name
+
+
+@pytest.mark.parametrize("value, vcpus", [
+    ("4", 4),
+    ("cpus=3", 3),
+    ("2,sockets=2,dies=1,clusters=1,cores=1,threads=1", 2),  # libvirt's form
+    ("sockets=2,cores=3,threads=2", 12),                      # cpus from the topology, as QEMU computes it
+    ("cpus=2,maxcpus=8", 2),                                  # hot-pluggable vCPUs not present at start
+])
+def test_smp_gives_the_vcpus_qemu_starts_with(value: str, vcpus: int) -> None:
+    assert parse_smp(value) == vcpus
+
+
+@pytest.mark.parametrize("value", ["0", "x", "cpus=5000", "cpus=2,bogus=1", "2,3"])
+def test_malformed_smp_is_refused(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_smp(value)
+
+
+def test_command_line_last_option_wins_and_missing_values_are_refused() -> None:
+    argv = ["qemu-system-x86_64", "-name", "a", "-smp", "2", "--name=guest=b", "-smp=cpus=4"]
+    assert parse_qemu_args(argv) == ("b", 4)
+    assert parse_qemu_args(["qemu"]) == (None, 1)
+    with pytest.raises(IdentityError) as ei:
+        parse_qemu_args(["qemu", "-smp", "many"])
+    assert ei.value.reason == "bad-smp"
+    with pytest.raises(IdentityError) as ei:
+        parse_qemu_args(["qemu", "-name"])
+    assert ei.value.reason == "bad-cmdline"
+
+
+def _pair(path: str, argv_tail: list[str]) -> tuple[socket.socket, "subprocess.Popen[bytes]"]:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+            "sys.stdout.write('c'); sys.stdout.flush(); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code, path, *argv_tail], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.read(1) == b"c"
+    conn, _ = srv.accept()
+    srv.close()
+    return conn, child
+
+
+def test_a_live_peer_is_identified_from_its_own_proc_entries() -> None:
+    path = f"/tmp/vuc-id-{os.getpid()}.sock"
+    try:
+        conn, child = _pair(path, ["-name", "guest=fake1", "-smp", "3"])
+    finally:
+        os.unlink(path)
+    try:
+        peer = open_peer(conn)
+        assert peer.pid == child.pid and peer.alive()
+        # A process that is not a QEMU is refused by what it runs, whatever its arguments say.
+        with pytest.raises(IdentityError) as ei:
+            identify(peer)
+        assert ei.value.reason == "not-qemu"
+        ident = identify(peer, binaries=("python3*",))
+        assert (ident.name, ident.vcpus) == ("fake1", 3)
+        with open(f"/proc/{child.pid}/cgroup") as f:
+            assert ident.cgroup in f.read()
+        child.stdin.close()  # type: ignore[union-attr]
+        child.wait()
+        # Exited and reaped: its pid may name another process from now on; the pidfd knows.
+        assert peer.exited() and not peer.alive()
+        with pytest.raises(IdentityError) as ei:
+            identify(peer, binaries=("python3*",))
+        assert ei.value.reason == "peer-gone"
+        peer.close()
+    finally:
+        conn.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_peer_that_exited_before_accept_is_refused() -> None:
+    path = f"/tmp/vuc-id2-{os.getpid()}.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    try:
+        code = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", code, path, "-name", "x"], check=True)
+        conn, _ = srv.accept()  # the connection waited in the backlog; its process is gone (and reaped)
+    finally:
+        srv.close()
+        os.unlink(path)
+    with conn, pytest.raises(IdentityError) as ei:
+        open_peer(conn)
+    assert ei.value.reason == "peer-gone"

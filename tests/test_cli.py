@@ -26,7 +26,7 @@ def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser
 
 def test_every_option_of_every_command_says_what_it_does() -> None:
     subs = _subparsers(build_parser())
-    assert set(subs) == {"demo", "serve", "check", "status", "vm"}
+    assert set(subs) == {"demo", "serve", "check", "status", "simulate", "vm"}
     subs |= {f"vm {op}": p for op, p in _subparsers(subs["vm"]).items()}
     for name, sub in subs.items():
         for action in sub._actions:

@@ -239,7 +239,9 @@ def _spec_reasons() -> list[tuple[str, str, str]]:
 
 
 def test_the_code_never_runs_what_the_reason_collector_leaves_out() -> None:
-    backend = "\n".join(p.read_text() for p in REPO.joinpath("backend").rglob("*.py"))
+    # The simulator (backend/sim) plays the guest too, so it may drive the guest's queue; it serves no one.
+    backend = "\n".join(p.read_text() for p in REPO.joinpath("backend").rglob("*.py")
+                         if "sim" not in p.relative_to(REPO / "backend").parts[:1])
     for (rel, scope), token in _NOT_THE_SERVICE.items():
         assert REPO.joinpath(rel).exists(), rel
         assert token not in backend, f"the service now uses {rel} {scope or ''}: its reasons belong in SPEC 6.6"

@@ -80,22 +80,7 @@ def listen_fds_raw(env: MutableMapping[str, str] = os.environ, *, unset: bool = 
 
 def listen_fds(env: MutableMapping[str, str] = os.environ, *, unset: bool = True) -> list[tuple[str, socket.socket]]:
     """Sockets passed by systemd, with their names ("unknown" where unnamed)."""
-    try:
-        if int(env.get("LISTEN_PID", "0")) != os.getpid():
-            return []
-        n = int(env.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return []
-    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
-    if unset:
-        for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            env.pop(k, None)
-    out = []
-    for i in range(n):
-        fd = SD_LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
-        out.append((names[i] if i < len(names) else "unknown", socket.socket(fileno=fd)))
-    return out
+    return [(name, socket.socket(fileno=fd)) for name, fd in listen_fds_raw(env, unset=unset)]
 
 
 def watchdog_interval(env: MutableMapping[str, str] = os.environ) -> float | None:

@@ -17,33 +17,23 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
-from vhost_user_cpufreq.backend.service.daemon import query_status
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.fdstore import FLAGS_OFFSET, PENDING_AREA, REPLAY, encode_pending, record_name
 
 from .helpers import Guest, short_tmpdir, start_guest, stop_process, until
 from .minisystemd import MiniSystemd
+from .service_proc import answers as _answers, service_exe as _exe, status as _status
 
 
-def _exe() -> str:
-    return str(Path(sys.executable).with_name("vhost-user-cpufreq"))
 
 
-def _status(d: Path) -> dict[str, Any]:
-    return query_status(str(d / "control.sock"), timeout=2)
 
 
-def _answers(d: Path, pid: int) -> bool:
-    try:
-        return bool(_status(d)["pid"] == pid)
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 class World:

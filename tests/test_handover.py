@@ -13,17 +13,14 @@ tracking carried over) and bounded by what was in flight.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from .helpers import require_c_dataplane, short_tmpdir, start_guest, stop_process, until
+from .service_proc import answers as _answers, read_log as _log, serve as _serve, service_exe as _exe, status as _status
 
 PATHS = {
     "lane": {},
@@ -32,8 +29,6 @@ PATHS = {
 }
 
 
-def _exe() -> str:
-    return str(Path(sys.executable).with_name("vhost-user-cpufreq"))
 
 
 def _config(d: Path) -> Path:
@@ -46,24 +41,12 @@ def _config(d: Path) -> Path:
     return cfg
 
 
-def _status(d: Path) -> dict[str, Any]:
-    return query_status(str(d / "control.sock"), timeout=2)
 
 
-def _answers(d: Path, pid: int) -> bool:
-    try:
-        return bool(_status(d)["pid"] == pid)
-    except (OSError, ValueError, KeyError):
-        return False
 
 
-def _serve(d: Path, env: dict[str, str], *extra: str, log: str) -> "subprocess.Popen[bytes]":
-    return subprocess.Popen([_exe(), "serve", "--config", str(d / "config.toml"), *extra],
-                            env={**os.environ, **env}, stderr=open(d / log, "wb"))
 
 
-def _log(d: Path, name: str) -> str:
-    return (d / name).read_text(errors="replace")
 
 
 @pytest.mark.parametrize("path", list(PATHS))

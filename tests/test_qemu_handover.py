@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,39 +28,25 @@ from typing import Any
 import pytest
 
 from vhost_user_cpufreq.backend.host.sched import sched_getattr
-from vhost_user_cpufreq.backend.service.daemon import query_status
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
 
 from .helpers import require_c_dataplane, stop_process, until
 from .qemu.fixture import QemuInstall, QemuVm
+from .service_proc import answers as _answers, read_log as _log, serve as _serve, service_exe as _exe, status as _status
 
 pytestmark = pytest.mark.qemu
 
 PATHS = {"lane": {}, "python-drain": {"VUC_DATAPLANE": "python"}}
 
 
-def _exe() -> str:
-    return str(Path(sys.executable).with_name("vhost-user-cpufreq"))
 
 
-def _status(d: Path) -> dict[str, Any]:
-    return query_status(str(d / "control.sock"), timeout=2)
 
 
-def _answers(d: Path, pid: int) -> bool:
-    try:
-        return bool(_status(d)["pid"] == pid)
-    except (OSError, ValueError, KeyError):
-        return False
 
 
-def _serve(d: Path, env: dict[str, str], *extra: str, log: str) -> "subprocess.Popen[bytes]":
-    return subprocess.Popen([_exe(), "serve", "--config", str(d / "config.toml"), *extra],
-                            env={**os.environ, **env}, stderr=open(d / log, "wb"))
 
 
-def _log(d: Path, name: str) -> str:
-    return (d / name).read_text(errors="replace")
 
 
 def _threads_state(tids: dict[int, int]) -> dict[int, tuple[set[int], Any]]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.errors import LocalProtocolError, RecordError
+from vhost_user_cpufreq.protocol.errors import RecordError, RemoteProtocolError
 from vhost_user_cpufreq.protocol.virtqueue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
 from .transport import DriverTransport
@@ -37,6 +37,7 @@ __all__ = ["CpufreqDriver", "DriverStats", "VIRTIO_F_VERSION_1"]
 
 VIRTIO_F_VERSION_1 = 32
 _GEN = struct.Struct("<I")
+CONFIG_TRIES = 16  # as the Linux module (linux/virtio_cpufreq.c, vcf_read_config)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DriverStats:
     kicks: int = 0
     config_refreshes: int = 0
     torn_reads: int = 0
+    config_unstable: int = 0  # refreshes given up after every try was torn; the cached config stayed (SPEC 5.2)
     queue_full: int = 0
     deferred_kicks: int = 0  # flushes whose kick (asked for by the device) was held back (SPEC 6.4)
     urgent_kicks: int = 0
@@ -107,7 +109,7 @@ class CpufreqDriver:
     async def probe(self) -> None:
         offered = await self.t.device_features()
         if not offered & (1 << VIRTIO_F_VERSION_1):
-            raise LocalProtocolError("no-version-1", "device does not offer VIRTIO_F_VERSION_1")
+            raise RemoteProtocolError("no-version-1", "device does not offer VIRTIO_F_VERSION_1")
         want = 1 << VIRTIO_F_VERSION_1 | 1 << abi.F_PERF_REQUEST | 1 << VIRTIO_RING_F_INDIRECT_DESC
         if self.want_event_idx:
             want |= 1 << VIRTIO_RING_F_EVENT_IDX
@@ -151,8 +153,13 @@ class CpufreqDriver:
             self._refresher = None
 
     # -- config -------------------------------------------------------------------------
-    async def refresh_config(self, max_tries: int = 8) -> abi.DeviceConfig:
-        """Read the whole config with a generation check before and after (SPEC 5.2)."""
+    async def refresh_config(self, max_tries: int = CONFIG_TRIES) -> abi.DeviceConfig:
+        """Read the whole config with a generation check before and after (SPEC 5.2).
+
+        Raises ``config-unstable`` when every try was torn: at probe that fails the
+        probe; the refresher instead keeps its cached copy and waits for the next
+        notification, which the device owes after the last change of a storm.
+        """
         for _ in range(max_tries):
             (gen1,) = _GEN.unpack(await self.t.read_config(0, 4))
             body = await self.t.read_config(4, abi.CONFIG_SIZE - 4)
@@ -162,7 +169,7 @@ class CpufreqDriver:
                 self.stats.config_refreshes += 1
                 return self.config
             self.stats.torn_reads += 1
-        raise LocalProtocolError("config-unstable", f"generation kept changing over {max_tries} reads")
+        raise RemoteProtocolError("config-unstable", f"generation kept changing over {max_tries} reads")
 
     def _on_config_change(self) -> None:
         self._config_dirty.set()
@@ -171,7 +178,16 @@ class CpufreqDriver:
         while True:
             await self._config_dirty.wait()
             self._config_dirty.clear()
-            await self.refresh_config()
+            try:
+                await self.refresh_config()
+            except RemoteProtocolError as e:
+                if e.reason != "config-unstable":
+                    raise
+                # A device changing faster than this guest can read three words (a slow guest,
+                # or a hostile device): as the Linux module does, keep the cached copy.  The
+                # device's final notification of the storm (SPEC 5.1) brings the next try.
+                self.stats.config_unstable += 1
+                continue
             self.config_changed.set()
 
     @property

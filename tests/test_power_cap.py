@@ -36,11 +36,11 @@ def workdir() -> Iterator[Path]:
         yield d
 
 
-def _config(workdir: Path, **vm: object) -> Path:
+def _config(workdir: Path, clamp: str = "thread", **vm: object) -> Path:
     path = workdir / "config.toml"
     lines = [f'[service]\nsysfs_root = "{workdir / "sys"}"\nsample_period = 0.02\nmin_interval = 0.0\n'
              f'control_socket = "{workdir / "control.sock"}"\n[vm.v]\nsocket = "{workdir / "v.sock"}"\nvcpus = 2\n'
-             'clamp = "thread"\npinning = [0, 1]\n']
+             f'clamp = "{clamp}"\npinning = [0, 1]\n']
     lines += [f"{k} = {v}\n" for k, v in vm.items()]
     path.write_text("".join(lines))
     return path
@@ -127,6 +127,41 @@ async def test_the_cap_bounds_every_clamp_and_a_reload_changes_it_in_place(workd
         assert all(c["uclamp_max"] == 1024 for c in d.status()["vms"]["v"]["vcpus"])
         kernel_holds(None)
         await until(lambda: max(clamps()) > 300, what="clamps above the old cap", timeout=30)
+    finally:
+        vm.stop()
+        await d.stop()
+
+
+async def test_a_reload_to_clamp_none_gives_the_threads_back_and_one_from_none_takes_them(workdir: Path) -> None:
+    _require_two_cpus()
+    make_sysfs_tree(workdir / "sys", TWO_CPUS)
+    path = _config(workdir, uclamp_max=600)
+    d = Daemon(load_config(path), config_path=str(path))
+    await d.start()
+    vm = _Vm(workdir / "v.sock", 2, None)
+    try:
+        tids = await vm.tids()
+        original = [os.sched_getaffinity(vm.proc.pid)] * 2  # the process's own: the service pins only vCPU threads
+        act = d.actuator
+        await until(lambda: all(act.caps.get(t) == 600 for t in tids) and all(t in act.pinned for t in tids),
+                    what="threads pinned and capped", timeout=30)
+        conn = d.service.vms["v"].connection
+
+        _config(workdir, clamp="none", uclamp_max=600)
+        assert await d.reload() == ["updated v"]
+        # "none" touches no thread: each gets its own affinity and clamps back at once, and stays so.
+        assert not d.policy.vms["v"].tids
+        assert all(t not in act.caps and t not in act.pinned and t not in act.originals for t in tids)
+        assert [os.sched_getaffinity(t) for t in tids] == original
+        await asyncio.sleep(0.2)  # records keep coming: none of them may clamp a thread again
+        assert all(t not in act.clamps and t not in act.caps for t in tids)
+        assert d.service.vms["v"].connection is conn and conn is not None and not conn.closed.done()
+
+        _config(workdir, clamp="thread", uclamp_max=600)
+        assert await d.reload() == ["updated v"]
+        await until(lambda: all(act.caps.get(t) == 600 for t in tids) and all(t in act.pinned for t in tids),
+                    what="threads taken again on the connection that stayed", timeout=30)
+        assert [os.sched_getaffinity(t) for t in tids] == [{0}, {1}]
     finally:
         vm.stop()
         await d.stop()

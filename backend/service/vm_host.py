@@ -140,8 +140,13 @@ class HostSide:
         return slot
 
     def replan(self, s: VmSettings) -> None:
-        """Apply ``s`` (a changed pinning mode or limits) to a VM in place: its front-end stays connected."""
+        """Apply ``s`` (a changed pinning mode, limits or clamp mechanism) to a VM in place: its front-end stays connected."""
         old = self.plans[s.name]
+        mechanism_changed = self.settings[s.name].clamp != s.clamp
+        if mechanism_changed:
+            # "none" touches no thread, and by-thread and by-cgroup clamps do not mix: the old
+            # mechanism gives every thread back before the new one (if any) takes them.
+            self.policy.detach(s.name)
         if s.pinning != "keep":
             self.adopted.pop(s.name, None)
         new = self.plan(s, exclude_vm=s.name)
@@ -152,6 +157,9 @@ class HostSide:
             self.policy.attach_threads(s.name, b.tids, unpin=[b.tids[v] for v in b.tids
                                                               if old.pinning[v] is not None and new.pinning[v] is None])
         slot = self.service.vms.get(s.name)
+        if slot is not None and mechanism_changed and slot.connection is not None \
+                and not slot.connection.closed.done():
+            self._on_connect(slot, slot.connection)  # the new mechanism finds the threads as at a connect
         if slot is not None:
             if new.vcpu_host_domain != old.vcpu_host_domain or slot.device.max_khz != s.max_khz:
                 slot.device.max_khz = s.max_khz  # the guest is told its new top by a config change

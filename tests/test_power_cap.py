@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Iterator
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterator
 
 import pytest
 
@@ -67,15 +68,25 @@ def test_a_cap_below_the_floor_or_out_of_range_is_refused_naming_file_and_key(tm
 # -- by thread, through the daemon ---------------------------------------------------------------------
 
 
-async def test_the_cap_bounds_every_clamp_and_a_reload_changes_it_in_place(workdir: Path) -> None:
+@asynccontextmanager
+async def _served(workdir: Path) -> AsyncIterator[tuple[Daemon, _Vm, list[int]]]:
+    """The daemon on _config(uclamp_max=600) and a VM whose two vCPU threads report utils 200..800
+    every 20 ms; yields the daemon, the VM and its threads' tids."""
     _require_two_cpus()
     make_sysfs_tree(workdir / "sys", TWO_CPUS)
     path = _config(workdir, uclamp_max=600)
     d = Daemon(load_config(path), config_path=str(path))
     await d.start()
-    vm = _Vm(workdir / "v.sock", 2, None)  # reports utils 200..800 on each vCPU, every 20 ms
+    vm = _Vm(workdir / "v.sock", 2, None)
     try:
-        tids = await vm.tids()
+        yield d, vm, await vm.tids()
+    finally:
+        vm.stop()
+        await d.stop()
+
+
+async def test_the_cap_bounds_every_clamp_and_a_reload_changes_it_in_place(workdir: Path) -> None:
+    async with _served(workdir) as (d, vm, tids):
         await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
         act = d.actuator
 
@@ -127,20 +138,10 @@ async def test_the_cap_bounds_every_clamp_and_a_reload_changes_it_in_place(workd
         assert all(c["uclamp_max"] == 1024 for c in d.status()["vms"]["v"]["vcpus"])
         kernel_holds(None)
         await until(lambda: max(clamps()) > 300, what="clamps above the old cap", timeout=30)
-    finally:
-        vm.stop()
-        await d.stop()
 
 
 async def test_a_reload_to_clamp_none_gives_the_threads_back_and_one_from_none_takes_them(workdir: Path) -> None:
-    _require_two_cpus()
-    make_sysfs_tree(workdir / "sys", TWO_CPUS)
-    path = _config(workdir, uclamp_max=600)
-    d = Daemon(load_config(path), config_path=str(path))
-    await d.start()
-    vm = _Vm(workdir / "v.sock", 2, None)
-    try:
-        tids = await vm.tids()
+    async with _served(workdir) as (d, vm, tids):
         original = [os.sched_getaffinity(vm.proc.pid)] * 2  # the process's own: the service pins only vCPU threads
         act = d.actuator
         await until(lambda: all(act.caps.get(t) == 600 for t in tids) and all(t in act.pinned for t in tids),
@@ -162,9 +163,6 @@ async def test_a_reload_to_clamp_none_gives_the_threads_back_and_one_from_none_t
         await until(lambda: all(act.caps.get(t) == 600 for t in tids) and all(t in act.pinned for t in tids),
                     what="threads taken again on the connection that stayed", timeout=30)
         assert [os.sched_getaffinity(t) for t in tids] == [{0}, {1}]
-    finally:
-        vm.stop()
-        await d.stop()
 
 
 # -- by cgroup ---------------------------------------------------------------------------------------------

@@ -19,6 +19,18 @@ topo_show() {
     [ -r /proc/sys/kernel/sched_energy_aware ] && eas=$(cat /proc/sys/kernel/sched_energy_aware)
     say "eas sched_energy_aware=$eas" \
         "em=$(ls /sys/kernel/debug/energy_model 2>/dev/null | tr '\n' ',') $1"
+    # Each perf domain the kernel's energy model holds: its CPUs, states, and the top state's power.
+    for pd in /sys/kernel/debug/energy_model/*; do
+        [ -d "$pd" ] || continue
+        n=0; top=""
+        for ps in "$pd"/ps:*; do
+            [ -d "$ps" ] || continue
+            n=$((n + 1))
+            f=$(cat "$ps/frequency"); p=$(cat "$ps/power")
+            [ -z "$top" ] || [ "$f" -gt "${top%%:*}" ] && top="$f:$p"
+        done
+        say "em-pd $(basename "$pd") cpus=$(cat "$pd/cpus" 2>/dev/null) states=$n top=$top $1"
+    done
 }
 
 # fie_read CPU: sets J (jiffies), HZ_, S (the CPU's arch_freq_scale), P
@@ -99,6 +111,28 @@ placement() {
     kill $HEAVY $L1 $L2
     wait $HEAVY $L1 $L2 2>/dev/null
     say "placement heavy=${h%,} light=${l%,}"
+}
+
+# placement_light SECS: the two light tasks alone.  With a CPU-bound task
+# the big vCPU is over its capacity margin, the root domain is overutilised
+# and EAS stands aside (the load balancer places tasks); alone, light tasks
+# are placed at wake-up by EAS when it runs, by capacity otherwise.
+placement_light() {
+    say "placement-light-start"
+    sh -c 'while :; do i=0; while [ $i -lt 20 ]; do i=$((i + 1)); done; usleep 50000; done' &
+    L1=$!
+    sh -c 'while :; do i=0; while [ $i -lt 20 ]; do i=$((i + 1)); done; usleep 50000; done' &
+    L2=$!
+    sleep 1
+    l=""; k=0
+    while [ $k -lt $(($1 * 10)) ]; do
+        l="$l$(cut -d' ' -f39 /proc/$L1/stat),$(cut -d' ' -f39 /proc/$L2/stat),"
+        usleep 100000
+        k=$((k + 1))
+    done
+    kill $L1 $L2
+    wait $L1 $L2 2>/dev/null
+    say "placement-light light=${l%,}"
 }
 
 # topo_change SECS PLACEMENT_SECS: say "wait-topology-change" (the test

@@ -481,15 +481,18 @@ static void vcf_fie_stop(struct vcf_dev *vi);
 static void vcf_em_retopology(struct vcf_dev *vi);
 static struct cpufreq_driver vcf_cpufreq_driver;
 
-/* The vCPU-to-domain map the runs describe, into @map; false if they do not cover num_vcpus. */
+/*
+ * The vCPU-to-domain map the runs describe, into @map; false if they do not
+ * cover num_vcpus or name a domain beyond the config's num_domains.
+ */
 static bool vcf_runs_map(const struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg, u8 *map)
 {
-	unsigned int i, j, v = 0, nruns = le16_to_cpu(cfg->num_runs);
+	unsigned int i, j, v = 0, nruns = le16_to_cpu(cfg->num_runs), ndom = le16_to_cpu(cfg->num_domains);
 
 	for (i = 0; i < nruns && i < VCF_MAX_RUNS; i++) {
 		unsigned int dom = cfg->runs[i].domain, count = cfg->runs[i].count;
 
-		if (dom >= vi->num_domains || v + count > vi->num_vcpus)
+		if (dom >= ndom || v + count > vi->num_vcpus)
 			return false;
 		for (j = 0; j < count; j++)
 			map[v++] = dom;
@@ -498,8 +501,8 @@ static bool vcf_runs_map(const struct vcf_dev *vi, const struct virtio_cpufreq_c
 }
 
 /*
- * A topology change the device announced (a domain's capacity or the vCPU
- * map changed: re-pinning): the policies are made anew.  Unregistering the
+ * A topology change the device announced (a domain's capacity, the number
+ * of domains or the vCPU map changed: re-pinning): the policies are made anew.  Unregistering the
  * cpufreq driver stops the governors (no ->fast_switch() after it), the
  * domains and the map are replaced, the new capacities go to cpu_scale, and
  * registering again builds the new frequency tables; starting schedutil
@@ -513,11 +516,13 @@ static void vcf_retopology(struct vcf_dev *vi, const struct virtio_cpufreq_confi
 
 	vcf_fie_stop(vi);
 	cpufreq_unregister_driver(&vcf_cpufreq_driver);
+	/* 1..VCF_MAX_DOMAINS (vcf_read_config); domains[] and their cpumasks exist for all of them. */
+	vi->num_domains = le16_to_cpu(cfg->num_domains);
 	if (vcf_parse_domains(vi, cfg)) {
 		dev_err(&vi->vdev->dev, "announced topology unusable; the device is not driven\n");
 		return;
 	}
-	for (i = 0; i < vi->num_domains; i++)
+	for (i = 0; i < VCF_MAX_DOMAINS; i++)
 		cpumask_clear(vi->domains[i].cpus);
 	for (v = 0; v < vi->num_vcpus; v++) {
 		WRITE_ONCE(vi->vcpu_domain[v], map[v]);
@@ -562,11 +567,10 @@ static void vcf_config_work(struct work_struct *work)
 	gen = le32_to_cpu(cfg->generation);
 	if (gen == vi->generation)
 		goto out;	/* nothing new */
-	if (le16_to_cpu(cfg->num_domains) != vi->num_domains ||
-	    le16_to_cpu(cfg->num_vcpus) != vi->num_vcpus) {
-		dev_warn(&vi->vdev->dev,
-			 "topology changed (%u domains, %u vCPUs); rebind the driver to use it\n",
-			 le16_to_cpu(cfg->num_domains), le16_to_cpu(cfg->num_vcpus));
+	if (le16_to_cpu(cfg->num_vcpus) != vi->num_vcpus) {
+		/* The per-vCPU slots and buffers are sized at probe. */
+		dev_warn(&vi->vdev->dev, "now %u vCPUs (was %u); rebind the driver to use them\n",
+			 le16_to_cpu(cfg->num_vcpus), vi->num_vcpus);
 		goto out;
 	}
 	map = kcalloc(vi->num_vcpus, sizeof(*map), GFP_KERNEL);
@@ -574,8 +578,9 @@ static void vcf_config_work(struct work_struct *work)
 		dev_warn(&vi->vdev->dev, "bad vCPU map in the configuration; ignored\n");
 		goto out;
 	}
-	topology = memcmp(map, vi->vcpu_domain, vi->num_vcpus) != 0;
-	for (i = 0; i < vi->num_domains; i++)
+	topology = memcmp(map, vi->vcpu_domain, vi->num_vcpus) != 0 ||
+		   le16_to_cpu(cfg->num_domains) != vi->num_domains;
+	for (i = 0; i < vi->num_domains && !topology; i++)
 		topology |= le16_to_cpu(cfg->domains[i].capacity) != vi->domains[i].capacity;
 	if (topology) {
 		vcf_retopology(vi, cfg, map);

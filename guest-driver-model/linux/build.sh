@@ -4,7 +4,7 @@
 #   guest-driver-model/linux/build.sh            # provisions first if needed
 #   VUC_GUEST_NO_PROVISION=1 .../build.sh        # exit 3 when not provisioned
 #   VUC_GUEST_ARCH=arm64 .../build.sh            # an arm64 guest (default x86_64)
-#   VUC_GUEST_OUT=/var/cache/mine .../build.sh    # outputs there (inside the chroot)
+#   VUC_GUEST_OUT=/var/cache/mine .../build.sh    # outputs in /var/cache/mine/ARCH (in the chroot)
 #
 # The same module source builds for both: the arm64 headers set
 # CROSS_COMPILE, so only KDIR differs.  Outputs go to /var/cache/vuc-guest
@@ -50,8 +50,9 @@ case "${VUC_GUEST_ARCH:-x86_64}" in
     arm64|aarch64) ARCH=arm64; OUT_GUEST=/var/cache/vuc-guest-arm64; BUSYBOX=/opt/vuc-arm64/usr/bin/busybox ;;
     *) printf '[guest-build] ERROR: unknown VUC_GUEST_ARCH %s\n' "$VUC_GUEST_ARCH" >&2; exit 1 ;;
 esac                                    # OUT_GUEST and BUSYBOX: inside the chroot
-# VUC_GUEST_OUT (a path inside the chroot) keeps one worktree's build apart from another's.
-OUT_GUEST="${VUC_GUEST_OUT:-$OUT_GUEST}"
+# VUC_GUEST_OUT (a directory inside the chroot) keeps one worktree's builds apart from another's:
+# they go to $VUC_GUEST_OUT/x86_64 and $VUC_GUEST_OUT/arm64.
+[ -z "${VUC_GUEST_OUT:-}" ] || OUT_GUEST="$VUC_GUEST_OUT/$ARCH"
 OUT="$CHROOT$OUT_GUEST"
 
 log() { printf '[guest-build] %s\n' "$*" >&2; }

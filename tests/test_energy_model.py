@@ -129,6 +129,12 @@ def test_stores_write_the_count_odd_then_the_words_then_even() -> None:
     assert read(bytes(page[em.EM_OFFSET:])) == MODEL
     with pytest.raises(ValueError, match="odd"):
         em.energy_model_stores(7, MODEL)
+    # A topology without power figures, once the feature was offered: an empty section, refused as no-em.
+    for off, val in em.energy_model_stores(8, None):
+        struct.pack_into("<I", page, off, val)
+    with pytest.raises(RecordError) as ei:
+        read(bytes(page[em.EM_OFFSET:]))
+    assert ei.value.reason == "no-em" and struct.unpack_from("<I", page, em.EM_OFFSET)[0] == 10
 
 
 # -- the back-end's fill ------------------------------------------------------------------------

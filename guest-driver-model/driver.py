@@ -17,6 +17,12 @@ has the region, the driver takes the feature and reads frequencies from the
 page (:meth:`page_frequencies`, no device access at all for a real guest),
 each domain under its sequence count with bounded retries; until the page is
 mapped and LIVE, or when the retries run out, the cached config answers.
+
+Energy model (SPEC §9.4): with the page the driver also takes
+``F_ENERGY_MODEL`` when offered, and :meth:`energy_model` reads each
+domain's power table from the page under the section's sequence count.  A
+table that fails the protocol's bounds is rejected whole and counted by
+reason (``stats.em_rejected``); the guest then has no energy model.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol import energy as em
 from vhost_user_cpufreq.protocol.errors import RecordError, RemoteProtocolError
 from vhost_user_cpufreq.protocol.virtqueue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
@@ -54,6 +61,9 @@ class DriverStats:
     page_reads: int = 0  # domains read from the shared frequency page
     page_retries: int = 0  # reads retried: the device was updating the entry (SPEC 8.2)
     page_fallbacks: int = 0  # frequency reads answered from config space: page absent, not LIVE or busy
+    em_reads: int = 0  # energy models read from the page and accepted
+    em_retries: int = 0  # section reads retried: the device was rewriting it
+    em_rejected: dict[str, int] = field(default_factory=dict)  # reason -> energy models refused
 
 
 class CpufreqDriver:
@@ -114,7 +124,7 @@ class CpufreqDriver:
         if self.want_event_idx:
             want |= 1 << VIRTIO_RING_F_EVENT_IDX
         if self.want_freq_page and (self.t.shm_length(abi.FREQ_PAGE_SHMID) or 0) >= abi.FREQ_PAGE_SIZE:
-            want |= 1 << abi.F_FREQ_PAGE
+            want |= 1 << abi.F_FREQ_PAGE | 1 << em.F_ENERGY_MODEL
         self.features = offered & want
         await self.t.set_driver_features(self.features)
         await self.refresh_config()
@@ -227,6 +237,36 @@ class CpufreqDriver:
                 self.stats.page_fallbacks += 1  # the device kept writing (or died mid-update)
                 return None
         return tuple(out)
+
+    async def energy_model(self) -> em.EnergyModel | None:
+        """Every domain's power table from the page (SPEC 9.4), or None: no energy model.
+
+        Read once the page is LIVE (at probe, and after a topology change): the section's count,
+        its words, the count again, retried a bounded number of times while the device writes."""
+        if not self.features & (1 << em.F_ENERGY_MODEL) or not self.freq_page or self.config is None:
+            return None
+        t, shmid = self.t, abi.FREQ_PAGE_SHMID
+        try:
+            h = abi.decode_page_header(struct.pack("<4I", *[await t.shm_read32(shmid, o) for o in (0, 4, 8, 12)]))
+        except RecordError:
+            return None  # not placed yet: the caller tries again once it is
+        if not h.live:
+            return None
+        for _ in range(self.page_tries):
+            s1 = await t.shm_read32(shmid, em.EM_OFFSET)
+            words = [s1, *[await t.shm_read32(shmid, em.EM_OFFSET + 4 * k) for k in range(1, em.EM_SIZE // 4)]]
+            s2 = await t.shm_read32(shmid, em.EM_OFFSET)
+            try:
+                model = em.decode_energy_model(s1, struct.pack(f"<{len(words)}I", *words), s2, self.config.domains)
+            except RecordError as exc:
+                self.stats.em_rejected[exc.reason] = self.stats.em_rejected.get(exc.reason, 0) + 1
+                return None
+            if model is not None:
+                self.stats.em_reads += 1
+                return model
+            self.stats.em_retries += 1
+        self.stats.em_rejected["em-torn"] = self.stats.em_rejected.get("em-torn", 0) + 1
+        return None
 
     async def current_khz(self, vcpu: int) -> int:
         """The host frequency behind ``vcpu`` now: from the page when it is in use, else the cached config."""

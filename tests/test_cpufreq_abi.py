@@ -138,6 +138,7 @@ _NOT_THE_SERVICE = {
     ("protocol/cpufreq.py", "DeviceConfig.decode"): "DeviceConfig.decode",  # the driver parses config
     ("protocol/vhost_user/codec.py", "decode_reply"): "expect_reply_to",     # the device reads no replies
     ("protocol/cpufreq.py", "decode_page_header"): "decode_page_header",     # the device never reads the page
+    ("protocol/energy.py", "decode_energy_model"): "decode_energy_model",    # ... nor its energy model (SPEC 9.4)
 }
 
 

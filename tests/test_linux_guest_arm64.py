@@ -13,17 +13,23 @@ three, with the shared frequency page (SPEC 8).  The guest must show:
   scale for its domain, and follows a host change within two ticks, with no config read or
   config change notification after probe;
 * placement: a CPU-bound task spends more of its samples on the big vCPU than chance (1 in 4);
-* a topology change the device announces (the VM re-pinned: vCPUs 2 and 3 swap the big and
-  the mid domain): the driver makes its policies anew, cpu_capacity follows, the domains keep
-  their asymmetry and the CPU-bound task now runs on vCPU 2.
-  Where light tasks ran is measured and printed: without an energy model (the device gives no
-  power figures, SPEC 9) the scheduler has no reason to prefer the little vCPUs for them.
+* a topology change the device announces (the VM re-pinned: vCPU 2 moves from the mid domain to
+  the big one, so the VM spans two domains instead of three): the driver makes its policies
+  anew without a rebind, cpu_capacity follows, the domains keep their asymmetry and the
+  CPU-bound task runs on a big vCPU.
+* the energy model (SPEC 9.4): the device gives each domain's power per OPP (GS101's, from its
+  device tree) in the page, the module registers one perf domain per device domain before the
+  governors start, and the kernel runs EAS (``sched_energy_aware`` 1, the perf domains in
+  debugfs ``energy_model``).  Where light tasks ran, with the CPU-bound task and alone, is
+  measured and printed; after the re-pinning the kernel's model is stale (``em_stale``: 7.3
+  lets a module neither update nor remove a CPU perf domain).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +40,7 @@ import pytest
 
 from vhost_user_cpufreq.backend.host.hosts import PIXEL6
 from vhost_user_cpufreq.protocol.cpufreq import UTIL_SCALE
+from vhost_user_cpufreq.protocol.energy import F_ENERGY_MODEL
 
 from .qemu.fixture import QemuInstall, QemuLab, _child_setup
 from .test_linux_guest import (
@@ -57,9 +64,10 @@ PLACEMENT_SECS = 6
 #: have (the lab's host source is static; a real host's governor raises the frequency for
 #: busy vCPU threads, and frequency-invariant load tracking then sees the little vCPU full).
 HOST_BUSY = tuple(d.max_khz for d in PIXEL6.domains)
-#: The topology change the device announces: vCPU 2 re-pinned to the big domain, vCPU 3 to the mid one.
-REMAP = (0, 0, 2, 1)
-NEW_BIG = 2
+#: The topology change the device announces: vCPU 2 re-pinned from the mid domain to the big one,
+#: beside vCPU 3; the VM now spans two domains, not three (the driver follows without a rebind).
+REMAP = (0, 0, 2, 2)
+NEW_BIG = (2, 3)
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hosts" / "google-gs101-pixel6.json"
@@ -114,6 +122,7 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     install = lab.install
     slot = await lab.add_vm("gs101", VMAP, shared_page=True)
     cfg = slot.device.config
+    model = slot.device.energy_model  # as booted (the re-pinning below rebuilds it)
     host_dmips = dmips_of_host_domains()
     dtb = capacity_dtb(arm64_guest_image, install, lab.dir, [host_dmips[d] for d in VMAP])
     cmd = arm64_guest_image.command(
@@ -148,9 +157,12 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
             await proc.wait()
     wall = time.monotonic() - t0
     output = "\n".join(lines)
+    if os.environ.get("VUC_GUEST_LOG"):  # keep the guest's output for a report
+        Path(os.environ["VUC_GUEST_LOG"]).write_text(output + "\n")
     ctx = f"\n--- guest output ({wall:.1f}s) ---\n{output}"
     assert rc == 0 and "VUC: done" in output, f"QEMU exited {rc}{ctx}"
-    assert re.search(r"virtio_cpufreq virtio\d+: .*frequency page, frequency-scale source, firmware capacities", output), ctx
+    assert re.search(r"virtio_cpufreq virtio\d+: .*frequency page, frequency-scale source, firmware capacities, "
+                     r"energy model\n", output + "\n"), ctx
 
     # Capacities: each vCPU has its domain's, the scheduler sees the asymmetry.
     want = {f"cpu{v}": str(cfg.domain_of(v).capacity) for v in range(len(VMAP))}
@@ -159,8 +171,20 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     sd_flags = [line for line in lines if line.startswith("VUC: sd ") and line.endswith(" probe")]
     assert sd_flags, f"no scheduler domains shown{ctx}"
     assert any("SD_ASYM_CPUCAPACITY" in line for line in sd_flags), "\n".join(sd_flags)
+    # The energy model: one perf domain per device domain, the device's tables, and EAS on.
+    assert model is not None and slot.device.shmem_features & (1 << F_ENERGY_MODEL)
     eas = field(lines, "VUC: eas")
-    assert eas["em"] == "", eas  # the device gives no power figures (SPEC 9): no energy model, no EAS
+    assert eas["sched_energy_aware"] == "1", f"{eas}{ctx}"  # the default: on only with perf domains
+    # The scheduler built the root domain's perf domains (printed under sched_verbose): EAS runs.
+    assert re.search(r"root_domain 0-3: pd\d+:\{ cpus=", output), ctx
+    pds = {w["cpus"]: w for w in (dict(x.split("=", 1) for x in line.split()[3:-1]) for line in lines
+                                  if line.startswith("VUC: em-pd ") and line.endswith(" probe"))}
+    want_pds = {"0-1": model.domains[0], "2": model.domains[1], "3": model.domains[2]}
+    assert set(pds) == set(want_pds), f"{pds}{ctx}"
+    for cpus, dom in want_pds.items():
+        top = dom.states[-1]
+        assert pds[cpus]["states"] == str(len(dom.states)) and pds[cpus]["top"] == f"{top.khz}:{top.power_uw}", (
+            cpus, pds[cpus], top)
     # After rmmod cpu_scale holds the firmware's capacities again (arch_topology's, from
     # capacity-dmips-mhz and the policies' top frequencies): the driver puts back what it replaced.
     removed = [line for line in lines if line.startswith("VUC: capacity") and line.endswith(" removed")]
@@ -180,6 +204,7 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     probe, end = parse_stats(lines, "probe"), parse_stats(lines, "end")
     assert probe["fie"] == 1 and end["fie_ticks"] > 0, (probe, end)
     assert probe["capacity_source"] == 2 and probe["capacity_mismatch"] == 0, probe  # firmware, agreeing
+    assert (probe["em"], probe["em_domains"], probe["em_rejected"], probe["em_errors"]) == (1, 3, 0, 0), probe
     assert end["config_reads"] == probe["config_reads"] and end["config_changes"] == 0, (probe, end)
     # Frequencies came through the page alone; the topology change is announced in config space.
     assert notes_before_remap == 0 and slot.counters.get("config_notifications") >= 1, slot.counters.snapshot()
@@ -188,18 +213,23 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     placements = [dict(w.split("=", 1) for w in line.split()[2:]) for line in lines
                   if line.startswith("VUC: placement ")]
     assert len(placements) == 2, ctx
+    alone = [c for line in lines if line.startswith("VUC: placement-light ")
+             for c in map(int, line.split("=", 1)[1].split(","))]
+    assert alone, ctx
+    light_alone = sum(c in LITTLE for c in alone) / len(alone)
     shares = []
-    for placed, big_cpu in zip(placements, (BIG, NEW_BIG)):
+    for placed, big_cpus in zip(placements, ((BIG,), NEW_BIG)):
         heavy = [int(c) for c in placed["heavy"].split(",")]
         light = [int(c) for c in placed["light"].split(",")]
-        shares.append((sum(c == big_cpu for c in heavy) / len(heavy), len(heavy),
+        shares.append((sum(c in big_cpus for c in heavy) / len(heavy), len(big_cpus) / len(VMAP), len(heavy),
                        sum(c in LITTLE for c in light) / len(light), len(light)))
     print(f"\narm64 guest on GS101: capacities {want}, eas {eas}, fie {follow}, " + "; ".join(
-        f"{what}: heavy on the big vCPU {h:.0%} of {nh} samples (chance 25%), light on little "
-        f"{li:.0%} of {nl} (chance 50%)" for what, (h, nh, li, nl) in zip(("as booted", "re-pinned"), shares))
+        f"{what}: heavy on a big vCPU {h:.0%} of {nh} samples (chance {c:.0%}), light on little "
+        f"{li:.0%} of {nl} (chance 50%)" for what, (h, c, nh, li, nl) in zip(("as booted", "re-pinned"), shares))
+        + f"; light tasks alone on little {light_alone:.0%} of {len(alone)} samples (chance 50%)"
         + f"; {wall:.0f}s", file=sys.stderr)
-    for h, _, _, _ in shares:
-        assert h > 0.5, f"heavy task on the big vCPU only {h:.0%} of the time: {placements}"
+    for h, chance, _, _, _ in shares:
+        assert h > (1 + chance) / 2, f"heavy task on a big vCPU only {h:.0%} of the time: {placements}"
 
     # The re-pinning: new policies, capacities and the device's capacities in cpu_scale.
     new = slot.device.config
@@ -207,14 +237,21 @@ async def test_arm64_guest_scheduler_sees_capacities_and_host_frequency(
     want_new = {f"cpu{v}": str(new.domain_of(v).capacity) for v in range(len(VMAP))}
     assert want_new != want and remapped and field(remapped, "VUC: capacity") == want_new, ctx
     policies = parse_policies(lines, "remapped")
-    assert {n: p.max for n, p in policies.items()} == {v: new.domain_of(v).max_khz for v in (0, 2, 3)}, ctx
+    firsts = [new.vcpu_domain.index(d) for d in range(len(new.domains))]
+    assert len(new.domains) == 2 and {n: p.max for n, p in policies.items()} == {
+        v: new.domain_of(v).max_khz for v in firsts}, ctx
     st = parse_stats(lines, "remapped")
     assert st["topology_changes"] == 1 and st["capacity_source"] == 1 and st["capacity_mismatch"] == 0, st
+    # The device rewrote the model for the new map; the kernel's perf domains cannot follow.
+    assert st["em"] == 1 and st["em_stale"] == 1 and st["em_rejected"] == 0, st
     assert any("SD_ASYM_CPUCAPACITY" in line for line in lines
                if line.startswith("VUC: sd ") and line.endswith(" remapped")), ctx
     # Rebound after the re-pinning: the firmware's capacities are stale, the device's win.
     assert parse_stats(lines, "rebound")["capacity_source"] == 1, ctx
     assert parse_stats(lines, "rebound")["capacity_mismatch"] == 0, ctx
+    # The kernel kept the perf domains of the first bind (CPU perf domains are never unregistered).
+    rebound = parse_stats(lines, "rebound")
+    assert (rebound["em"], rebound["em_domains"], rebound["em_exists"]) == (1, 0, len(new.domains)), rebound
 
     assert re.search(r"VUC: rmmod rc=0 policies_left=0", output), ctx
     bad = [line for line in lines if BAD_KERNEL_LOG.search(line)]

@@ -19,6 +19,12 @@ sequence count, and frequency changes no longer cost the guest a config
 change notification (the config space is still kept current, and topology
 or flag changes still notify).  The page is written, never read.
 
+Energy model (SPEC §9.4): when every host domain the VM uses comes with
+power per OPP (``HostDomain.energy``: a device-tree host), the device also
+offers ``F_ENERGY_MODEL`` and writes each guest domain's table into the
+page, under the section's own sequence count; a remap rewrites it before
+the configuration change is announced.
+
 Offload: when the C data plane is loaded and the policy can give a C clamp
 engine for the VM (``lane_binding``), a started request queue is served by
 the kick lane instead (backend/dataplane/lane.py): the same drain, bookkeeping and
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol import energy as em
 from vhost_user_cpufreq.protocol.cpufreq import Record
 from vhost_user_cpufreq.protocol.errors import SessionStateError
 from vhost_user_cpufreq.protocol.requests import (
@@ -64,6 +71,7 @@ from ..policy.decision import Policy
 from ..policy.ratelimit import LogBudget
 from ..vhost.device import DeviceHost
 from .hostfreq import FrequencySource, HostDomain, HostSnapshot, advertised
+from .power import guest_energy
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
@@ -185,6 +193,11 @@ class CpufreqDevice:
         self.mirror_threshold = mirror_threshold
         self._host_domains: list[object] = []
         self.config = self._build_config(source.snapshot(), vcpu_host_domain, generation=1)
+        #: the energy model the page carries (SPEC 9.4), None when the host gives no power figures
+        self.energy_model = self._build_energy(source.snapshot())
+        self._em_seq = 0
+        if shared_page and self.energy_model is not None:
+            self.shmem_features |= 1 << em.F_ENERGY_MODEL
         self._unsubscribe = source.subscribe(self._on_snapshot)
         self._log_budget = LogBudget()
         self._dataplane = data_plane or dataplane()
@@ -230,9 +243,22 @@ class CpufreqDevice:
         top, capacity = advertised(d.max_khz, d.capacity, self.max_khz)
         return abi.Domain(min(d.cur_khz, top), min(d.min_khz, top), top, capacity)
 
+    def _build_energy(self, snap: HostSnapshot) -> em.EnergyModel | None:
+        """Each guest domain's table from its host domain's power per OPP; None unless every one has it."""
+        by_key = {d.key: d for d in snap.domains}
+        tables = [guest_energy(by_key[k].energy, d.max_khz) if k in by_key else None
+                  for k, d in zip(self._host_domains, self.config.domains)]
+        if any(t is None for t in tables):
+            return None
+        return em.EnergyModel(tuple(t for t in tables if t is not None))
+
     def remap(self, vcpu_host_domain: Sequence[int]) -> None:
         """New vCPU placement (hotplug, re-pinning): rebuild config and notify."""
-        self.config = self._build_config(self.source.snapshot(), vcpu_host_domain, self.config.generation + 1)
+        snap = self.source.snapshot()
+        self.config = self._build_config(snap, vcpu_host_domain, self.config.generation + 1)
+        if self.shmem_features & (1 << em.F_ENERGY_MODEL):
+            # The feature stays offered: a topology without power figures writes an empty section.
+            self.energy_model = self._build_energy(snap)
         self._page_topology()
         self.counters.inc("config_updates")
         if self._host is not None:
@@ -282,6 +308,9 @@ class CpufreqDevice:
         self._page_base, self._page = view, view.cast("I")
         self._page_seq = [0] * abi.MAX_DOMAINS
         self._page_values = [*doms, *[None] * (abi.MAX_DOMAINS - len(doms))]
+        self._em_seq = 0
+        if self.shmem_features & (1 << em.F_ENERGY_MODEL):
+            view[em.EM_OFFSET:em.EM_OFFSET + em.EM_SIZE] = em.encode_energy_model(self.energy_model)
 
     def shmem_in_use(self, shmid: int, in_use: bool) -> None:
         self._page_in_use = in_use and bool(self._acked & self.shmem_features)
@@ -321,6 +350,10 @@ class CpufreqDevice:
         doms = self.config.domains
         self._write_page(doms, [d.cur_khz for d in doms])
         self._store(abi.page_count_stores(len(doms)))
+        if self.shmem_features & (1 << em.F_ENERGY_MODEL):
+            self._store(em.energy_model_stores(self._em_seq, self.energy_model))
+            self._em_seq = (self._em_seq + 2) & 0xFFFFFFFF
+            self.counters.inc("energy_model_updates")
 
     # -- VirtioDevice ------------------------------------------------------------
     def features(self) -> int:

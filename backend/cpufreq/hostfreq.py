@@ -24,6 +24,9 @@ class HostDomain:
     cur_khz: int
     capacity: int = 1024
     policy: int | None = None  # cpufreq policy number, stable across CPU hotplug
+    #: (kHz, uW) of one busy CPU per OPP, ascending; () when the host description gives no power
+    #: (power.py builds it; the device offers the guest an energy model only with it, SPEC 9.4)
+    energy: tuple[tuple[int, int], ...] = ()
 
     @property
     def key(self) -> object:
@@ -38,7 +41,7 @@ class HostSnapshot:
 
     def with_cur(self, cur_khz: Sequence[int]) -> "HostSnapshot":
         doms = tuple(
-            HostDomain(d.cpus, d.min_khz, d.max_khz, c, d.capacity, d.policy)
+            HostDomain(d.cpus, d.min_khz, d.max_khz, c, d.capacity, d.policy, d.energy)
             for d, c in zip(self.domains, cur_khz, strict=True)
         )
         return HostSnapshot(doms, self.nominal)

@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..cpufreq.power import em_power_uw as _em_power  # the one EM formula, shared with the device
+
 __all__ = ["SimInputError", "Opp", "Domain", "Host", "load_host", "builtin_hosts", "X86_ASSUMED"]
 
 #: x86 assumption: voltage linear in frequency from 0.70 V at the lowest to
@@ -107,10 +109,6 @@ def _get(obj: Any, key: str, kind: type | tuple[type, ...], file: str, where: st
     if not isinstance(val, kind) or isinstance(val, bool):
         raise SimInputError(file, f"{where}{key}", f"expected {getattr(kind, '__name__', kind)}, got {type(val).__name__}")
     return val
-
-
-def _em_power(dpc: float, mv: float, mhz: float) -> float:
-    return dpc * mv * mv * mhz / 1e6
 
 
 def parse_host(data: Any, file: str) -> Host:

@@ -4,6 +4,7 @@
 #   guest-driver-model/linux/build.sh            # provisions first if needed
 #   VUC_GUEST_NO_PROVISION=1 .../build.sh        # exit 3 when not provisioned
 #   VUC_GUEST_ARCH=arm64 .../build.sh            # an arm64 guest (default x86_64)
+#   VUC_GUEST_OUT=/var/cache/mine .../build.sh    # outputs in /var/cache/mine/ARCH (in the chroot)
 #
 # The same module source builds for both: the arm64 headers set
 # CROSS_COMPILE, so only KDIR differs.  Outputs go to /var/cache/vuc-guest
@@ -49,6 +50,9 @@ case "${VUC_GUEST_ARCH:-x86_64}" in
     arm64|aarch64) ARCH=arm64; OUT_GUEST=/var/cache/vuc-guest-arm64; BUSYBOX=/opt/vuc-arm64/usr/bin/busybox ;;
     *) printf '[guest-build] ERROR: unknown VUC_GUEST_ARCH %s\n' "$VUC_GUEST_ARCH" >&2; exit 1 ;;
 esac                                    # OUT_GUEST and BUSYBOX: inside the chroot
+# VUC_GUEST_OUT (a directory inside the chroot) keeps one worktree's builds apart from another's:
+# they go to $VUC_GUEST_OUT/x86_64 and $VUC_GUEST_OUT/arm64.
+[ -z "${VUC_GUEST_OUT:-}" ] || OUT_GUEST="$VUC_GUEST_OUT/$ARCH"
 OUT="$CHROOT$OUT_GUEST"
 
 log() { printf '[guest-build] %s\n' "$*" >&2; }
@@ -185,7 +189,7 @@ wait "$BUSY" 2>/dev/null
 sleep 1
 policies idle
 stats end
-[ "$TOPO" = 1 ] && { placement "$(arg placement_secs 10)"; topo_change "$WAIT_SECS" "$(arg placement_secs 10)"; }
+[ "$TOPO" = 1 ] && { placement "$(arg placement_secs 10)"; placement_light "$(arg placement_secs 10)"; topo_change "$WAIT_SECS" "$(arg placement_secs 10)"; }
 
 # A driver reset and a fresh probe of the same device (RESYNC, new config read).
 if [ -n "$VDEV" ]; then
@@ -207,7 +211,8 @@ fi
 rmmod virtio_cpufreq
 say "rmmod rc=$? policies_left=$(ls "$CF" 2>/dev/null | grep -c policy)"
 [ "$TOPO" = 1 ] && { sleep 1; topo_show removed; }
-dmesg | grep -iE 'virtio_cpufreq|cpufreq|warning|bug|oops|call trace|taint|rcu' | sed 's/^/VUC-DMESG: /'
+dmesg | grep -iE 'virtio_cpufreq|cpufreq|warning|bug|oops|call trace|taint|rcu|EM: |root_domain|pd[0-9]+:' \
+    | sed 's/^/VUC-DMESG: /'
 say "done"
 poweroff -f
 INIT

@@ -19,6 +19,18 @@ topo_show() {
     [ -r /proc/sys/kernel/sched_energy_aware ] && eas=$(cat /proc/sys/kernel/sched_energy_aware)
     say "eas sched_energy_aware=$eas" \
         "em=$(ls /sys/kernel/debug/energy_model 2>/dev/null | tr '\n' ',') $1"
+    # Each perf domain the kernel's energy model holds: its CPUs, states, and the top state's power.
+    for pd in /sys/kernel/debug/energy_model/*; do
+        [ -d "$pd" ] || continue
+        n=0; top=""
+        for ps in "$pd"/ps:*; do
+            [ -d "$ps" ] || continue
+            n=$((n + 1))
+            f=$(cat "$ps/frequency"); p=$(cat "$ps/power")
+            [ -z "$top" ] || [ "$f" -gt "${top%%:*}" ] && top="$f:$p"
+        done
+        say "em-pd $(basename "$pd") cpus=$(cat "$pd/cpus" 2>/dev/null) states=$n top=$top $1"
+    done
 }
 
 # fie_read CPU: sets J (jiffies), HZ_, S (the CPU's arch_freq_scale), P
@@ -76,29 +88,90 @@ fie_watch() {
     done
 }
 
+# cpu_of PID: sets CPU to the CPU the task last ran on (/proc/PID/stat field
+# 39), with shell builtins only: a sampler that forks (cut) every 100 ms is
+# itself a load on the vCPU it runs on under TCG, and would skew placement.
+cpu_of() {
+    read -r _stat <"/proc/$1/stat"
+    set -- $_stat
+    shift 38
+    CPU=$1
+}
+
+# light_task: a little work, then 50 ms asleep, forever, with shell builtins
+# only.  Forking usleep every period made these tasks anything but light
+# under TCG (an exec is emulated: util_avg up to 158, a whole little vCPU),
+# so they sleep in read -t on a FIFO nobody writes.
+light_task() {
+    [ -p /tmp/light.fifo ] || mkfifo /tmp/light.fifo
+    exec 3<>/tmp/light.fifo
+    while :; do
+        i=0
+        while [ $i -lt 20 ]; do i=$((i + 1)); done
+        read -r -t 0.05 _x <&3
+    done
+}
+
 # placement SECS: after "placement-start", one CPU-bound task and two light ones (a little work, then
 # 50 ms asleep), no affinity; where each runs, sampled every 100 ms from
-# /proc/PID/stat (field 39, the CPU it last ran on).
+# /proc/PID/stat (field 39, the CPU it last ran on; cpu_of).
 placement() {
     say "placement-start"
     sleep 1    # the test sets the host's frequencies (a host whose vCPU threads are busy)
     sh -c 'while :; do :; done' &
     HEAVY=$!
-    sh -c 'while :; do i=0; while [ $i -lt 20 ]; do i=$((i + 1)); done; usleep 50000; done' &
+    light_task &
     L1=$!
-    sh -c 'while :; do i=0; while [ $i -lt 20 ]; do i=$((i + 1)); done; usleep 50000; done' &
+    light_task &
     L2=$!
     sleep 1    # let the heavy task's utilisation grow
     h=""; l=""; k=0
     while [ $k -lt $(($1 * 10)) ]; do
-        h="$h$(cut -d' ' -f39 /proc/$HEAVY/stat),"
-        l="$l$(cut -d' ' -f39 /proc/$L1/stat),$(cut -d' ' -f39 /proc/$L2/stat),"
+        cpu_of $HEAVY; h="$h$CPU,"
+        cpu_of $L1; l="$l$CPU,"
+        cpu_of $L2; l="$l$CPU,"
         usleep 100000
         k=$((k + 1))
     done
     kill $HEAVY $L1 $L2
     wait $HEAVY $L1 $L2 2>/dev/null
     say "placement heavy=${h%,} light=${l%,}"
+}
+
+# placement_light SECS: the two light tasks alone.  With a CPU-bound task
+# the big vCPU is over its capacity margin, the root domain is overutilised
+# and EAS stands aside (the load balancer places tasks); alone, light tasks
+# are placed at wake-up by EAS when it runs, by capacity otherwise.
+placement_light() {
+    say "placement-light-start"
+    light_task &
+    L1=$!
+    light_task &
+    L2=$!
+    sleep 1
+    l=""; k=0
+    while [ $k -lt $(($1 * 10)) ]; do
+        cpu_of $L1; l="$l$CPU,"
+        cpu_of $L2; l="$l$CPU,"
+        usleep 100000
+        k=$((k + 1))
+        [ $k = $(($1 * 5)) ] && util_show light
+    done
+    kill $L1 $L2
+    wait $L1 $L2 2>/dev/null
+    say "placement-light light=${l%,}"
+}
+
+# util_show WHAT: each CPU's CFS utilisation and the light tasks' (the scheduler's debugfs), what
+# EAS weighs when it places a waking task.
+util_show() {
+    awk '/^cfs_rq\[[0-9]+\]:\/$/ { c = $1; sub(/^cfs_rq\[/, "", c); sub(/\].*/, "", c) }
+         c != "" && $1 == ".util_avg" { u = u " cpu" c "=" $3; c = "" }
+         END { print "VUC: util" u }' /sys/kernel/debug/sched/debug 2>/dev/null
+    for p in $L1 $L2; do
+        read -r _u <"/proc/$p/sched" 2>/dev/null
+        say "util-task pid=$p $(grep -E 'se.avg.util_(avg|est)' "/proc/$p/sched" 2>/dev/null | tr -s ' ' | tr '\n' ' ') $1"
+    done
 }
 
 # topo_change SECS PLACEMENT_SECS: say "wait-topology-change" (the test

@@ -38,6 +38,13 @@
  * Until the device has placed the page (magic 0) or while it is not LIVE,
  * or when the count stays odd, the cached config answers.
  *
+ * Energy model (SPEC 9.4, VIRTIO_CPUFREQ_F_ENERGY_MODEL, arm64): the page
+ * also carries each domain's power per performance state.  Probe waits
+ * (bounded) for the page, reads the section under its sequence count into a
+ * local copy, checks every value, and the cpufreq driver's ->register_em()
+ * gives each new policy's domain to the kernel (em_dev_register_perf_domain)
+ * before its governor starts, so the scheduler's perf domains and EAS see it.
+ *
  * Assumption: Linux CPU number N is vCPU N (true for QEMU x86 and arm64
  * guests with the default topology).
  *
@@ -65,6 +72,9 @@
 #include <linux/workqueue.h>
 #ifdef CONFIG_GENERIC_ARCH_TOPOLOGY
 #include <linux/arch_topology.h>
+#include <linux/cpu.h>
+#include <linux/delay.h>
+#include <linux/energy_model.h>
 #include <linux/of.h>
 #include <linux/sched/topology.h>
 #include <linux/topology.h>
@@ -82,6 +92,7 @@
 
 #define VIRTIO_CPUFREQ_F_PERF_REQUEST	0
 #define VIRTIO_CPUFREQ_F_FREQ_PAGE	1
+#define VIRTIO_CPUFREQ_F_ENERGY_MODEL	2
 
 /* The shared frequency page (SPEC 8): shmid 0, 4 KiB, written by the device only. */
 #define VCF_PAGE_SHMID			0
@@ -89,6 +100,11 @@
 #define VCF_PAGE_MAGIC			0x50464356	/* "VCFP" */
 #define VCF_PAGE_F_LIVE			(1 << 0)
 #define VCF_PAGE_TRIES			16
+
+/* The energy model section of the page (SPEC 9.4). */
+#define VCF_EM_OFFSET			256
+#define VCF_EM_MAX_STATES		32
+#define VCF_EM_MAX_POWER_UW		64000000U	/* Linux's EM_MAX_POWER, 64 W */
 
 #define VCF_CONFIG_SIZE			256
 #define VCF_MAX_DOMAINS			8
@@ -152,7 +168,30 @@ struct virtio_cpufreq_page {
 	struct virtio_cpufreq_page_domain domains[VCF_MAX_DOMAINS];
 };
 
-static_assert(sizeof(struct virtio_cpufreq_page) <= VCF_PAGE_SIZE);
+struct virtio_cpufreq_em_state {
+	__le32 khz;
+	__le32 power_uw;
+};
+
+struct virtio_cpufreq_em_domain {
+	__le16 num_states;
+	__le16 reserved;
+	__le32 reserved2;
+	struct virtio_cpufreq_em_state states[VCF_EM_MAX_STATES];
+};
+
+struct virtio_cpufreq_energy {
+	__le32 seq;		/* odd while the device writes the section */
+	__le16 num_domains;	/* 0: no model for this topology */
+	__le16 reserved;
+	__le32 reserved2[2];
+	struct virtio_cpufreq_em_domain domains[VCF_MAX_DOMAINS];
+};
+
+static_assert(sizeof(struct virtio_cpufreq_page) <= VCF_EM_OFFSET);
+static_assert(sizeof(struct virtio_cpufreq_em_domain) == 264);
+static_assert(offsetof(struct virtio_cpufreq_energy, domains) == 16);
+static_assert(VCF_EM_OFFSET + sizeof(struct virtio_cpufreq_energy) <= VCF_PAGE_SIZE);
 static_assert(offsetof(struct virtio_cpufreq_page, domains) == 16);
 static_assert(sizeof(struct virtio_cpufreq_config) == VCF_CONFIG_SIZE);
 static_assert(offsetof(struct virtio_cpufreq_config, domains) == 16);
@@ -201,6 +240,14 @@ MODULE_PARM_DESC(capacities, "arm64: give the scheduler each domain's capacity (
 static bool freq_invariance = true;
 module_param(freq_invariance, bool, 0444);
 MODULE_PARM_DESC(freq_invariance, "arm64: read each vCPU's frequency scale from the shared page every tick");
+
+static bool energy_model = true;
+module_param(energy_model, bool, 0444);
+MODULE_PARM_DESC(energy_model, "arm64: give the kernel the device's energy model (SPEC 9.4), for EAS");
+
+static unsigned int em_wait_ms = 2000;
+module_param(em_wait_ms, uint, 0444);
+MODULE_PARM_DESC(em_wait_ms, "how long probe waits for the device to place the page before it reads the energy model");
 
 /* -- driver state ----------------------------------------------------------- */
 
@@ -281,6 +328,22 @@ struct vcf_dev {
 	enum { VCF_CAP_NONE, VCF_CAP_DEVICE, VCF_CAP_FIRMWARE } cap_source;
 	unsigned long *saved_scale;	/* cpu_scale before this driver wrote it */
 	cpumask_var_t fie_cpus;	/* CPUs it was registered for */
+
+	/* energy model (SPEC 9.4): the last one read and accepted, per domain */
+	struct vcf_em {
+		unsigned int nr;
+		u32 khz[VCF_EM_MAX_STATES];
+		u32 uw[VCF_EM_MAX_STATES];
+	} em[VCF_MAX_DOMAINS];
+	bool have_em;
+	struct vcf_em *em_reg;	/* the tables the kernel was given, and the map then */
+	u8 *em_reg_map;
+	cpumask_var_t em_cpus;	/* one CPU of each domain registered by this bind */
+	atomic_t em_registered;	/* performance domains registered with the kernel */
+	atomic_t em_exists;	/* ... that the kernel had already (an earlier bind) */
+	atomic_t em_errors;	/* ... that it refused */
+	atomic_t em_rejected;	/* models read from the page and refused (the reason is logged) */
+	bool em_stale;		/* the model or map differs from what the kernel was given */
 };
 
 /* cpufreq has one driver for the whole system: at most one device is used. */
@@ -415,17 +478,21 @@ out:
 static void vcf_set_capacities(struct vcf_dev *vi, bool announced);
 static void vcf_fie_start(struct vcf_dev *vi);
 static void vcf_fie_stop(struct vcf_dev *vi);
+static void vcf_em_retopology(struct vcf_dev *vi);
 static struct cpufreq_driver vcf_cpufreq_driver;
 
-/* The vCPU-to-domain map the runs describe, into @map; false if they do not cover num_vcpus. */
+/*
+ * The vCPU-to-domain map the runs describe, into @map; false if they do not
+ * cover num_vcpus or name a domain beyond the config's num_domains.
+ */
 static bool vcf_runs_map(const struct vcf_dev *vi, const struct virtio_cpufreq_config *cfg, u8 *map)
 {
-	unsigned int i, j, v = 0, nruns = le16_to_cpu(cfg->num_runs);
+	unsigned int i, j, v = 0, nruns = le16_to_cpu(cfg->num_runs), ndom = le16_to_cpu(cfg->num_domains);
 
 	for (i = 0; i < nruns && i < VCF_MAX_RUNS; i++) {
 		unsigned int dom = cfg->runs[i].domain, count = cfg->runs[i].count;
 
-		if (dom >= vi->num_domains || v + count > vi->num_vcpus)
+		if (dom >= ndom || v + count > vi->num_vcpus)
 			return false;
 		for (j = 0; j < count; j++)
 			map[v++] = dom;
@@ -434,8 +501,8 @@ static bool vcf_runs_map(const struct vcf_dev *vi, const struct virtio_cpufreq_c
 }
 
 /*
- * A topology change the device announced (a domain's capacity or the vCPU
- * map changed: re-pinning): the policies are made anew.  Unregistering the
+ * A topology change the device announced (a domain's capacity, the number
+ * of domains or the vCPU map changed: re-pinning): the policies are made anew.  Unregistering the
  * cpufreq driver stops the governors (no ->fast_switch() after it), the
  * domains and the map are replaced, the new capacities go to cpu_scale, and
  * registering again builds the new frequency tables; starting schedutil
@@ -449,11 +516,13 @@ static void vcf_retopology(struct vcf_dev *vi, const struct virtio_cpufreq_confi
 
 	vcf_fie_stop(vi);
 	cpufreq_unregister_driver(&vcf_cpufreq_driver);
+	/* 1..VCF_MAX_DOMAINS (vcf_read_config); domains[] and their cpumasks exist for all of them. */
+	vi->num_domains = le16_to_cpu(cfg->num_domains);
 	if (vcf_parse_domains(vi, cfg)) {
 		dev_err(&vi->vdev->dev, "announced topology unusable; the device is not driven\n");
 		return;
 	}
-	for (i = 0; i < vi->num_domains; i++)
+	for (i = 0; i < VCF_MAX_DOMAINS; i++)
 		cpumask_clear(vi->domains[i].cpus);
 	for (v = 0; v < vi->num_vcpus; v++) {
 		WRITE_ONCE(vi->vcpu_domain[v], map[v]);
@@ -462,6 +531,7 @@ static void vcf_retopology(struct vcf_dev *vi, const struct virtio_cpufreq_confi
 		vi->vcpus[v].last_util = -1;	/* the next request goes out */
 	}
 	vcf_set_capacities(vi, true);
+	vcf_em_retopology(vi);
 	err = cpufreq_register_driver(&vcf_cpufreq_driver);
 	if (err) {
 		dev_err(&vi->vdev->dev, "cannot register the cpufreq driver again: %d\n", err);
@@ -497,11 +567,10 @@ static void vcf_config_work(struct work_struct *work)
 	gen = le32_to_cpu(cfg->generation);
 	if (gen == vi->generation)
 		goto out;	/* nothing new */
-	if (le16_to_cpu(cfg->num_domains) != vi->num_domains ||
-	    le16_to_cpu(cfg->num_vcpus) != vi->num_vcpus) {
-		dev_warn(&vi->vdev->dev,
-			 "topology changed (%u domains, %u vCPUs); rebind the driver to use it\n",
-			 le16_to_cpu(cfg->num_domains), le16_to_cpu(cfg->num_vcpus));
+	if (le16_to_cpu(cfg->num_vcpus) != vi->num_vcpus) {
+		/* The per-vCPU slots and buffers are sized at probe. */
+		dev_warn(&vi->vdev->dev, "now %u vCPUs (was %u); rebind the driver to use them\n",
+			 le16_to_cpu(cfg->num_vcpus), vi->num_vcpus);
 		goto out;
 	}
 	map = kcalloc(vi->num_vcpus, sizeof(*map), GFP_KERNEL);
@@ -509,8 +578,9 @@ static void vcf_config_work(struct work_struct *work)
 		dev_warn(&vi->vdev->dev, "bad vCPU map in the configuration; ignored\n");
 		goto out;
 	}
-	topology = memcmp(map, vi->vcpu_domain, vi->num_vcpus) != 0;
-	for (i = 0; i < vi->num_domains; i++)
+	topology = memcmp(map, vi->vcpu_domain, vi->num_vcpus) != 0 ||
+		   le16_to_cpu(cfg->num_domains) != vi->num_domains;
+	for (i = 0; i < vi->num_domains && !topology; i++)
 		topology |= le16_to_cpu(cfg->domains[i].capacity) != vi->domains[i].capacity;
 	if (topology) {
 		vcf_retopology(vi, cfg, map);
@@ -992,7 +1062,220 @@ static u64 vcf_fie_sum(const struct vcf_dev *vi, bool fallbacks)
 		n += fallbacks ? per_cpu(vcf_fie_stat, cpu).fallbacks : per_cpu(vcf_fie_stat, cpu).ticks;
 	return n;
 }
+#endif
+
+/* -- energy model (SPEC 9.4) ------------------------------------------------- */
+
+#if defined(CONFIG_GENERIC_ARCH_TOPOLOGY) && defined(CONFIG_ENERGY_MODEL)
+#define VCF_EM 1
+
+static bool vcf_page_live(const struct vcf_dev *vi)
+{
+	return le32_to_cpu(READ_ONCE(vi->page->magic)) == VCF_PAGE_MAGIC &&
+	       (le32_to_cpu(READ_ONCE(vi->page->flags)) & VCF_PAGE_F_LIVE);
+}
+
+/* What is wrong with a copied section (SPEC 9.4's reasons), or NULL. */
+static const char *vcf_em_check(const struct vcf_dev *vi, const struct virtio_cpufreq_energy *e)
+{
+	unsigned int i, j, nd = le16_to_cpu(e->num_domains);
+
+	if (!nd)
+		return "no-em";
+	if (nd != vi->num_domains)
+		return "bad-em-header";
+	for (i = 0; i < nd; i++) {
+		const struct virtio_cpufreq_em_domain *d = &e->domains[i];
+		unsigned int n = le16_to_cpu(d->num_states);
+		u32 prev = 0;
+
+		if (n < 1 || n > VCF_EM_MAX_STATES)
+			return "bad-em-states";
+		for (j = 0; j < n; j++) {
+			u32 khz = le32_to_cpu(d->states[j].khz), uw = le32_to_cpu(d->states[j].power_uw);
+
+			if (khz <= prev)
+				return "bad-em-frequency";
+			if (!uw || uw > VCF_EM_MAX_POWER_UW)
+				return "bad-em-power";
+			prev = khz;
+		}
+		if (prev != vi->domains[i].max_khz)
+			return "em-top-mismatch";
+	}
+	return NULL;
+}
+
+/*
+ * Read the section into a local copy between two loads of its count (the
+ * device may be rewriting it; a guest may scribble on it), check the copy,
+ * and only then take it.  Process context: the retries may sleep.
+ */
+static void vcf_em_read(struct vcf_dev *vi)
+{
+	const void *src = (const void *)vi->page + VCF_EM_OFFSET;
+	struct virtio_cpufreq_energy *e;
+	const char *why = "em-torn";
+	unsigned int i, j, tries;
+	u32 s1, s2;
+
+	vi->have_em = false;
+	e = kmalloc(sizeof(*e), GFP_KERNEL);
+	if (!e)
+		return;
+	for (tries = 0; tries < VCF_PAGE_TRIES; tries++) {
+		s1 = le32_to_cpu(READ_ONCE(*(const __le32 *)src));
+		if (!(s1 & 1)) {
+			smp_rmb();
+			memcpy(e, src, sizeof(*e));
+			smp_rmb();
+			s2 = le32_to_cpu(READ_ONCE(*(const __le32 *)src));
+			if (s1 == s2) {
+				why = vcf_em_check(vi, e);
+				break;
+			}
+		}
+		usleep_range(100, 200);
+	}
+	if (why) {
+		atomic_inc(&vi->em_rejected);
+		dev_warn(&vi->vdev->dev, "energy model refused: %s\n", why);
+	} else {
+		for (i = 0; i < vi->num_domains; i++) {
+			const struct virtio_cpufreq_em_domain *d = &e->domains[i];
+
+			vi->em[i].nr = le16_to_cpu(d->num_states);
+			for (j = 0; j < vi->em[i].nr; j++) {
+				vi->em[i].khz[j] = le32_to_cpu(d->states[j].khz);
+				vi->em[i].uw[j] = le32_to_cpu(d->states[j].power_uw);
+			}
+		}
+		vi->have_em = true;
+	}
+	kfree(e);
+}
+
+/* Probe: once the device has placed the page (after DRIVER_OK), read the model. */
+static void vcf_em_probe(struct vcf_dev *vi)
+{
+	unsigned int waited;
+
+	if (!energy_model || !vi->page || !virtio_has_feature(vi->vdev, VIRTIO_CPUFREQ_F_ENERGY_MODEL))
+		return;
+	for (waited = 0; !vcf_page_live(vi) && waited < em_wait_ms; waited += 5)
+		msleep(5);
+	if (!vcf_page_live(vi)) {
+		dev_warn(&vi->vdev->dev, "page not placed within %u ms: no energy model\n", em_wait_ms);
+		return;
+	}
+	vcf_em_read(vi);
+}
+
+/*
+ * The kernel's EM builds its table by asking for the lowest state at or
+ * above *freq, from 0 upwards (em_data_callback.active_power); called only
+ * while em_dev_register_perf_domain() runs, from our ->register_em().
+ */
+static int vcf_em_active_power(struct device *dev, unsigned long *power, unsigned long *freq)
+{
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	const struct vcf_em *em;
+	unsigned int i;
+
+	if (!vi || dev->id >= vi->num_vcpus)
+		return -ENODEV;
+	em = &vi->em[vi->vcpu_domain[dev->id]];
+	for (i = 0; i < em->nr; i++) {
+		if (em->khz[i] >= *freq) {
+			*freq = em->khz[i];
+			*power = em->uw[i];
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+static const struct em_data_callback vcf_em_cb = EM_DATA_CB(vcf_em_active_power);
+
+/*
+ * cpufreq_online() calls this for a new policy before its governor starts
+ * (and before CPUFREQ_CREATE_POLICY), so the scheduler domains that the
+ * governor's start rebuilds get this perf domain and EAS can run.  The
+ * kernel keeps CPU perf domains for good (em_dev_unregister_perf_domain()
+ * ignores CPU devices, and updating one needs em_table_alloc(), which is
+ * not exported): a later bind finds them (-EEXIST) and they stay as first
+ * registered.  The kernel copies the table; nothing of this module is kept.
+ */
+static void vcf_register_em(struct cpufreq_policy *policy)
+{
+	struct vcf_dev *vi = READ_ONCE(vcf);
+	const struct vcf_domain *d = policy->driver_data;
+	int err;
+
+	if (!vi || !vi->have_em || !d)
+		return;
+	err = em_dev_register_perf_domain(get_cpu_device(policy->cpu), vi->em[d->index].nr, &vcf_em_cb,
+					  policy->cpus, true);
+	if (err == -EEXIST) {
+		atomic_inc(&vi->em_exists);
+	} else if (err) {
+		atomic_inc(&vi->em_errors);
+		dev_warn(&vi->vdev->dev, "energy model for CPUs %*pbl refused: %d\n",
+			 cpumask_pr_args(policy->cpus), err);
+	} else {
+		atomic_inc(&vi->em_registered);
+		cpumask_set_cpu(policy->cpu, vi->em_cpus);
+	}
+}
+
+/* After the policies exist: remember what the kernel was given, to tell when it goes stale. */
+static void vcf_em_registered(struct vcf_dev *vi)
+{
+	if (!vi->have_em || vi->em_reg || !atomic_read(&vi->em_registered))
+		return;
+	vi->em_reg = kmemdup(vi->em, sizeof(vi->em), GFP_KERNEL);
+	vi->em_reg_map = kmemdup(vi->vcpu_domain, vi->num_vcpus, GFP_KERNEL);
+}
+
+/*
+ * A topology change: the device rewrote the section before it announced the
+ * change.  The kernel's perf domains cannot follow (see vcf_register_em()),
+ * so em_stale says when the map or a table differs from what it was given.
+ */
+static void vcf_em_retopology(struct vcf_dev *vi)
+{
+	if (!vi->have_em && !vi->em_reg)
+		return;
+	vcf_em_read(vi);
+	vi->em_stale = vi->em_reg && (!vi->have_em || !vi->em_reg_map ||
+		       memcmp(vi->em_reg, vi->em, sizeof(vi->em)) ||
+		       memcmp(vi->em_reg_map, vi->vcpu_domain, vi->num_vcpus));
+	if (vi->em_stale)
+		dev_warn(&vi->vdev->dev, "the kernel's energy model describes the topology it was registered with\n");
+}
+
+/* Remove: a no-op for CPU devices in 7.3 (they are never unregistered), kept for kernels that do. */
+static void vcf_em_remove(struct vcf_dev *vi)
+{
+	unsigned int cpu;
+
+	for_each_cpu(cpu, vi->em_cpus)
+		em_dev_unregister_perf_domain(get_cpu_device(cpu));
+	cpumask_clear(vi->em_cpus);
+	kfree(vi->em_reg);
+	kfree(vi->em_reg_map);
+	vi->em_reg = NULL;
+	vi->em_reg_map = NULL;
+}
 #else
+/* x86: capacities cannot reach the scheduler from a module, so an energy model would not enable EAS. */
+static void vcf_em_probe(struct vcf_dev *vi) { }
+static void vcf_em_registered(struct vcf_dev *vi) { }
+static void vcf_em_retopology(struct vcf_dev *vi) { }
+static void vcf_em_remove(struct vcf_dev *vi) { }
+#endif
+
+#ifndef CONFIG_GENERIC_ARCH_TOPOLOGY
 /*
  * x86 (and any architecture without GENERIC_ARCH_TOPOLOGY): the frequency
  * scale comes from APERF/MPERF in arch_scale_freq_tick() and no interface
@@ -1068,6 +1351,9 @@ static struct cpufreq_driver vcf_cpufreq_driver = {
 	.target_index	= vcf_target_index,
 	.fast_switch	= vcf_fast_switch,
 	.get		= vcf_get,
+#ifdef VCF_EM
+	.register_em	= vcf_register_em,
+#endif
 };
 
 /* -- sysfs statistics (under the virtio device) ------------------------------ */
@@ -1139,6 +1425,14 @@ static ssize_t freq_scale_show(struct device *dev, struct device_attribute *attr
 }
 static DEVICE_ATTR_RO(freq_scale);
 #endif
+#ifdef VCF_EM
+VCF_STAT_ATTR(em, vi->have_em ? 1 : 0);
+VCF_STAT_ATTR(em_domains, atomic_read(&vi->em_registered));
+VCF_STAT_ATTR(em_exists, atomic_read(&vi->em_exists));
+VCF_STAT_ATTR(em_errors, atomic_read(&vi->em_errors));
+VCF_STAT_ATTR(em_rejected, atomic_read(&vi->em_rejected));
+VCF_STAT_ATTR(em_stale, vi->em_stale ? 1 : 0);
+#endif
 
 static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_requests.attr,
@@ -1166,6 +1460,14 @@ static struct attribute *vcf_stat_attrs[] = {
 	&dev_attr_capacity_mismatch.attr,
 	&dev_attr_freq_scale.attr,
 #endif
+#ifdef VCF_EM
+	&dev_attr_em.attr,
+	&dev_attr_em_domains.attr,
+	&dev_attr_em_exists.attr,
+	&dev_attr_em_errors.attr,
+	&dev_attr_em_rejected.attr,
+	&dev_attr_em_stale.attr,
+#endif
 	NULL,
 };
 
@@ -1188,6 +1490,9 @@ static void vcf_free(struct vcf_dev *vi)
 	for (i = 0; i < VCF_MAX_DOMAINS; i++)
 		free_cpumask_var(vi->domains[i].cpus);
 	free_cpumask_var(vi->fie_cpus);
+	free_cpumask_var(vi->em_cpus);
+	kfree(vi->em_reg);
+	kfree(vi->em_reg_map);
 	kfree(vi->vcpus);
 	kfree(vi->vcpu_domain);
 	if (vi->page)
@@ -1263,7 +1568,7 @@ static int vcf_probe(struct virtio_device *vdev)
 			goto free;
 		}
 	}
-	if (!zalloc_cpumask_var(&vi->fie_cpus, GFP_KERNEL)) {
+	if (!zalloc_cpumask_var(&vi->fie_cpus, GFP_KERNEL) || !zalloc_cpumask_var(&vi->em_cpus, GFP_KERNEL)) {
 		err = -ENOMEM;
 		goto free;
 	}
@@ -1308,6 +1613,7 @@ static int vcf_probe(struct virtio_device *vdev)
 
 	WRITE_ONCE(vcf, vi);
 	vcf_set_capacities(vi, false);
+	vcf_em_probe(vi);	/* before the policies: ->register_em() gives it to the kernel */
 	err = cpufreq_register_driver(&vcf_cpufreq_driver);
 	if (err) {
 		dev_err(&vdev->dev, "cannot register the cpufreq driver: %d%s\n", err,
@@ -1323,19 +1629,22 @@ static int vcf_probe(struct virtio_device *vdev)
 	 */
 	if (vi->cap_source == VCF_CAP_FIRMWARE && vcf_capacity_mismatch(vi))
 		vcf_set_capacities(vi, true);
+	vcf_em_registered(vi);
 	vcf_fie_start(vi);
 	if (sysfs_create_group(&vdev->dev.kobj, &vcf_stat_group))
 		dev_warn(&vdev->dev, "no statistics in sysfs\n");
 
 	dev_info(&vdev->dev,
-		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s%s%s\n",
+		 "%u vCPUs in %u domains, generation %u, %llu config reads, %u buffers of %u records%s%s%s%s%s%s\n",
 		 vi->num_vcpus, vi->num_domains, vi->generation,
 		 (unsigned long long)atomic64_read(&vi->stat_config_reads), vi->nr_bufs, vi->recs_per_buf,
 		 vi->perf_request ? ", perf requests" : "",
 		 virtio_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX) ? ", event idx" : "",
 		 vi->page ? ", frequency page" : "", vi->fie ? ", frequency-scale source" : "",
 		 vi->cap_source == VCF_CAP_FIRMWARE ? ", firmware capacities" :
-		 vi->cap_source == VCF_CAP_DEVICE ? ", device capacities" : "");
+		 vi->cap_source == VCF_CAP_DEVICE ? ", device capacities" : "",
+		 atomic_read(&vi->em_registered) ? ", energy model" :
+		 atomic_read(&vi->em_exists) ? ", energy model (registered before)" : "");
 	for (i = 0; i < vi->num_domains; i++)
 		dev_info(&vdev->dev, "domain %u: cpus %*pbl, %u..%u kHz, now %u kHz, capacity %u\n", i,
 			 cpumask_pr_args(vi->domains[i].cpus), vi->domains[i].min_khz,
@@ -1372,6 +1681,7 @@ static void vcf_remove(struct virtio_device *vdev)
 	vcf_clear_capacities(vi);	/* before the governors' exit rebuilds the domains */
 	/* Stops the governors: no ->fast_switch()/->target_index() after this. */
 	cpufreq_unregister_driver(&vcf_cpufreq_driver);
+	vcf_em_remove(vi);
 	irq_work_sync(&vi->flush_work);
 	timer_shutdown_sync(&vi->timer);	/* and no re-arming from here on */
 	irq_work_sync(&vi->flush_work);
@@ -1396,6 +1706,9 @@ MODULE_DEVICE_TABLE(virtio, vcf_id_table);
 static const unsigned int vcf_features[] = {
 	VIRTIO_CPUFREQ_F_PERF_REQUEST,
 	VIRTIO_CPUFREQ_F_FREQ_PAGE,
+#ifdef VCF_EM
+	VIRTIO_CPUFREQ_F_ENERGY_MODEL,	/* only where EAS can use it: capacities reach the scheduler */
+#endif
 };
 
 static struct virtio_driver vcf_driver = {

@@ -8,7 +8,8 @@ started/enabled state), each ring's position in its queue (next avail index,
 used index, the used index last signalled), the memory table, and the
 device's state a restart would otherwise lose (:class:`DeviceSnapshot`: the
 negotiated device features, the config space the guest last read, sequence
-tracking and each vCPU's last request).
+tracking and each vCPU's last request), and the shared frequency page's
+regions and writer state (shmem_snapshot.py).
 
 File descriptors cannot live in bytes: every fd the session holds (the
 connection, the back-end channel, kick/call/err eventfds, guest memory) is an
@@ -33,31 +34,39 @@ import json
 import math
 import struct
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping, Sequence
 
 from . import vhost_user as vu
 from .errors import RemoteProtocolError
-from .session import OFFERED_PROTOCOL_FEATURES, PROTOCOL_FEATURES_BIT, DeviceFacts, RingState, SessionMachine
+from .shmem_snapshot import (
+    PageSnapshot,
+    ShmemSnapshot,
+    page_from_json,
+    page_resumed,
+    page_to_json,
+    shmem_from_json,
+    shmem_to_json,
+)
+from .snapshot_codec import I64_MAX, I64_MIN, U16, U32, U64, Obj, SnapshotError
+from .session import PROTOCOL_FEATURES_BIT, DeviceFacts, RingState, SessionMachine
 from .virtqueue import validate_queue_size
 
 __all__ = ["SNAPSHOT_VERSION", "MAX_SNAPSHOT_BYTES", "SnapshotError", "RingSnapshot", "RegionSnapshot",
            "SeqSnapshot", "DeviceSnapshot", "SessionSnapshot", "encode", "decode", "machine_state",
-           "restore_machine", "at_used"]
+           "restore_machine", "at_used", "at_page", "PageSnapshot", "ShmemSnapshot"]
 
-SNAPSHOT_VERSION = 1
+#: 2: the shared frequency page (``shmem``, ``device.page``).  Version 1 (a predecessor without them)
+#: is still read: its sessions had no page in use (they were refused), so the new parts are absent.
+SNAPSHOT_VERSION = 2
+_READS = (1, 2)
 #: A session's snapshot is well under 8 KiB; anything larger is not one of ours.
 MAX_SNAPSHOT_BYTES = 1 << 16
 _HEADER = struct.Struct("<4sHHI")  # magic, version, reserved (0), body length
 _MAGIC = b"VUCS"
-_U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_U16, _U32, _U64, _I64_MIN, _I64_MAX = U16, U32, U64, I64_MIN, I64_MAX
 _MAX_RINGS = 64
 _MAX_REGIONS = 512
 _MAX_VCPUS = 4096
-
-
-class SnapshotError(RemoteProtocolError):
-    """A snapshot (or the fds sent with it) that cannot be resumed; ``reason`` says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +110,7 @@ class DeviceSnapshot:
     config: bytes  # the config space as the guest last could read it (generation included)
     seq: SeqSnapshot
     vcpus: tuple[tuple[int, int, float | None], ...]  # (util, perf_khz, CLOCK_MONOTONIC of the record)
+    page: PageSnapshot | None = None  # the shared frequency page's writer, when the device has the page
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,7 @@ class SessionSnapshot:
     rings: tuple[RingSnapshot, ...]
     regions: tuple[RegionSnapshot, ...]
     device: DeviceSnapshot
+    shmem: ShmemSnapshot | None = None  # None: no region was ever asked for (or a version 1 snapshot)
 
     def fd_refs(self) -> list[int]:
         """Every fd index the snapshot names, in the order it names them."""
@@ -125,6 +136,8 @@ class SessionSnapshot:
         for r in self.rings:
             refs += [fd for fd in (r.kick_fd, r.call_fd, r.err_fd) if fd is not None]
         refs += [g.fd for g in self.regions]
+        if self.shmem is not None:
+            refs += [p.fd for p in self.shmem.pages]
         return refs
 
 
@@ -142,10 +155,22 @@ def restore_machine(device: DeviceFacts, snap: SessionSnapshot) -> SessionMachin
     :raise SnapshotError: the snapshot names features, rings or sizes this device does not have.
     """
     m = SessionMachine(device)
+    if snap.protocol_features & ~m.offered_protocol_features:
+        raise SnapshotError("protocol-features-not-offered", f"{snap.protocol_features:#x}")
+    sh = snap.shmem
+    if sh is not None:
+        if any(p.shmid >= len(device.shmem_sizes) or p.size != device.shmem_sizes[p.shmid] for p in sh.pages):
+            raise SnapshotError("shmem-mismatch", f"regions {[(p.shmid, p.size) for p in sh.pages]}, this device "
+                                f"has {device.shmem_sizes}")
+        if sh.channel and snap.backend_channel_fd is None:
+            raise SnapshotError("inconsistent-shmem", "regions placed on a back-end channel the snapshot lacks")
+        m.shmem.channel, m.shmem.mapped = sh.channel, sh.mapped
+    else:
+        # Version 1, or no region asked for: the channel is what tells the rules regions are possible.
+        m.shmem.channel = snap.backend_channel_fd is not None
+    m.protocol_features = snap.protocol_features  # what is offered depends on it (the page's feature)
     if snap.acked_features & ~m.offered_features:
         raise SnapshotError("features-not-offered", f"acked {snap.acked_features:#x}, offered {m.offered_features:#x}")
-    if snap.protocol_features & ~OFFERED_PROTOCOL_FEATURES:
-        raise SnapshotError("protocol-features-not-offered", f"{snap.protocol_features:#x}")
     if len(snap.rings) != len(m.rings):
         raise SnapshotError("ring-count", f"{len(snap.rings)} rings, device has {len(m.rings)}")
     m.owner, m.acked_features, m.features_set = snap.owner, snap.acked_features, snap.features_set
@@ -164,6 +189,17 @@ def restore_machine(device: DeviceFacts, snap: SessionSnapshot) -> SessionMachin
             r.enabled for r in snap.rings):
         raise SnapshotError("inconsistent-ring", "rings disabled without PROTOCOL_FEATURES")
     return m
+
+
+def at_page(snap: SessionSnapshot, counts: Sequence[int]) -> SessionSnapshot:
+    """``snap`` with the page's writer going on from the counts read in the page (``counts``).
+
+    For a snapshot written while the service ran (the fd store's, after a crash): the counts it
+    recorded may be behind the page's, and what the page shows is unknown (every entry is rewritten).
+    """
+    if snap.device.page is None:
+        return snap
+    return replace(snap, device=replace(snap.device, page=page_resumed(counts)))
 
 
 def at_used(snap: SessionSnapshot, used: Mapping[int, int]) -> SessionSnapshot:
@@ -203,8 +239,8 @@ def decode(data: bytes, nfds: int) -> SessionSnapshot:
     magic, version, reserved, length = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise SnapshotError("bad-magic", f"{magic!r}")
-    if version != SNAPSHOT_VERSION:
-        raise SnapshotError("version-mismatch", f"snapshot version {version}, this process reads {SNAPSHOT_VERSION}")
+    if version not in _READS:
+        raise SnapshotError("version-mismatch", f"snapshot version {version}, this process reads {_READS}")
     if reserved:
         raise SnapshotError("bad-header", f"reserved field {reserved:#x}")
     if length > MAX_SNAPSHOT_BYTES:
@@ -218,7 +254,7 @@ def decode(data: bytes, nfds: int) -> SessionSnapshot:
                          parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SnapshotError("malformed", f"not JSON: {exc}") from None
-    snap = _from_json(obj)
+    snap = _from_json(obj, version)
     _check_fds(snap, nfds)
     return snap
 
@@ -247,43 +283,6 @@ def _no_constant(name: str) -> Any:
     raise SnapshotError("malformed", f"{name} is not a number here")
 
 
-_T = TypeVar("_T")
-
-
-class _Obj:
-    """A JSON object read with exactly the expected keys."""
-
-    def __init__(self, obj: Any, what: str, keys: tuple[str, ...]) -> None:
-        if not isinstance(obj, dict):
-            raise SnapshotError("malformed", f"{what} is not an object")
-        if set(obj) != set(keys):
-            missing, extra = sorted(set(keys) - set(obj)), sorted(set(obj) - set(keys))
-            raise SnapshotError("malformed", f"{what}: missing {missing}, unexpected {extra}")
-        self.obj: Mapping[str, Any] = obj
-        self.what = what
-
-    def num(self, key: str, lo: int = 0, hi: int = _U64) -> int:
-        v = self.obj[key]
-        if type(v) is not int or not lo <= v <= hi:
-            raise SnapshotError("malformed", f"{self.what}.{key}: {v!r} is not an integer in [{lo}, {hi}]")
-        return v
-
-    def opt(self, key: str, read: Callable[[str], _T]) -> _T | None:
-        return None if self.obj[key] is None else read(key)
-
-    def flag(self, key: str) -> bool:
-        v = self.obj[key]
-        if type(v) is not bool:
-            raise SnapshotError("malformed", f"{self.what}.{key}: {v!r} is not a boolean")
-        return v
-
-    def items(self, key: str, most: int) -> list[Any]:
-        v = self.obj[key]
-        if not isinstance(v, list) or len(v) > most:
-            raise SnapshotError("malformed", f"{self.what}.{key}: not a list of at most {most}")
-        return v
-
-
 _SESSION_KEYS = ("vm", "connection_fd", "backend_channel_fd", "owner", "acked_features", "features_set",
                  "protocol_features", "status", "rings", "regions", "device")
 _RING_KEYS = ("index", "num", "addr", "started", "enabled", "polling", "running", "last_avail", "used_idx",
@@ -291,6 +290,9 @@ _RING_KEYS = ("index", "num", "addr", "started", "enabled", "polling", "running"
 _ADDR_KEYS = ("flags", "desc", "used", "avail", "log")
 _REGION_KEYS = ("gpa", "size", "uva", "mmap_offset", "fd")
 _DEVICE_KEYS = ("acked_features", "config", "seq", "vcpus")
+#: what each version added, to the session's and the device's keys
+_V2_SESSION_KEYS = ("shmem",)
+_V2_DEVICE_KEYS = ("page",)
 _SEQ_KEYS = ("last", "min_offset_ns", "lost", "stale", "last_age_ns")
 
 
@@ -313,12 +315,14 @@ def _to_json(s: SessionSnapshot) -> dict[str, Any]:
         "device": {"acked_features": d.acked_features, "config": d.config.hex(),
                    "seq": {"last": d.seq.last, "min_offset_ns": d.seq.min_offset_ns, "lost": d.seq.lost,
                            "stale": d.seq.stale, "last_age_ns": d.seq.last_age_ns},
-                   "vcpus": [[u, p, t] for u, p, t in d.vcpus]},
+                   "vcpus": [[u, p, t] for u, p, t in d.vcpus],
+                   "page": None if d.page is None else page_to_json(d.page)},
+        "shmem": None if s.shmem is None else shmem_to_json(s.shmem),
     }
 
 
-def _from_json(obj: Any) -> SessionSnapshot:
-    o = _Obj(obj, "session", _SESSION_KEYS)
+def _from_json(obj: Any, version: int) -> SessionSnapshot:
+    o = Obj(obj, "session", _SESSION_KEYS + (_V2_SESSION_KEYS if version >= 2 else ()))
     vm = o.obj["vm"]
     if not isinstance(vm, str) or not 0 < len(vm) <= 256:
         raise SnapshotError("malformed", "session.vm is not a name")
@@ -329,11 +333,12 @@ def _from_json(obj: Any) -> SessionSnapshot:
         backend_channel_fd=o.opt("backend_channel_fd", lambda k: o.num(k, hi=_U16)),
         owner=o.flag("owner"), acked_features=o.num("acked_features"), features_set=o.flag("features_set"),
         protocol_features=o.num("protocol_features"), status=o.num("status", hi=0xFF),
-        rings=rings, regions=regions, device=_device(o.obj["device"]))
+        rings=rings, regions=regions, device=_device(o.obj["device"], version),
+        shmem=o.opt("shmem", lambda k: shmem_from_json(o.obj[k])) if version >= 2 else None)
 
 
 def _ring(obj: Any, i: int) -> RingSnapshot:
-    o = _Obj(obj, f"rings[{i}]", _RING_KEYS)
+    o = Obj(obj, f"rings[{i}]", _RING_KEYS)
     index = o.num("index", hi=_MAX_RINGS)
     if index != i:
         raise SnapshotError("malformed", f"rings[{i}] has index {index}")
@@ -345,7 +350,7 @@ def _ring(obj: Any, i: int) -> RingSnapshot:
             raise SnapshotError("bad-queue-size", f"rings[{i}]: {exc.detail}") from None
     addr = None
     if o.obj["addr"] is not None:
-        a = _Obj(o.obj["addr"], f"rings[{i}].addr", _ADDR_KEYS)
+        a = Obj(o.obj["addr"], f"rings[{i}].addr", _ADDR_KEYS)
         addr = vu.VringAddr(index, a.num("flags", hi=_U32), a.num("desc"), a.num("used"), a.num("avail"),
                             a.num("log"))
 
@@ -359,15 +364,15 @@ def _ring(obj: Any, i: int) -> RingSnapshot:
 
 
 def _region(obj: Any) -> RegionSnapshot:
-    o = _Obj(obj, "region", _REGION_KEYS)
+    o = Obj(obj, "region", _REGION_KEYS)
     r = RegionSnapshot(o.num("gpa"), o.num("size", lo=1), o.num("uva"), o.num("mmap_offset"), o.num("fd", hi=_U16))
     if r.guest_phys_addr + r.size > 1 << 64 or r.userspace_addr + r.size > 1 << 64:
         raise SnapshotError("malformed", "region wraps past 2**64")
     return r
 
 
-def _device(obj: Any) -> DeviceSnapshot:
-    o = _Obj(obj, "device", _DEVICE_KEYS)
+def _device(obj: Any, version: int) -> DeviceSnapshot:
+    o = Obj(obj, "device", _DEVICE_KEYS + (_V2_DEVICE_KEYS if version >= 2 else ()))
     cfg = o.obj["config"]
     try:
         config = bytes.fromhex(cfg) if isinstance(cfg, str) and len(cfg) <= 2 * 256 else None
@@ -375,7 +380,7 @@ def _device(obj: Any) -> DeviceSnapshot:
         config = None
     if config is None:
         raise SnapshotError("malformed", "device.config is not hex of at most 256 bytes")
-    s = _Obj(o.obj["seq"], "device.seq", _SEQ_KEYS)
+    s = Obj(o.obj["seq"], "device.seq", _SEQ_KEYS)
 
     def i64(k: str) -> int:
         return s.num(k, lo=_I64_MIN, hi=_I64_MAX)
@@ -391,4 +396,5 @@ def _device(obj: Any) -> DeviceSnapshot:
         if t is not None and (type(t) not in (int, float) or not math.isfinite(t)):
             raise SnapshotError("malformed", f"device.vcpus: time {t!r}")
         vcpus.append((v[0], v[1], None if t is None else float(t)))
-    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus))
+    page = o.opt("page", lambda k: page_from_json(o.obj[k])) if version >= 2 else None
+    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus), page)

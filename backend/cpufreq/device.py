@@ -48,7 +48,8 @@ from vhost_user_cpufreq.protocol.requests import (
     Drained,
 )
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
-from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, SeqSnapshot, SnapshotError
+from vhost_user_cpufreq.protocol.errors import RecordError
+from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, PageSnapshot, SeqSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
     VIRTIO_RING_F_EVENT_IDX,
@@ -178,6 +179,8 @@ class CpufreqDevice:
         self._page_seq: list[int] = []
         self._page_values: list[abi.PageDomain | None] = []
         self._page_in_use = False
+        self._page_carried: PageSnapshot | None = None  # a predecessor's writer state, until the page is resumed
+        self._restore_moved = (False, False)  # (config moved across a restore, frequencies alone)
         self._host: DeviceHost | None = None
         self._vcpus = [VcpuState() for _ in vcpu_host_domain]
         self._lane_slot: LaneSlot | None = None
@@ -282,6 +285,17 @@ class CpufreqDevice:
         self._page_base, self._page = view, view.cast("I")
         self._page_seq = [0] * abi.MAX_DOMAINS
         self._page_values = [*doms, *[None] * (abi.MAX_DOMAINS - len(doms))]
+
+    def shmem_resume(self, shmid: int, view: memoryview) -> None:
+        """The page a predecessor wrote (the guest reads it): counts go on from the carried ones, and
+        every entry that may differ from now is rewritten (all of them when the values are unknown)."""
+        carried, self._page_carried = self._page_carried, None
+        if carried is None:
+            raise SnapshotError("page-state-missing", "a shared page without its writer's state")
+        self._page_base, self._page = view, view.cast("I")
+        self._page_seq = list(carried.seq)
+        self._page_values = [None if v is None else abi.PageDomain(*v) for v in carried.values]
+        self._page_topology()
 
     def shmem_in_use(self, shmid: int, in_use: bool) -> None:
         self._page_in_use = in_use and bool(self._acked & self.shmem_features)
@@ -436,16 +450,20 @@ class CpufreqDevice:
     def snapshot(self) -> DeviceSnapshot:
         """What a successor process needs to go on; taken with the lane detached (the session froze)."""
         q = self.seq
+        page = None
+        if self._page is not None:
+            page = PageSnapshot(tuple(self._page_seq), tuple(
+                None if v is None else (v.cur_khz, v.freq_scale, v.perf) for v in self._page_values))
         return DeviceSnapshot(self._acked, self.config.encode(),
                               SeqSnapshot(q.last, q.min_offset_ns, q.lost, q.stale, q.last_age_ns),
-                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus))
+                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus), page)
 
     def restore(self, d: DeviceSnapshot) -> None:
         """Go on from a predecessor's state.  The config keeps its generation if nothing in it moved,
         and takes the next one otherwise (the session notifies the front-end after a resume)."""
         if len(d.vcpus) != len(self._vcpus):
             raise SnapshotError("vcpu-count", f"snapshot has {len(d.vcpus)} vCPUs, this VM {len(self._vcpus)}")
-        if d.acked_features & ~self._offered:
+        if d.acked_features & ~(self._offered | self.shmem_features):
             raise SnapshotError("features-not-offered", f"device features {d.acked_features:#x}")
         if len(d.config) != abi.CONFIG_SIZE:
             raise SnapshotError("bad-config", f"{len(d.config)} bytes")
@@ -453,10 +471,23 @@ class CpufreqDevice:
         same = dataclasses.replace(self.config, generation=generation)
         self.config = same if same.encode() == d.config else dataclasses.replace(
             self.config, generation=(generation + 1) & 0xFFFFFFFF)
+        # Frequencies alone reach a guest reading the page without a notification (as in _on_snapshot).
+        try:
+            freq_only = abi.DeviceConfig.decode(d.config).with_frequencies(
+                [x.cur_khz for x in same.domains]).encode()[4:] == same.encode()[4:]
+        except (ValueError, RecordError):
+            freq_only = False
+        self._restore_moved = (same.encode() != d.config, freq_only)
         self._acked = d.acked_features
         s = d.seq
         self.seq = SeqTracker(s.last, s.min_offset_ns, s.lost, s.stale, s.last_age_ns)
         self._vcpus = [VcpuState(u, p, t) for u, p, t in d.vcpus]
+        self._page_carried = d.page
+
+    def owes_notification(self) -> bool:
+        """After :meth:`restore` (and the page's resume): did the config move in a way the guest must be told?"""
+        moved, freq_only = self._restore_moved
+        return moved and not (freq_only and self._page_in_use)
 
     # -- the kick lane ----------------------------------------------------------
     def offload(self, index: int, queue: DeviceQueue, kick_fd: int, call_fd: int | None,

@@ -51,10 +51,12 @@ from vhost_user_cpufreq.protocol.fdstore import (
     parse_name,
     record_name,
 )
-from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError, at_used, encode
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.session_snapshot import SessionSnapshot, SnapshotError, at_page, at_used, encode
 from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
 
 from ..vhost.handover import freeze, guest_used, live_snapshot, snapshot
+from ..vhost.shmem import page_counts
 from ..vhost.transport import Connection
 from . import systemd
 from .handover import Taken
@@ -185,6 +187,7 @@ class Keeper:
             st = self.vms[vm] = _Vm(fd)
         st.conn, st.busy, st.last, st.names, st.stored = conn, False, b"", [], []
         conn.watch = lambda busy, pending: self._watch(st, busy, pending)
+        conn.session.shmem.changed = lambda: self._acked(st)
         self._sync(st)
         replay = self._replay.pop(vm, None)
         if replay:
@@ -220,6 +223,11 @@ class Keeper:
             if st.replay:  # answered: never again (the record below is unchanged by such requests)
                 os.pwrite(st.record_fd, bytes([0]), PENDING_AREA + FLAGS_OFFSET)
                 st.replay = False
+            self._sync(st)
+
+    def _acked(self, st: _Vm) -> None:
+        """The front-end acked a shared memory map: the record says the page is in use."""
+        if st.conn is not None and not st.busy and st.conn.reader.buffered == 0:
             self._sync(st)
 
     # -- writing --------------------------------------------------------------------------
@@ -288,6 +296,22 @@ def _read_all(fd: int, offset: int = 0) -> bytes:
         out += chunk
 
 
+def _after_crash(snap: SessionSnapshot, fds: list[int]) -> SessionSnapshot:
+    """A record written while the process served: ring positions and the page's counts as guest memory and
+    the page hold them now (what the record says of them may be behind)."""
+    snap = at_used(snap, guest_used(snap, fds))
+    if snap.shmem is None or snap.device.page is None:
+        return snap
+    page = next((p for p in snap.shmem.pages if p.shmid == abi.FREQ_PAGE_SHMID), None)
+    if page is None:
+        raise SnapshotError("page-state-missing", "the writer's state of a page the record does not carry")
+    try:
+        counts = page_counts(fds[page.fd], [abi.page_domain_offset(i) for i in range(abi.MAX_DOMAINS)])
+    except OSError as exc:
+        raise SnapshotError("unusable-fd", str(exc)) from None
+    return at_page(snap, counts)
+
+
 def from_store(named: list[tuple[str, int]], store: FdStore,
                vms: set[str]) -> tuple[list[tuple[str, int]], dict[str, socket.socket], Taken | None, Keeper]:
     """Split what systemd passed: (the fds not ours, listeners by VM, the sessions to resume, a Keeper).
@@ -341,7 +365,7 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             snap = decode_snapshot(rec.snapshot, len(fds))
             if snap.vm != vm:
                 raise SnapshotError("wrong-vm", f"record of {snap.vm!r} stored for {vm!r}")
-            raw = rec.snapshot if rec.clean else encode(at_used(snap, guest_used(snap, fds)))
+            raw = rec.snapshot if rec.clean else encode(_after_crash(snap, fds))
             if rec.replay:
                 replay[vm] = decode_pending(os.pread(records[vm], PENDING_AREA, 0))
             # The keeper's own duplicates: the resumed session's objects are in the store already.

@@ -205,7 +205,8 @@ class Service:
         conn = self._connect(slot, sock, session)
         slot.counters.inc("sessions_resumed")
         slot.log.info("front-end resumed from the previous process (pid %d)", conn.peer_pid)
-        session.config_changed()  # a change the predecessor had not told yet is told now
+        if slot.device.owes_notification():
+            session.config_changed()  # a change made while no process served is told now
         self._run_session_hooks(slot, conn)
         return slot
 

@@ -103,6 +103,10 @@ def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[byt
         fds.append(fd)
         return len(fds) - 1
 
+    def need(fd: int) -> int:
+        fds.append(fd)
+        return len(fds) - 1
+
     conn = ref(connection_fd)
     assert conn is not None
     backend = ref(session.backend_channel.fileno() if session.backend_channel is not None else None)
@@ -127,8 +131,11 @@ def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[byt
         if fd is None:
             raise SnapshotError("region-without-fd", f"region at {r.guest_phys_addr:#x}")
         regions.append(RegionSnapshot(r.guest_phys_addr, r.size, r.userspace_addr, r.mmap_offset, fd))
+    rules = session.machine.shmem
+    shmem = (session.shmem.describe(need, channel=rules.channel, mapped=rules.mapped)
+             if rules.sizes else None)
     snap = SessionSnapshot(session.name, conn, backend, owner, acked, features_set, protocol_features, status,
-                           tuple(rings), tuple(regions), dev_snapshot())
+                           tuple(rings), tuple(regions), dev_snapshot(), shmem)
     return encode(snap), fds
 
 
@@ -215,6 +222,8 @@ def _restore(session: Session, snap: SessionSnapshot, fds: list[int], owned: set
                                              event_idx=bool(acked & 1 << VIRTIO_RING_F_EVENT_IDX),
                                              indirect=bool(acked & 1 << VIRTIO_RING_F_INDIRECT_DESC)),
                                 cursor=(r.used_idx, r.signalled))
+    if snap.shmem is not None:
+        session.shmem.restore(snap.shmem, fds, session.backend_channel, owned)
     conn_fd = fds[snap.connection_fd]
     owned.add(conn_fd)
     return socket.socket(fileno=conn_fd)

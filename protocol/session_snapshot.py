@@ -53,9 +53,9 @@ from .virtqueue import validate_queue_size
 
 __all__ = ["SNAPSHOT_VERSION", "MAX_SNAPSHOT_BYTES", "SnapshotError", "RingSnapshot", "RegionSnapshot",
            "SeqSnapshot", "DeviceSnapshot", "SessionSnapshot", "encode", "decode", "machine_state",
-           "restore_machine", "at_used", "at_page", "PageSnapshot", "ShmemSnapshot"]
+           "restore_machine", "at_used", "at_page", "PageSnapshot", "ShmemSnapshot", "PeerSnapshot"]
 
-#: 2: the shared frequency page (``shmem``, ``device.page``).  Version 1 (a predecessor without them)
+#: 2: the shared frequency page (``shmem``, ``device.page``), the identity of a shared socket's peer (``peer``).  Version 1 (a predecessor without them)
 #: is still read: its sessions had no page in use (they were refused), so the new parts are absent.
 SNAPSHOT_VERSION = 2
 _READS = (1, 2)
@@ -114,6 +114,18 @@ class DeviceSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerSnapshot:
+    """Who a session of the shared socket was identified as (service/identify.py): checked again by the
+    process that resumes it, from the connection itself, before it serves the session."""
+
+    pid: int
+    start_time: int  # of the process, in clock ticks since boot (/proc/PID/stat): tells a reused pid
+    name: str
+    vcpus: int
+    cgroup: str
+
+
+@dataclass(frozen=True, slots=True)
 class SessionSnapshot:
     vm: str
     connection_fd: int
@@ -127,6 +139,7 @@ class SessionSnapshot:
     regions: tuple[RegionSnapshot, ...]
     device: DeviceSnapshot
     shmem: ShmemSnapshot | None = None  # None: no region was ever asked for (or a version 1 snapshot)
+    peer: PeerSnapshot | None = None  # a session of the shared socket: its front-end's identity
 
     def fd_refs(self) -> list[int]:
         """Every fd index the snapshot names, in the order it names them."""
@@ -291,7 +304,7 @@ _ADDR_KEYS = ("flags", "desc", "used", "avail", "log")
 _REGION_KEYS = ("gpa", "size", "uva", "mmap_offset", "fd")
 _DEVICE_KEYS = ("acked_features", "config", "seq", "vcpus")
 #: what each version added, to the session's and the device's keys
-_V2_SESSION_KEYS = ("shmem",)
+_V2_SESSION_KEYS = ("shmem", "peer")
 _V2_DEVICE_KEYS = ("page",)
 _SEQ_KEYS = ("last", "min_offset_ns", "lost", "stale", "last_age_ns")
 
@@ -318,6 +331,8 @@ def _to_json(s: SessionSnapshot) -> dict[str, Any]:
                    "vcpus": [[u, p, t] for u, p, t in d.vcpus],
                    "page": None if d.page is None else page_to_json(d.page)},
         "shmem": None if s.shmem is None else shmem_to_json(s.shmem),
+        "peer": None if s.peer is None else {"pid": s.peer.pid, "start_time": s.peer.start_time,
+                                             "name": s.peer.name, "vcpus": s.peer.vcpus, "cgroup": s.peer.cgroup},
     }
 
 
@@ -334,7 +349,20 @@ def _from_json(obj: Any, version: int) -> SessionSnapshot:
         owner=o.flag("owner"), acked_features=o.num("acked_features"), features_set=o.flag("features_set"),
         protocol_features=o.num("protocol_features"), status=o.num("status", hi=0xFF),
         rings=rings, regions=regions, device=_device(o.obj["device"], version),
-        shmem=o.opt("shmem", lambda k: shmem_from_json(o.obj[k])) if version >= 2 else None)
+        shmem=o.opt("shmem", lambda k: shmem_from_json(o.obj[k])) if version >= 2 else None,
+        peer=o.opt("peer", lambda k: _peer(o.obj[k], vm)) if version >= 2 else None)
+
+
+def _peer(obj: Any, vm: str) -> PeerSnapshot:
+    o = Obj(obj, "peer", ("pid", "start_time", "name", "vcpus", "cgroup"))
+    cgroup = o.obj["cgroup"]
+    if not isinstance(cgroup, str) or len(cgroup) > 4096:
+        raise SnapshotError("malformed", "peer.cgroup is not a path")
+    p = PeerSnapshot(o.num("pid", lo=1, hi=(1 << 31) - 1), o.num("start_time"), o.text("name", 64),
+                     o.num("vcpus", lo=1, hi=_MAX_VCPUS), cgroup)
+    if p.name != vm:
+        raise SnapshotError("malformed", f"peer.name {p.name!r} is not the session's VM {vm!r}")
+    return p
 
 
 def _ring(obj: Any, i: int) -> RingSnapshot:

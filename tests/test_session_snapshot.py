@@ -239,3 +239,25 @@ def test_a_failed_session_has_no_snapshot() -> None:
     with pytest.raises(SnapshotError) as err:
         machine_state(m)
     assert err.value.reason == "session-failed"
+
+
+# -- a shared socket's peer ------------------------------------------------------------------
+def test_a_peer_identity_round_trips_and_a_hostile_one_is_refused() -> None:
+    from vhost_user_cpufreq.protocol.session_snapshot import PeerSnapshot
+
+    peer = PeerSnapshot(4242, 123456789, "vm0", 2, "/machine.slice/machine-qemu\\x2d1.scope")
+    snap = dataclasses.replace(_simple(), peer=peer)
+    assert decode(encode(snap), 4).peer == peer
+    for mutate, detail in [
+        (lambda p: p.update(name="vm1"), "is not the session's VM"),
+        (lambda p: p.update(pid=0), "pid"),
+        (lambda p: p.update(vcpus=0), "vcpus"),
+        (lambda p: p.update(start_time=-1), "start_time"),
+        (lambda p: p.update(cgroup=7), "cgroup"),
+        (lambda p: p.pop("cgroup"), "missing"),
+    ]:
+        body = _body(encode(snap))
+        mutate(body["peer"])  # type: ignore[operator]
+        with pytest.raises(SnapshotError) as err:
+            decode(_reencode(body), 4)
+        assert err.value.reason == "malformed" and detail in err.value.detail, (detail, err.value)

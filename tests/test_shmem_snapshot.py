@@ -81,9 +81,10 @@ def _reencode(body: object, version: int = SNAPSHOT_VERSION) -> bytes:
     return struct.pack("<4sHHI", b"VUCS", version, 0, len(data)) + data
 
 
-def test_a_version_1_snapshot_is_read_without_the_page_and_a_version_2_one_must_have_it() -> None:
+def test_a_version_1_snapshot_is_read_without_the_new_parts_and_a_version_2_one_must_have_them() -> None:
     body = _body(_base())
     del body["shmem"]
+    del body["peer"]
     del body["device"]["page"]  # type: ignore[attr-defined]
     snap = decode(_reencode(body, 1), 3)
     assert snap == _base() and snap.shmem is None and snap.device.page is None

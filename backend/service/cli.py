@@ -101,7 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .fdstore import FdStore, from_store
 
     # Sockets of socket units by VM name; what systemd's fd store kept (service/fdstore.py) by its own names.
-    rest, stored, taken, keeper = from_store(systemd.listen_fds_raw(), FdStore(), set(cfg.vms))
+    rest, stored, taken, keeper = from_store(systemd.listen_fds_raw(), FdStore(), set(cfg.vms),
+                                            shared=cfg.shared_socket is not None)
     inherited = {**{name: socket.socket(fileno=fd) for name, fd in rest}, **stored}
     if args.fd is not None:
         inherited[args.name] = socket.socket(fileno=args.fd)

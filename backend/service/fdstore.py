@@ -122,6 +122,7 @@ def _eventfd_id(fd: int) -> str | None:
 class _Vm:
     record_fd: int  # the memfd in the store under record_name(vm)
     conn: Connection | None = None
+    slot: "VmSlot | None" = None
     serial: int = 0  # of the last object name given
     held: dict[str, int] = field(default_factory=dict)  # name -> our duplicate of each object in the store
     names: list[str] = field(default_factory=list)  # the object of each fd of the last record
@@ -185,7 +186,7 @@ class Keeper:
             fd = os.memfd_create(f"vuc-record-{vm}", os.MFD_CLOEXEC)
             self.store.put(record_name(vm), fd)
             st = self.vms[vm] = _Vm(fd)
-        st.conn, st.busy, st.last, st.names, st.stored = conn, False, b"", [], []
+        st.conn, st.slot, st.busy, st.last, st.names, st.stored = conn, slot, False, b"", [], []
         conn.watch = lambda busy, pending: self._watch(st, busy, pending)
         conn.session.shmem.changed = lambda: self._acked(st)
         self._sync(st)
@@ -234,11 +235,13 @@ class Keeper:
     def _sync(self, st: _Vm, *, parked: bool = False) -> None:
         conn = st.conn
         assert conn is not None
+        peer = st.slot.peer_record if st.slot is not None else None
         try:
             if parked:
-                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0)
+                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0,
+                                    peer=peer)
             else:
-                raw, fds = live_snapshot(conn.session, conn.sock.fileno())
+                raw, fds = live_snapshot(conn.session, conn.sock.fileno(), peer)
         except SnapshotError as exc:
             if parked:  # left busy: the next process drops this session alone, and says why
                 log.error("[%s] session cannot be kept across the restart: %s", conn.session.name, exc)
@@ -312,11 +315,13 @@ def _after_crash(snap: SessionSnapshot, fds: list[int]) -> SessionSnapshot:
     return at_page(snap, counts)
 
 
-def from_store(named: list[tuple[str, int]], store: FdStore,
-               vms: set[str]) -> tuple[list[tuple[str, int]], dict[str, socket.socket], Taken | None, Keeper]:
+def from_store(named: list[tuple[str, int]], store: FdStore, vms: set[str], *,
+               shared: bool = False) -> tuple[list[tuple[str, int]], dict[str, socket.socket], Taken | None, Keeper]:
     """Split what systemd passed: (the fds not ours, listeners by VM, the sessions to resume, a Keeper).
 
-    Every fd of ours that is not used is closed here and removed from the store.
+    ``shared``: this configuration has the shared socket, so a session of a VM not configured may be
+    one of its own (its record says who its peer was; the daemon checks the peer again).  Every fd of
+    ours that is not used is closed here and removed from the store.
     """
     rest: list[tuple[str, int]] = []
     listeners: dict[str, socket.socket] = {}
@@ -330,7 +335,7 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             rest.append((name, fd))
             continue
         vm, kind, serial = parsed
-        if vm not in vms:
+        if vm not in vms and (kind == "l" or not shared):
             unused.append((name, fd))
         elif kind == "l" and vm not in listeners:
             listeners[vm] = socket.socket(fileno=fd)
@@ -365,6 +370,8 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             snap = decode_snapshot(rec.snapshot, len(fds))
             if snap.vm != vm:
                 raise SnapshotError("wrong-vm", f"record of {snap.vm!r} stored for {vm!r}")
+            if vm not in vms and snap.peer is None:
+                raise SnapshotError("unknown-vm", f"no VM {vm!r} is configured here, nor was it a shared socket's")
             raw = rec.snapshot if rec.clean else encode(_after_crash(snap, fds))
             if rec.replay:
                 replay[vm] = decode_pending(os.pread(records[vm], PENDING_AREA, 0))

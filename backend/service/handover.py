@@ -7,7 +7,8 @@ protocol/handover.py, driven here with blocking calls *on its event loop
 thread*: while the exchange runs, no message, kick or timer of any session
 is served, which is what makes the point quiescent.  It freezes every session
 (vhost/handover.py), sends each VM's listening socket and each session's
-snapshot with its fds (SCM_RIGHTS), and on ACK sends BYE and exits at once,
+snapshot with its fds (SCM_RIGHTS; a shared socket's session with its
+peer's identity, checked again by the new process), and on ACK sends BYE and exits at once,
 without closing an fd, undoing a clamp or restoring a thread: the fds now
 live in the new process too, and the threads are its charge.  Without ACK it
 thaws every session and serves on.
@@ -90,13 +91,8 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
             log.warning("the new process refused the handover; serving on")
             return False
         for slot in service.vms.values():
-            if slot.connection is not None and slot.server is None:
-                # A VM of the shared socket exists only while its session does, and the successor has no
-                # slot to resume it into: not carried (QEMU's reconnect= brings it to the new process).
-                slot.log.error("session of the shared socket cannot be handed over (its front-end will see "
-                               "the connection close)")
-                old.not_carried += 1
-            elif slot.connection is not None:
+            if slot.connection is not None:
+                # (a VM of the shared socket goes with its peer's identity: the successor checks it again)
                 freeze(slot.connection.session)
                 frozen.append(slot)
         for name, slot in service.vms.items():
@@ -106,7 +102,8 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
             conn = slot.connection
             assert conn is not None
             try:
-                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0)
+                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0,
+                                    peer=slot.peer_record)
             except SnapshotError as exc:
                 # Not carried: its connection closes when this process exits.
                 slot.log.error("session cannot be handed over (its front-end will see the connection close): %s",

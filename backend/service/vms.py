@@ -23,7 +23,7 @@ from ..cpufreq.device import CpufreqDevice
 from ..cpufreq.hostfreq import FrequencySource
 from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US, make_runtime_dir
 from ..policy.decision import Policy
-from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
+from vhost_user_cpufreq.protocol.session_snapshot import PeerSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
 
 from ..vhost.handover import restore as restore_session
@@ -78,6 +78,9 @@ class VmSlot:
     #: a VM from the shared socket (shared_socket.py): is the process it was identified from still that one?
     #: Checked before its threads are touched; None for per-VM sockets.
     peer_alive: Callable[[], bool] | None = None
+    #: a VM from the shared socket: who its front-end was identified as, carried with its session to a
+    #: successor process, which checks it again (shared_socket.py resume)
+    peer_record: PeerSnapshot | None = None
 
 
 class Service:
@@ -176,7 +179,7 @@ class Service:
         for hook in self.session_hooks:
             hook(slot, conn)
 
-    def resume(self, raw: bytes, fds: list[int]) -> VmSlot | None:
+    def resume(self, raw: bytes, fds: list[int], *, on_drop: Callable[[str], None] | None = None) -> VmSlot | None:
         """Serve a session a predecessor process handed over (service/handover.py).
 
         Takes ``fds``.  A snapshot that cannot be resumed closes its fds (its front-end sees
@@ -200,6 +203,8 @@ class Service:
             counters = slot.counters if slot is not None else None
             if counters is not None:
                 counters.inc("handover_dropped", exc.reason)
+            if on_drop is not None:
+                on_drop(exc.reason)
             log.error("%sa handed-over session is dropped: %s", f"[{slot.config.name}] " if slot else "", exc)
             return None
         conn = self._connect(slot, sock, session)

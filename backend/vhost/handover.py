@@ -26,6 +26,7 @@ from vhost_user_cpufreq.protocol import session_effects as fx
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import ProtocolError
 from vhost_user_cpufreq.protocol.session_snapshot import (
+    PeerSnapshot,
     RegionSnapshot,
     RingSnapshot,
     SessionSnapshot,
@@ -69,7 +70,8 @@ def thaw(session: Session) -> None:
             session._schedule(ring)  # kicks that came while frozen
 
 
-def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tuple[bytes, list[int]]:
+def snapshot(session: Session, connection_fd: int, *, mid_message: bool,
+             peer: PeerSnapshot | None = None) -> tuple[bytes, list[int]]:
     """The frozen session as bytes and the fds they name, in order (the fds stay open and ours).
 
     :raise SnapshotError: the session cannot be carried (named by the reason).
@@ -78,19 +80,20 @@ def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tupl
         raise SnapshotError("not-frozen", "a session is written down only when frozen")
     if mid_message:
         raise SnapshotError("mid-message", "part of a front-end message was read and not handled")
-    return _describe(session, connection_fd, exact=True)
+    return _describe(session, connection_fd, exact=True, peer=peer)
 
 
-def live_snapshot(session: Session, connection_fd: int) -> tuple[bytes, list[int]]:
+def live_snapshot(session: Session, connection_fd: int, peer: PeerSnapshot | None = None) -> tuple[bytes, list[int]]:
     """The serving session's control-plane state (the fd store's record), and its fds in order.
 
     Ring positions in it are whatever the event loop last saw (the kick lane moves them meanwhile):
     a process that resumes it takes them from the rings in guest memory (:func:`guest_used`).
     """
-    return _describe(session, connection_fd, exact=False)
+    return _describe(session, connection_fd, exact=False, peer=peer)
 
 
-def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[bytes, list[int]]:
+def _describe(session: Session, connection_fd: int, *, exact: bool,
+              peer: PeerSnapshot | None) -> tuple[bytes, list[int]]:
     dev_snapshot = getattr(session.device, "snapshot", None)
     if dev_snapshot is None:
         raise SnapshotError("device-cannot-snapshot", type(session.device).__name__)
@@ -135,7 +138,7 @@ def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[byt
     shmem = (session.shmem.describe(need, channel=rules.channel, mapped=rules.mapped)
              if rules.sizes else None)
     snap = SessionSnapshot(session.name, conn, backend, owner, acked, features_set, protocol_features, status,
-                           tuple(rings), tuple(regions), dev_snapshot(), shmem)
+                           tuple(rings), tuple(regions), dev_snapshot(), shmem, peer)
     return encode(snap), fds
 
 

@@ -53,9 +53,10 @@ from .virtqueue import validate_queue_size
 
 __all__ = ["SNAPSHOT_VERSION", "MAX_SNAPSHOT_BYTES", "SnapshotError", "RingSnapshot", "RegionSnapshot",
            "SeqSnapshot", "DeviceSnapshot", "SessionSnapshot", "encode", "decode", "machine_state",
-           "restore_machine", "at_used", "at_page", "PageSnapshot", "ShmemSnapshot", "PeerSnapshot"]
+           "restore_machine", "at_used", "at_page", "PageSnapshot", "ShmemSnapshot", "PeerSnapshot", "ClampSnapshot"]
 
-#: 2: the shared frequency page (``shmem``, ``device.page``), the identity of a shared socket's peer (``peer``).  Version 1 (a predecessor without them)
+#: 2: the shared frequency page (``shmem``, ``device.page``), the identity of a shared socket's peer (``peer``),
+#: the clamp engine's state (``device.clamps``).  Version 1 (a predecessor without them)
 #: is still read: its sessions had no page in use (they were refused), so the new parts are absent.
 SNAPSHOT_VERSION = 2
 _READS = (1, 2)
@@ -105,12 +106,26 @@ class SeqSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class ClampSnapshot:
+    """One vCPU's clamp decision state (backend/policy/engine.py ClampState): what is applied, what is
+    wanted, and the times the rate limit and the stale timer go on from (CLOCK_MONOTONIC, host-wide)."""
+
+    vcpu: int
+    wanted: int
+    applied: int | None  # None: never clamped
+    changed_at: float | None  # None: never changed
+    record_at: float | None  # None: no request standing
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSnapshot:
     acked_features: int
     config: bytes  # the config space as the guest last could read it (generation included)
     seq: SeqSnapshot
     vcpus: tuple[tuple[int, int, float | None], ...]  # (util, perf_khz, CLOCK_MONOTONIC of the record)
     page: PageSnapshot | None = None  # the shared frequency page's writer, when the device has the page
+    clamps: tuple[ClampSnapshot, ...] | None = None  # the VM's clamp engine, when the policy has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +246,9 @@ def at_used(snap: SessionSnapshot, used: Mapping[int, int]) -> SessionSnapshot:
             r = replace(r, last_avail=u, used_idx=u, signalled=None)
         rings.append(r)
     seq = replace(snap.device.seq, last=None)
-    return replace(snap, rings=tuple(rings), device=replace(snap.device, seq=seq))
+    # The clamp decisions recorded may be older than the ones applied since: the engine starts afresh (its
+    # first decision is applied whatever it is), as the sequence tracking does.
+    return replace(snap, rings=tuple(rings), device=replace(snap.device, seq=seq, clamps=None))
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -305,7 +322,7 @@ _REGION_KEYS = ("gpa", "size", "uva", "mmap_offset", "fd")
 _DEVICE_KEYS = ("acked_features", "config", "seq", "vcpus")
 #: what each version added, to the session's and the device's keys
 _V2_SESSION_KEYS = ("shmem", "peer")
-_V2_DEVICE_KEYS = ("page",)
+_V2_DEVICE_KEYS = ("page", "clamps")
 _SEQ_KEYS = ("last", "min_offset_ns", "lost", "stale", "last_age_ns")
 
 
@@ -329,7 +346,9 @@ def _to_json(s: SessionSnapshot) -> dict[str, Any]:
                    "seq": {"last": d.seq.last, "min_offset_ns": d.seq.min_offset_ns, "lost": d.seq.lost,
                            "stale": d.seq.stale, "last_age_ns": d.seq.last_age_ns},
                    "vcpus": [[u, p, t] for u, p, t in d.vcpus],
-                   "page": None if d.page is None else page_to_json(d.page)},
+                   "page": None if d.page is None else page_to_json(d.page),
+                   "clamps": None if d.clamps is None else [[c.vcpu, c.wanted, c.applied, c.changed_at, c.record_at,
+                                                              c.pending] for c in d.clamps]},
         "shmem": None if s.shmem is None else shmem_to_json(s.shmem),
         "peer": None if s.peer is None else {"pid": s.peer.pid, "start_time": s.peer.start_time,
                                              "name": s.peer.name, "vcpus": s.peer.vcpus, "cgroup": s.peer.cgroup},
@@ -425,4 +444,25 @@ def _device(obj: Any, version: int) -> DeviceSnapshot:
             raise SnapshotError("malformed", f"device.vcpus: time {t!r}")
         vcpus.append((v[0], v[1], None if t is None else float(t)))
     page = o.opt("page", lambda k: page_from_json(o.obj[k])) if version >= 2 else None
-    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus), page)
+    clamps = o.opt("clamps", lambda k: _clamps(o.items(k, _MAX_VCPUS))) if version >= 2 else None
+    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus), page, clamps)
+
+
+def _clamps(items: list[Any]) -> tuple[ClampSnapshot, ...]:
+    out: list[ClampSnapshot] = []
+
+    def time(t: Any) -> float | None:
+        if t is not None and (type(t) not in (int, float) or not math.isfinite(t)):
+            raise SnapshotError("malformed", f"device.clamps: time {t!r}")
+        return None if t is None else float(t)
+
+    for c in items:
+        if (not isinstance(c, list) or len(c) != 6 or type(c[0]) is not int or not 0 <= c[0] <= _U16
+                or type(c[1]) is not int or not 0 <= c[1] <= 1024
+                or (c[2] is not None and (type(c[2]) is not int or not 0 <= c[2] <= 1024))
+                or type(c[5]) is not bool):
+            raise SnapshotError("malformed", f"device.clamps: {c!r}")
+        out.append(ClampSnapshot(c[0], c[1], c[2], time(c[3]), time(c[4]), c[5]))
+    if len({c.vcpu for c in out}) != len(out):
+        raise SnapshotError("malformed", "device.clamps: a vCPU twice")
+    return tuple(out)

@@ -261,3 +261,27 @@ def test_a_peer_identity_round_trips_and_a_hostile_one_is_refused() -> None:
         with pytest.raises(SnapshotError) as err:
             decode(_reencode(body), 4)
         assert err.value.reason == "malformed" and detail in err.value.detail, (detail, err.value)
+
+
+# -- the clamp engine's decisions --------------------------------------------------------------
+def test_clamp_decisions_round_trip_are_dropped_after_a_crash_and_a_hostile_one_is_refused() -> None:
+    from vhost_user_cpufreq.protocol.session_snapshot import ClampSnapshot, at_used
+
+    clamps = (ClampSnapshot(0, 600, 600, 12.5, 12.5, False), ClampSnapshot(1, 0, None, None, None, True))
+    snap = dataclasses.replace(_simple(), device=dataclasses.replace(_simple().device, clamps=clamps))
+    assert decode(encode(snap), 4).device.clamps == clamps
+    # A record written while the service ran may be behind the clamps applied since: not carried then.
+    assert at_used(snap, {0: 9}).device.clamps is None
+    for bad, detail in [
+        ([[0, 600, 600, 1.0, 1.0]], "device.clamps"),
+        ([[0, 1025, 600, 1.0, 1.0, False]], "device.clamps"),
+        ([[0, 600, -1, 1.0, 1.0, False]], "device.clamps"),
+        ([[0, 600, 600, "x", 1.0, False]], "time"),
+        ([[0, 600, 600, 1.0, 1.0, 0]], "device.clamps"),
+        ([[0, 600, 600, 1.0, 1.0, False], [0, 1, 1, None, None, False]], "twice"),
+    ]:
+        body = _body(encode(snap))
+        body["device"]["clamps"] = bad  # type: ignore[index]
+        with pytest.raises(SnapshotError) as err:
+            decode(_reencode(body), 4)
+        assert err.value.reason == "malformed" and detail in err.value.detail, (bad, err.value)

@@ -48,7 +48,6 @@ from vhost_user_cpufreq.protocol.requests import (
     Drained,
 )
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
-from vhost_user_cpufreq.protocol.errors import RecordError
 from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, PageSnapshot, SeqSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
@@ -65,6 +64,7 @@ from ..policy.decision import Policy
 from ..policy.ratelimit import LogBudget
 from ..vhost.device import DeviceHost
 from .hostfreq import FrequencySource, HostDomain, HostSnapshot, advertised
+from .carry import clamps_of, moved_across, restore_clamps
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
@@ -456,7 +456,8 @@ class CpufreqDevice:
                 None if v is None else (v.cur_khz, v.freq_scale, v.perf) for v in self._page_values))
         return DeviceSnapshot(self._acked, self.config.encode(),
                               SeqSnapshot(q.last, q.min_offset_ns, q.lost, q.stale, q.last_age_ns),
-                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus), page)
+                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus), page,
+                              clamps_of(self.policy, self.vm))
 
     def restore(self, d: DeviceSnapshot) -> None:
         """Go on from a predecessor's state.  The config keeps its generation if nothing in it moved,
@@ -472,17 +473,13 @@ class CpufreqDevice:
         self.config = same if same.encode() == d.config else dataclasses.replace(
             self.config, generation=(generation + 1) & 0xFFFFFFFF)
         # Frequencies alone reach a guest reading the page without a notification (as in _on_snapshot).
-        try:
-            freq_only = abi.DeviceConfig.decode(d.config).with_frequencies(
-                [x.cur_khz for x in same.domains]).encode()[4:] == same.encode()[4:]
-        except (ValueError, RecordError):
-            freq_only = False
-        self._restore_moved = (same.encode() != d.config, freq_only)
+        self._restore_moved = moved_across(d.config, same)
         self._acked = d.acked_features
         s = d.seq
         self.seq = SeqTracker(s.last, s.min_offset_ns, s.lost, s.stale, s.last_age_ns)
         self._vcpus = [VcpuState(u, p, t) for u, p, t in d.vcpus]
         self._page_carried = d.page
+        restore_clamps(self.policy, self.vm, d.clamps)
 
     def owes_notification(self) -> bool:
         """After :meth:`restore` (and the page's resume): did the config move in a way the guest must be told?"""

@@ -34,8 +34,8 @@ from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
 from ..dataplane.cdrain import dataplane
 from ..dataplane.lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
 from ..policy.decision import Decision, schedutil_khz
-from ..policy.engine import (CAPACITY_SCALE, ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits,
-                             domain_clamps, effective_cap)
+from ..policy.engine import (CAPACITY_SCALE, ClampChange, ClampEngine, ClampState, EngineConfig, VcpuPlacement,
+                             VmLimits, domain_clamps, effective_cap)
 from .actuators import CgroupClampActuator, ThreadActuator
 from .cgroups import ThreadedCgroups, cgroup_of
 
@@ -115,6 +115,20 @@ class HostPolicy:
         if old is not None and b.on_change is not None and (old.cgroup is None) != (cgroup is None):
             b.on_change()  # per-thread <-> cgroup: the lane takes or leaves the VM
         return b
+
+    def engine_state(self, vm: str) -> tuple[ClampState, ...] | None:
+        """The VM's clamp decisions, for a successor process (None: no engine for it)."""
+        b = self.vms.get(vm)
+        return None if b is None else b.engine.state()
+
+    def restore_engine_state(self, vm: str, states: Sequence[ClampState]) -> None:
+        """Go on from a predecessor's decisions (its clamps are in place); ValueError if they are not this
+        VM's.  Nothing is applied: the threads and cgroups hold these values already."""
+        b = self.vms.get(vm)
+        if b is None:
+            return
+        b.engine.restore_state(states)
+        self._arm(b)
 
     def lane_binding(self, vm: str, on_change: Callable[[], None]) -> LaneBinding | None:
         """What the kick lane needs to decide for ``vm`` in C, or None if it cannot."""

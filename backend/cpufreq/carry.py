@@ -1,0 +1,53 @@
+"""The parts of a VM's device state a successor process takes over that are not the device's own.
+
+Theory of operation: :meth:`CpufreqDevice.snapshot` and ``restore`` carry the
+device's state (vhost/handover.py); two things beside it belong to the VM as
+well and go with it: the clamp engine's decisions (the policy's: carried so
+the successor neither applies again a clamp in place nor forgets one, see
+backend/policy/engine.py ClampState), and whether a config that moved while
+no process served must be notified (not when only frequencies moved and the
+guest reads them from the shared page).
+"""
+
+from __future__ import annotations
+
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.errors import RecordError
+from vhost_user_cpufreq.protocol.session_snapshot import ClampSnapshot, SnapshotError
+
+from ..policy.engine import ClampState
+
+__all__ = ["clamps_of", "restore_clamps", "moved_across"]
+
+
+def clamps_of(policy: object, vm: str) -> tuple[ClampSnapshot, ...] | None:
+    """The VM's clamp decisions as the policy holds them (None: a policy without an engine)."""
+    get = getattr(policy, "engine_state", None)
+    states = get(vm) if get is not None else None
+    if states is None:
+        return None
+    return tuple(ClampSnapshot(s.vcpu, s.wanted, s.applied, s.changed_at, s.record_at, s.pending) for s in states)
+
+
+def restore_clamps(policy: object, vm: str, clamps: tuple[ClampSnapshot, ...] | None) -> None:
+    """Give the policy its predecessor's decisions: the clamps in place stay, neither applied again nor undone.
+
+    :raise SnapshotError: they name vCPUs the VM does not have here (``clamps-mismatch``).
+    """
+    put = getattr(policy, "restore_engine_state", None)
+    if clamps is None or put is None:
+        return
+    try:
+        put(vm, [ClampState(c.vcpu, c.wanted, c.applied, c.changed_at, c.record_at, c.pending) for c in clamps])
+    except ValueError as exc:
+        raise SnapshotError("clamps-mismatch", str(exc)) from None
+
+
+def moved_across(carried: bytes, now: abi.DeviceConfig) -> tuple[bool, bool]:
+    """(did the config move from ``carried`` to ``now``, did only the frequencies move)."""
+    try:
+        freq_only = abi.DeviceConfig.decode(carried).with_frequencies(
+            [x.cur_khz for x in now.domains]).encode()[4:] == now.encode()[4:]
+    except (ValueError, RecordError):
+        freq_only = False
+    return now.encode() != carried, freq_only

@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 
 from . import vhost_user as vu
 from .errors import RemoteProtocolError
+from .host_snapshot import HostSnapshot, host_from_json, host_to_json
 from .shmem_snapshot import (
     PageSnapshot,
     ShmemSnapshot,
@@ -56,7 +57,7 @@ __all__ = ["SNAPSHOT_VERSION", "MAX_SNAPSHOT_BYTES", "SnapshotError", "RingSnaps
            "restore_machine", "at_used", "at_page", "PageSnapshot", "ShmemSnapshot", "PeerSnapshot", "ClampSnapshot"]
 
 #: 2: the shared frequency page (``shmem``, ``device.page``), the identity of a shared socket's peer (``peer``),
-#: the clamp engine's state (``device.clamps``).  Version 1 (a predecessor without them)
+#: the clamp engine's state (``device.clamps``) and what the actuators wrote (``device.host``).  Version 1 (a predecessor without them)
 #: is still read: its sessions had no page in use (they were refused), so the new parts are absent.
 SNAPSHOT_VERSION = 2
 _READS = (1, 2)
@@ -126,6 +127,7 @@ class DeviceSnapshot:
     vcpus: tuple[tuple[int, int, float | None], ...]  # (util, perf_khz, CLOCK_MONOTONIC of the record)
     page: PageSnapshot | None = None  # the shared frequency page's writer, when the device has the page
     clamps: tuple[ClampSnapshot, ...] | None = None  # the VM's clamp engine, when the policy has one
+    host: HostSnapshot | None = None  # what the actuators wrote for the VM, and the originals
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +249,12 @@ def at_used(snap: SessionSnapshot, used: Mapping[int, int]) -> SessionSnapshot:
         rings.append(r)
     seq = replace(snap.device.seq, last=None)
     # The clamp decisions recorded may be older than the ones applied since: the engine starts afresh (its
-    # first decision is applied whatever it is), as the sequence tracking does.
-    return replace(snap, rings=tuple(rings), device=replace(snap.device, seq=seq, clamps=None))
+    # first decision is applied whatever it is), as the sequence tracking does; of what the actuators wrote
+    # only the originals are still true.
+    host = snap.device.host
+    if host is not None:
+        host = HostSnapshot((), tuple(replace(c, value=None, max_value=None) for c in host.cgroups))
+    return replace(snap, rings=tuple(rings), device=replace(snap.device, seq=seq, clamps=None, host=host))
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -322,7 +328,7 @@ _REGION_KEYS = ("gpa", "size", "uva", "mmap_offset", "fd")
 _DEVICE_KEYS = ("acked_features", "config", "seq", "vcpus")
 #: what each version added, to the session's and the device's keys
 _V2_SESSION_KEYS = ("shmem", "peer")
-_V2_DEVICE_KEYS = ("page", "clamps")
+_V2_DEVICE_KEYS = ("page", "clamps", "host")
 _SEQ_KEYS = ("last", "min_offset_ns", "lost", "stale", "last_age_ns")
 
 
@@ -348,7 +354,8 @@ def _to_json(s: SessionSnapshot) -> dict[str, Any]:
                    "vcpus": [[u, p, t] for u, p, t in d.vcpus],
                    "page": None if d.page is None else page_to_json(d.page),
                    "clamps": None if d.clamps is None else [[c.vcpu, c.wanted, c.applied, c.changed_at, c.record_at,
-                                                              c.pending] for c in d.clamps]},
+                                                              c.pending] for c in d.clamps],
+                   "host": None if d.host is None else host_to_json(d.host)},
         "shmem": None if s.shmem is None else shmem_to_json(s.shmem),
         "peer": None if s.peer is None else {"pid": s.peer.pid, "start_time": s.peer.start_time,
                                              "name": s.peer.name, "vcpus": s.peer.vcpus, "cgroup": s.peer.cgroup},
@@ -445,7 +452,8 @@ def _device(obj: Any, version: int) -> DeviceSnapshot:
         vcpus.append((v[0], v[1], None if t is None else float(t)))
     page = o.opt("page", lambda k: page_from_json(o.obj[k])) if version >= 2 else None
     clamps = o.opt("clamps", lambda k: _clamps(o.items(k, _MAX_VCPUS))) if version >= 2 else None
-    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus), page, clamps)
+    host = o.opt("host", lambda k: host_from_json(o.obj[k])) if version >= 2 else None
+    return DeviceSnapshot(o.num("acked_features"), config, seq, tuple(vcpus), page, clamps, host)
 
 
 def _clamps(items: list[Any]) -> tuple[ClampSnapshot, ...]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.errors import RecordError
+from vhost_user_cpufreq.protocol.host_snapshot import HostSnapshot
 from vhost_user_cpufreq.protocol.session_snapshot import ClampSnapshot, SnapshotError
 
 from ..policy.engine import ClampState
 
-__all__ = ["clamps_of", "restore_clamps", "moved_across"]
+__all__ = ["clamps_of", "restore_clamps", "host_of", "restore_host", "moved_across"]
 
 
 def clamps_of(policy: object, vm: str) -> tuple[ClampSnapshot, ...] | None:
@@ -41,6 +42,18 @@ def restore_clamps(policy: object, vm: str, clamps: tuple[ClampSnapshot, ...] | 
         put(vm, [ClampState(c.vcpu, c.wanted, c.applied, c.changed_at, c.record_at, c.pending) for c in clamps])
     except ValueError as exc:
         raise SnapshotError("clamps-mismatch", str(exc)) from None
+
+
+def host_of(policy: object, vm: str) -> HostSnapshot | None:
+    """What the policy's actuators wrote for the VM (None: a policy without actuators)."""
+    get = getattr(policy, "host_state", None)
+    return get(vm) if get is not None else None
+
+
+def restore_host(policy: object, vm: str, host: HostSnapshot | None) -> None:
+    put = getattr(policy, "restore_host_state", None)
+    if host is not None and put is not None:
+        put(vm, host)
 
 
 def moved_across(carried: bytes, now: abi.DeviceConfig) -> tuple[bool, bool]:

@@ -64,7 +64,7 @@ from ..policy.decision import Policy
 from ..policy.ratelimit import LogBudget
 from ..vhost.device import DeviceHost
 from .hostfreq import FrequencySource, HostDomain, HostSnapshot, advertised
-from .carry import clamps_of, moved_across, restore_clamps
+from .carry import clamps_of, host_of, moved_across, restore_clamps, restore_host
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
 
@@ -457,7 +457,7 @@ class CpufreqDevice:
         return DeviceSnapshot(self._acked, self.config.encode(),
                               SeqSnapshot(q.last, q.min_offset_ns, q.lost, q.stale, q.last_age_ns),
                               tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus), page,
-                              clamps_of(self.policy, self.vm))
+                              clamps_of(self.policy, self.vm), host_of(self.policy, self.vm))
 
     def restore(self, d: DeviceSnapshot) -> None:
         """Go on from a predecessor's state.  The config keeps its generation if nothing in it moved,
@@ -480,6 +480,7 @@ class CpufreqDevice:
         self._vcpus = [VcpuState(u, p, t) for u, p, t in d.vcpus]
         self._page_carried = d.page
         restore_clamps(self.policy, self.vm, d.clamps)
+        restore_host(self.policy, self.vm, d.host)
 
     def owes_notification(self) -> bool:
         """After :meth:`restore` (and the page's resume): did the config move in a way the guest must be told?"""

@@ -32,7 +32,7 @@ from ..host.policy import HostPolicy
 from ..host.statefile import StateFile, recover, thread_start_time
 from ..host.sysfs_source import SysfsSource
 from . import systemd
-from ..host.cgroups import recover_cgroups
+from ..host.cgroups import adopt_cgroups, recover_cgroups
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 from .control_api import ControlApi
 from .handover import Taken, give_over
@@ -87,6 +87,7 @@ class Daemon:
         if self.state is not None and taken is not None:
             # The predecessor's changes to threads are ours now: kept, and undone when a VM goes.
             self.counters.inc("adopted_threads", n=_adopt_threads(self.state, self.actuator))
+            self.counters.inc("adopted_cgroups", n=adopt_cgroups(self.state, self.policy.threaded))
         elif self.state is not None:
             # A previous instance killed without cleanup left threads pinned/clamped: undo that first.
             self.counters.inc("recovered_cgroups", n=recover_cgroups(self.state))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -230,4 +231,48 @@ async def test_a_request_read_and_not_answered_when_killed_is_answered_by_the_ne
     g.driver.flush()
     await until(lambda: w.counters().get("records", 0) > 0, timeout=5, what="served after the replay")
     await _all_back(g)
+    await g.close()
+
+
+@pytest.mark.parametrize("front_end", ["not-read-yet", "went-on"])
+async def test_an_answer_sent_before_the_kill_is_not_sent_again(world: World, front_end: str) -> None:
+    """Killed after answering a kept request and before clearing the record's REPLAY flag (played here by
+    setting it again): the next process sees the answer was sent and does not send a second one, which
+    the front-end would take for the answer to its next request."""
+    w = world
+    p0 = await w.start()
+    g = await start_guest(str(w.d / "vm0.sock"), util_threshold=1)
+    await until(lambda: "vuc.vm0.r" in w.sd.names(), timeout=5, what="record stored")
+    get_config = vu.encode_message(vu.FrontendRequest.GET_CONFIG, vu.ConfigSpace(0, 16, 0, bytes(16)))
+    assert g.fe.sock is not None
+    loop = asyncio.get_running_loop()
+    async with g.fe._lock:
+        await loop.sock_sendall(g.fe.sock, get_config)
+        await until(lambda: w.counters().get("config_reads", 0) >= 1, timeout=5, what="answered by process 0")
+        await asyncio.sleep(0.1)  # the answer is in the front-end's socket, unread
+        p0.send_signal(signal.SIGKILL)
+        p0.wait()
+        rec = w.sd.fd(record_name("vm0"))
+        os.pwrite(rec, encode_pending(get_config), 0)
+        os.pwrite(rec, bytes([REPLAY]), PENDING_AREA + FLAGS_OFFSET)
+        if front_end == "went-on":
+            first = await asyncio.wait_for(g.fe._read_reply(vu.FrontendRequest.GET_CONFIG), 5)
+            assert len(first.payload.payload) == 16  # type: ignore[union-attr]
+            # QEMU reads the answer and sends its next request, which waits for the next process.
+            await loop.sock_sendall(g.fe.sock, vu.encode_message(vu.FrontendRequest.GET_FEATURES))
+        await w.start()
+        if front_end == "not-read-yet":
+            first = await asyncio.wait_for(g.fe._read_reply(vu.FrontendRequest.GET_CONFIG), 5)
+            assert len(first.payload.payload) == 16  # type: ignore[union-attr]
+        else:
+            # The answer that comes is to GET_FEATURES: no second GET_CONFIG answer before it.
+            feats = await asyncio.wait_for(g.fe._read_reply(vu.FrontendRequest.GET_FEATURES), 5)
+            assert feats.payload.value == g.fe.offered_features  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)
+        with pytest.raises(BlockingIOError):  # and nothing else was sent
+            g.fe.sock.recv(1, socket.MSG_DONTWAIT)
+    reason = "answer-unread" if front_end == "not-read-yet" else "front-end-went-on"
+    assert w.counters().get(f"replay_skipped:{reason}") == 1, (w.counters(), w.log())
+    cfg = await asyncio.wait_for(g.fe.get_config(0, 16), 5)  # the connection goes on in step
+    assert len(cfg) == 16
     await g.close()

@@ -12,7 +12,6 @@ guest reads them from the shared page).
 from __future__ import annotations
 
 from vhost_user_cpufreq.protocol import cpufreq as abi
-from vhost_user_cpufreq.protocol.errors import RecordError
 from vhost_user_cpufreq.protocol.host_snapshot import HostSnapshot
 from vhost_user_cpufreq.protocol.session_snapshot import ClampSnapshot, SnapshotError
 
@@ -57,10 +56,17 @@ def restore_host(policy: object, vm: str, host: HostSnapshot | None) -> None:
 
 
 def moved_across(carried: bytes, now: abi.DeviceConfig) -> tuple[bool, bool]:
-    """(did the config move from ``carried`` to ``now``, did only the frequencies move)."""
-    try:
-        freq_only = abi.DeviceConfig.decode(carried).with_frequencies(
-            [x.cur_khz for x in now.domains]).encode()[4:] == now.encode()[4:]
-    except (ValueError, RecordError):
-        freq_only = False
-    return now.encode() != carried, freq_only
+    """(did the config move from ``carried`` to ``now``, did only the frequencies move).
+
+    The carried image is compared byte for byte, never decoded (decoding is the guest's side, with
+    reasons of its own): the bytes the frequencies and the generation occupy are found by encoding
+    ``now`` with every frequency's bits flipped.
+    """
+    mine = now.encode()
+    if mine == carried:
+        return False, False
+    flipped = now.with_frequencies([d.cur_khz ^ 0xFFFFFFFF for d in now.domains]).encode()
+    if len(carried) != len(mine):
+        return True, False
+    moving = set(range(4)) | {i for i, (x, y) in enumerate(zip(mine, flipped)) if x != y}
+    return True, all(mine[i] == carried[i] for i in range(len(mine)) if i not in moving)

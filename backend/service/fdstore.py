@@ -11,7 +11,8 @@ per VM holding the session's record (its snapshot and the store's name of
 each of its fds), rewritten after every batch of control messages.  Before a
 read from the front-end's socket the record keeps the bytes about to be read
 when they are requests that change nothing (answered again by the next
-process if this one dies first), and is marked busy otherwise.  When a session ends its fds leave the store (a closed connection
+process if this one dies first, unless the socket shows the answer went out:
+:func:`answered_already`), and is marked busy otherwise.  When a session ends its fds leave the store (a closed connection
 would otherwise stay open there, and QEMU would never see it close).
 
 :func:`from_store` turns what the store handed back into a
@@ -32,6 +33,8 @@ import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -192,8 +195,16 @@ class Keeper:
         self._sync(st)
         replay = self._replay.pop(vm, None)
         if replay:
-            # What the previous process read and had not answered, answered now.
-            conn.loop.call_soon(conn.replay, replay)
+            answered = answered_already(conn.sock)
+            if answered is not None:
+                # The previous process did answer, and was killed before it said so in the record: an
+                # answer sent twice would be taken by the front-end for the answer to its next request.
+                slot.counters.inc("replay_skipped", answered)
+                slot.log.info("the request the previous process was answering when it died was answered "
+                              "(%s): not answered again", answered)
+            else:
+                # What the previous process read and had not answered, answered now.
+                conn.loop.call_soon(conn.replay, replay)
 
     def _closed(self, slot: "VmSlot", conn: Connection) -> None:
         st = self.vms.get(slot.config.name)
@@ -288,6 +299,25 @@ class Keeper:
                 freeze(st.conn.session)
                 self._sync(st, parked=True)
         log.info("every session parked in systemd's fd store; exiting without closing them")
+
+
+def answered_already(sock: socket.socket) -> str | None:
+    """Did the front-end get an answer to the requests a killed process kept for a replay?
+
+    A process killed between sending the answer and clearing its record's ``REPLAY`` flag leaves both:
+    bytes of ours the front-end has not read yet (SIOCOUTQ: the answer is in its socket), or bytes of
+    the front-end's after the request (FIONREAD: QEMU sends nothing while it waits for an answer, so it
+    got it) say it was sent.  Neither: not sent, or read by a front-end that has not spoken since (the
+    one case still answered twice, a window of microseconds after the send).
+    """
+    try:
+        if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0:
+            return "answer-unread"
+        if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0] > 0:
+            return "front-end-went-on"
+    except OSError:
+        pass
+    return None
 
 
 def _read_all(fd: int, offset: int = 0) -> bytes:

@@ -156,6 +156,42 @@ class Keeper:
     def install(self, service: "Service") -> None:
         service.session_hooks.append(self._session)
         service.close_hooks.append(self._closed)
+        service.keeper = self
+
+    # -- a live handover between two processes that both keep the store (service/handover.py) --------
+    def entries(self, vm: str, fds: list[int]) -> tuple[int, int, list[str]] | None:
+        """(record memfd, last serial, the store's name of each of ``fds``) of ``vm``'s session, if the
+        store holds exactly those fds (the session's snapshot just taken); None: the successor stores afresh."""
+        st = self.vms.get(vm)
+        if st is None or st.conn is None or len(st.stored) != len(fds):
+            return None
+        if not all(same_file(st.held[n], fd) for n, fd in zip(st.names, fds)):
+            return None
+        return st.record_fd, st.serial, list(st.names)
+
+    def adopt(self, vm: str, record_fd: int, serial: int, names: tuple[str, ...], fds: list[int]) -> None:
+        """Go on with a predecessor's entries for ``vm``'s session (``fds``: the session's, in the order
+        ``names`` names them, before the session takes them).  Takes ``record_fd``."""
+        if vm in self.vms or len(names) != len(fds):
+            os.close(record_fd)
+            return
+        held = {}
+        for name, fd in zip(names, fds):
+            if name not in held:
+                held[name] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        self.vms[vm] = _Vm(record_fd, serial=serial, held=held)
+
+    def forget(self, vms: set[str] | None = None) -> None:
+        """Take ``vms``' sessions (every VM's and its listener: None) out of the store, for a successor
+        that keeps no store, or stores these afresh (systemd would ignore a new name for an open file
+        it holds under an old one, and a second record of one VM)."""
+        for vm, st in self.vms.items():
+            if vms is None or vm in vms:
+                for name in st.held:
+                    self.store.remove(name)
+                self.store.remove(record_name(vm))
+        for vm in self.listeners if vms is None else ():
+            self.store.remove(listener_name(vm))
 
     def started(self, service: "Service") -> None:
         """Store the listening socket of every VM not stored already."""

@@ -16,7 +16,7 @@ import socket
 import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..counters import Counters
 from ..cpufreq.device import CpufreqDevice
@@ -31,6 +31,9 @@ from ..vhost.session import Session
 from ..vhost.transport import Connection, peer_credentials
 
 __all__ = ["VmConfig", "VmSlot", "Service"]
+
+if TYPE_CHECKING:
+    from .fdstore import Keeper
 
 log = logging.getLogger("vhost_user_cpufreq")
 
@@ -97,6 +100,8 @@ class Service:
         self.vms: dict[str, VmSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
+        #: systemd's fd store keeper (service/fdstore.py), when the service keeps one
+        self.keeper: "Keeper | None" = None
         self.close_hooks: list[Callable[[VmSlot, Connection], None]] = []
 
     async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None, listen: bool = True) -> VmSlot:

@@ -20,21 +20,40 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Mapping, Protocol
 
 from vhost_user_cpufreq.protocol.host_snapshot import CgroupCarry, HostSnapshot, ThreadCarry
 
-from .cgroups import uclamp_cap
+from .actuators import CgroupClampActuator, ThreadActuator
+from .cgroups import ThreadedCgroups, uclamp_cap
 
-if TYPE_CHECKING:
-    from .policy import HostPolicy
+
+class _Binding(Protocol):
+    @property
+    def tids(self) -> dict[int, int]: ...
+
+    @property
+    def cgroup(self) -> str | None: ...
+
+
+class _Policy(Protocol):
+    """What this module reads of policy.py's HostPolicy (which imports it)."""
+
+    @property
+    def vms(self) -> Mapping[str, _Binding]: ...
+
+    actuator: ThreadActuator
+    cgroups: CgroupClampActuator
+    threaded: ThreadedCgroups
+
+    def cgroup_paths(self, vm: str) -> list[Path]: ...
 
 __all__ = ["host_state", "restore_host_state"]
 
 log = logging.getLogger("vhost_user_cpufreq.policy")
 
 
-def host_state(policy: "HostPolicy", vm: str) -> HostSnapshot | None:
+def host_state(policy: _Policy, vm: str) -> HostSnapshot | None:
     """What the actuators hold for ``vm``'s threads and cgroups (None: the VM has no binding)."""
     b = policy.vms.get(vm)
     if b is None:
@@ -48,7 +67,7 @@ def host_state(policy: "HostPolicy", vm: str) -> HostSnapshot | None:
     return HostSnapshot(threads, cgroups)
 
 
-def restore_host_state(policy: "HostPolicy", vm: str, h: HostSnapshot) -> None:
+def restore_host_state(policy: _Policy, vm: str, h: HostSnapshot) -> None:
     """Take the predecessor's view of ``vm``'s threads and cgroups where this process's records agree."""
     b = policy.vms.get(vm)
     if b is None:

@@ -153,6 +153,10 @@ class Keeper:
         self.listeners: dict[str, object] = {}
         self._warned: set[str] = set()
 
+    @property
+    def enabled(self) -> bool:
+        return self.store.enabled
+
     def install(self, service: "Service") -> None:
         service.session_hooks.append(self._session)
         service.close_hooks.append(self._closed)

@@ -91,7 +91,7 @@ def _next(reader: FrameReader, sock: socket.socket) -> Frame:
 def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER_TIMEOUT) -> bool:
     """Hand every VM over on ``sock``; True once the successor has it all (the caller exits now)."""
     keeper = service.keeper
-    old = OldSide(os.getpid(), F_KEEPS_STORE if keeper is not None and keeper.store.enabled else 0)
+    old = OldSide(os.getpid(), F_KEEPS_STORE if keeper is not None and keeper.enabled else 0)
     reader = FrameReader()
     sock.settimeout(timeout)
     frozen: list["VmSlot"] = []
@@ -137,7 +137,7 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
     except (OSError, ProtocolError) as exc:
         log.error("handover failed at %s: %s; serving on", old.state, exc)
     if old.outcome() is Outcome.NEW_SERVES:
-        if keeper is not None and keeper.store.enabled:
+        if keeper is not None and keeper.enabled:
             # A successor that keeps no store: what systemd holds of ours would keep QEMU's connections open
             # after the successor closed them, and a later start of the unit would serve them again.
             keeper.forget(None if not old.both_keep_store else afresh)

@@ -16,7 +16,7 @@ import socket
 import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..counters import Counters
 from ..cpufreq.device import CpufreqDevice
@@ -30,10 +30,19 @@ from ..vhost.handover import restore as restore_session
 from ..vhost.session import Session
 from ..vhost.transport import Connection, peer_credentials
 
-__all__ = ["VmConfig", "VmSlot", "Service"]
+__all__ = ["VmConfig", "VmSlot", "Service", "StoreKeeper"]
 
-if TYPE_CHECKING:
-    from .fdstore import Keeper
+
+
+class StoreKeeper(Protocol):
+    """What a handover asks of systemd's fd store keeper (service/fdstore.py Keeper)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def entries(self, vm: str, fds: list[int]) -> tuple[int, int, list[str]] | None: ...
+
+    def forget(self, vms: set[str] | None = None) -> None: ...
 
 log = logging.getLogger("vhost_user_cpufreq")
 
@@ -101,7 +110,7 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
         #: systemd's fd store keeper (service/fdstore.py), when the service keeps one
-        self.keeper: "Keeper | None" = None
+        self.keeper: StoreKeeper | None = None
         self.close_hooks: list[Callable[[VmSlot, Connection], None]] = []
 
     async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None, listen: bool = True) -> VmSlot:

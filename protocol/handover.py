@@ -9,11 +9,12 @@ whose fds did not arrive is an error, never a misattribution.
 ::
 
     old                                   new
-     | -- HELLO(version, pid) ------------> |
-     | <------------ HELLO(version, pid) -- |   (or ABORT: the old goes on)
+     | -- HELLO(version, pid, flags) -----> |
+     | <----- HELLO(version, pid, flags) -- |   (or ABORT: the old goes on)
      |    old stops serving (quiescent)     |
      | -- LISTENER(vm) + 1 fd -----------> |   one per VM
      | -- SESSION(snapshot) + n fds -----> |   one per connected front-end
+     | -- STORE(names) + 1 fd -----------> |   after a SESSION, if both keep systemd's fd store
      | -- DONE(listeners, sessions, lost) > |   lost: sessions it could not write down
      | <------------------------- ACK ---- |   the new has it all
      | -- BYE ---------------------------> |   the old will never serve again
@@ -27,6 +28,13 @@ the old process to exit (it then serves) or to be seen alive after closing
 the connection (it resumed: the new gives everything back).  :class:`Outcome`
 names each case; :class:`OldSide` and :class:`NewSide` move only through the
 transitions drawn above and raise :class:`HandoverError` on anything else.
+
+systemd's fd store (protocol/fdstore.py): a HELLO flag says a process keeps
+one.  When both do, each SESSION is followed by STORE: the store's name of
+each of the session's fds (in the snapshot's order), the last serial number
+given, and the session's record memfd, so the new process goes on with the
+very entries the store holds (systemd keeps an open file once, under the
+first name it was given: a new name for it would be ignored).
 """
 
 from __future__ import annotations
@@ -37,17 +45,21 @@ from collections import deque
 from dataclasses import dataclass
 
 from .errors import RemoteProtocolError
+from .fdstore import parse_name
 
 __all__ = ["HANDOVER_VERSION", "HandoverError", "FrameType", "Frame", "FrameReader", "Outcome", "OldSide",
-           "NewSide", "encode_frame", "MAX_FRAME_FDS"]
+           "NewSide", "encode_frame", "MAX_FRAME_FDS", "F_KEEPS_STORE"]
 
-HANDOVER_VERSION = 1
+HANDOVER_VERSION = 2  # 2: HELLO flags, STORE
 _HEADER = struct.Struct("<4sBxHI")  # magic, type, pad, number of fds, body length
 _MAGIC = b"VUCH"
 MAX_BODY = 1 << 17
 #: a session's fds: connection, back-end channel, 3 per ring, one per memory region (32)
 MAX_FRAME_FDS = 64
-_HELLO = struct.Struct("<HI")  # version, pid
+_HELLO = struct.Struct("<HIB")  # version, pid, flags
+#: HELLO flag: this process keeps systemd's fd store (it has $FDSTORE)
+F_KEEPS_STORE = 1
+_STORE = struct.Struct("<Q")  # the last serial number given to an object of the VM
 _DONE = struct.Struct("<III")  # listeners, sessions, sessions that could not be carried
 
 
@@ -63,6 +75,7 @@ class FrameType(enum.IntEnum):
     ACK = 5
     BYE = 6
     ABORT = 7
+    STORE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +142,11 @@ class Outcome(enum.Enum):
 
 
 class _Side:
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, flags: int = 0) -> None:
         self.pid = pid
+        self.flags = flags
         self.peer_pid: int | None = None
+        self.peer_flags = 0
         self.reader = FrameReader()
         self.state = "start"
 
@@ -140,22 +155,29 @@ class _Side:
             raise HandoverError("out-of-order", f"in state {self.state}")
 
     def _hello(self) -> bytes:
-        return encode_frame(FrameType.HELLO, _HELLO.pack(HANDOVER_VERSION, self.pid))
+        return encode_frame(FrameType.HELLO, _HELLO.pack(HANDOVER_VERSION, self.pid, self.flags))
 
     def _read_hello(self, f: Frame) -> None:
+        if len(f.body) >= 2 and f.body[:2] != _HELLO.pack(HANDOVER_VERSION, 0, 0)[:2]:
+            (version,) = struct.unpack_from("<H", f.body)
+            raise HandoverError("version-mismatch", f"peer speaks handover version {version}, we {HANDOVER_VERSION}")
         if len(f.body) != _HELLO.size or f.fds:
             raise HandoverError("bad-hello", f"{len(f.body)} bytes, {len(f.fds)} fds")
-        version, pid = _HELLO.unpack(f.body)
-        if version != HANDOVER_VERSION:
-            raise HandoverError("version-mismatch", f"peer speaks handover version {version}, we {HANDOVER_VERSION}")
-        self.peer_pid = pid
+        _, pid, flags = _HELLO.unpack(f.body)
+        if flags & ~F_KEEPS_STORE:
+            raise HandoverError("bad-hello", f"flags {flags:#x}")
+        self.peer_pid, self.peer_flags = pid, flags
+
+    @property
+    def both_keep_store(self) -> bool:
+        return bool(self.flags & self.peer_flags & F_KEEPS_STORE)
 
 
 class OldSide(_Side):
     """The running process: offers, sends everything, commits on ACK."""
 
-    def __init__(self, pid: int) -> None:
-        super().__init__(pid)
+    def __init__(self, pid: int, flags: int = 0) -> None:
+        super().__init__(pid, flags)
         self.sent_listeners = 0
         self.sent_sessions = 0
         self.not_carried = 0  # sessions that could not be written down (their front-ends see a close)
@@ -195,6 +217,13 @@ class OldSide(_Side):
         self.sent_sessions += 1
         return encode_frame(FrameType.SESSION, snapshot, nfds)
 
+    def store(self, vm: str, serial: int, names: list[str] | tuple[str, ...]) -> bytes:
+        """The store's entries of the session just sent (its record memfd goes with it)."""
+        self._expect("sending")
+        if not self.both_keep_store or not self.sent_sessions:
+            raise HandoverError("out-of-order", "STORE without a session, or a peer that keeps no store")
+        return encode_frame(FrameType.STORE, _STORE.pack(serial) + "\n".join([vm, *names]).encode(), 1)
+
     def done(self) -> bytes:
         self._expect("sending")
         self.state = "done-sent"
@@ -213,10 +242,12 @@ class OldSide(_Side):
 class NewSide(_Side):
     """The successor: collects listeners and sessions, acknowledges, waits for the old to leave."""
 
-    def __init__(self, pid: int) -> None:
-        super().__init__(pid)
+    def __init__(self, pid: int, flags: int = 0) -> None:
+        super().__init__(pid, flags)
         self.listeners: list[tuple[str, int]] = []
         self.sessions: list[tuple[bytes, tuple[int, ...]]] = []
+        #: by session index: (VM, last serial, the store's name of each of its fds, its record memfd)
+        self.stores: dict[int, tuple[str, int, tuple[str, ...], int]] = {}
         self.not_carried = 0  # sessions the old process could not write down
 
     def receive(self, f: Frame) -> bytes | None:
@@ -248,6 +279,13 @@ class NewSide(_Side):
             self._expect("receiving")
             self.sessions.append((f.body, f.fds))  # decoded (and refused alone) by the caller
             return None
+        if f.type is FrameType.STORE:
+            self._expect("receiving")
+            index = len(self.sessions) - 1
+            if not self.both_keep_store or index < 0 or index in self.stores or len(f.fds) != 1:
+                raise HandoverError("bad-store", f"STORE after {len(self.sessions)} sessions, {len(f.fds)} fds")
+            self.stores[index] = (*_store_body(f.body), f.fds[0])
+            return None
         if f.type is FrameType.DONE:
             self._expect("receiving")
             if len(f.body) != _DONE.size or f.fds:
@@ -273,4 +311,20 @@ class NewSide(_Side):
 
     def received_fds(self) -> list[int]:
         """Every fd taken so far (to close them all when the old process serves on)."""
-        return [fd for _, fd in self.listeners] + [fd for _, fds in self.sessions for fd in fds]
+        return ([fd for _, fd in self.listeners] + [fd for _, fds in self.sessions for fd in fds]
+                + [s[3] for s in self.stores.values()])
+
+
+def _store_body(body: bytes) -> tuple[str, int, tuple[str, ...]]:
+    if len(body) < _STORE.size:
+        raise HandoverError("bad-store", f"{len(body)} bytes")
+    (serial,) = _STORE.unpack_from(body)
+    try:
+        vm, *names = body[_STORE.size:].decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise HandoverError("bad-store", "names are not ASCII") from None
+    for name in names:
+        parsed = parse_name(name)
+        if parsed is None or parsed[0] != vm or parsed[1] != "f":
+            raise HandoverError("bad-store", f"{name[:80]!r} is not a name of VM {vm[:80]!r}'s objects")
+    return vm, serial, tuple(names)

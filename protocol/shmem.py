@@ -105,6 +105,13 @@ class AckReader:
     def expect(self, request: vu.BackendRequest) -> None:
         self.outstanding.append(request)
 
+    def pending_bytes(self) -> bytes:
+        """The start of an ack read and not yet whole (carried to a successor process)."""
+        return bytes(self._buf)
+
+    def restore_bytes(self, data: bytes) -> None:
+        self._buf[:] = data
+
     def feed(self, data: bytes) -> list[tuple[vu.BackendRequest, int]]:
         """The (request, status) acks completed by ``data``; status 0 is success."""
         self._buf += data

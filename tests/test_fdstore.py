@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -229,5 +230,98 @@ async def test_a_request_read_and_not_answered_when_killed_is_answered_by_the_ne
     g.driver.set_util(0, 900)
     g.driver.flush()
     await until(lambda: w.counters().get("records", 0) > 0, timeout=5, what="served after the replay")
+    await _all_back(g)
+    await g.close()
+
+
+@pytest.mark.parametrize("front_end", ["not-read-yet", "went-on"])
+async def test_an_answer_sent_before_the_kill_is_not_sent_again(world: World, front_end: str) -> None:
+    """Killed after answering a kept request and before clearing the record's REPLAY flag (played here by
+    setting it again): the next process sees the answer was sent and does not send a second one, which
+    the front-end would take for the answer to its next request."""
+    w = world
+    p0 = await w.start()
+    g = await start_guest(str(w.d / "vm0.sock"), util_threshold=1)
+    await until(lambda: "vuc.vm0.r" in w.sd.names(), timeout=5, what="record stored")
+    get_config = vu.encode_message(vu.FrontendRequest.GET_CONFIG, vu.ConfigSpace(0, 16, 0, bytes(16)))
+    assert g.fe.sock is not None
+    loop = asyncio.get_running_loop()
+    async with g.fe._lock:
+        await loop.sock_sendall(g.fe.sock, get_config)
+        await until(lambda: w.counters().get("config_reads", 0) >= 1, timeout=5, what="answered by process 0")
+        await asyncio.sleep(0.1)  # the answer is in the front-end's socket, unread
+        p0.send_signal(signal.SIGKILL)
+        p0.wait()
+        rec = w.sd.fd(record_name("vm0"))
+        os.pwrite(rec, encode_pending(get_config), 0)
+        os.pwrite(rec, bytes([REPLAY]), PENDING_AREA + FLAGS_OFFSET)
+        if front_end == "went-on":
+            first = await asyncio.wait_for(g.fe._read_reply(vu.FrontendRequest.GET_CONFIG), 5)
+            assert len(first.payload.payload) == 16  # type: ignore[union-attr]
+            # QEMU reads the answer and sends its next request, which waits for the next process.
+            await loop.sock_sendall(g.fe.sock, vu.encode_message(vu.FrontendRequest.GET_FEATURES))
+        await w.start()
+        if front_end == "not-read-yet":
+            first = await asyncio.wait_for(g.fe._read_reply(vu.FrontendRequest.GET_CONFIG), 5)
+            assert len(first.payload.payload) == 16  # type: ignore[union-attr]
+        else:
+            # The answer that comes is to GET_FEATURES: no second GET_CONFIG answer before it.
+            feats = await asyncio.wait_for(g.fe._read_reply(vu.FrontendRequest.GET_FEATURES), 5)
+            assert feats.payload.value == g.fe.offered_features  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)
+        with pytest.raises(BlockingIOError):  # and nothing else was sent
+            g.fe.sock.recv(1, socket.MSG_DONTWAIT)
+    reason = "answer-unread" if front_end == "not-read-yet" else "front-end-went-on"
+    assert w.counters().get(f"replay_skipped:{reason}") == 1, (w.counters(), w.log())
+    cfg = await asyncio.wait_for(g.fe.get_config(0, 16), 5)  # the connection goes on in step
+    assert len(cfg) == 16
+    await g.close()
+
+
+@pytest.mark.parametrize("successor", ["keeps-the-store", "keeps-none"])
+async def test_a_take_over_under_systemd_leaves_the_store_as_the_serving_process_needs_it(
+        world: World, successor: str) -> None:
+    """``serve --take-over`` in the unit (it has $FDSTORE): the new process goes on with the store's very
+    entries (systemd keeps an open file once, under its first name), and a SIGKILL of it is survived.  A
+    successor without a store: the old process takes its entries out, or systemd would hold QEMU's
+    connections open after the new process closed them."""
+    w = world
+    p0 = await w.start()
+    g = await start_guest(str(w.d / "vm0.sock"), util_threshold=1)
+    sock = g.fe.sock
+    load = Load(g)
+    try:
+        await until(lambda: w.counters().get("records", 0) > 20, timeout=10, what="served by process 0")
+        await until(lambda: "vuc.vm0.r" in w.sd.names() and _session_fds(w, "vm0"), timeout=5, what=w.sd.names)
+        stored = sorted(_session_fds(w, "vm0"))
+        env = dict(os.environ)
+        if successor == "keeps-the-store":
+            env.update(NOTIFY_SOCKET=w.sd.path, FDSTORE=str(w.sd.fdstore_max))
+        p1 = subprocess.Popen([_exe(), "serve", "--config", str(w.d / "config.toml"), "--take-over",
+                               str(w.d / "control.sock")], env=env, stderr=open(w.d / "take-over.log", "wb"))
+        w.procs.append(p1)
+        await until(lambda: p0.poll() is not None, timeout=20, what="process 0 exits")
+        await until(lambda: _answers(w.d, p1.pid) or p1.poll() is not None, timeout=30,
+                    what=lambda: (w.d / "take-over.log").read_text())
+        assert w.counters().get("sessions_resumed") == 1, ((w.d / "take-over.log").read_text(), w.counters())
+        await until(lambda: w.counters().get("records", 0) > 20, timeout=10, what="served by the new process")
+        if successor == "keeps-none":
+            # Nothing of the session stays in the store: when the VM goes, QEMU sees its connection close.
+            await until(lambda: not [n for n in w.sd.names() if n.startswith("vuc.vm0.")], timeout=5,
+                        what=w.sd.names)
+            return
+        # One record and the same objects, under the names they were stored with; the unit's main pid is p1.
+        assert w.sd.names().count("vuc.vm0.r") == 1 and sorted(_session_fds(w, "vm0")) == stored, w.sd.names()
+        assert any(m == f"MAINPID={p1.pid}" for m in w.sd.messages)
+        assert "not stored" not in (w.d / "take-over.log").read_text()
+        p1.send_signal(signal.SIGKILL)
+        p1.wait()
+        await w.start()
+        c = w.counters()
+        assert c.get("sessions_resumed") == 1 and "handover_dropped" not in str(c), (c, w.log())
+        await until(lambda: w.counters().get("records", 0) > 20, timeout=10, what="served after the SIGKILL")
+    finally:
+        await load.end()
+    assert g.fe.sock is sock
     await _all_back(g)
     await g.close()

@@ -52,7 +52,7 @@ def _successor(d: Path, how: str) -> None:
                 _send(s, encode_frame(FrameType.ABORT, b"test"))
                 assert s.recv(1) == b""
                 return
-            _send(s, encode_frame(FrameType.HELLO, struct.pack("<HI", HANDOVER_VERSION, os.getpid())))
+            _send(s, encode_frame(FrameType.HELLO, struct.pack("<HIB", HANDOVER_VERSION, os.getpid(), 0)))
             while True:
                 f = _next(reader, s)
                 for fd in f.fds:
@@ -260,7 +260,7 @@ def test_a_frame_with_more_fds_than_allowed_is_refused_and_every_fd_closed() -> 
     fds = [os.eventfd(0) for _ in range(MAX_FRAME_FDS + 1)]
     try:
         before = open_fds()
-        _send(a, encode_frame(FrameType.HELLO, struct.pack("<HI", HANDOVER_VERSION, 1)), fds)
+        _send(a, encode_frame(FrameType.HELLO, struct.pack("<HIB", HANDOVER_VERSION, 1, 0)), fds)
         reader = FrameReader()
         with pytest.raises(HandoverError) as ei:
             _next(reader, b)

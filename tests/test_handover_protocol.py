@@ -190,6 +190,47 @@ def test_arbitrary_bytes_give_frames_none_or_a_handover_error(data: bytes) -> No
 
 def test_hello_with_fds_or_a_bad_length_is_refused() -> None:
     new = NewSide(1)
-    answer = new.receive(Frame(FrameType.HELLO, b"\x01\x00", ()))
+    answer = new.receive(Frame(FrameType.HELLO, struct.pack("<H", HANDOVER_VERSION), ()))
     assert answer is not None and one(answer).body == b"bad-hello"
     assert new.outcome() is Outcome.OLD_SERVES
+
+
+# -- systemd's fd store entries (STORE) -----------------------------------------------------------
+def _greeted(old_flags: int, new_flags: int) -> tuple[OldSide, NewSide]:
+    old, new = OldSide(1, old_flags), NewSide(2, new_flags)
+    old.receive(one(new.receive(one(old.hello())) or b""))
+    return old, new
+
+
+def test_the_store_entries_of_a_session_go_with_it_when_both_keep_the_store() -> None:
+    from vhost_user_cpufreq.protocol.handover import F_KEEPS_STORE
+
+    old, new = _greeted(F_KEEPS_STORE, F_KEEPS_STORE)
+    assert old.both_keep_store and new.both_keep_store
+    new.receive(one(old.session(b"snap", 2), (10, 11)))
+    new.receive(one(old.store("vm0", 7, ["vuc.vm0.f6", "vuc.vm0.f7"]), (12,)))
+    assert new.stores == {0: ("vm0", 7, ("vuc.vm0.f6", "vuc.vm0.f7"), 12)}
+    assert 12 in new.received_fds()  # given back with the rest if the old process serves on
+    with pytest.raises(HandoverError) as err:  # a second STORE for the same session
+        new.receive(one(old.store("vm0", 7, ["vuc.vm0.f6"]), (13,)))
+    assert err.value.reason == "bad-store"
+
+
+@pytest.mark.parametrize("case", ["new-keeps-none", "before-any-session", "another-vms-name", "a-listener-name",
+                                  "no-fd"])
+def test_store_entries_that_do_not_fit_are_refused(case: str) -> None:
+    from vhost_user_cpufreq.protocol.handover import F_KEEPS_STORE
+
+    old, new = _greeted(F_KEEPS_STORE, 0 if case == "new-keeps-none" else F_KEEPS_STORE)
+    if case == "new-keeps-none":
+        with pytest.raises(HandoverError):  # the old side does not even write it
+            old.store("vm0", 1, [])
+        new.receive(one(old.session(b"snap", 0)))
+    elif case != "before-any-session":
+        new.receive(one(old.session(b"snap", 0)))
+    names = {"another-vms-name": ["vuc.vm1.f1"], "a-listener-name": ["vuc.vm0.l"]}.get(case, ["vuc.vm0.f1"])
+    body = struct.pack("<Q", 1) + "\n".join(["vm0", *names]).encode()
+    with pytest.raises(HandoverError) as err:
+        new.receive(one(encode_frame(FrameType.STORE, body, 0 if case == "no-fd" else 1),
+                        () if case == "no-fd" else (9,)))
+    assert err.value.reason == "bad-store"

@@ -93,6 +93,57 @@ def test_c_engine_matches_the_reference(case: dict[str, Any]) -> None:
             assert eng.release_all() == ref.release_all()
         assert eng.vcpus == ref.vcpus
         assert eng.next_deadline() == ref.next_deadline()
+        assert eng.state() == ref.state()
+
+
+@settings(max_examples=int(os.environ.get("VUC_ENGINE_EXAMPLES", "600")) // 3, deadline=None)
+@given(engine_case(), st.data())
+def test_an_engine_resumed_from_a_carried_state_decides_as_the_original_would(case: dict[str, Any],
+                                                                              data: st.DataObject) -> None:
+    """What a successor process does with the carried state (handover): C and Python, either way."""
+    lib = c_lib()
+    args = (case["places"], case["limits"], case["cfg"])
+    ref, c_ref = ClampEngine(*args), CClampEngine(lib, *args)
+    ops = case["ops"]
+    cut = data.draw(st.integers(0, len(ops)))
+    now = 100.0
+
+    def run(engines: list[Any], op: tuple[Any, ...], now: float) -> float:
+        outs = []
+        if op[0] == "record":
+            now += op[4] / 1000
+            outs = [e.on_record(op[1], op[2], op[3], now) for e in engines]
+        elif op[0] == "tick":
+            now += op[1] / 1000
+            outs = [e.tick(now) for e in engines]
+        else:
+            outs = [e.release_all() for e in engines]
+        assert all(o == outs[0] for o in outs)
+        assert all(e.state() == engines[0].state() and e.next_deadline() == engines[0].next_deadline()
+                   for e in engines)
+        return now
+
+    for op in ops[:cut]:
+        now = run([ref, c_ref], op, now)
+    carried = ref.state()
+    py, c = ClampEngine(*args), CClampEngine(lib, *args)
+    py.restore_state(carried)
+    c.restore_state(c_ref.state())
+    assert py.state() == c.state() == carried
+    for op in ops[cut:]:
+        now = run([ref, py, c], op, now)
+
+
+def test_a_carried_state_for_another_vcpu_is_refused_and_changes_nothing() -> None:
+    from vhost_user_cpufreq.backend.policy.engine import ClampState
+
+    places = [VcpuPlacement(0, 7, 1024, 1024, 2802000)]
+    for eng in (ClampEngine(places), CClampEngine(c_lib(), places)):
+        eng.on_record(0, 600, 0, 1.0)
+        before = eng.state()
+        with pytest.raises(ValueError):
+            eng.restore_state([ClampState(0, 100, 100, 2.0, 2.0, False), ClampState(5, 1, 1, None, None, False)])
+        assert eng.state() == before
 
 
 def test_reconfiguring_starts_afresh_and_keeps_threads() -> None:

@@ -55,7 +55,7 @@ from vhost_user_cpufreq.protocol.requests import (
     Drained,
 )
 from vhost_user_cpufreq.protocol.requests import drain as drain_requests
-from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, SeqSnapshot, SnapshotError
+from vhost_user_cpufreq.protocol.session_snapshot import DeviceSnapshot, PageSnapshot, SeqSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.virtqueue import (
     MAX_INDIRECT_DESCS,
     VIRTIO_RING_F_EVENT_IDX,
@@ -71,6 +71,7 @@ from ..policy.decision import Policy
 from ..policy.ratelimit import LogBudget
 from ..vhost.device import DeviceHost
 from .hostfreq import FrequencySource, HostDomain, HostSnapshot, advertised
+from .carry import clamps_of, host_of, moved_across, restore_clamps, restore_host
 from .power import guest_energy
 
 __all__ = ["CpufreqDevice", "VcpuState", "VIRTIO_F_VERSION_1"]
@@ -186,6 +187,8 @@ class CpufreqDevice:
         self._page_seq: list[int] = []
         self._page_values: list[abi.PageDomain | None] = []
         self._page_in_use = False
+        self._page_carried: PageSnapshot | None = None  # a predecessor's writer state, until the page is resumed
+        self._restore_moved = (False, False)  # (config moved across a restore, frequencies alone)
         self._host: DeviceHost | None = None
         self._vcpus = [VcpuState() for _ in vcpu_host_domain]
         self._lane_slot: LaneSlot | None = None
@@ -311,6 +314,20 @@ class CpufreqDevice:
         self._em_seq = 0
         if self.shmem_features & (1 << em.F_ENERGY_MODEL):
             view[em.EM_OFFSET:em.EM_OFFSET + em.EM_SIZE] = em.encode_energy_model(self.energy_model)
+
+    def shmem_resume(self, shmid: int, view: memoryview) -> None:
+        """The page a predecessor wrote (the guest reads it): counts go on from the carried ones, and
+        every entry that may differ from now is rewritten (all of them when the values are unknown)."""
+        carried, self._page_carried = self._page_carried, None
+        if carried is None:
+            raise SnapshotError("page-state-missing", "a shared page without its writer's state")
+        self._page_base, self._page = view, view.cast("I")
+        self._page_seq = list(carried.seq)
+        self._page_values = [None if v is None else abi.PageDomain(*v) for v in carried.values]
+        # The energy model's count goes on from the page's (past an update its writer died in),
+        # so a guest reading across the switch cannot see an old count come back.
+        self._em_seq = (self._page[em.EM_OFFSET // 4] + 1) & ~1 & 0xFFFFFFFF
+        self._page_topology()
 
     def shmem_in_use(self, shmid: int, in_use: bool) -> None:
         self._page_in_use = in_use and bool(self._acked & self.shmem_features)
@@ -469,16 +486,21 @@ class CpufreqDevice:
     def snapshot(self) -> DeviceSnapshot:
         """What a successor process needs to go on; taken with the lane detached (the session froze)."""
         q = self.seq
+        page = None
+        if self._page is not None:
+            page = PageSnapshot(tuple(self._page_seq), tuple(
+                None if v is None else (v.cur_khz, v.freq_scale, v.perf) for v in self._page_values))
         return DeviceSnapshot(self._acked, self.config.encode(),
                               SeqSnapshot(q.last, q.min_offset_ns, q.lost, q.stale, q.last_age_ns),
-                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus))
+                              tuple((v.util, v.perf_khz, v.updated) for v in self.vcpus), page,
+                              clamps_of(self.policy, self.vm), host_of(self.policy, self.vm))
 
     def restore(self, d: DeviceSnapshot) -> None:
         """Go on from a predecessor's state.  The config keeps its generation if nothing in it moved,
         and takes the next one otherwise (the session notifies the front-end after a resume)."""
         if len(d.vcpus) != len(self._vcpus):
             raise SnapshotError("vcpu-count", f"snapshot has {len(d.vcpus)} vCPUs, this VM {len(self._vcpus)}")
-        if d.acked_features & ~self._offered:
+        if d.acked_features & ~(self._offered | self.shmem_features):
             raise SnapshotError("features-not-offered", f"device features {d.acked_features:#x}")
         if len(d.config) != abi.CONFIG_SIZE:
             raise SnapshotError("bad-config", f"{len(d.config)} bytes")
@@ -486,10 +508,20 @@ class CpufreqDevice:
         same = dataclasses.replace(self.config, generation=generation)
         self.config = same if same.encode() == d.config else dataclasses.replace(
             self.config, generation=(generation + 1) & 0xFFFFFFFF)
+        # Frequencies alone reach a guest reading the page without a notification (as in _on_snapshot).
+        self._restore_moved = moved_across(d.config, same)
         self._acked = d.acked_features
         s = d.seq
         self.seq = SeqTracker(s.last, s.min_offset_ns, s.lost, s.stale, s.last_age_ns)
         self._vcpus = [VcpuState(u, p, t) for u, p, t in d.vcpus]
+        self._page_carried = d.page
+        restore_clamps(self.policy, self.vm, d.clamps)
+        restore_host(self.policy, self.vm, d.host)
+
+    def owes_notification(self) -> bool:
+        """After :meth:`restore` (and the page's resume): did the config move in a way the guest must be told?"""
+        moved, freq_only = self._restore_moved
+        return moved and not (freq_only and self._page_in_use)
 
     # -- the kick lane ----------------------------------------------------------
     def offload(self, index: int, queue: DeviceQueue, kick_fd: int, call_fd: int | None,

@@ -64,6 +64,12 @@ CDEFS = """
     int vuc_engine_next_deadline(vuc_engine *e, double *due);
     uint32_t vuc_engine_release_all(vuc_engine *e, vuc_change *out);
     void vuc_engine_applied(vuc_engine *e, int32_t *out);
+    typedef struct {
+        int32_t vcpu, wanted, applied, has_record, pending, pad;
+        double changed_at, record_at;
+    } vuc_vcpu_state;
+    void vuc_engine_get_state(vuc_engine *e, vuc_vcpu_state *out);
+    int vuc_engine_set_state(vuc_engine *e, uint32_t n, const vuc_vcpu_state *in);
 
     typedef struct { uint16_t kind, reason; uint32_t head, seq, mask; uint16_t nbad, ntotal; int32_t err; } vuc_event;
     typedef struct { uint32_t util, perf_khz; double updated; uint64_t mark; uint32_t fresh, pad; } vuc_vstate;

@@ -246,3 +246,37 @@ void vuc_engine_applied(vuc_engine *e, int32_t *out) {
         out[i] = e->v[i].applied;
     pthread_mutex_unlock(&e->mu);
 }
+
+/* Every position's decision state into ``out`` (n items, placement order). */
+void vuc_engine_get_state(vuc_engine *e, vuc_vcpu_state *out) {
+    pthread_mutex_lock(&e->mu);
+    for (uint32_t i = 0; i < e->n; i++) {
+        const evcpu *s = &e->v[i];
+        out[i] = (vuc_vcpu_state){s->vcpu, s->wanted, s->applied, s->has_record, s->pending, 0,
+                                  s->changed_at, s->record_at};
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* A predecessor's state, by vCPU id (engine.py restore_state); -1, and nothing changed, if a vCPU is
+ * not one of this engine's. */
+int vuc_engine_set_state(vuc_engine *e, uint32_t n, const vuc_vcpu_state *in) {
+    pthread_mutex_lock(&e->mu);
+    for (uint32_t k = 0; k < n; k++) {
+        if (in[k].vcpu < 0 || in[k].vcpu >= e->nindex || e->index[in[k].vcpu] < 0) {
+            pthread_mutex_unlock(&e->mu);
+            return -1;
+        }
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        evcpu *s = &e->v[e->index[in[k].vcpu]];
+        s->wanted = in[k].wanted;
+        s->applied = in[k].applied;
+        s->has_record = in[k].has_record;
+        s->pending = in[k].pending;
+        s->changed_at = in[k].changed_at;
+        s->record_at = in[k].record_at;
+    }
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}

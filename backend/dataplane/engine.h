@@ -43,6 +43,12 @@ typedef struct {
     uint32_t prio, pad;
 } evcpu;
 
+/* One vCPU's decision state as engine.py's ClampEngine.state() gives it: carried to a successor process. */
+typedef struct {
+    int32_t vcpu, wanted, applied, has_record, pending, pad;
+    double changed_at, record_at;
+} vuc_vcpu_state;
+
 typedef struct vuc_engine {
     pthread_mutex_t mu;
     uint32_t n;
@@ -66,6 +72,8 @@ uint32_t vuc_engine_tick(vuc_engine *e, double now, vuc_change *out);
 int vuc_engine_next_deadline(vuc_engine *e, double *due);
 uint32_t vuc_engine_release_all(vuc_engine *e, vuc_change *out);
 void vuc_engine_applied(vuc_engine *e, int32_t *out);
+void vuc_engine_get_state(vuc_engine *e, vuc_vcpu_state *out);
+int vuc_engine_set_state(vuc_engine *e, uint32_t n, const vuc_vcpu_state *in);
 
 /* The same with the engine lock already held (the lane). */
 VUC_INTERNAL evcpu *vuc_engine_find(vuc_engine *e, int32_t vcpu);

@@ -28,14 +28,14 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from vhost_user_cpufreq.protocol.requests import REASONS
 from vhost_user_cpufreq.protocol.virtqueue import DeviceQueue
 
 from ..counters import LATENCY_BUCKETS, Counters
 from ..defaults import LANE_SLICE_US
-from ..policy.engine import ClampChange, EngineConfig, VcpuPlacement, VmLimits, effective_cap
+from ..policy.engine import ClampChange, ClampState, EngineConfig, VcpuPlacement, VmLimits, effective_cap
 from .cdrain import CDrainer, ffi, pointer_to
 
 __all__ = ["CClampEngine", "KickLane", "LaneSched", "LaneSlot", "LaneBinding", "lane_for", "running_lanes",
@@ -108,6 +108,25 @@ class CClampEngine:
 
     def release_all(self) -> list[ClampChange]:
         return self._changes(self._lib.vuc_engine_release_all(self.handle, self._out))
+
+    def state(self) -> tuple[ClampState, ...]:
+        out = ffi.new("vuc_vcpu_state[]", max(1, len(self._order)))
+        self._lib.vuc_engine_get_state(self.handle, out)
+        return tuple(ClampState(s.vcpu, s.wanted, None if s.applied < 0 else s.applied,
+                                None if s.changed_at == float("-inf") else s.changed_at,
+                                s.record_at if s.has_record else None, bool(s.pending))
+                     for s in (out[i] for i in range(len(self._order))))
+
+    def restore_state(self, states: Iterable[ClampState]) -> None:
+        states = list(states)
+        arr = ffi.new("vuc_vcpu_state[]", max(1, len(states)))
+        for i, c in enumerate(states):
+            arr[i].vcpu, arr[i].wanted, arr[i].applied = c.vcpu, c.wanted, -1 if c.applied is None else c.applied
+            arr[i].has_record, arr[i].pending = c.record_at is not None, int(c.pending)
+            arr[i].changed_at = float("-inf") if c.changed_at is None else c.changed_at
+            arr[i].record_at = 0.0 if c.record_at is None else c.record_at
+        if self._lib.vuc_engine_set_state(self.handle, len(states), arr) != 0:
+            raise ValueError(f"vCPUs {[c.vcpu for c in states]} are not all this VM's")
 
     # -- what only the lane needs ------------------------------------------------------------
     def set_threads(self, tids: Mapping[int, int]) -> None:

@@ -32,7 +32,7 @@ from ..counters import Counters
 from ..policy.engine import CAPACITY_SCALE
 from .statefile import CgroupRecord, StateFile, thread_start_time
 
-__all__ = ["ThreadedCgroups", "cgroup_of", "uclamp_cap", "recover_cgroups", "CGROUP_ROOT"]
+__all__ = ["ThreadedCgroups", "cgroup_of", "uclamp_cap", "recover_cgroups", "adopt_cgroups", "CGROUP_ROOT"]
 
 log = logging.getLogger("vhost_user_cpufreq.cgroups")
 
@@ -181,3 +181,22 @@ def recover_cgroups(state: StateFile) -> int:
                     len(records))
     return len(records)
 
+
+
+def adopt_cgroups(state: StateFile, threaded: ThreadedCgroups) -> int:
+    """A predecessor's threaded cgroups (it handed its VMs over): ours now, removed when their VM goes.
+
+    Without this the successor would take them for cgroups someone else made, and leave them (and the
+    ``+cpu`` it enabled) behind.  A record whose directory is gone is forgotten.
+    """
+    n = 0
+    for rec in state.load_cgroups():
+        path, home = Path(rec.path), Path(rec.home)
+        if not path.is_dir() and not threaded.dry_run:
+            state.forget_cgroup(rec.path)
+            continue
+        threaded.made[path] = _Made(home, dict(rec.threads))
+        if rec.enabled_cpu:
+            threaded.enabled_cpu.add(home)
+        n += 1
+    return n

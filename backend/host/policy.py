@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from vhost_user_cpufreq.protocol.cpufreq import DeviceConfig, Domain, Record
+from vhost_user_cpufreq.protocol.host_snapshot import HostSnapshot
 
 from ..dataplane.cdrain import dataplane
 from ..dataplane.lane import EV_UCLAMP_REFUSED, CClampEngine, LaneBinding
 from ..policy.decision import Decision, schedutil_khz
-from ..policy.engine import (CAPACITY_SCALE, ClampChange, ClampEngine, EngineConfig, VcpuPlacement, VmLimits,
-                             domain_clamps, effective_cap)
+from ..policy.engine import (CAPACITY_SCALE, ClampChange, ClampEngine, ClampState, EngineConfig, VcpuPlacement,
+                             VmLimits, domain_clamps, effective_cap)
 from .actuators import CgroupClampActuator, ThreadActuator
+from . import carry
 from .cgroups import ThreadedCgroups, cgroup_of
 
 __all__ = ["HostPolicy", "VmBinding"]
@@ -116,6 +118,27 @@ class HostPolicy:
             b.on_change()  # per-thread <-> cgroup: the lane takes or leaves the VM
         return b
 
+    def engine_state(self, vm: str) -> tuple[ClampState, ...] | None:
+        """The VM's clamp decisions, for a successor process (None: no engine for it)."""
+        b = self.vms.get(vm)
+        return None if b is None else b.engine.state()
+
+    def restore_engine_state(self, vm: str, states: Sequence[ClampState]) -> None:
+        """Go on from a predecessor's decisions (its clamps are in place); ValueError if they are not this
+        VM's.  Nothing is applied: the threads and cgroups hold these values already."""
+        b = self.vms.get(vm)
+        if b is None:
+            return
+        b.engine.restore_state(states)
+        self._arm(b)
+
+    def host_state(self, vm: str) -> HostSnapshot | None:
+        """What the actuators wrote for ``vm`` and the originals, for a successor process (carry.py)."""
+        return carry.host_state(self, vm)
+
+    def restore_host_state(self, vm: str, h: HostSnapshot) -> None:
+        carry.restore_host_state(self, vm, h)
+
     def lane_binding(self, vm: str, on_change: Callable[[], None]) -> LaneBinding | None:
         """What the kick lane needs to decide for ``vm`` in C, or None if it cannot."""
         b = self.vms.get(vm)
@@ -181,7 +204,7 @@ class HostPolicy:
             self.threaded.enter(path, b.cgroup_home,
                                 [t for v, t in b.tids.items() if self._cgroup_key(b, v) == key])
         log.info("[%s] vCPU threads moved into %s", b.vm, ", ".join(str(p) for p in paths.values()))
-        self._apply(b, [], force=True)  # what the engine holds already
+        self._apply(b, [])  # what the engine holds already (a value a predecessor wrote is not written again)
         self._apply_caps(b)
 
     def _leave_cgroups(self, b: VmBinding) -> None:

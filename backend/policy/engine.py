@@ -49,6 +49,7 @@ __all__ = [
     "VmLimits",
     "VcpuPlacement",
     "ClampChange",
+    "ClampState",
     "ClampEngine",
     "util_to_clamp",
     "perf_to_clamp",
@@ -153,6 +154,19 @@ def domain_cap(vcpu_max_khz: int, pcpu_max_khz: int, pcpu_capacity: int, headroo
     return perf_to_clamp(vcpu_max_khz, pcpu_max_khz, pcpu_capacity, headroom)
 
 
+@dataclass(frozen=True, slots=True)
+class ClampState:
+    """One vCPU's decision state, carried to a successor process so that it neither applies again a
+    clamp in place nor forgets one (hysteresis, the rate limit and the stale timer go on)."""
+
+    vcpu: int
+    wanted: int
+    applied: int | None
+    changed_at: float | None  # None: never changed (minus infinity)
+    record_at: float | None
+    pending: bool
+
+
 @dataclass(slots=True)
 class _Vcpu:
     place: VcpuPlacement
@@ -221,6 +235,23 @@ class ClampEngine:
         times = [s.changed_at + self.config.min_interval for s in self._v.values() if s.pending]
         times += [s.record_at + self.config.stale_after for s in self._v.values() if s.record_at is not None]
         return min(times) if times else None
+
+    def state(self) -> tuple[ClampState, ...]:
+        """Each vCPU's decision state, in placement order."""
+        return tuple(ClampState(v, s.wanted, s.applied, None if s.changed_at == float("-inf") else s.changed_at,
+                                s.record_at, s.pending) for v, s in self._v.items())
+
+    def restore_state(self, states: Iterable[ClampState]) -> None:
+        """Go on from a predecessor's decisions; ValueError (nothing changed) if one names another vCPU."""
+        states = list(states)
+        unknown = [c.vcpu for c in states if c.vcpu not in self._v]
+        if unknown:
+            raise ValueError(f"vCPUs {unknown} are not this VM's")
+        for c in states:
+            s = self._v[c.vcpu]
+            s.wanted, s.applied, s.pending = c.wanted, c.applied, c.pending
+            s.changed_at = float("-inf") if c.changed_at is None else c.changed_at
+            s.record_at = c.record_at
 
     def release_all(self) -> list[ClampChange]:
         """Back to no boost for every vCPU the engine touched (VM reset or gone)."""

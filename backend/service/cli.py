@@ -101,7 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .fdstore import FdStore, from_store
 
     # Sockets of socket units by VM name; what systemd's fd store kept (service/fdstore.py) by its own names.
-    rest, stored, taken, keeper = from_store(systemd.listen_fds_raw(), FdStore(), set(cfg.vms))
+    rest, stored, taken, keeper = from_store(systemd.listen_fds_raw(), FdStore(), set(cfg.vms),
+                                            shared=cfg.shared_socket is not None)
     inherited = {**{name: socket.socket(fileno=fd) for name, fd in rest}, **stored}
     if args.fd is not None:
         inherited[args.name] = socket.socket(fileno=args.fd)
@@ -109,11 +110,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.take_over:
         from .handover import take_over
 
-        taken = take_over(args.take_over)
+        taken = take_over(args.take_over, keeps_store=keeper.store.enabled)
         if taken is None:
             print(f"vhost-user-cpufreq: the service on {args.take_over} did not hand over; it serves on",
                   file=sys.stderr)
             return 1
+        for index, (vm, serial, names, record_fd) in taken.stores.items():
+            keeper.adopt(vm, record_fd, serial, names, taken.sessions[index][1])
+        if keeper.store.enabled:
+            systemd.notify(f"MAINPID={os.getpid()}")  # the unit's main process is this one now
 
     async def run() -> int:
         daemon = Daemon(cfg, config_path=args.config)

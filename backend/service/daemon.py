@@ -21,6 +21,9 @@ import socket
 import time
 from typing import Any
 
+from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
+from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
+
 from ..counters import Counters
 from ..dataplane.guard import guard
 from ..dataplane.lane import running_lanes
@@ -29,7 +32,7 @@ from ..host.policy import HostPolicy
 from ..host.statefile import StateFile, recover, thread_start_time
 from ..host.sysfs_source import SysfsSource
 from . import systemd
-from ..host.cgroups import recover_cgroups
+from ..host.cgroups import adopt_cgroups, recover_cgroups
 from .config import ConfigError, ServiceConfig, VmSettings, load_config
 from .control_api import ControlApi
 from .handover import Taken, give_over
@@ -84,6 +87,7 @@ class Daemon:
         if self.state is not None and taken is not None:
             # The predecessor's changes to threads are ours now: kept, and undone when a VM goes.
             self.counters.inc("adopted_threads", n=_adopt_threads(self.state, self.actuator))
+            self.counters.inc("adopted_cgroups", n=adopt_cgroups(self.state, self.policy.threaded))
         elif self.state is not None:
             # A previous instance killed without cleanup left threads pinned/clamped: undo that first.
             self.counters.inc("recovered_cgroups", n=recover_cgroups(self.state))
@@ -103,7 +107,9 @@ class Daemon:
             self.shared.start()
             self.control_api.shared = self.shared
         if taken is not None:
-            resumed = sum(self.service.resume(raw, fds) is not None for raw, fds in taken.sessions)
+            resumed = 0
+            for raw, fds in taken.sessions:
+                resumed += await self._resume(raw, fds)
             self.counters.inc("handovers_taken" if taken.origin == "handover" else "fdstore_restores")
             if taken.not_carried:
                 self.counters.inc("handover_dropped", "not-carried", n=taken.not_carried)
@@ -304,6 +310,22 @@ class Daemon:
             "vms": vms,
             "counters": {f"{e}{':' + r if r else ''}": n for (e, r), n in sorted(self.counters.snapshot().items())},
         }
+
+    async def _resume(self, raw: bytes, fds: list[int]) -> bool:
+        """One session a predecessor served: a shared socket's goes through its admission again."""
+        try:
+            snap = decode_snapshot(raw, len(fds))
+        except SnapshotError:
+            snap = None  # Service.resume refuses it, with the reason
+        if snap is not None and snap.peer is not None:
+            if self.shared is None:
+                self.counters.inc("handover_dropped", "no-shared-socket")
+                log.error("[%s] a session of the shared socket, and no shared_socket here: dropped", snap.vm)
+                for fd in fds:
+                    os.close(fd)
+                return False
+            return await self.shared.resume(snap, raw, fds)
+        return self.service.resume(raw, fds) is not None
 
     async def _give_over(self, writer: asyncio.StreamWriter) -> None:
         """A successor asked for everything on this control connection (service/handover.py)."""

@@ -11,7 +11,8 @@ per VM holding the session's record (its snapshot and the store's name of
 each of its fds), rewritten after every batch of control messages.  Before a
 read from the front-end's socket the record keeps the bytes about to be read
 when they are requests that change nothing (answered again by the next
-process if this one dies first), and is marked busy otherwise.  When a session ends its fds leave the store (a closed connection
+process if this one dies first, unless the socket shows the answer went out:
+:func:`answered_already`), and is marked busy otherwise.  When a session ends its fds leave the store (a closed connection
 would otherwise stay open there, and QEMU would never see it close).
 
 :func:`from_store` turns what the store handed back into a
@@ -32,6 +33,8 @@ import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,10 +54,12 @@ from vhost_user_cpufreq.protocol.fdstore import (
     parse_name,
     record_name,
 )
-from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError, at_used, encode
+from vhost_user_cpufreq.protocol import cpufreq as abi
+from vhost_user_cpufreq.protocol.session_snapshot import SessionSnapshot, SnapshotError, at_page, at_used, encode
 from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
 
 from ..vhost.handover import freeze, guest_used, live_snapshot, snapshot
+from ..vhost.shmem import page_counts
 from ..vhost.transport import Connection
 from . import systemd
 from .handover import Taken
@@ -120,6 +125,7 @@ def _eventfd_id(fd: int) -> str | None:
 class _Vm:
     record_fd: int  # the memfd in the store under record_name(vm)
     conn: Connection | None = None
+    slot: "VmSlot | None" = None
     serial: int = 0  # of the last object name given
     held: dict[str, int] = field(default_factory=dict)  # name -> our duplicate of each object in the store
     names: list[str] = field(default_factory=list)  # the object of each fd of the last record
@@ -147,9 +153,49 @@ class Keeper:
         self.listeners: dict[str, object] = {}
         self._warned: set[str] = set()
 
+    @property
+    def enabled(self) -> bool:
+        return self.store.enabled
+
     def install(self, service: "Service") -> None:
         service.session_hooks.append(self._session)
         service.close_hooks.append(self._closed)
+        service.keeper = self
+
+    # -- a live handover between two processes that both keep the store (service/handover.py) --------
+    def entries(self, vm: str, fds: list[int]) -> tuple[int, int, list[str]] | None:
+        """(record memfd, last serial, the store's name of each of ``fds``) of ``vm``'s session, if the
+        store holds exactly those fds (the session's snapshot just taken); None: the successor stores afresh."""
+        st = self.vms.get(vm)
+        if st is None or st.conn is None or len(st.stored) != len(fds):
+            return None
+        if not all(same_file(st.held[n], fd) for n, fd in zip(st.names, fds)):
+            return None
+        return st.record_fd, st.serial, list(st.names)
+
+    def adopt(self, vm: str, record_fd: int, serial: int, names: tuple[str, ...], fds: list[int]) -> None:
+        """Go on with a predecessor's entries for ``vm``'s session (``fds``: the session's, in the order
+        ``names`` names them, before the session takes them).  Takes ``record_fd``."""
+        if vm in self.vms or len(names) != len(fds):
+            os.close(record_fd)
+            return
+        held = {}
+        for name, fd in zip(names, fds):
+            if name not in held:
+                held[name] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        self.vms[vm] = _Vm(record_fd, serial=serial, held=held)
+
+    def forget(self, vms: set[str] | None = None) -> None:
+        """Take ``vms``' sessions (every VM's and its listener: None) out of the store, for a successor
+        that keeps no store, or stores these afresh (systemd would ignore a new name for an open file
+        it holds under an old one, and a second record of one VM)."""
+        for vm, st in self.vms.items():
+            if vms is None or vm in vms:
+                for name in st.held:
+                    self.store.remove(name)
+                self.store.remove(record_name(vm))
+        for vm in self.listeners if vms is None else ():
+            self.store.remove(listener_name(vm))
 
     def started(self, service: "Service") -> None:
         """Store the listening socket of every VM not stored already."""
@@ -183,13 +229,22 @@ class Keeper:
             fd = os.memfd_create(f"vuc-record-{vm}", os.MFD_CLOEXEC)
             self.store.put(record_name(vm), fd)
             st = self.vms[vm] = _Vm(fd)
-        st.conn, st.busy, st.last, st.names, st.stored = conn, False, b"", [], []
+        st.conn, st.slot, st.busy, st.last, st.names, st.stored = conn, slot, False, b"", [], []
         conn.watch = lambda busy, pending: self._watch(st, busy, pending)
+        conn.session.shmem.changed = lambda: self._acked(st)
         self._sync(st)
         replay = self._replay.pop(vm, None)
         if replay:
-            # What the previous process read and had not answered, answered now.
-            conn.loop.call_soon(conn.replay, replay)
+            answered = answered_already(conn.sock)
+            if answered is not None:
+                # The previous process did answer, and was killed before it said so in the record: an
+                # answer sent twice would be taken by the front-end for the answer to its next request.
+                slot.counters.inc("replay_skipped", answered)
+                slot.log.info("the request the previous process was answering when it died was answered "
+                              "(%s): not answered again", answered)
+            else:
+                # What the previous process read and had not answered, answered now.
+                conn.loop.call_soon(conn.replay, replay)
 
     def _closed(self, slot: "VmSlot", conn: Connection) -> None:
         st = self.vms.get(slot.config.name)
@@ -222,15 +277,22 @@ class Keeper:
                 st.replay = False
             self._sync(st)
 
+    def _acked(self, st: _Vm) -> None:
+        """The front-end acked a shared memory map: the record says the page is in use."""
+        if st.conn is not None and not st.busy and st.conn.reader.buffered == 0:
+            self._sync(st)
+
     # -- writing --------------------------------------------------------------------------
     def _sync(self, st: _Vm, *, parked: bool = False) -> None:
         conn = st.conn
         assert conn is not None
+        peer = st.slot.peer_record if st.slot is not None else None
         try:
             if parked:
-                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0)
+                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0,
+                                    peer=peer)
             else:
-                raw, fds = live_snapshot(conn.session, conn.sock.fileno())
+                raw, fds = live_snapshot(conn.session, conn.sock.fileno(), peer)
         except SnapshotError as exc:
             if parked:  # left busy: the next process drops this session alone, and says why
                 log.error("[%s] session cannot be kept across the restart: %s", conn.session.name, exc)
@@ -279,6 +341,25 @@ class Keeper:
         log.info("every session parked in systemd's fd store; exiting without closing them")
 
 
+def answered_already(sock: socket.socket) -> str | None:
+    """Did the front-end get an answer to the requests a killed process kept for a replay?
+
+    A process killed between sending the answer and clearing its record's ``REPLAY`` flag leaves both:
+    bytes of ours the front-end has not read yet (SIOCOUTQ: the answer is in its socket), or bytes of
+    the front-end's after the request (FIONREAD: QEMU sends nothing while it waits for an answer, so it
+    got it) say it was sent.  Neither: not sent, or read by a front-end that has not spoken since (the
+    one case still answered twice, a window of microseconds after the send).
+    """
+    try:
+        if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] > 0:
+            return "answer-unread"
+        if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0] > 0:
+            return "front-end-went-on"
+    except OSError:
+        pass
+    return None
+
+
 def _read_all(fd: int, offset: int = 0) -> bytes:
     out = b""
     while True:
@@ -288,11 +369,29 @@ def _read_all(fd: int, offset: int = 0) -> bytes:
         out += chunk
 
 
-def from_store(named: list[tuple[str, int]], store: FdStore,
-               vms: set[str]) -> tuple[list[tuple[str, int]], dict[str, socket.socket], Taken | None, Keeper]:
+def _after_crash(snap: SessionSnapshot, fds: list[int]) -> SessionSnapshot:
+    """A record written while the process served: ring positions and the page's counts as guest memory and
+    the page hold them now (what the record says of them may be behind)."""
+    snap = at_used(snap, guest_used(snap, fds))
+    if snap.shmem is None or snap.device.page is None:
+        return snap
+    page = next((p for p in snap.shmem.pages if p.shmid == abi.FREQ_PAGE_SHMID), None)
+    if page is None:
+        raise SnapshotError("page-state-missing", "the writer's state of a page the record does not carry")
+    try:
+        counts = page_counts(fds[page.fd], [abi.page_domain_offset(i) for i in range(abi.MAX_DOMAINS)])
+    except OSError as exc:
+        raise SnapshotError("unusable-fd", str(exc)) from None
+    return at_page(snap, counts)
+
+
+def from_store(named: list[tuple[str, int]], store: FdStore, vms: set[str], *,
+               shared: bool = False) -> tuple[list[tuple[str, int]], dict[str, socket.socket], Taken | None, Keeper]:
     """Split what systemd passed: (the fds not ours, listeners by VM, the sessions to resume, a Keeper).
 
-    Every fd of ours that is not used is closed here and removed from the store.
+    ``shared``: this configuration has the shared socket, so a session of a VM not configured may be
+    one of its own (its record says who its peer was; the daemon checks the peer again).  Every fd of
+    ours that is not used is closed here and removed from the store.
     """
     rest: list[tuple[str, int]] = []
     listeners: dict[str, socket.socket] = {}
@@ -306,7 +405,7 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             rest.append((name, fd))
             continue
         vm, kind, serial = parsed
-        if vm not in vms:
+        if vm not in vms and (kind == "l" or not shared):
             unused.append((name, fd))
         elif kind == "l" and vm not in listeners:
             listeners[vm] = socket.socket(fileno=fd)
@@ -341,7 +440,9 @@ def from_store(named: list[tuple[str, int]], store: FdStore,
             snap = decode_snapshot(rec.snapshot, len(fds))
             if snap.vm != vm:
                 raise SnapshotError("wrong-vm", f"record of {snap.vm!r} stored for {vm!r}")
-            raw = rec.snapshot if rec.clean else encode(at_used(snap, guest_used(snap, fds)))
+            if vm not in vms and snap.peer is None:
+                raise SnapshotError("unknown-vm", f"no VM {vm!r} is configured here, nor was it a shared socket's")
+            raw = rec.snapshot if rec.clean else encode(_after_crash(snap, fds))
             if rec.replay:
                 replay[vm] = decode_pending(os.pread(records[vm], PENDING_AREA, 0))
             # The keeper's own duplicates: the resumed session's objects are in the store already.

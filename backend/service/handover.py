@@ -7,7 +7,8 @@ protocol/handover.py, driven here with blocking calls *on its event loop
 thread*: while the exchange runs, no message, kick or timer of any session
 is served, which is what makes the point quiescent.  It freezes every session
 (vhost/handover.py), sends each VM's listening socket and each session's
-snapshot with its fds (SCM_RIGHTS), and on ACK sends BYE and exits at once,
+snapshot with its fds (SCM_RIGHTS; a shared socket's session with its
+peer's identity, checked again by the new process), and on ACK sends BYE and exits at once,
 without closing an fd, undoing a clamp or restoring a thread: the fds now
 live in the new process too, and the threads are its charge.  Without ACK it
 thaws every session and serves on.
@@ -30,7 +31,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vhost_user_cpufreq.protocol.errors import ProtocolError
-from vhost_user_cpufreq.protocol.handover import MAX_FRAME_FDS, Frame, FrameReader, HandoverError, NewSide, OldSide
+from vhost_user_cpufreq.protocol.handover import (
+    F_KEEPS_STORE,
+    MAX_FRAME_FDS,
+    Frame,
+    FrameReader,
+    HandoverError,
+    NewSide,
+    OldSide,
+)
 from vhost_user_cpufreq.protocol.handover import Outcome
 from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
 
@@ -58,6 +67,9 @@ class Taken:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (VM, reason) of sessions refused before resume
     listeners: dict[str, socket.socket] = field(default_factory=dict)
     sessions: list[tuple[bytes, list[int]]] = field(default_factory=list)
+    #: by session index: (VM, last serial, the store's names of its fds, its record memfd): the old
+    #: process's entries in systemd's fd store, for a new process that keeps the store too
+    stores: dict[int, tuple[str, int, tuple[str, ...], int]] = field(default_factory=dict)
 
 
 def _next(reader: FrameReader, sock: socket.socket) -> Frame:
@@ -78,10 +90,12 @@ def _next(reader: FrameReader, sock: socket.socket) -> Frame:
 # -- the old process ------------------------------------------------------------------------------
 def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER_TIMEOUT) -> bool:
     """Hand every VM over on ``sock``; True once the successor has it all (the caller exits now)."""
-    old = OldSide(os.getpid())
+    keeper = service.keeper
+    old = OldSide(os.getpid(), F_KEEPS_STORE if keeper is not None and keeper.enabled else 0)
     reader = FrameReader()
     sock.settimeout(timeout)
     frozen: list["VmSlot"] = []
+    afresh: set[str] = set()  # VMs whose store entries the successor cannot go on with
     t0 = time.monotonic()
     try:
         send_with_fds(sock, old.hello())
@@ -90,13 +104,8 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
             log.warning("the new process refused the handover; serving on")
             return False
         for slot in service.vms.values():
-            if slot.connection is not None and slot.server is None:
-                # A VM of the shared socket exists only while its session does, and the successor has no
-                # slot to resume it into: not carried (QEMU's reconnect= brings it to the new process).
-                slot.log.error("session of the shared socket cannot be handed over (its front-end will see "
-                               "the connection close)")
-                old.not_carried += 1
-            elif slot.connection is not None:
+            if slot.connection is not None:
+                # (a VM of the shared socket goes with its peer's identity: the successor checks it again)
                 freeze(slot.connection.session)
                 frozen.append(slot)
         for name, slot in service.vms.items():
@@ -106,19 +115,32 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
             conn = slot.connection
             assert conn is not None
             try:
-                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0)
+                raw, fds = snapshot(conn.session, conn.sock.fileno(), mid_message=conn.reader.buffered > 0,
+                                    peer=slot.peer_record)
             except SnapshotError as exc:
                 # Not carried: its connection closes when this process exits.
                 slot.log.error("session cannot be handed over (its front-end will see the connection close): %s",
                                exc)
                 old.not_carried += 1
+                afresh.add(slot.config.name)  # out of the store too, or systemd would hold its connection open
                 continue
             send_with_fds(sock, old.session(raw, len(fds)), fds)
+            if old.both_keep_store and keeper is not None:
+                entries = keeper.entries(slot.config.name, fds)
+                if entries is None:  # the successor stores the session afresh
+                    afresh.add(slot.config.name)
+                else:
+                    record_fd, serial, names = entries
+                    send_with_fds(sock, old.store(slot.config.name, serial, names), [record_fd])
         send_with_fds(sock, old.done())
         old.receive(_next(reader, sock))
     except (OSError, ProtocolError) as exc:
         log.error("handover failed at %s: %s; serving on", old.state, exc)
     if old.outcome() is Outcome.NEW_SERVES:
+        if keeper is not None and keeper.enabled:
+            # A successor that keeps no store: what systemd holds of ours would keep QEMU's connections open
+            # after the successor closed them, and a later start of the unit would serve them again.
+            keeper.forget(None if not old.both_keep_store else afresh)
         try:
             send_with_fds(sock, old.bye())
         except OSError:
@@ -135,9 +157,12 @@ def give_over(service: "Service", sock: socket.socket, timeout: float = HANDOVER
 
 
 # -- the new process ------------------------------------------------------------------------------
-def take_over(control_path: str, timeout: float = HANDOVER_TIMEOUT) -> Taken | None:
-    """Ask the service on ``control_path`` for everything; None if it serves on (nothing kept here)."""
-    new = NewSide(os.getpid())
+def take_over(control_path: str, timeout: float = HANDOVER_TIMEOUT, *, keeps_store: bool = False) -> Taken | None:
+    """Ask the service on ``control_path`` for everything; None if it serves on (nothing kept here).
+
+    ``keeps_store``: this process keeps systemd's fd store (the old one's entries come too).
+    """
+    new = NewSide(os.getpid(), F_KEEPS_STORE if keeps_store else 0)
     reader = FrameReader()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
@@ -169,6 +194,7 @@ def take_over(control_path: str, timeout: float = HANDOVER_TIMEOUT) -> Taken | N
     for name, fd in new.listeners:
         taken.listeners[name] = socket.socket(fileno=fd)
     taken.sessions = [(raw, list(fds)) for raw, fds in new.sessions]
+    taken.stores = dict(new.stores)
     return taken
 
 

@@ -121,6 +121,8 @@ SERVICE_COUNTERS: tuple[tuple[str, str, str, bool], ...] = (
      "Front-ends on the shared socket refused, by reason (identity, name in use, no class...).", True),
     ("recovered_threads", "threads_recovered_total",
      "Threads restored at start from the state file of an instance that did not stop cleanly.", False),
+    ("carry_ignored", "carry_ignored_total",
+     "Thread or cgroup records a predecessor process handed over that matched nothing of this process's.", False),
 )
 
 

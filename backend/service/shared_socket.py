@@ -24,6 +24,14 @@ says that process lives.  The pidfd is watched: when the process exits the
 session ends even if the socket was handed to another process.  When the
 session ends, for whatever reason, the VM is removed: its threads get their
 original affinity and clamps back and the name is free again.
+
+Across a handover or a crash (service/handover.py, fdstore.py) the session
+goes with who its peer was (``VmSlot.peer_record``); :meth:`SharedSocket.resume`
+in the next process asks the carried connection for its peer again
+(SO_PEERPIDFD: the process that connected, or ``peer-gone``), identifies it
+again, and refuses it as ``peer-changed`` unless pid, start time, name, vCPUs
+and cgroup are the ones recorded; then steps 3 to 5 decide it under this
+process's configuration, as at accept.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from vhost_user_cpufreq.protocol.session_snapshot import PeerSnapshot, SessionSnapshot
+
 from ..counters import Counters
 from ..policy.engine import VmLimits
 from ..vhost.transport import Connection, peer_credentials
@@ -43,7 +53,7 @@ from .config import ConfigError, ServiceConfig, VmSettings
 from .identify import IdentityError, PeerIdentity, PeerProcess, identify, open_peer
 from .registry import Registration, Registry
 from .vm_host import HostSide
-from .vms import VmSlot, _listen, _unlink_socket
+from .vms import VmSlot, _close_quietly, _listen, _unlink_socket
 
 __all__ = ["SharedSocket", "PeerVm"]
 
@@ -171,14 +181,78 @@ class SharedSocket:
             await self.host.remove_vm(s.name)
             self._refuse(conn_sock, IdentityError("peer-gone", f"pid {peer.pid} exited while it was admitted"), peer)
             return
-        self.peers[s.name] = PeerVm(ident, peer, cls.name, s)
-        slot.peer_alive = peer.alive
-        # A dead process ends its session even if its socket lives on in another process.
-        self._loop.add_reader(peer.pidfd, self._peer_exited, s.name, peer)
+        self._admitted(slot, ident, peer, s, cls)
         self.counters.inc("shared_admitted")
         slot.log.info("identified on %s: QEMU pid %d, %d vCPUs, class %s, cgroup %s", self.path, peer.pid,
                       ident.vcpus, cls.name, ident.cgroup or "none")
         self.service.serve(slot, conn_sock)
+
+    def _admitted(self, slot: VmSlot, ident: PeerIdentity, peer: PeerProcess, s: VmSettings, cls: VmClass) -> None:
+        assert self._loop is not None and peer.start_time is not None
+        self.peers[s.name] = PeerVm(ident, peer, cls.name, s)
+        slot.peer_alive = peer.alive
+        slot.peer_record = PeerSnapshot(peer.pid, peer.start_time, ident.name, ident.vcpus, ident.cgroup)
+        # A dead process ends its session even if its socket lives on in another process.
+        self._loop.add_reader(peer.pidfd, self._peer_exited, s.name, peer)
+
+    # -- a session a predecessor process served (handover, fd store) ----------------------
+    async def resume(self, snap: SessionSnapshot, raw: bytes, fds: list[int]) -> bool:
+        """Serve a shared socket's session handed over by a predecessor, once its peer is checked again.
+
+        The peer is asked of the connection itself (SO_PEERPIDFD: the process that connected, or
+        ``peer-gone``) and identified from /proc again: the same pid and start time, name, vCPUs and
+        cgroup, else ``peer-changed``; then admitted under this process's configuration, as at accept.
+        Takes ``fds``; a session refused is closed alone, logged and counted
+        (``handover_dropped{reason}``).
+        """
+        assert snap.peer is not None
+        peer: PeerProcess | None = None
+        conn = socket.socket(fileno=fds[snap.connection_fd])
+        try:
+            try:
+                peer = open_peer(conn, self.proc)
+            finally:
+                conn.detach()  # still the session's fd: only asked here
+            ident = identify(peer, self.config.qemu_binaries)
+            was = snap.peer
+            if (peer.pid, peer.start_time) != (was.pid, was.start_time):
+                raise IdentityError("peer-changed", f"the connection's peer is pid {peer.pid} (start "
+                                    f"{peer.start_time}), it was pid {was.pid} (start {was.start_time})")
+            if (ident.name, ident.vcpus, ident.cgroup) != (was.name, was.vcpus, was.cgroup):
+                raise IdentityError("peer-changed", f"pid {peer.pid} is now {ident.name!r} with {ident.vcpus} vCPUs "
+                                    f"in {ident.cgroup!r}; it was {was.name!r}, {was.vcpus}, {was.cgroup!r}")
+            s, cls = self.decide(ident)
+        except IdentityError as exc:
+            return self._not_resumed(snap.vm, exc.reason, str(exc), fds, peer)
+        self.peers[s.name] = PeerVm(ident, PeerProcess(0, -1, None), cls.name, s)  # reserved, as at accept
+        try:
+            slot = await self.host.add_vm(s, notify_interval=1.0 / self.config.max_notifications_per_second,
+                                          mirror_threshold=self.config.mirror_threshold,
+                                          kick_batch_delay=self.config.kick_batch_delay, listen=False)
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the session alone is dropped
+            self.peers.pop(s.name, None)
+            return self._not_resumed(s.name, "no-placement", str(exc), fds, peer)
+        self._admitted(slot, ident, peer, s, cls)
+        if self.service.resume(raw, fds, on_drop=lambda reason: self.counters.inc("handover_dropped", reason)) is None:
+            # (it closed the fds, logged why and counted it here: the VM and its counters go now)
+            if self._loop is not None:
+                self._loop.remove_reader(peer.pidfd)
+            self.peers.pop(s.name, None)
+            await self.host.remove_vm(s.name)
+            peer.close()
+            return False
+        slot.log.info("resumed on %s: QEMU pid %d checked again, class %s", self.path, peer.pid, cls.name)
+        return True
+
+    def _not_resumed(self, vm: str, reason: str, detail: str, fds: list[int], peer: PeerProcess | None) -> bool:
+        self.counters.inc("handover_dropped", reason)
+        log.error("[%s] the session of the shared socket is not resumed (its front-end sees the connection "
+                  "close): %s", vm, detail)
+        for fd in fds:
+            _close_quietly(fd)
+        if peer is not None:
+            peer.close()
+        return False
 
     def _peer_exited(self, name: str, peer: PeerProcess) -> None:
         assert self._loop is not None

@@ -16,21 +16,33 @@ import socket
 import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..counters import Counters
 from ..cpufreq.device import CpufreqDevice
 from ..cpufreq.hostfreq import FrequencySource
 from ..defaults import KICK_BATCH_DELAY, LANE_SLICE_US, make_runtime_dir
 from ..policy.decision import Policy
-from vhost_user_cpufreq.protocol.session_snapshot import SnapshotError
+from vhost_user_cpufreq.protocol.session_snapshot import PeerSnapshot, SnapshotError
 from vhost_user_cpufreq.protocol.session_snapshot import decode as decode_snapshot
 
 from ..vhost.handover import restore as restore_session
 from ..vhost.session import Session
 from ..vhost.transport import Connection, peer_credentials
 
-__all__ = ["VmConfig", "VmSlot", "Service"]
+__all__ = ["VmConfig", "VmSlot", "Service", "StoreKeeper"]
+
+
+
+class StoreKeeper(Protocol):
+    """What a handover asks of systemd's fd store keeper (service/fdstore.py Keeper)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def entries(self, vm: str, fds: list[int]) -> tuple[int, int, list[str]] | None: ...
+
+    def forget(self, vms: set[str] | None = None) -> None: ...
 
 log = logging.getLogger("vhost_user_cpufreq")
 
@@ -78,6 +90,9 @@ class VmSlot:
     #: a VM from the shared socket (shared_socket.py): is the process it was identified from still that one?
     #: Checked before its threads are touched; None for per-VM sockets.
     peer_alive: Callable[[], bool] | None = None
+    #: a VM from the shared socket: who its front-end was identified as, carried with its session to a
+    #: successor process, which checks it again (shared_socket.py resume)
+    peer_record: PeerSnapshot | None = None
 
 
 class Service:
@@ -94,6 +109,8 @@ class Service:
         self.vms: dict[str, VmSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session_hooks: list[Callable[[VmSlot, Connection], None]] = []
+        #: systemd's fd store keeper (service/fdstore.py), when the service keeps one
+        self.keeper: StoreKeeper | None = None
         self.close_hooks: list[Callable[[VmSlot, Connection], None]] = []
 
     async def add_vm(self, cfg: VmConfig, *, listen_sock: socket.socket | None = None, listen: bool = True) -> VmSlot:
@@ -176,7 +193,7 @@ class Service:
         for hook in self.session_hooks:
             hook(slot, conn)
 
-    def resume(self, raw: bytes, fds: list[int]) -> VmSlot | None:
+    def resume(self, raw: bytes, fds: list[int], *, on_drop: Callable[[str], None] | None = None) -> VmSlot | None:
         """Serve a session a predecessor process handed over (service/handover.py).
 
         Takes ``fds``.  A snapshot that cannot be resumed closes its fds (its front-end sees
@@ -200,12 +217,15 @@ class Service:
             counters = slot.counters if slot is not None else None
             if counters is not None:
                 counters.inc("handover_dropped", exc.reason)
+            if on_drop is not None:
+                on_drop(exc.reason)
             log.error("%sa handed-over session is dropped: %s", f"[{slot.config.name}] " if slot else "", exc)
             return None
         conn = self._connect(slot, sock, session)
         slot.counters.inc("sessions_resumed")
         slot.log.info("front-end resumed from the previous process (pid %d)", conn.peer_pid)
-        session.config_changed()  # a change the predecessor had not told yet is told now
+        if slot.device.owes_notification():
+            session.config_changed()  # a change made while no process served is told now
         self._run_session_hooks(slot, conn)
         return slot
 

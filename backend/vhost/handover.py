@@ -26,6 +26,7 @@ from vhost_user_cpufreq.protocol import session_effects as fx
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import ProtocolError
 from vhost_user_cpufreq.protocol.session_snapshot import (
+    PeerSnapshot,
     RegionSnapshot,
     RingSnapshot,
     SessionSnapshot,
@@ -69,7 +70,8 @@ def thaw(session: Session) -> None:
             session._schedule(ring)  # kicks that came while frozen
 
 
-def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tuple[bytes, list[int]]:
+def snapshot(session: Session, connection_fd: int, *, mid_message: bool,
+             peer: PeerSnapshot | None = None) -> tuple[bytes, list[int]]:
     """The frozen session as bytes and the fds they name, in order (the fds stay open and ours).
 
     :raise SnapshotError: the session cannot be carried (named by the reason).
@@ -78,19 +80,20 @@ def snapshot(session: Session, connection_fd: int, *, mid_message: bool) -> tupl
         raise SnapshotError("not-frozen", "a session is written down only when frozen")
     if mid_message:
         raise SnapshotError("mid-message", "part of a front-end message was read and not handled")
-    return _describe(session, connection_fd, exact=True)
+    return _describe(session, connection_fd, exact=True, peer=peer)
 
 
-def live_snapshot(session: Session, connection_fd: int) -> tuple[bytes, list[int]]:
+def live_snapshot(session: Session, connection_fd: int, peer: PeerSnapshot | None = None) -> tuple[bytes, list[int]]:
     """The serving session's control-plane state (the fd store's record), and its fds in order.
 
     Ring positions in it are whatever the event loop last saw (the kick lane moves them meanwhile):
     a process that resumes it takes them from the rings in guest memory (:func:`guest_used`).
     """
-    return _describe(session, connection_fd, exact=False)
+    return _describe(session, connection_fd, exact=False, peer=peer)
 
 
-def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[bytes, list[int]]:
+def _describe(session: Session, connection_fd: int, *, exact: bool,
+              peer: PeerSnapshot | None) -> tuple[bytes, list[int]]:
     dev_snapshot = getattr(session.device, "snapshot", None)
     if dev_snapshot is None:
         raise SnapshotError("device-cannot-snapshot", type(session.device).__name__)
@@ -100,6 +103,10 @@ def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[byt
     def ref(fd: int | None) -> int | None:
         if fd is None:
             return None
+        fds.append(fd)
+        return len(fds) - 1
+
+    def need(fd: int) -> int:
         fds.append(fd)
         return len(fds) - 1
 
@@ -127,8 +134,11 @@ def _describe(session: Session, connection_fd: int, *, exact: bool) -> tuple[byt
         if fd is None:
             raise SnapshotError("region-without-fd", f"region at {r.guest_phys_addr:#x}")
         regions.append(RegionSnapshot(r.guest_phys_addr, r.size, r.userspace_addr, r.mmap_offset, fd))
+    rules = session.machine.shmem
+    shmem = (session.shmem.describe(need, channel=rules.channel, mapped=rules.mapped)
+             if rules.sizes else None)
     snap = SessionSnapshot(session.name, conn, backend, owner, acked, features_set, protocol_features, status,
-                           tuple(rings), tuple(regions), dev_snapshot())
+                           tuple(rings), tuple(regions), dev_snapshot(), shmem, peer)
     return encode(snap), fds
 
 
@@ -215,6 +225,8 @@ def _restore(session: Session, snap: SessionSnapshot, fds: list[int], owned: set
                                              event_idx=bool(acked & 1 << VIRTIO_RING_F_EVENT_IDX),
                                              indirect=bool(acked & 1 << VIRTIO_RING_F_INDIRECT_DESC)),
                                 cursor=(r.used_idx, r.signalled))
+    if snap.shmem is not None:
+        session.shmem.restore(snap.shmem, fds, session.backend_channel, owned)
     conn_fd = fds[snap.connection_fd]
     owned.add(conn_fd)
     return socket.socket(fileno=conn_fd)

@@ -12,7 +12,13 @@ page's LIVE flag in its own mapping, which a front-end that still maps the
 page (QEMU after a disconnect) keeps showing.
 
 The page is never read here: the guest can write it (QEMU maps it writable
-whatever the map flags say).
+whatever the map flags say).  (One exception, after a crash: :func:`page_counts`.)
+
+Across a handover or a crash (vhost/handover.py) :meth:`SharedRegions.describe`
+writes the regions down with their memfds, and :meth:`SharedRegions.restore`
+maps the same memfds in the new process: the front-end's mapping is of the
+same file, so nothing is sent again and the guest sees the same page go on
+being written.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from typing import Callable, Protocol
 from vhost_user_cpufreq.protocol import vhost_user as vu
 from vhost_user_cpufreq.protocol.errors import ProtocolError
 from vhost_user_cpufreq.protocol.shmem import AckReader
+from vhost_user_cpufreq.protocol.shmem_snapshot import ShmemPageRef, ShmemSnapshot
+from vhost_user_cpufreq.protocol.snapshot_codec import SnapshotError
 
 from ..counters import Counters
 
-__all__ = ["SharedRegions", "ShmemDevice", "SharedPage"]
+__all__ = ["SharedRegions", "ShmemDevice", "SharedPage", "page_counts"]
 
 #: Map flags we send: read (the guest only reads; QEMU 11.1.3 maps it writable anyway).
 MAP_READ = 1
@@ -52,6 +60,13 @@ class ShmemDevice(Protocol):
 
     def shmem_detach(self, shmid: int) -> None:
         """The region's memory goes away: mark it stale, stop writing it."""
+        ...
+
+    def shmem_resume(self, shmid: int, view: memoryview) -> None:
+        """Region ``shmid``'s memory as a predecessor left it (the guest may see it): go on writing it.
+
+        :raise SnapshotError: the device's state for the region was not carried.
+        """
         ...
 
 
@@ -74,6 +89,21 @@ class SharedPage:
         except BaseException:
             os.close(fd)
             raise
+
+    @classmethod
+    def adopt(cls, fd: int, size: int) -> "SharedPage":
+        """A predecessor's page: checked to be a memfd of ``size`` bytes that cannot shrink, then mapped."""
+        st = os.fstat(fd)
+        if st.st_size != size:
+            raise SnapshotError("shmem-mismatch", f"the region's memfd has {st.st_size} bytes, {size} expected")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0  # not a memfd
+        if seals & _SEALS != _SEALS:
+            raise SnapshotError("shmem-not-sealed", "the region's fd is not our sealed memfd (it could shrink "
+                                "under the mapping)")
+        return cls(fd, mmap.mmap(fd, size))
 
     def close(self) -> None:
         self.map.close()
@@ -98,6 +128,8 @@ class SharedRegions:
         self._pending: list[int] = []  # shmids whose map awaits its ack, in order
         self._channel: socket.socket | None = None
         self.broken: str | None = None  # why the channel is no longer used for regions
+        #: called after an ack changed what is in use (the fd store's record follows it)
+        self.changed: Callable[[], None] | None = None
 
     # -- effects ------------------------------------------------------------------------
     def map(self, channel: socket.socket | None, shmid: int, size: int) -> None:
@@ -143,6 +175,49 @@ class SharedRegions:
             page.close()
         self.pages.clear()
         self.in_use.clear()
+
+    # -- across processes ---------------------------------------------------------------
+    def describe(self, ref: Callable[[int], int], *, channel: bool, mapped: bool) -> ShmemSnapshot:
+        """The regions as a snapshot section (with the rules' ``channel`` and ``mapped``); ``ref`` gives
+        each memfd's index in the fd list."""
+        pages = tuple(ShmemPageRef(shmid, len(page.map), ref(page.fd), shmid in self.in_use)
+                      for shmid, page in sorted(self.pages.items()))
+        pending = tuple(self._pending) if self.broken is None else ()
+        return ShmemSnapshot(channel, mapped, pages, pending, bytes(self.acks.pending_bytes()), self.broken)
+
+    def restore(self, snap: ShmemSnapshot, fds: list[int], channel: socket.socket | None,
+                owned: set[int]) -> None:
+        """Take the regions of a predecessor's session; each memfd taken joins ``owned``.
+
+        :raise SnapshotError: a memfd is not what the snapshot says, or the device cannot resume it.
+        """
+        if snap.pages and self.device is None:
+            raise SnapshotError("shmem-mismatch", "regions for a device without shared memory")
+        for p in snap.pages:
+            fd = fds[p.fd]
+            page = SharedPage.adopt(fd, p.size)
+            owned.add(fd)
+            self.pages[p.shmid] = page
+            assert self.device is not None
+            view = memoryview(page.map)
+            try:
+                self.device.shmem_resume(p.shmid, view)
+            except BaseException:
+                view.release()  # the device did not keep it: the map must be closable
+                raise
+            if p.in_use:
+                self.in_use.add(p.shmid)
+                self.device.shmem_in_use(p.shmid, True)
+        self.broken = snap.broken
+        if snap.pending or snap.ack_buf:
+            if channel is None:
+                raise SnapshotError("inconsistent-shmem", "acks awaited without a back-end channel")
+            for _ in snap.pending:
+                self.acks.expect(vu.BackendRequest.SHMEM_MAP)
+            self._pending = list(snap.pending)
+            self.acks.restore_bytes(snap.ack_buf)
+        if channel is not None and self.pages and self.broken is None:
+            self._watch(channel)
 
     def channel_replaced(self) -> None:
         """The session closes the channel for another (only while nothing is mapped: the rules)."""
@@ -199,6 +274,8 @@ class SharedRegions:
                 self.device.shmem_in_use(shmid, True)
                 self.counters.inc("shmem_mapped")
                 self.log.info("shared memory region %d mapped by the front-end", shmid)
+        if acks and self.changed is not None:
+            self.changed()
 
     def _broken(self, reason: str, detail: str) -> None:
         self.log.warning("back-end channel no longer used for shared memory: %s", detail)
@@ -209,3 +286,12 @@ class SharedRegions:
 
     def _fallback(self, reason: str) -> None:
         self.counters.inc("shmem_fallback", reason)
+
+
+def page_counts(fd: int, offsets: list[int]) -> list[int]:
+    """The 32-bit words at ``offsets`` of a page's memfd (each domain's sequence count).
+
+    Read only after a crash, when the counts recorded are behind: a guest that wrote them gets its
+    own page's updates numbered from its garbage, which is no more than it can do to it anyway.
+    """
+    return [int.from_bytes(os.pread(fd, 4, off).ljust(4, b"\0"), "little") for off in offsets]

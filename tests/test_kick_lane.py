@@ -17,6 +17,7 @@ Three layers, each compared with its reference:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -532,6 +533,32 @@ async def test_the_lane_clamps_threads_for_real_or_says_why_not(tmp_path, caplog
             await svc.close()
         pol.close()  # what the daemon does when it stops (the host side detaches a VM's threads the same way)
         assert pol.actuator.originals == {} and pol.actuator.clamps == {}  # every thread got back what it had
+
+
+async def test_the_lane_clamps_threads_the_service_neither_pins_nor_caps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pinning = "none"/"keep" and no cap: the threads still get their clamps from the lane, and back what
+    they had when the VM goes (the lane clamped only threads a pin or a cap had made the actuator remember)."""
+    require_c_dataplane()
+    with named_vcpu_threads(4) as tids:
+        svc, pol, slot, counters = await engine_vm(tmp_path, lane=True, dry_run=False)
+        unpinned = [dataclasses.replace(pol.vms["vm"].engine.placement(v), pcpu=None) for v in range(4)]
+        pol.bind("vm", unpinned, VmLimits())
+        pol.attach_threads("vm", dict(enumerate(tids)))
+        assert not pol.actuator.pinned and not pol.actuator.caps
+        assert set(pol.actuator.originals) == set(tids)  # remembered before the lane may touch them
+        g = await start_guest(str(tmp_path / "vm.sock"), util_threshold=1)
+        try:
+            g.driver.set_util(1, 512)
+            g.driver.flush()
+            await until(lambda: counters.get("clamps_applied") + counters.get("clamps_recorded") >= 1,
+                        what="a clamp by the lane on an unpinned thread")
+            assert counters.get("clamp_failed") == 0
+        finally:
+            await g.close()
+            await svc.close()
+        pol.close()
+        assert pol.actuator.originals == {} and [os.sched_getaffinity(t) for t in tids] == [
+            os.sched_getaffinity(0)] * 4
 
 
 async def test_the_lane_thread_lives_only_while_it_serves_a_ring(tmp_path) -> None:  # type: ignore[no-untyped-def]

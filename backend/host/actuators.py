@@ -80,6 +80,10 @@ class ThreadActuator:
             self.state.record(ThreadRecord(tid, start, sorted(o.affinity) if o.affinity is not None else None,
                                            o.util_min, o.util_max, o.reset_on_fork))
 
+    def remember(self, tid: int) -> None:
+        """Record ``tid``'s own clamps before anyone else (the kick lane) changes them."""
+        self._remember(tid, affinity=False)
+
     def pin(self, tid: int, pcpu: int) -> bool:
         try:
             self._remember(tid, affinity=True)

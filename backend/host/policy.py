@@ -154,6 +154,11 @@ class HostPolicy:
     def _lane_threads(self, b: VmBinding) -> None:
         """The C engine clamps the threads the actuator has remembered (so it can restore them)."""
         if isinstance(b.engine, CClampEngine):
+            if b.cgroup is None:
+                # Per-thread clamps from the lane: each thread's own state is on record (and in the
+                # state file) first, pinned or capped or neither, so that it can be given back.
+                for tid in b.tids.values():
+                    self.actuator.remember(tid)
             b.engine.set_threads({v: t for v, t in b.tids.items() if t in self.actuator.originals})
             b.engine.set_actuation(self.actuator.degraded is None)
 

@@ -7,9 +7,9 @@ dropped (a skipped frame).  The scheduler places a waking job like Linux's
 wake-up path does in spirit: the vCPU it last ran on if that one is idle,
 else the idle allowed vCPU of highest capacity, else back where it was
 (queued, FIFO).  ``migrate_every`` forces a move to another allowed vCPU.
-A task's PELT util moves with it, so the vCPU it lands on shows the task's
-util at once in the guest while the host's view of that vCPU thread is
-still cold: the case the device exists for.
+A task's PELT util and util_est move with it, so the vCPU it lands on shows
+the task's util at once in the guest while the host's view of that vCPU
+thread is still cold: the case the device exists for.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ looks at its CPUs (a scheduler event: wake-ups and the tick); clamp changes
 the arm decided land at their own instants inside the step, each one a new
 schedutil look (``sched_setattr`` re-enqueues the thread); each vCPU runs
 its queue at the speed of its pCPU's frequency pieces; host and guest PELT
-advance; the guest governor re-evaluates the vCPUs that had a wake-up or a
+advance (a vCPU thread whose vCPU went idle updates its util_est, as a
+task that sleeps does); the guest governor re-evaluates the vCPUs that had a wake-up or a
 tick, and the arm hears it.  vCPU i is pinned 1:1 to pCPU i (the engine's
 ``plan_pinning`` order: little CPUs on low vCPU ids); one VM owns the host.
 Energy is each busy pCPU's energy-model power at its OPP.

@@ -53,7 +53,7 @@ def _name_thread(name: str) -> None:
 def _duty(stop: threading.Event, ready: threading.Barrier) -> None:
     _name_thread("CPU 0/KVM")
     ready.wait()
-    duty.duty_cycle(0.0008, 0.004, stop)
+    duty.duty_cycle(0.0008, 0.004, stop, absolute=False)
 
 
 def _idle(stop: threading.Event, ready: threading.Barrier) -> None:

@@ -27,9 +27,14 @@ _TICK = re.compile(r"\[(\d+)\].*?\s(\d+\.\d+): hrtimer_expire_entry: .*function=
 
 
 def duty_cycle(busy: float, period: float, stop: threading.Event, *, cpu: int | None = None,
-               started: list[int] | None = None) -> None:
-    """Spin ``busy`` seconds of every ``period`` until ``stop``, on an absolute schedule (a late period
-    does not shift the next).  With ``cpu``, pinned there first; ``started`` gets the thread's id."""
+               started: list[int] | None = None, absolute: bool = True) -> None:
+    """Spin ``busy`` seconds of every ``period`` until ``stop``.  With ``cpu``, pinned there first;
+    ``started`` gets the thread's id.
+
+    ``absolute``: on a fixed schedule, so a late period does not shift the
+    next, and after a stall of the test host's clock the load catches up
+    back to back (its mean duty holds); otherwise it sleeps ``period - busy``
+    after each spin (its duty never rises above the one asked)."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     if started is not None:
@@ -39,7 +44,7 @@ def duty_cycle(busy: float, period: float, stop: threading.Event, *, cpu: int | 
         t0 = time.monotonic()
         while time.monotonic() - t0 < busy:
             pass
-        nxt += period
+        nxt = nxt + period if absolute else time.monotonic() + period - busy
         time.sleep(max(0.0, nxt - time.monotonic()))
 
 

@@ -17,7 +17,7 @@ from vhost_user_cpufreq.backend.policy.engine import EngineConfig, VmLimits
 from vhost_user_cpufreq.backend.service.cli import main as cli_main
 from vhost_user_cpufreq.backend.sim.arms import ArmSettings
 from vhost_user_cpufreq.backend.sim.hostmodel import SimInputError, load_host, parse_host
-from vhost_user_cpufreq.backend.sim.pelt import Pelt
+from vhost_user_cpufreq.backend.sim.pelt import PERIOD_S, UTIL_EST_MARGIN, Pelt, UtilEst
 from vhost_user_cpufreq.backend.sim.png import Canvas
 from vhost_user_cpufreq.backend.sim.run import SimOptions, simulate
 from vhost_user_cpufreq.backend.sim.schedutil import DomainGovernor, target_khz
@@ -33,20 +33,60 @@ def _batch(work_ms: float, vcpu: int) -> dict:
 
 
 # -- the model's pieces ---------------------------------------------------------------------
-def test_pelt_halves_in_32_ms_and_converges_to_the_running_share() -> None:
-    p = Pelt(0.001, util=1000.0)
+def test_pelt_halves_in_32_kernel_periods_and_converges_to_the_running_share() -> None:
+    assert PERIOD_S == 1024 * 1024e-9  # 1024 units of 1024 ns (kernel/sched/pelt.c)
+    p = Pelt(PERIOD_S, util=1000.0)
     for _ in range(32):
         p.step(0.0, 1024)
     assert p.util == pytest.approx(500.0, rel=1e-6)
     for _ in range(2000):
         p.step(0.5, 800)
     assert p.util == pytest.approx(400.0, rel=1e-3)
+    q = Pelt(0.001, util=1000.0)  # advance: one call for any span, the same as many steps
+    q.advance(32 * PERIOD_S, False)
+    assert q.util == pytest.approx(500.0, rel=1e-9)
+    q.advance(0.010, True, 512)
+    r = Pelt(0.0001, util=500.0)
+    for _ in range(100):
+        r.step(1.0, 512)
+    assert q.util == pytest.approx(r.util, rel=1e-9)
+
+
+def test_util_est_takes_rises_at_once_falls_a_quarter_at_a_time_and_ignores_small_or_contended_falls() -> None:
+    e = UtilEst()
+    assert e.dequeue(600) == 600  # a rise: taken whole
+    assert e.dequeue(200) == 600 - (600 - 200) / 4  # a fall: a quarter of the way
+    assert e.dequeue(500 - UTIL_EST_MARGIN + 1) == 500  # within 1%: kept
+    assert e.dequeue(100, runnable=300) == 500  # it waited rather than shrank: kept
+    assert e.dequeue(1100, capacity=1024) == 1100  # a rise is taken even above capacity
+    e = UtilEst(900)
+    assert e.dequeue(700, capacity=512) == 900  # above this CPU's capacity: no idle time, says nothing
+    # A periodic task: util_avg is a sawtooth between its trough at wake-up and its peak at sleep;
+    # util_est holds the peak, so a task that wakes up is seen at its size, not at its decayed util.
+    p, e = Pelt(0.001), UtilEst()
+    troughs = []
+    for _ in range(60):
+        troughs.append(p.advance(0.008, False))
+        e.dequeue(p.advance(0.008, True))
+    assert e.ewma == pytest.approx(p.util) and e.ewma > troughs[-1] * 1.15
+
+
+def test_a_periodic_task_is_seen_at_its_util_est_while_enqueued() -> None:
+    from vhost_user_cpufreq.backend.sim.schedutil import effective_util
+
+    assert effective_util(300, True, 0, 1024, 1024, util_est=700) == 700
+    assert effective_util(300, False, 0, 1024, 1024, util_est=700) == 300  # asleep: only its blocked util
+    assert effective_util(300, True, 0, 512, 1024, util_est=700) == 512  # uclamp_max caps the estimate too
 
 
 def test_schedutil_picks_125_percent_of_util_rounded_up_to_an_opp_and_waits_out_its_rate_limit() -> None:
     dom = HOSTS["gs101"].domains[2]  # X1: capacity 1024, top 2802 MHz
     assert target_khz(dom, 512) == dom.opp_at_least(1.25 * 2802000 * 0.5).khz
     assert target_khz(dom, 1024) == 2802000
+    # Without frequency invariance the reference is 1.25 x the current frequency, on top of util's 25%:
+    # the request rises from the current one only above util 1024 / 1.5625 = 655.
+    cur = dom.opps[len(dom.opps) // 2].khz
+    assert target_khz(dom, 650, cur_khz=cur) <= cur < target_khz(dom, 660, cur_khz=cur)
     g = DomainGovernor(dom)
     g.update(0.0, [1024.0])
     g.update(0.001, [0.0])  # inside the 2 ms rate limit: ignored

@@ -286,3 +286,31 @@ def test_the_closed_loop_a_guest_record_raises_the_test_hosts_frequency_request_
     if out:
         Path(out).write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps(figures))
+
+
+def test_the_simulator_replayed_on_the_test_hosts_kernel_matches_its_pelt_and_schedutil(testhost: TestHost) -> None:
+    """The simulator's PELT, util_est and schedutil against this kernel's (tests/sim_replay.py).
+
+    The same comparison as tests/test_sim_validation.py, on a fresh run:
+    ``VUC_PELT_PROBE_RECORD=FILE`` keeps the probe's report (gzip) as that
+    test's fixture; ``VUC_SIM_VALIDATION_OUT=FILE`` writes the figures
+    (docs/simulator.md).
+    """
+    import gzip
+
+    from .sim_replay import check, replay_all
+
+    r = testhost.sh(f"cd {SRC} && /opt/vuc/bin/python -m tests.testhost.pelt_probe", timeout=600).check()
+    raw = r.stdout.strip().splitlines()[-1]
+    report = json.loads(raw)
+    record = os.environ.get("VUC_PELT_PROBE_RECORD")
+    if record:
+        Path(record).write_bytes(gzip.compress(raw.encode(), mtime=0))
+    rows = replay_all(report)
+    out = os.environ.get("VUC_SIM_VALIDATION_OUT")
+    if out:
+        Path(out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "kernel": report["kernel"], "rate_limit_us": report["rate_limit_us"],
+                                         "rows": rows}, indent=1) + "\n")
+    print(json.dumps(rows))
+    check(report, rows)

@@ -7,9 +7,9 @@ dropped (a skipped frame).  The scheduler places a waking job like Linux's
 wake-up path does in spirit: the vCPU it last ran on if that one is idle,
 else the idle allowed vCPU of highest capacity, else back where it was
 (queued, FIFO).  ``migrate_every`` forces a move to another allowed vCPU.
-A task's PELT util moves with it, so the vCPU it lands on shows the task's
-util at once in the guest while the host's view of that vCPU thread is
-still cold: the case the device exists for.
+A task's PELT util and util_est move with it, so the vCPU it lands on shows
+the task's util at once in the guest while the host's view of that vCPU
+thread is still cold: the case the device exists for.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from .pelt import Pelt
+from .pelt import Pelt, UtilEst
 from .workload import TaskSpec, Workload
 
 __all__ = ["Job", "Task", "Chain", "Guest"]
@@ -64,6 +64,8 @@ class Task:
     successor: "Task | None" = None
     ran: float = 0.0  # seconds run this step
     trace_pos: int = 0  # kind "trace": the next release's index
+    est: UtilEst = field(default_factory=UtilEst)
+    slept: bool = False  # a job completed this step: util_est takes the step's util
 
 
 class Guest:
@@ -195,6 +197,7 @@ class Guest:
     def _complete(self, job: Job, now: float) -> None:
         t = job.task
         t.active = False
+        t.slept = True
         t.jobs += 1
         t.work_done += job.work
         if t.successor is not None:
@@ -224,15 +227,21 @@ class Guest:
         for t in self.tasks:
             t.pelt.step(t.ran / dt, scale[t.cpu] if t.cpu >= 0 else 0.0)
             t.ran = 0.0
+            if t.slept:
+                t.est.dequeue(t.pelt.util)
+                t.slept = False
 
     def vcpu_boost(self, v: int) -> int:
         """The guest run queue's uclamp_min: the highest of its runnable tasks'."""
         return max((j.task.spec.uclamp_min for j in self.queues[v]), default=0)
 
     def vcpu_util(self) -> list[float]:
-        """Each vCPU's cfs util: the tasks that last ran there (blocked util stays with its CPU)."""
+        """Each vCPU's cfs util: the util_avg of the tasks that last ran there (blocked util stays with its
+        CPU), or the util_est of those queued there if larger."""
         out = [0.0] * self.n
         for t in self.tasks:
             if t.cpu >= 0:
                 out[t.cpu] += t.pelt.util
+        for v, q in enumerate(self.queues):
+            out[v] = max(out[v], sum(j.task.est.ewma for j in q))
         return out

@@ -6,7 +6,8 @@ looks at its CPUs (a scheduler event: wake-ups and the tick); clamp changes
 the arm decided land at their own instants inside the step, each one a new
 schedutil look (``sched_setattr`` re-enqueues the thread); each vCPU runs
 its queue at the speed of its pCPU's frequency pieces; host and guest PELT
-advance; the guest governor re-evaluates the vCPUs that had a wake-up or a
+advance (a vCPU thread whose vCPU went idle updates its util_est, as a
+task that sleeps does); the guest governor re-evaluates the vCPUs that had a wake-up or a
 tick, and the arm hears it.  vCPU i is pinned 1:1 to pCPU i (the engine's
 ``plan_pinning`` order: little CPUs on low vCPU ids); one VM owns the host.
 Energy is each busy pCPU's energy-model power at its OPP.
@@ -24,7 +25,7 @@ from ..policy.engine import CAPACITY_SCALE, VcpuPlacement
 from .arms import ARMS, Arm, ArmSettings, Baseline, Hypercall, Upstream
 from .guest import Guest
 from .hostmodel import Host
-from .pelt import Pelt
+from .pelt import Pelt, UtilEst
 from .schedutil import DomainGovernor, effective_util
 from .workload import Workload
 
@@ -114,6 +115,7 @@ def simulate(host: Host, workload: Workload, arm_name: str, settings: ArmSetting
     guest = Guest(workload, [p.vcpu_capacity for p in places], dt)
     arm = make_arm(arm_name, places, cfg, settings)
     host_pelt = [Pelt(dt) for _ in range(n)]
+    host_est = [UtilEst() for _ in range(n)]  # each vCPU thread's util_est: it sleeps when its vCPU idles
     uclamp = [opts.uclamp_floor] * n
     duration = opts.duration_s or workload.duration_s
     steps = int(round(duration / dt))
@@ -130,7 +132,7 @@ def simulate(host: Host, workload: Workload, arm_name: str, settings: ArmSetting
     def look(i: int, now: float, runnable: list[bool]) -> None:
         g = govs[i]
         g.update(now, [effective_util(host_pelt[v].util, runnable[v], uclamp[v], opts.uclamp_max,
-                                      g.dom.capacity) for v in members[i]])
+                                      g.dom.capacity, host_est[v].ewma) for v in members[i]])
 
     arm.start(0.0)
     for k in range(steps):
@@ -163,6 +165,8 @@ def simulate(host: Host, workload: Workload, arm_name: str, settings: ArmSetting
             power = sum(dur * d.power(khz) for dur, khz in pieces[d.index]) / dt
             energy += busy * power * 1e-6
             host_pelt[v].step(1.0, weighted / dt * CAPACITY_SCALE)
+            if runnable[v] and not guest.queues[v]:
+                host_est[v].dequeue(host_pelt[v].util, capacity=d.capacity)
             scale[v] = sum(dur * d.capacity * khz / d.max_khz for dur, khz in pieces[d.index]) / dt
         guest.update_pelt(dt, scale)
         vutil = guest.vcpu_util()

@@ -27,7 +27,6 @@ import asyncio
 import ctypes
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -37,12 +36,12 @@ from pathlib import Path
 from vhost_user_cpufreq.backend.service.daemon import query_status
 
 from ..helpers import start_guest
+from . import duty
 
 PHASE, SETTLE = 6.0, 2.0
 #: the guest's utilisation in each phase (None: no records, so the service has no say or lets the last go stale)
 PHASES = {"alone": None, "guest-900": 900, "guest-0": 0, "guest-900-again": 900, "guest-silent": None}
 TOGGLE = 0.5  # seconds between changes: the frequency settles within a few tens of ms
-TRACING = Path("/sys/kernel/tracing")
 CPU = 1  # the test host CPU vCPU 0's thread is pinned to (the big domain)
 
 
@@ -54,11 +53,7 @@ def _name_thread(name: str) -> None:
 def _duty(stop: threading.Event, ready: threading.Barrier) -> None:
     _name_thread("CPU 0/KVM")
     ready.wait()
-    while not stop.is_set():
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 0.0008:
-            pass
-        time.sleep(0.0032)
+    duty.duty_cycle(0.0008, 0.004, stop, absolute=False)
 
 
 def _idle(stop: threading.Event, ready: threading.Barrier) -> None:
@@ -87,37 +82,6 @@ def _effective(tid: int) -> int:
         if line.startswith("effective uclamp.min"):
             return int(line.split(":")[1])
     return -1
-
-
-def _trace(on: bool) -> None:
-    if on:
-        (TRACING / "trace_clock").write_text("mono")
-        (TRACING / "trace").write_text("")
-    (TRACING / "events/power/cpu_frequency/enable").write_text("1" if on else "0")
-
-
-def _frequencies() -> list[tuple[float, int]]:
-    out = []
-    for line in (TRACING / "trace").read_text().splitlines():
-        m = re.search(r"\s(\d+\.\d+): cpu_frequency: state=(\d+) cpu_id=(\d+)", line)
-        if m and int(m.group(3)) == CPU:
-            out.append((float(m.group(1)), int(m.group(2))))
-    return out
-
-
-def _mean(events: list[tuple[float, int]], start: float, end: float, before: int) -> float:
-    """Time-weighted mean of the step function ``events`` over [start, end)."""
-    cur, t, acc = before, start, 0.0
-    for ts, f in events:
-        if ts <= start:
-            cur = f
-            continue
-        if ts >= end:
-            break
-        acc += cur * (ts - t)
-        t, cur = ts, f
-    acc += cur * (end - t)
-    return acc / (end - start)
 
 
 async def _report(g, util: int | None, seconds: float) -> float:  # type: ignore[no-untyped-def]
@@ -159,7 +123,7 @@ async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore
             await asyncio.sleep(0.1)
         g = await start_guest(str(d / "vm.sock"), util_threshold=1)
         await asyncio.sleep(SETTLE)  # the service's start-up work done
-        _trace(True)
+        duty.trace(True)
         # What CPU 1 ran at before the first traced change (a run may have none at all).
         start_khz = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/scaling_cur_freq").read_text())
         bounds = [time.monotonic()]
@@ -178,15 +142,15 @@ async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore
             for i in range(changes):
                 util = 900 if i % 2 == 0 else 0
                 report["changes"].append((await _report(g, util, TOGGLE), util))
-        _trace(False)
+        duty.trace(False)
         st = query_status(str(d / "control.sock"))["vms"]["vm"]
         report["uclamp_min_at_end"] = st["vcpus"][0]["uclamp_min"]
         await g.close()
-        events = _frequencies()
+        events = duty.frequencies(CPU)
         report["start_khz"] = start_khz
         report["events"] = len(events)
         report["frequencies"] = events if changes else []
-        report["phases"] = {name: _mean(events, bounds[i] + SETTLE, bounds[i + 1], start_khz)
+        report["phases"] = {name: duty.step_mean(events, bounds[i] + SETTLE, bounds[i + 1], start_khz)
                             for i, name in enumerate(PHASES)}
         report["cpuinfo_max_khz"] = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/cpuinfo_max_freq").read_text())
     finally:

@@ -20,7 +20,7 @@ from vhost_user_cpufreq.backend.sim.hostmodel import SimInputError, load_host, p
 from vhost_user_cpufreq.backend.sim.pelt import PERIOD_S, UTIL_EST_MARGIN, Pelt, UtilEst
 from vhost_user_cpufreq.backend.sim.png import Canvas
 from vhost_user_cpufreq.backend.sim.run import SimOptions, simulate
-from vhost_user_cpufreq.backend.sim.schedutil import DomainGovernor, target_khz
+from vhost_user_cpufreq.backend.sim.schedutil import RATE_LIMIT_S, DomainGovernor, target_khz
 from vhost_user_cpufreq.backend.sim.workload import load_workload, parse_workload
 
 HOSTS = {name: load_host(name) for name in ("gs101", "mt8183", "xeon")}
@@ -122,7 +122,10 @@ def test_a_higher_uclamp_min_never_makes_a_task_finish_later(host: str, lo: int,
     done = [simulate(HOSTS[host], wl, "baseline", opts=SimOptions(uclamp_floor=f)).chains["w"]["finished_s"]
             for f in (lo, hi)]
     assert not math.isnan(done[0]) and not math.isnan(done[1])
-    assert done[1] <= done[0] + 1e-9
+    # Up to one rate-limit period later, not more: schedutil's rate limit is not monotone in the floor.
+    # A higher floor can take a first small step that then holds the big step behind the rate limit,
+    # where the lower floor makes the big step at once (mt8183, floors 303 and 372: 0.1 ms later).
+    assert done[1] <= done[0] + RATE_LIMIT_S + 1e-9
 
 
 @SLOW

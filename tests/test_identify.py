@@ -159,3 +159,27 @@ def test_another_users_qemu_whose_exe_link_is_refused_is_known_by_its_comm_and_a
             conn.close()
             child.kill()
             child.wait()
+
+
+def test_kubevirts_longest_domain_names_are_served_and_one_more_character_is_not() -> None:
+    """KubeVirt names the domain NAMESPACE_NAME: two DNS labels of up to 63, 127 characters in all."""
+    longest = "n" * 63 + "_" + "v" * 63
+    for name, ok in ((longest, True), (longest + "x", False)):
+        path = f"/tmp/vuc-id4-{os.getpid()}.sock"
+        try:
+            conn, child = _pair(path, ["-name", f"guest={name},debug-threads=on"])
+        finally:
+            os.unlink(path)
+        try:
+            peer = open_peer(conn)
+            if ok:
+                assert identify(peer, binaries=("python*",)).name == name
+            else:
+                with pytest.raises(IdentityError) as ei:
+                    identify(peer, binaries=("python*",))
+                assert ei.value.reason == "bad-name"
+            peer.close()
+        finally:
+            conn.close()
+            child.kill()
+            child.wait()

@@ -56,8 +56,9 @@ __all__ = ["IdentityError", "PeerProcess", "PeerIdentity", "QEMU_BINARIES", "par
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 lacks the constant
 #: What /proc/PID/exe of a front-end on the shared socket may be called.
 QEMU_BINARIES = ("qemu-system-*", "qemu-kvm")
-#: Names used as metric labels and log prefixes: bounded and printable.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Names used as metric labels and log prefixes: bounded and printable; 127 fits KubeVirt's domain names
+#: (NAMESPACE_NAME, two DNS labels of up to 63).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 MAX_VCPUS = 4096
 
 
@@ -256,6 +257,6 @@ def identify(peer: PeerProcess, binaries: Sequence[str] = QEMU_BINARIES) -> Peer
     if name is None:
         raise IdentityError("no-name", f"QEMU pid {peer.pid} has no -name: the VM cannot be told apart")
     if not _NAME.match(name):
-        raise IdentityError("bad-name", f"QEMU pid {peer.pid}: -name {name[:80]!r} is not 1-64 of [A-Za-z0-9._-]")
+        raise IdentityError("bad-name", f"QEMU pid {peer.pid}: -name {name[:80]!r} is not 1-127 of [A-Za-z0-9._-]")
     cgroup = next((ln[3:] for ln in cgroup_lines if ln.startswith("0::")), "")
     return PeerIdentity(name, vcpus, cgroup, exe)

@@ -21,7 +21,7 @@ from .config import ConfigError
 
 __all__ = ["Registration", "Registry", "RegistryError", "validate_registration"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 _FIELDS = ("name", "vcpus", "vm_class", "floor", "ceiling", "cgroup")
 
 
@@ -64,7 +64,7 @@ def validate_registration(d: Any, classes: set[str], base: Registration | None =
                             "cgroup)")
     name = d.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise RegistryError(f"name: must be 1-64 of [A-Za-z0-9._-] (as QEMU's -name), got {name!r}")
+        raise RegistryError(f"name: must be 1-127 of [A-Za-z0-9._-] (as QEMU's -name), got {name!r}")
     cls = d.get("class", d.get("vm_class"))
     if cls is not None and (not isinstance(cls, str) or cls not in classes):
         raise RegistryError(f"class: {cls!r} is not a configured class (have: {', '.join(sorted(classes)) or 'none'})")

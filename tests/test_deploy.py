@@ -396,6 +396,37 @@ def test_vhost_user_descriptor() -> None:
 # -- libvirt -----------------------------------------------------------------------------------
 
 
+#: The shape of the domain KubeVirt's virt-launcher hands its onDefineDomain hooks (made up here, not copied).
+KUBEVIRT_DOMAIN = """<domain type="kvm" xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0">
+  <name>default_web-1</name>
+  <memory unit="b">2147483648</memory>
+  <os><type arch="x86_64" machine="pc-q35-rhel9.6.0">hvm</type><smbios mode="sysinfo"></smbios></os>
+  <sysinfo type="smbios"><system><entry name="uuid">0b7f3e4e-3d55-4d5e-9a34-5c3c2d8f6a10</entry></system></sysinfo>
+  <devices>
+    <interface type="ethernet">
+      <model type="virtio-non-transitional"></model><alias name="ua-default"></alias>
+    </interface>
+    <channel type="unix"><target name="org.qemu.guest_agent.0" type="virtio"></target></channel>
+    <controller type="usb" index="0" model="none"></controller>
+    <controller type="virtio-serial" index="0" model="virtio-non-transitional"></controller>
+    <disk device="disk" type="file">
+      <source file="/var/run/kubevirt-ephemeral-disks/disk-data/root/disk.qcow2"></source>
+      <target bus="virtio" dev="vda"></target>
+      <driver cache="none" error_policy="stop" name="qemu" type="qcow2" discard="unmap"></driver>
+      <alias name="ua-root"></alias>
+    </disk>
+    <memballoon model="virtio-non-transitional"><stats period="10"></stats></memballoon>
+  </devices>
+  <metadata>
+    <kubevirt xmlns="http://kubevirt.io"><uid>5e0b1d6c-9f3e-4b0e-8f0a-1b2c3d4e5f60</uid></kubevirt>
+  </metadata>
+  <features><acpi></acpi></features>
+  <cpu mode="host-model"><topology sockets="1" cores="2" threads="1"></topology></cpu>
+  <vcpu placement="static">2</vcpu>
+</domain>
+"""
+
+
 def _cpufreq_domain() -> Any:
     """deploy/libvirt/cpufreq-domain.py as a module (it is a script, not part of the package)."""
     import importlib.util
@@ -463,7 +494,8 @@ def test_cpufreq_domain_adds_exactly_the_snippets_parts_to_any_domain_once() -> 
         "<controller type='pci' index='4' model='pci-bridge'/></devices></domain>"))
     (bridge,) = [c for c in pc.iterfind("devices/controller") if c.find("alias") is not None]
     assert (bridge.get("model"), bridge.get("index")) == ("pci-bridge", "5")
-    assert pc.find("memoryBacking/source") is None and pc.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
+    assert pc.find("memoryBacking/source") is None
+    assert pc.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
     assert pc.find("cpu/numa/cell").get("memAccess") == "shared"  # type: ignore[union-attr]
     anon = ET.fromstring(mod.add_device("<domain><os><type machine='q35'>hvm</type></os>"
                                         "<memoryBacking><source type='anonymous'/></memoryBacking></domain>"))
@@ -503,6 +535,17 @@ def test_libvirt_domain_validates_against_libvirts_schema(workdir: Path) -> None
                                       f"<os><type arch='x86_64' machine='{machine}'>hvm</type></os></domain>"))
         r = subprocess.run([tool, str(out), "domain"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
+    # A domain as virt-launcher defines it (its shape: KubeVirt's metadata in its own namespace, user aliases,
+    # the qemu namespace declared, no PCI controller yet): valid after the hook, KubeVirt's metadata kept.
+    kv = workdir / "kubevirt.xml"
+    kv.write_text(mod.add_device(KUBEVIRT_DOMAIN))
+    r = subprocess.run([tool, str(kv), "domain"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = ET.parse(kv).getroot()
+    kv_ns = "{http://kubevirt.io}"
+    assert out.findtext("name") == "default_web-1"
+    assert out.findtext(f"metadata/{kv_ns}kubevirt/{kv_ns}uid") == "5e0b1d6c-9f3e-4b0e-8f0a-1b2c3d4e5f60"
+    assert [c.get("index") for c in out.iterfind("devices/controller[@type='pci']")] == ["1"]
     broken = workdir / "broken.xml"
     broken.write_text(DOMAIN.read_text().replace("<access mode='shared'/>", "<access mode='sharing'/>"))
     bad = subprocess.run([tool, str(broken), "domain"], capture_output=True, text=True, timeout=60)

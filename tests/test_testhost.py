@@ -384,7 +384,8 @@ def test_libvirt_domains_share_the_one_socket_each_served_with_its_vcpus_and_a_d
 
         # A manager pins lv-web-2 and lets it go again: libvirt's QEMU's threads get their affinity back.
         _control(testhost, "update", "lv-web-2", "--class", "pinned")
-        pinned_now = {v["thread"]: str(v["pcpu"]) for v in _control(testhost, "status", "--json")["vms"]["lv-web-2"]["vcpus"]}
+        web = _control(testhost, "status", "--json")["vms"]["lv-web-2"]
+        pinned_now = {v["thread"]: str(v["pcpu"]) for v in web["vcpus"]}
         assert sorted(pinned_now.values()) == ["0", "1"], pinned_now
         assert {t: _threads(testhost, pids["lv-web-2"])[t][1] for t in pinned_now} == pinned_now
         _control(testhost, "update", "lv-web-2", "--class", "libvirt")

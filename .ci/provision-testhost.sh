@@ -11,7 +11,12 @@
 #     project into before each boot;
 #   * virtiofsd in the QEMU chroot;
 #   * a user and group vhost-user-cpufreq, as the shipped unit expects; no
-#     getty on tty1, a root login on the serial console for humans.
+#     getty on tty1, a root login on the serial console for humans;
+#   * a layer on top (its own marker, $ROOT/.vuc-testhost-libvirt, so that a
+#     root built without it is extended, not rebuilt): libvirt and QEMU from
+#     trixie-backports (libvirt 12, QEMU >= 10.2, the first with
+#     vhost-user-test-device-pci; trixie's own QEMU 10.0 lacks it) and
+#     systemd-machined, for tests/test_testhost_libvirt.py.
 #
 # Idempotent and cached like the QEMU chroot: a finished run writes
 # $ROOT/.vuc-testhost (a version stamp of this script); a re-run with the
@@ -31,6 +36,9 @@ ROOT_GUEST=/var/cache/vuc-testhost/root  # as the chroot sees it
 ROOT="$CHROOT$ROOT_GUEST"
 # Bump when the package list or the set-up below changes: old roots are rebuilt.
 STAMP="testhost-7"
+# The libvirt layer's version: bump when its packages or set-up change.
+LIBVIRT_STAMP="libvirt-3"
+LIBVIRT_PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 systemd-container)
 # debootstrap takes the base; apt, which resolves virtual packages (python3-ply-lex-3.10), the rest.
 BASE=systemd,systemd-sysv,udev,dbus,python3,python3-venv,util-linux,procps,kmod,iproute2,libcap2-bin
 PACKAGES=(python3-cffi python3-pyudev python3-prometheus-client gcc libc6-dev
@@ -40,8 +48,49 @@ log() { printf '[provision-testhost] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 ready() { [ "$(cat "$ROOT/.vuc-testhost" 2>/dev/null)" = "$STAMP" ] && [ -x "$CHROOT/usr/libexec/virtiofsd" ]; }
+libvirt_ready() { [ "$(cat "$ROOT/.vuc-testhost-libvirt" 2>/dev/null)" = "$LIBVIRT_STAMP" ]; }
+
+# The libvirt layer, added to a finished root in place.  Under the test hosts' boot lock
+# (tests/testhost/host.py): no test host runs on the root while its packages change.
+add_libvirt() {
+    libvirt_ready && return 0
+    [ "$(id -u)" -eq 0 ] || die "adding libvirt to the test host's root needs root"
+    exec 8>"$(dirname "$ROOT")/.boot.lock"
+    log "waiting for the boot lock"
+    flock 8
+    if libvirt_ready; then exec 8>&-; return 0; fi
+    local t0 m
+    t0=$(date +%s)
+    m="${VUC_DEBIAN_MIRROR:-}"
+    [ -n "$m" ] || m="$(grep -ho 'https\?://[^ ]*' "$ROOT"/etc/apt/sources.list "$ROOT"/etc/apt/sources.list.d/* \
+                        2>/dev/null | head -n1 || true)"
+    m="${m:-http://deb.debian.org/debian}"
+    echo "deb $m trixie-backports main" >"$ROOT/etc/apt/sources.list.d/trixie-backports.list"
+    # Nothing starts in the chroot (the packages' postinst would try libvirtd, virtlogd...).
+    printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
+    chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
+    local r=(chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive LC_ALL=C)
+    log "installing ${LIBVIRT_PACKAGES[*]} from trixie-backports"
+    "${r[@]}" apt-get update -q >&2
+    "${r[@]}" apt-get install -y -q --no-install-recommends -t trixie-backports "${LIBVIRT_PACKAGES[@]}" >&2
+    "${r[@]}" apt-get clean >&2
+    rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT/usr/sbin/policy-rc.d"
+    # The test domains have no network: no default network (a bridge, dnsmasq, firewall rules) at
+    # every boot, and no libvirt-guests suspending domains at every poweroff.
+    rm -f "$ROOT"/etc/libvirt/qemu/networks/autostart/*.xml
+    "${r[@]}" systemctl mask libvirt-guests.service >&2
+    # The root is a virtiofs share whose server may not set trusted.* xattrs, where libvirt remembers
+    # the owners of the files it hands QEMU: it does without.
+    grep -q '^remember_owner = 0' "$ROOT/etc/libvirt/qemu.conf" || echo 'remember_owner = 0' >>"$ROOT/etc/libvirt/qemu.conf"
+    "${r[@]}" qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-test-device \
+        || die "the test host's QEMU lacks vhost-user-test-device-pci"
+    echo "$LIBVIRT_STAMP" >"$ROOT/.vuc-testhost-libvirt"
+    log "libvirt layer ready in $(( $(date +%s) - t0 ))s"
+    exec 8>&-
+}
 
 if ready; then
+    add_libvirt
     log "reusing $ROOT"
     echo "$ROOT_GUEST"
     exit 0
@@ -59,6 +108,7 @@ exec 9>"$(dirname "$ROOT")/.lock"
 log "waiting for lock"
 flock 9
 if ready; then
+    add_libvirt
     log "another run finished meanwhile"
     echo "$ROOT_GUEST"
     exit 0
@@ -125,5 +175,6 @@ rm -rf "$ROOT.old"
 [ -d "$ROOT" ] && mv "$ROOT" "$ROOT.old"
 mv "$building" "$ROOT"
 rm -rf "$ROOT.old"
+add_libvirt
 log "test host root ready in $(( $(date +%s) - start ))s ($(du -sh --one-file-system "$ROOT" | cut -f1))"
 echo "$ROOT_GUEST"

@@ -396,6 +396,55 @@ def test_vhost_user_descriptor() -> None:
 # -- libvirt -----------------------------------------------------------------------------------
 
 
+#: The shape of the domain KubeVirt's virt-launcher hands its onDefineDomain hooks (made up here, not copied).
+KUBEVIRT_DOMAIN = """<domain type="kvm" xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0">
+  <name>default_web-1</name>
+  <memory unit="b">2147483648</memory>
+  <os><type arch="x86_64" machine="pc-q35-rhel9.6.0">hvm</type><smbios mode="sysinfo"></smbios></os>
+  <sysinfo type="smbios"><system><entry name="uuid">0b7f3e4e-3d55-4d5e-9a34-5c3c2d8f6a10</entry></system></sysinfo>
+  <devices>
+    <interface type="ethernet">
+      <model type="virtio-non-transitional"></model><alias name="ua-default"></alias>
+    </interface>
+    <channel type="unix"><target name="org.qemu.guest_agent.0" type="virtio"></target></channel>
+    <controller type="usb" index="0" model="none"></controller>
+    <controller type="virtio-serial" index="0" model="virtio-non-transitional"></controller>
+    <disk device="disk" type="file">
+      <source file="/var/run/kubevirt-ephemeral-disks/disk-data/root/disk.qcow2"></source>
+      <target bus="virtio" dev="vda"></target>
+      <driver cache="none" error_policy="stop" name="qemu" type="qcow2" discard="unmap"></driver>
+      <alias name="ua-root"></alias>
+    </disk>
+    <memballoon model="virtio-non-transitional"><stats period="10"></stats></memballoon>
+  </devices>
+  <metadata>
+    <kubevirt xmlns="http://kubevirt.io"><uid>5e0b1d6c-9f3e-4b0e-8f0a-1b2c3d4e5f60</uid></kubevirt>
+  </metadata>
+  <features><acpi></acpi></features>
+  <cpu mode="host-model"><topology sockets="1" cores="2" threads="1"></topology></cpu>
+  <vcpu placement="static">2</vcpu>
+</domain>
+"""
+
+
+def _cpufreq_domain() -> Any:
+    """deploy/libvirt/cpufreq-domain.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpufreq_domain", DEPLOY / "libvirt" / "cpufreq-domain.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cpufreq_parts(root: ET.Element) -> list[str]:
+    """What the device adds to a domain, canonical: memoryBacking, the bridge, the QEMU arguments."""
+    bridge = [c for c in root.iterfind("devices/controller") if c.find("alias[@name='ua-vucpufreq']") is not None]
+    parts = [root.find("memoryBacking"), *bridge, root.find(f"{{{QEMU_NS}}}commandline")]
+    return [ET.canonicalize(ET.tostring(p, encoding="unicode"), strip_text=True) for p in parts if p is not None]
+
+
 def test_libvirt_domain_has_the_device_and_shared_memory() -> None:
     root = ET.parse(DOMAIN).getroot()
     assert root.tag == "domain"
@@ -405,17 +454,16 @@ def test_libvirt_domain_has_the_device_and_shared_memory() -> None:
     assert mb.find("access").get("mode") == "shared"  # type: ignore[union-attr]
     args = [a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
     assert args[0::2] == ["-chardev", "-device"]
-
-    def options(arg: str) -> tuple[str, dict[str, str]]:
-        first, *rest = arg.split(",")
-        return first, dict(kv.split("=", 1) for kv in rest)  # type: ignore[misc]
-
-    backend, chardev = options(args[1])
+    backend, *opts = args[1].split(",")
+    chardev = dict(kv.split("=", 1) for kv in opts)
     assert backend == "socket"
-    model, props = options(args[3])
-    assert model == "vhost-user-test-device-pci"
-    assert props == {"chardev": chardev["id"], "virtio-id": "38", "num_vqs": "1", "vq_size": "256",
-                     "config_size": "256"}
+    device = json.loads(args[3])
+    assert device == {"driver": "vhost-user-test-device-pci", "id": "vucpufreq", "chardev": chardev["id"],
+                      "virtio-id": 38, "num_vqs": 1, "vq_size": 256, "config_size": 256,
+                      "bus": "ua-vucpufreq", "addr": "0x1f"}
+    # Its bus is a bridge libvirt creates (so it knows the slot is taken), on q35's root bus.
+    (bridge,) = [c for c in root.iterfind("devices/controller") if c.find("alias[@name='ua-vucpufreq']") is not None]
+    assert (bridge.get("type"), bridge.get("model")) == ("pci", "dmi-to-pci-bridge")
     # The same arguments for every VM: the shared socket; the VM is told by <name> and <vcpu>.
     cfg = load_config(CONFIG)
     assert chardev["path"] == cfg.shared_socket
@@ -423,11 +471,81 @@ def test_libvirt_domain_has_the_device_and_shared_memory() -> None:
     assert root.findtext("name") not in cfg.vms
 
 
+def test_cpufreq_domain_adds_exactly_the_snippets_parts_to_any_domain_once() -> None:
+    mod = _cpufreq_domain()
+    snippet = ET.parse(DOMAIN).getroot()
+    # The snippet without its cpufreq parts, given to the script: the same parts come back.
+    base = ET.parse(DOMAIN).getroot()
+    for tag in ("memoryBacking", f"{{{QEMU_NS}}}commandline"):
+        base.remove(base.find(tag))  # type: ignore[arg-type]
+    devices = base.find("devices")
+    assert devices is not None
+    devices.remove(next(c for c in devices.iterfind("controller") if c.find("alias") is not None))
+    added = mod.add_device(ET.tostring(base, encoding="unicode"))
+    assert _cpufreq_parts(ET.fromstring(added)) == _cpufreq_parts(snippet)
+    assert mod.add_device(added) == added  # once
+    # The pc machine gets a pci-bridge; the index is the next free one; hugepages keep their own backing;
+    # an anonymous source becomes memfd; NUMA cells share.
+    pc = ET.fromstring(mod.add_device(
+        "<domain type='kvm'><name>x</name><os><type machine='pc-i440fx-9.2'>hvm</type></os>"
+        "<memoryBacking><hugepages/><access mode='private'/></memoryBacking>"
+        "<cpu><numa><cell id='0' cpus='0' memory='1' memAccess='private'/></numa></cpu>"
+        "<devices><controller type='pci' index='0' model='pci-root'/>"
+        "<controller type='pci' index='4' model='pci-bridge'/></devices></domain>"))
+    (bridge,) = [c for c in pc.iterfind("devices/controller") if c.find("alias") is not None]
+    assert (bridge.get("model"), bridge.get("index")) == ("pci-bridge", "5")
+    assert pc.find("memoryBacking/source") is None
+    assert pc.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
+    assert pc.find("cpu/numa/cell").get("memAccess") == "shared"  # type: ignore[union-attr]
+    anon = ET.fromstring(mod.add_device("<domain><os><type machine='q35'>hvm</type></os>"
+                                        "<memoryBacking><source type='anonymous'/></memoryBacking></domain>"))
+    assert anon.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
+    for bad in ("<domain", "<network/>", "<domain><devices><controller type='pci' index='x'/></devices></domain>"):
+        with pytest.raises(mod.DomainError):
+            mod.add_device(bad)
+
+
+def test_cpufreq_domain_runs_as_kubevirts_ondefinedomain_and_as_a_filter() -> None:
+    script = DEPLOY / "libvirt" / "cpufreq-domain.py"
+    assert os.access(script, os.X_OK)
+    xml = "<domain type='kvm'><name>default_vm1</name><os><type machine='pc-q35-rhel9.6.0'>hvm</type></os></domain>"
+    # The sidecar-shim's call: the VMI as JSON, the domain as an argument; the new domain on stdout.
+    shim = subprocess.run([sys.executable, str(script), "--vmi", '{"kind": "VirtualMachineInstance"}', "--domain", xml],
+                          capture_output=True, text=True, timeout=60)
+    piped = subprocess.run([sys.executable, str(script), "--socket", "/var/run/vuc/vhost.sock"], input=xml,
+                           capture_output=True, text=True, timeout=60)
+    assert shim.returncode == 0 and piped.returncode == 0, shim.stderr + piped.stderr
+    assert "path=/run/vhost-user-cpufreq/vhost.sock" in shim.stdout
+    assert "path=/var/run/vuc/vhost.sock" in piped.stdout
+    bad = subprocess.run([sys.executable, str(script), "--domain", "<vmi/>"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "not a libvirt domain" in bad.stderr
+
+
 def test_libvirt_domain_validates_against_libvirts_schema(workdir: Path) -> None:
     tool = require_tool("virt-xml-validate", "apt-get install libvirt-clients libxml2-utils")
     require_tool("xmllint", "apt-get install libxml2-utils")
     ok = subprocess.run([tool, str(DOMAIN), "domain"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    # What the script makes of a minimal domain of each machine type, too.
+    mod = _cpufreq_domain()
+    for machine in ("q35", "pc"):
+        out = workdir / f"{machine}.xml"
+        out.write_text(mod.add_device(f"<domain type='kvm'><name>v</name><memory>65536</memory>"
+                                      f"<os><type arch='x86_64' machine='{machine}'>hvm</type></os></domain>"))
+        r = subprocess.run([tool, str(out), "domain"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+    # A domain as virt-launcher defines it (its shape: KubeVirt's metadata in its own namespace, user aliases,
+    # the qemu namespace declared, no PCI controller yet): valid after the hook, KubeVirt's metadata kept.
+    kv = workdir / "kubevirt.xml"
+    kv.write_text(mod.add_device(KUBEVIRT_DOMAIN))
+    r = subprocess.run([tool, str(kv), "domain"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = ET.parse(kv).getroot()
+    kv_ns = "{http://kubevirt.io}"
+    assert out.findtext("name") == "default_web-1"
+    assert out.findtext(f"metadata/{kv_ns}kubevirt/{kv_ns}uid") == "5e0b1d6c-9f3e-4b0e-8f0a-1b2c3d4e5f60"
+    assert [c.get("index") for c in out.iterfind("devices/controller[@type='pci']")] == ["1"]
     broken = workdir / "broken.xml"
     broken.write_text(DOMAIN.read_text().replace("<access mode='shared'/>", "<access mode='sharing'/>"))
     bad = subprocess.run([tool, str(broken), "domain"], capture_output=True, text=True, timeout=60)
@@ -523,7 +641,8 @@ def test_daemonset() -> None:
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert {m["name"] for m in mounts.values()} == set(volumes)
     host = {volumes[m["name"]]["hostPath"]["path"]: p for p, m in mounts.items() if "hostPath" in volumes[m["name"]]}
-    assert host == {"/run/vhost-user-cpufreq": "/run/vhost-user-cpufreq", "/sys": "/host/sys"}
+    assert host == {"/run/vhost-user-cpufreq": "/run/vhost-user-cpufreq", "/sys": "/host/sys",
+                    "/run/vhost-user-cpufreq/vms": "/run/vhost-user-cpufreq/vms"}
     assert mounts["/host/sys"]["readOnly"] is True
     (config_mount,) = [p for p, m in mounts.items() if "configMap" in volumes[m["name"]]]
     assert volumes[mounts[config_mount]["name"]]["configMap"]["name"] == cm["metadata"]["name"]
@@ -544,6 +663,34 @@ def test_daemonset() -> None:
     assert cfg.allowed_uids == (107,)
     assert cfg.shared_socket_group == 107 and cfg.shared_socket_mode == 0o660
     assert 107 in spec["securityContext"]["supplementalGroups"]
+
+
+def test_kubevirt_hook_runs_the_libvirt_script_and_mounts_only_the_shared_socket_into_virt_launcher() -> None:
+    yaml = require_module("yaml", "parses deploy/kubernetes/*.yaml")
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "kubevirt.yaml").read_text())}
+    pv, pvc, cm = docs["PersistentVolume"], docs["PersistentVolumeClaim"], docs["ConfigMap"]
+    # The hook is the libvirt script itself, not a copy that could drift.
+    assert cm["data"]["onDefineDomain"] == (DEPLOY / "libvirt" / "cpufreq-domain.py").read_text()
+    # The PV is the node's directory the DaemonSet's service listens in; only this namespace's claim binds it.
+    ds_cm = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d["kind"] == "ConfigMap"][0]
+    cfg = parse_config(tomllib.loads(ds_cm["data"]["config.toml"]), "daemonset.yaml:config.toml")
+    assert cfg.shared_socket is not None
+    host_dir, sock = os.path.split(cfg.shared_socket)
+    assert pv["spec"]["hostPath"]["path"] == host_dir
+    assert pv["spec"]["claimRef"] == {"namespace": pvc["metadata"]["namespace"], "name": pvc["metadata"]["name"]}
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert cm["metadata"]["namespace"] == pvc["metadata"]["namespace"]
+    # The example VM's annotation: KubeVirt's sidecar-shim running that ConfigMap's key as onDefineDomain,
+    # and the claim mounted in the compute container where the script's default socket path lies.
+    vm = yaml.safe_load((DEPLOY / "kubernetes" / "examples" / "vm.yaml").read_text())
+    (hook,) = json.loads(vm["spec"]["template"]["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"])
+    assert "image" not in hook  # KubeVirt's own sidecar-shim, of the cluster's KubeVirt release
+    assert hook["configMap"] == {"name": cm["metadata"]["name"], "key": "onDefineDomain",
+                                 "hookPath": "/usr/bin/onDefineDomain"}
+    assert hook["pvc"]["name"] == pvc["metadata"]["name"]
+    assert vm["metadata"]["namespace"] == pvc["metadata"]["namespace"]
+    script = _cpufreq_domain()
+    assert os.path.join(hook["pvc"]["sharedComputePath"], sock) == script.SOCKET
 
 
 def test_the_runtime_directory_is_made_by_hand_as_systemd_makes_it(tmp_path: Path,

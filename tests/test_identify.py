@@ -59,13 +59,17 @@ def test_command_line_last_option_wins_and_missing_values_are_refused() -> None:
     assert ei.value.reason == "bad-cmdline"
 
 
-def _pair(path: str, argv_tail: list[str]) -> tuple[socket.socket, "subprocess.Popen[bytes]"]:
+def _pair(path: str, argv_tail: list[str], *, argv0: str = sys.executable,
+          comm: str = "") -> tuple[socket.socket, "subprocess.Popen[bytes]"]:
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(1)
-    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+    rename = f"open('/proc/self/comm', 'w').write({comm!r}); " if comm else ""
+    code = (f"import socket,sys; {rename}s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
             "sys.stdout.write('c'); sys.stdout.flush(); sys.stdin.read()")
-    child = subprocess.Popen([sys.executable, "-c", code, path, *argv_tail], stdin=subprocess.PIPE,
+    # PYTHONHOME: Python finds its library from argv[0], which may be made up here.
+    child = subprocess.Popen([argv0, "-c", code, path, *argv_tail], executable=sys.executable,
+                             env={**os.environ, "PYTHONHOME": sys.base_prefix}, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
     assert child.stdout is not None and child.stdout.read(1) == b"c"
     conn, _ = srv.accept()
@@ -120,3 +124,62 @@ def test_a_peer_that_exited_before_accept_is_refused() -> None:
     with conn, pytest.raises(IdentityError) as ei:
         open_peer(conn)
     assert ei.value.reason == "peer-gone"
+
+
+def test_another_users_qemu_whose_exe_link_is_refused_is_known_by_its_comm_and_argv0(monkeypatch) -> None:
+    """/proc/PID/exe needs ptrace access, which the service (its own user, CAP_SYS_NICE only) lacks for
+    libvirt's QEMU: the kernel's comm and argv[0] must then both name a QEMU."""
+    real_readlink = os.readlink
+
+    def no_ptrace_access(path: str) -> str:
+        if path.endswith("/exe"):
+            raise PermissionError(13, "Permission denied")
+        return real_readlink(path)
+
+    monkeypatch.setattr(os, "readlink", no_ptrace_access)
+    for argv0, comm, served in (("/usr/bin/qemu-system-x86_64", "qemu-system-x86", True),  # as exec sets them
+                                ("/usr/bin/qemu-system-x86_64", "", False),  # comm: python3, whatever argv[0] says
+                                ("python3", "qemu-system-x86", False)):  # a renamed thread is not enough
+        path = f"/tmp/vuc-id3-{os.getpid()}.sock"
+        try:
+            conn, child = _pair(path, ["-name", "guest=lv1,debug-threads=on", "-smp", "2"], argv0=argv0, comm=comm)
+        finally:
+            os.unlink(path)
+        try:
+            peer = open_peer(conn)
+            if served:
+                ident = identify(peer)
+                assert (ident.name, ident.vcpus, ident.exe) == ("lv1", 2, argv0)
+            else:
+                with pytest.raises(IdentityError) as ei:
+                    identify(peer)
+                assert ei.value.reason == "not-qemu" and "exe unreadable" in str(ei.value), ei.value
+            peer.close()
+        finally:
+            conn.close()
+            child.kill()
+            child.wait()
+
+
+def test_kubevirts_longest_domain_names_are_served_and_one_more_character_is_not() -> None:
+    """KubeVirt names the domain NAMESPACE_NAME: two DNS labels of up to 63, 127 characters in all."""
+    longest = "n" * 63 + "_" + "v" * 63
+    for name, ok in ((longest, True), (longest + "x", False)):
+        path = f"/tmp/vuc-id4-{os.getpid()}.sock"
+        try:
+            conn, child = _pair(path, ["-name", f"guest={name},debug-threads=on"])
+        finally:
+            os.unlink(path)
+        try:
+            peer = open_peer(conn)
+            if ok:
+                assert identify(peer, binaries=("python*",)).name == name
+            else:
+                with pytest.raises(IdentityError) as ei:
+                    identify(peer, binaries=("python*",))
+                assert ei.value.reason == "bad-name"
+            peer.close()
+        finally:
+            conn.close()
+            child.kill()
+            child.wait()

@@ -246,6 +246,21 @@ async def test_registrations_apply_in_place_and_survive_a_restart(workdir: Path,
         await d2.stop()
 
 
+async def test_a_registration_that_cannot_be_kept_on_disk_is_refused_and_changes_nothing(workdir: Path) -> None:
+    # A state directory the service may not write (the shipped unit before StateDirectory=: a read-only
+    # /var/lib under ProtectSystem=strict): the request is answered with the reason, nothing is registered.
+    (workdir / "state").write_text("a file where the directory should be")
+    d = Daemon(load_config(write_config(workdir)))
+    await d.start()
+    try:
+        r = await control(workdir, 'vm-register {"name": "db-1", "vcpus": 2}')
+        assert not r["ok"] and "cannot keep the registrations in" in r["error"], r
+        assert d.registry.vms == {}
+        assert (await control(workdir, "vm-list"))["vms"] == []
+    finally:
+        await d.stop()
+
+
 async def test_an_unreadable_registry_stops_the_start_naming_the_file(workdir: Path) -> None:
     (workdir / "state").mkdir()
     (workdir / "state" / "registry.json").write_text('{"vms": [{"name": 7}]}')

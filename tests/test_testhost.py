@@ -314,3 +314,113 @@ def test_the_simulator_replayed_on_the_test_hosts_kernel_matches_its_pelt_and_sc
                                          "rows": rows}, indent=1) + "\n")
     print(json.dumps(rows))
     check(report, rows)
+
+
+# -- libvirt ------------------------------------------------------------------------------------
+
+#: A domain as small as libvirt takes: no disk, no network; cpufreq-domain.py adds the device.
+_DOMAIN = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64' machine='{machine}'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
+</domain>
+"""
+
+
+def _control(testhost: TestHost, *args: str) -> dict:  # type: ignore[type-arg]
+    r = testhost.run(["vhost-user-cpufreq", *args, "--control-socket", "/run/vhost-user-cpufreq/control.sock"]
+                     if args[0] == "status" else
+                     ["vhost-user-cpufreq", "vm", "--json", "--control-socket", "/run/vhost-user-cpufreq/control.sock",
+                      *args], timeout=60).check()
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _threads(testhost: TestHost, pid: int) -> dict[int, tuple[str, str, str]]:
+    """Every task of ``pid``: (name, allowed CPUs, cgroup), read by the kernel's /proc."""
+    r = testhost.sh(f"for t in /proc/{pid}/task/*; do echo \"${{t##*/}}|$(cat $t/comm)|"
+                    f"$(sed -n 's/^Cpus_allowed_list:\\s*//p' $t/status)|$(cat $t/cgroup)\"; done").check()
+    out = {}
+    for line in r.stdout.strip().splitlines():
+        tid, comm, cpus, cgroup = line.split("|")
+        out[int(tid)] = (comm, cpus, cgroup)
+    return out
+
+
+def test_libvirt_domains_share_the_one_socket_each_served_with_its_vcpus_and_a_destroyed_one_goes_alone(
+        testhost: TestHost) -> None:
+    """A real libvirtd (Debian's packages) starts two domains, paused, that differ only in name, vCPUs and machine
+    type; deploy/libvirt/cpufreq-domain.py adds the same device to both and the hook registers them."""
+    setup = testhost.sh(f"sh {SRC}/tests/testhost/libvirt.sh", timeout=300)
+    if setup.rc == 3:
+        unavailable("VUC_REQUIRE_TESTHOST", setup.stderr.strip())
+    setup.check()
+    doms = {"lv-pinned-1": (1, "q35"), "lv-web-2": (2, "pc")}
+    try:
+        for name, (vcpus, machine) in doms.items():
+            xml = _DOMAIN.format(name=name, vcpus=vcpus, machine=machine)
+            testhost.run(["sh", "-c", f"python3 {SRC}/deploy/libvirt/cpufreq-domain.py >/tmp/{name}.xml && "
+                          f"virsh define /tmp/{name}.xml"], stdin=xml, timeout=60).check()
+        for name in doms:
+            r = testhost.run(["virsh", "start", "--paused", name], timeout=180)
+            assert r.rc == 0, (r.stderr, testhost.sh(f"tail -5 /var/log/libvirt/qemu/{name}.log; journalctl -b -u "
+                                                     "vhost-user-cpufreq --no-pager -o cat -n 15").stdout)
+        pids = {n: int(testhost.run(["cat", f"/run/libvirt/qemu/{n}.pid"]).check().stdout) for n in doms}
+
+        # Both on the one socket, each as the QEMU libvirt started, with its own vCPU count and class.
+        listed = {vm["name"]: vm for vm in _control(testhost, "list")["vms"]}
+        assert {n: (vm["connected"]["pid"], vm["connected"]["vcpus"], vm["connected"]["class"])
+                for n, vm in listed.items()} == {"lv-pinned-1": (pids["lv-pinned-1"], 1, "pinned"),
+                                                 "lv-web-2": (pids["lv-web-2"], 2, "libvirt")}, listed
+        # The hook registered each before QEMU started, tied to the machine scope of that very domain.
+        for n, vm in listed.items():
+            dom_id = testhost.run(["virsh", "domid", n]).check().stdout.strip()
+            assert vm["registered"] == {"name": n, "cgroup": f"/machine.slice/machine-qemu\\x2d{dom_id}\\x2d*"}, vm
+        status = _control(testhost, "status", "--json")["vms"]
+        threads = {n: _threads(testhost, pids[n]) for n in doms}
+        for n, (vcpus, _) in doms.items():
+            served = status[n]["vcpus"]
+            assert [v["vcpu"] for v in served] == list(range(vcpus)), served
+            for v in served:
+                # Its vCPU threads are found among its own QEMU's tasks, named so with debug-threads=on,
+                # in libvirt's per-vCPU cgroups of that domain's machine scope.
+                comm, _, cgroup = threads[n][v["thread"]]
+                assert comm == f"CPU {v['vcpu']}/TCG" and cgroup.endswith(f"/libvirt/vcpu{v['vcpu']}"), (comm, cgroup)
+        # lv-pinned-1's vCPU has a pCPU of its own; lv-web-2's affinity is libvirt's, untouched.
+        pinned = status["lv-pinned-1"]["vcpus"][0]
+        assert threads["lv-pinned-1"][pinned["thread"]][1] == str(pinned["pcpu"])
+        assert all(threads["lv-web-2"][v["thread"]][1] == "0-1" for v in status["lv-web-2"]["vcpus"])
+        state = json.loads(testhost.run(["cat", "/run/vhost-user-cpufreq/state.json"]).check().stdout)
+        assert [(t["tid"], t["affinity"]) for t in state["threads"]] == [(pinned["thread"], [0, 1])], state
+
+        # Destroyed: its VM goes, its registration with it (the hook), its thread leaves the state file
+        # (nothing for a restart to put back onto a reused id); lv-web-2 is untouched and still served.
+        web_before = (status["lv-web-2"], threads["lv-web-2"])
+        testhost.run(["virsh", "destroy", "lv-pinned-1"], timeout=120).check()
+        deadline = time.monotonic() + 60
+        while "lv-pinned-1" in (listed := {vm["name"]: vm for vm in _control(testhost, "list")["vms"]}):
+            assert time.monotonic() < deadline, listed
+            time.sleep(1)
+        state = json.loads(testhost.run(["cat", "/run/vhost-user-cpufreq/state.json"]).check().stdout)
+        assert state["threads"] == [], state
+        after = _control(testhost, "status", "--json")["vms"]
+        assert set(after) == {"lv-web-2"} and after["lv-web-2"]["connected"], after
+        assert (after["lv-web-2"]["vcpus"], _threads(testhost, pids["lv-web-2"])) == \
+            (web_before[0]["vcpus"], web_before[1])
+        assert after["lv-web-2"]["sessions_served"] == 1  # the same session, never interrupted
+
+        # A manager pins lv-web-2 and lets it go again: libvirt's QEMU's threads get their affinity back.
+        _control(testhost, "update", "lv-web-2", "--class", "pinned")
+        web = _control(testhost, "status", "--json")["vms"]["lv-web-2"]
+        pinned_now = {v["thread"]: str(v["pcpu"]) for v in web["vcpus"]}
+        assert sorted(pinned_now.values()) == ["0", "1"], pinned_now
+        assert {t: _threads(testhost, pids["lv-web-2"])[t][1] for t in pinned_now} == pinned_now
+        _control(testhost, "update", "lv-web-2", "--class", "libvirt")
+        assert all(_threads(testhost, pids["lv-web-2"])[t][1] == "0-1" for t in pinned_now)
+        journal = testhost.run(["journalctl", "-b", "-u", "vhost-user-cpufreq", "--no-pager", "-o", "cat"]).stdout
+        assert "refused" not in journal, journal[-3000:]
+    finally:
+        testhost.sh("for d in $(virsh list --all --name); do virsh destroy $d; virsh undefine $d; done; "
+                    "systemctl stop vhost-user-cpufreq.service; systemctl clean --what=fdstore vhost-user-cpufreq; "
+                    "systemctl reset-failed", timeout=180)

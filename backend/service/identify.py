@@ -8,7 +8,15 @@ pidfd for the very process that called ``connect()``; where it is missing the
 pid from ``SO_PEERCRED`` is opened with ``pidfd_open`` at accept time.  Then:
 
 * ``/proc/PID/exe`` must be a QEMU system emulator (``qemu-system-*``,
-  ``qemu-kvm``), else ``not-qemu``;
+  ``qemu-kvm``), else ``not-qemu``.  That link is readable only with ptrace
+  access: a service running as its own user (the shipped unit) is refused
+  it for a QEMU of another user (libvirt's ``libvirt-qemu``), and is not
+  given ``CAP_SYS_PTRACE``, which would let it read every guest's memory.
+  Then the name the kernel gave the process at exec (``/proc/PID/comm``,
+  the file's name cut to 15 bytes) *and* the basename of ``argv[0]`` must
+  both be a QEMU's.  Either way it is a guard against the wrong peer, not
+  authentication: a binary can be named anything (see the socket's mode and
+  ``allowed_uids``);
 * ``/proc/PID/cmdline`` gives the VM's name from ``-name NAME`` or
   ``-name guest=NAME,...`` (libvirt's form), else ``no-name``, and its vCPU
   count from ``-smp`` (``N``, ``cpus=N``, or the topology's product, as QEMU
@@ -48,8 +56,9 @@ __all__ = ["IdentityError", "PeerProcess", "PeerIdentity", "QEMU_BINARIES", "par
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 lacks the constant
 #: What /proc/PID/exe of a front-end on the shared socket may be called.
 QEMU_BINARIES = ("qemu-system-*", "qemu-kvm")
-#: Names used as metric labels and log prefixes: bounded and printable.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Names used as metric labels and log prefixes: bounded and printable; 127 fits KubeVirt's domain names
+#: (NAMESPACE_NAME, two DNS labels of up to 63).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 MAX_VCPUS = 4096
 
 
@@ -203,18 +212,24 @@ class PeerIdentity:
     name: str
     vcpus: int
     cgroup: str  # the unified (cgroup v2) path, "" if none
-    exe: str
+    exe: str  # /proc/PID/exe, or argv[0] where that link is not readable (another user's process)
 
 
 def identify(peer: PeerProcess, binaries: Sequence[str] = QEMU_BINARIES) -> PeerIdentity:
     """Read the peer's identity from /proc; raise :class:`IdentityError` naming why it cannot be served."""
     base = f"{peer.proc}/{peer.pid}"
+    comm: str | None = None
     try:
-        exe = os.readlink(f"{base}/exe")
-        with open(f"{base}/cmdline", "rb") as f:
-            raw = f.read(1 << 20)
+        with open(f"{base}/cmdline", "rb") as fb:
+            raw = fb.read(1 << 20)
         with open(f"{base}/cgroup") as f:
             cgroup_lines = f.read(1 << 16).splitlines()
+        try:
+            exe = os.readlink(f"{base}/exe")
+        except PermissionError:
+            exe = ""  # another user's process: no ptrace access (see above)
+            with open(f"{base}/comm") as fc:
+                comm = fc.read(64).rstrip("\n")
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ESRCH):
             raise IdentityError("peer-gone", f"/proc/{peer.pid}: {exc.strerror}") from None
@@ -222,14 +237,26 @@ def identify(peer: PeerProcess, binaries: Sequence[str] = QEMU_BINARIES) -> Peer
     # Reads done: they were this process's only if it is still the one the pidfd holds.
     if not peer.alive():
         raise IdentityError("peer-gone", f"pid {peer.pid} exited while it was identified")
-    exe_name = os.path.basename(exe.removesuffix(" (deleted)"))
-    if not any(fnmatch.fnmatchcase(exe_name, pat) for pat in binaries):
-        raise IdentityError("not-qemu", f"pid {peer.pid} runs {exe_name!r}, not a QEMU system emulator")
     argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
+
+    def qemu(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in binaries)
+
+    if comm is None:
+        exe_name = os.path.basename(exe.removesuffix(" (deleted)"))
+        if not qemu(exe_name):
+            raise IdentityError("not-qemu", f"pid {peer.pid} runs {exe_name!r}, not a QEMU system emulator")
+    else:
+        argv0 = os.path.basename(argv[0]) if argv else ""
+        # comm is the exec'd file's name cut to 15 bytes: "qemu-system-x86" still matches "qemu-system-*".
+        if not (qemu(comm) and qemu(argv0)):
+            raise IdentityError("not-qemu", f"pid {peer.pid} (another user's: /proc/PID/exe unreadable) is "
+                                f"{comm!r}, argv[0] {argv0[:80]!r}, not a QEMU system emulator")
+        exe = argv[0]
     name, vcpus = parse_qemu_args(argv)
     if name is None:
         raise IdentityError("no-name", f"QEMU pid {peer.pid} has no -name: the VM cannot be told apart")
     if not _NAME.match(name):
-        raise IdentityError("bad-name", f"QEMU pid {peer.pid}: -name {name[:80]!r} is not 1-64 of [A-Za-z0-9._-]")
+        raise IdentityError("bad-name", f"QEMU pid {peer.pid}: -name {name[:80]!r} is not 1-127 of [A-Za-z0-9._-]")
     cgroup = next((ln[3:] for ln in cgroup_lines if ln.startswith("0::")), "")
     return PeerIdentity(name, vcpus, cgroup, exe)

@@ -21,7 +21,7 @@ from .config import ConfigError
 
 __all__ = ["Registration", "Registry", "RegistryError", "validate_registration"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 _FIELDS = ("name", "vcpus", "vm_class", "floor", "ceiling", "cgroup")
 
 
@@ -64,7 +64,7 @@ def validate_registration(d: Any, classes: set[str], base: Registration | None =
                             "cgroup)")
     name = d.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise RegistryError(f"name: must be 1-64 of [A-Za-z0-9._-] (as QEMU's -name), got {name!r}")
+        raise RegistryError(f"name: must be 1-127 of [A-Za-z0-9._-] (as QEMU's -name), got {name!r}")
     cls = d.get("class", d.get("vm_class"))
     if cls is not None and (not isinstance(cls, str) or cls not in classes):
         raise RegistryError(f"class: {cls!r} is not a configured class (have: {', '.join(sorted(classes)) or 'none'})")
@@ -108,24 +108,27 @@ class Registry:
         self.vms = {r.name: r for r in vms}
 
     def put(self, reg: Registration) -> None:
-        self.vms[reg.name] = reg
-        self._save()
+        self._save({**self.vms, reg.name: reg})
 
     def remove(self, name: str) -> Registration | None:
-        reg = self.vms.pop(name, None)
+        reg = self.vms.get(name)
         if reg is not None:
-            self._save()
+            self._save({n: r for n, r in self.vms.items() if n != name})
         return reg
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        body = {"vms": [r.as_dict() for r in sorted(self.vms.values(), key=lambda r: r.name)]}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
+    def _save(self, vms: dict[str, Registration]) -> None:
+        """On disk first, then in memory: a request that cannot be kept is refused and changes nothing."""
+        if self.path is not None:
+            tmp = f"{self.path}.tmp"
+            body = {"vms": [r.as_dict() for r in sorted(vms.values(), key=lambda r: r.name)]}
+            try:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(body, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, self.path)
+            except OSError as exc:
+                raise RegistryError(f"cannot keep the registrations in {self.path}: {exc.strerror or exc}") from None
+        self.vms = vms

@@ -62,9 +62,10 @@ _MAX_NAMES = 1024
 _MAGIC = b"VUCF"
 FLAGS_OFFSET = 6  # of the flags byte in the record
 _PREFIX = "vuc"
-# systemd's FDNAME: printable ASCII without ':' and at most 255 characters; ours adds '.'-separated parts.
-_VM = re.compile(r"[A-Za-z0-9_@+=,~-]{1,200}")
-_NAME = re.compile(r"vuc\.(?P<vm>[A-Za-z0-9_@+=,~-]{1,200})\.(?P<kind>l|r|f(?P<serial>\d{1,12}))")
+# systemd's FDNAME: printable ASCII without ':' and at most 255 characters.  Ours is "vuc.VM.KIND": a VM
+# name may hold dots (KubeVirt's NAMESPACE_NAME, a libvirt domain's), since KIND, the last part, has none.
+_VM = re.compile(r"[A-Za-z0-9_@+=,~.-]{1,200}")
+_NAME = re.compile(r"vuc\.(?P<vm>[A-Za-z0-9_@+=,~.-]{1,200})\.(?P<kind>l|r|f(?P<serial>\d{1,12}))")
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,11 @@ def test_names_round_trip_and_others_are_not_ours() -> None:
     assert parse_name(object_name("web-1", 12)) == ("web-1", "f", 12)
     for other in ("web-1", "vuc.web 1.l", "vuc.a.x", "vuc.a.f", "vuc.a.g1.2", "vuc..l", "stored"):
         assert parse_name(other) is None
-    assert name_ok("vm_0") and not name_ok("a:b") and not name_ok("a.b") and not name_ok("")
+    assert name_ok("vm_0") and not name_ok("a:b") and not name_ok("") and not name_ok("a b")
+    # Dotted names (a namespace, a libvirt domain) parse back whole: the kind is the last part.
+    assert name_ok("ns.vm-1") and parse_name(object_name("ns.vm-1", 3)) == ("ns.vm-1", "f", 3)
+    assert parse_name(record_name("a.f3")) == ("a.f3", "r", None)
+    assert parse_name(listener_name("a.r")) == ("a.r", "l", None)
 
 
 def test_a_record_naming_something_else_is_refused() -> None:

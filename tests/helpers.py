@@ -11,7 +11,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Awaitable, Callable, Iterator, NoReturn
 
 import pytest
 
@@ -161,3 +161,25 @@ def stop_process(p: "subprocess.Popen[bytes]", timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def start_load(drv: Any) -> Callable[[], Awaitable[None]]:
+    """``drv`` (a CpufreqDriver) flushes a record about every millisecond, vCPUs 0 and 1 in turn, until
+    the returned function is awaited."""
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            drv.set_util(n % 2, 1 + n % 1000)
+            drv.flush()
+            await asyncio.sleep(0.001)
+
+    task = asyncio.get_running_loop().create_task(load())
+
+    async def stopped() -> None:
+        stop.set()
+        await task
+
+    return stopped

@@ -30,7 +30,7 @@ import pytest
 from vhost_user_cpufreq.backend.host.sched import sched_getattr
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
 
-from .helpers import require_c_dataplane, stop_process, until
+from .helpers import require_c_dataplane, start_load, stop_process, until
 from .qemu.fixture import QemuInstall, QemuVm
 from .service_proc import answers as _answers, read_log as _log, serve as _serve, service_exe as _exe, status as _status
 
@@ -82,18 +82,7 @@ async def test_a_real_qemu_under_load_is_handed_over_without_noticing(qemu_insta
         tids = {c["vcpu"]: c["thread"] for c in _status(d)["vms"]["vm0"]["vcpus"]}
         await until(lambda: all(os.sched_getaffinity(tids[v]) == {pins[v]} for v in tids), timeout=10,
                     what="vCPU threads pinned")
-        stop = asyncio.Event()
-        n = 0
-
-        async def load() -> None:
-            nonlocal n
-            while not stop.is_set():
-                n += 1
-                drv.set_util(n % 2, 1 + n % 1000)
-                drv.flush()
-                await asyncio.sleep(0.001)
-
-        task = asyncio.get_running_loop().create_task(load())
+        stop_load = start_load(drv)
         await until(lambda: _status(d)["vms"]["vm0"]["counters"].get("records", 0) > 50, timeout=15,
                     what=lambda: f"records served by the old process\n{_log(d, 'old.log')}")
         st = _status(d)["vms"]["vm0"]
@@ -122,8 +111,7 @@ async def test_a_real_qemu_under_load_is_handed_over_without_noticing(qemu_insta
                     what=lambda: f"records served by the new process {_status(d)['vms']['vm0']['counters']}")
         await until(lambda: all(c["uclamp_min"] is not None for c in _status(d)["vms"]["vm0"]["vcpus"]),
                     timeout=10, what="clamps decided by the new process")
-        stop.set()
-        await task
+        await stop_load()
         # The same thread ids, still pinned as the old process pinned them; the new one holds their records.
         st = _status(d)["vms"]["vm0"]
         assert {c["vcpu"]: c["thread"] for c in st["vcpus"]} == tids

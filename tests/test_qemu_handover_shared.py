@@ -21,7 +21,7 @@ import pytest
 
 from vhost_user_cpufreq.guest.driver import CpufreqDriver
 
-from .helpers import require_c_dataplane, stop_process, until
+from .helpers import require_c_dataplane, start_load, stop_process, until
 from .qemu.fixture import QemuInstall, QemuVm
 from .service_proc import answers, read_log, serve, status
 
@@ -46,18 +46,7 @@ async def test_a_real_qemu_on_the_shared_socket_is_handed_over_without_noticing(
         drv = CpufreqDriver(await vm.open_transport(), util_threshold=1, lazy_records=0)
         await drv.probe()
         assert drv.config.num_vcpus == 2
-        stop = asyncio.Event()
-        n = 0
-
-        async def load() -> None:
-            nonlocal n
-            while not stop.is_set():
-                n += 1
-                drv.set_util(n % 2, 1 + n % 1000)
-                drv.flush()
-                await asyncio.sleep(0.001)
-
-        task = asyncio.get_running_loop().create_task(load())
+        stop_load = start_load(drv)
         await until(lambda: status(d)["vms"]["web-1"]["counters"].get("records", 0) > 50, timeout=15,
                     what=lambda: f"served by the old process\n{read_log(d, 'old.log')}")
         new = serve(d, {}, "--take-over", str(d / "control.sock"), log="new.log")
@@ -75,8 +64,7 @@ async def test_a_real_qemu_on_the_shared_socket_is_handed_over_without_noticing(
         assert (await asyncio.wait_for(vm.qmp.execute("query-status"), 5))["status"] == "running"  # type: ignore[index]
         await until(lambda: status(d)["vms"]["web-1"]["counters"].get("records", 0) > 50, timeout=15,
                     what=lambda: f"served by the new process {status(d)['vms']['web-1']['counters']}")
-        stop.set()
-        await task
+        await stop_load()
         reads = status(d)["vms"]["web-1"]["counters"].get("config_reads", 0)
         assert (await asyncio.wait_for(drv.refresh_config(), 10)).domains
         await until(lambda: status(d)["vms"]["web-1"]["counters"].get("config_reads", 0) > reads, timeout=5,

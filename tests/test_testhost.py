@@ -252,16 +252,23 @@ def test_the_closed_loop_a_guest_record_raises_the_test_hosts_frequency_request_
     # Without the service (no record) the 20%-duty thread leaves the request at the bottom; the guest's 900
     # raises it near the top, util 0 and a silent guest (stale decay) bring it down again.
     assert ph["alone"] < fmin * 1.2, ph
-    assert ph["guest-900"] > 0.8 * fmax and ph["guest-900-again"] > 0.8 * fmax, ph
     assert ph["guest-0"] < fmin * 1.2 and ph["guest-silent"] < fmin * 1.2, ph
     raised = run["probe"][1]
     assert run["probe"][0]["kernel_uclamp_min"] == 0 and raised["kernel_uclamp_min"] == raised["service_uclamp_min"]
+    # While the guest asks for 900: the service's part, the clamp the kernel holds (sampled every 20 ms),
+    # and schedutil's, running near the top (80% of the maximum or more) for most of the phase.  Not
+    # the mean: on a loaded CI machine the TCG test host's walk up the table has its dips (one run's
+    # mean fell to 2,119 MHz), and the claim is where the request stays, not how fast TCG climbs.
+    for name in ("guest-900", "guest-900-again"):
+        assert run["clamps"][name]["median"] == raised["kernel_uclamp_min"] > 0, (name, run["clamps"], raised)
+        assert run["near_top"][name] > 0.5, (name, run["near_top"], ph)
     # The per-VM ceiling holds the clamp at 512.  On this host's non-invariant schedutil (docs/testhost.md)
     # a clamp asks for 1.25 x the current frequency x clamp / 1024, and 512 asks for less than the current
     # one even with the DVFS headroom on top (x 1.25 again): the request stays at the bottom, as alone.
     # (768 sat between the two readings of the kernel, 1024/1.25 and 1024/1.25^2, and a loaded run could
     # lift it.)
     assert capped["probe"][1]["kernel_uclamp_min"] == LOW_CEILING, capped["probe"]
+    assert capped["clamps"]["guest-900"]["median"] == LOW_CEILING, capped["clamps"]
     assert cph["guest-900"] < fmin * 1.2, (cph, ph)
     # Every change reaches the outer back-end as the test host's request, before the next change.
     offset = (before[0] + after[0]) / 2
@@ -285,6 +292,8 @@ def test_the_closed_loop_a_guest_record_raises_the_test_hosts_frequency_request_
         "rise_to_top_in_test_host_ms": {q: round(1000 * percentile(walk.to_top, q), 1) for q in (50, 90, 99)},
         "top_request_to_outer_ms": {q: round(1000 * percentile(trip, q), 1) for q in (50, 90, 99)},
         "mean_khz": {"ceiling 1024": ph, f"ceiling {LOW_CEILING}": cph},
+        "near_top_share": {"ceiling 1024": run["near_top"], f"ceiling {LOW_CEILING}": capped["near_top"]},
+        "kernel_uclamp_min": {"ceiling 1024": run["clamps"], f"ceiling {LOW_CEILING}": capped["clamps"]},
     }
     out = os.environ.get("VUC_CLOSED_LOOP_OUT")
     if out:

@@ -10,8 +10,10 @@ asking for util 900 on vCPU 0, util 0, 900 again, and then silent (the
 service lets the last request go stale).  The test host's schedutil
 drives our own cpufreq driver; every frequency it sets is traced
 (``power:cpu_frequency``, on the monotonic clock the phases are timed with).
-Prints one JSON line: per phase, the time-weighted mean frequency CPU 1 ran
-at over the phase's last ``PHASE - SETTLE`` seconds.
+Prints one JSON line: per phase, over the phase's last ``PHASE - SETTLE``
+seconds, the time-weighted mean frequency CPU 1 ran at, the share of that time
+it ran at 80% of its maximum or more, and the lowest and median uclamp_min the
+kernel held for the loaded thread (sampled every 20 ms).
 
 ``python -m tests.testhost.closed_loop DIR CEILING CHANGES`` then turns the
 guest's utilisation from 0 to 900 and back ``CHANGES`` times, ``TOGGLE``
@@ -84,8 +86,14 @@ def _effective(tid: int) -> int:
     return -1
 
 
-async def _report(g, util: int | None, seconds: float) -> float:  # type: ignore[no-untyped-def]
-    """Report ``util`` every 20 ms for ``seconds``; returns when the first record was flushed."""
+async def _report(g, util: int | None, seconds: float,  # type: ignore[no-untyped-def]
+                  clamps: list[tuple[float, int]] | None = None, tid: int | None = None) -> float:
+    """Report ``util`` every 20 ms for ``seconds``; returns when the first record was flushed.
+
+    With ``clamps``, each turn also appends the uclamp_min the kernel holds for
+    thread ``tid`` (the service's part of the loop, apart from schedutil's)."""
+    from vhost_user_cpufreq.backend.host import sched
+
     first = time.monotonic()
     end = first + seconds
     i = 0
@@ -93,9 +101,17 @@ async def _report(g, util: int | None, seconds: float) -> float:  # type: ignore
         if util is not None:
             g.driver.set_util(0, util + (i % 2 if util < 1024 else -(i % 2)))
             g.driver.flush()
+        if clamps is not None and tid is not None:
+            clamps.append((time.monotonic(), sched.sched_getattr(tid).util_min))
         i += 1
         await asyncio.sleep(0.02)
     return first
+
+
+def _clamp_summary(clamps: list[tuple[float, int]], start: float, end: float) -> dict[str, int]:
+    """The lowest and the median uclamp_min the kernel held over [start, end)."""
+    vals = sorted(v for t, v in clamps if start <= t < end)
+    return {"min": vals[0], "median": vals[len(vals) // 2], "samples": len(vals)} if vals else {"samples": 0}
 
 
 async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore[type-arg]
@@ -128,12 +144,14 @@ async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore
         start_khz = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/scaling_cur_freq").read_text())
         bounds = [time.monotonic()]
         report["probe"] = []
+        clamps: list[tuple[float, int]] = []
+        tid = threads[0].native_id
         for util in PHASES.values():
             # A busy guest keeps reporting (the engine lets a hint go stale otherwise): every 20 ms,
             # one unit apart so that each report is a record.
-            await _report(g, util, PHASE / 2)
-            report["probe"].append(_probe(d, threads[0].native_id))
-            await _report(g, util, PHASE / 2)
+            await _report(g, util, PHASE / 2, clamps, tid)
+            report["probe"].append(_probe(d, tid))
+            await _report(g, util, PHASE / 2, clamps, tid)
             bounds.append(time.monotonic())
         if changes:
             # Each change's first record differs from the last by far more than the driver's
@@ -150,9 +168,16 @@ async def main(d: Path, ceiling: int, changes: int = 0) -> dict:  # type: ignore
         report["start_khz"] = start_khz
         report["events"] = len(events)
         report["frequencies"] = events if changes else []
+        fmax = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/cpuinfo_max_freq").read_text())
+        report["cpuinfo_max_khz"] = fmax
         report["phases"] = {name: duty.step_mean(events, bounds[i] + SETTLE, bounds[i + 1], start_khz)
                             for i, name in enumerate(PHASES)}
-        report["cpuinfo_max_khz"] = int(Path(f"/sys/devices/system/cpu/cpu{CPU}/cpufreq/cpuinfo_max_freq").read_text())
+        # The share of each phase spent near the top (at 80% of the maximum or more), and what the
+        # kernel held as the thread's clamp meanwhile.
+        report["near_top"] = {name: duty.step_share(events, bounds[i] + SETTLE, bounds[i + 1], start_khz,
+                                                    fmax * 4 // 5) for i, name in enumerate(PHASES)}
+        report["clamps"] = {name: _clamp_summary(clamps, bounds[i] + SETTLE, bounds[i + 1])
+                            for i, name in enumerate(PHASES)}
     finally:
         stop.set()
         svc.terminate()

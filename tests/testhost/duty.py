@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["duty_cycle", "trace", "frequencies", "switches", "wakeups", "ticks", "step_mean"]
+__all__ = ["duty_cycle", "trace", "frequencies", "switches", "wakeups", "ticks", "step_mean", "step_share"]
 
 TRACING = Path("/sys/kernel/tracing")
 _FREQ = re.compile(r"\s(\d+\.\d+): cpu_frequency: state=(\d+) cpu_id=(\d+)")
@@ -120,3 +120,17 @@ def step_mean(events: list[tuple[float, int]], start: float, end: float, before:
         acc += cur * (ts - t)
         t, cur = ts, f
     return (acc + cur * (end - t)) / (end - start)
+
+
+def step_share(events: list[tuple[float, int]], start: float, end: float, before: int, at_least: int) -> float:
+    """Share of [start, end) during which the step function ``events`` was at least ``at_least``."""
+    cur, t, acc = before, start, 0.0
+    for ts, f in events:
+        if ts <= start:
+            cur = f
+            continue
+        if ts >= end:
+            break
+        acc += (ts - t) * (cur >= at_least)
+        t, cur = ts, f
+    return (acc + (end - t) * (cur >= at_least)) / (end - start)

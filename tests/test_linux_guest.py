@@ -186,7 +186,8 @@ def ramp_into(utils: list[int], start: int, top: int) -> list[int]:
 
     The run may begin before ``start``: the busy window opens when the host reads
     the guest's "busy-start" console line, and on a loaded machine that line can
-    arrive after the guest's first rising records."""
+    arrive late (the guest waits 2 s after it before the load begins, build.sh;
+    this covers what is left)."""
     end = next((i for i in range(start, len(utils)) if utils[i] == top), None)
     if end is None:
         return []

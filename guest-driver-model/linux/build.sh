@@ -163,6 +163,9 @@ stats probe
 [ "$TOPO" = 1 ] && { sleep 1; topo_show probe; }   # the domains are rebuilt from a work item
 
 say "busy-start cpu=$BUSY_CPU secs=$BUSY_SECS"
+# The host opens its busy window when it reads that line, and under a loaded TCG
+# the console can reach it well after the device's records: give it a head start.
+sleep 2
 taskset -c "$BUSY_CPU" sh -c 'while :; do :; done' &
 BUSY=$!
 sleep "$BUSY_SECS"

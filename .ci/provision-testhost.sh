@@ -16,7 +16,7 @@
 #     root built without it is extended, not rebuilt): libvirt and QEMU from
 #     trixie-backports (libvirt 12, QEMU >= 10.2, the first with
 #     vhost-user-test-device-pci; trixie's own QEMU 10.0 lacks it) and
-#     systemd-machined, for tests/test_testhost_libvirt.py.
+#     systemd-machined, for the libvirt test in tests/test_testhost.py.
 #
 # Idempotent and cached like the QEMU chroot: a finished run writes
 # $ROOT/.vuc-testhost (a version stamp of this script); a re-run with the

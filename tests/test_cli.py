@@ -77,3 +77,50 @@ def test_check_names_vuc_qemu_when_it_is_what_it_used(tmp_path: Path, monkeypatc
     f = check._qemu()
     assert f.state == "info" and f.detail.startswith(f"VUC_QEMU={tmp_path / 'missing'}:"), f
     assert os.environ["PATH"] == str(tmp_path / "empty")
+
+
+async def test_the_readmes_one_vm_serve_line_serves_four_vcpus_on_this_machine(tmp_path: Path) -> None:
+    """README's `serve --socket-path ... --vcpus 4`, run as written (the socket moved into a temporary
+    directory, a control socket added to ask it): a 4-vCPU guest is served on whatever this machine
+    has, unpinned and said so where 4 vCPUs do not fit one to a CPU (CI's 2-CPU machines)."""
+    import re
+
+    from vhost_user_cpufreq.backend.service.daemon import query_status
+
+    from .helpers import short_tmpdir, start_guest, stop_process, until
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"^vhost-user-cpufreq (serve --socket-path (\S+) --vcpus 4)\b", readme, re.M)
+    assert m, "README no longer gives the one-VM serve line"
+    with short_tmpdir("vuc-readme-") as d:
+        args = m.group(1).replace(m.group(2), str(d / "vm0.sock")).split()
+        log = tmp_path / "serve.log"
+        proc = subprocess.Popen([str(SCRIPT), *args, "--control-socket", str(d / "control.sock")],
+                                stderr=open(log, "wb"))
+        try:
+            await until(lambda: (d / "control.sock").exists() or proc.poll() is not None, 30, "the service's start")
+            assert proc.poll() is None, log.read_text()
+            g = await start_guest(str(d / "vm0.sock"))
+            try:
+                assert g.driver.config.num_vcpus == 4
+                for v in range(4):
+                    g.driver.set_util(v, 100 + 200 * v)
+                g.driver.flush()
+
+                def served() -> bool:
+                    vm = query_status(str(d / "control.sock"))["vms"]["vm0"]
+                    return vm["connected"] and [c["util"] for c in vm["vcpus"]] == [100, 300, 500, 700]
+                await until(served, 10, "the guest's records in status")
+                vm = query_status(str(d / "control.sock"))["vms"]["vm0"]
+            finally:
+                await g.close()
+        finally:
+            stop_process(proc)
+        text = log.read_text()
+    assert proc.returncode == 0, text
+    online = len(os.sched_getaffinity(0))
+    if online < 4:
+        assert vm["pinning"]["mode"] == "none" and "does not fit" in vm["pinning"]["note"], vm["pinning"]
+        assert "served unpinned" in text, text
+    else:
+        assert vm["pinning"]["mode"] == "auto", vm["pinning"]

@@ -30,8 +30,8 @@ from .service_proc import answers, read_log, serve, status
 STALE = 1.5
 #: the C engine on the kick lane, and engine.py's ClampEngine on the event loop
 PATHS = {"c-engine-lane": {}, "python-engine": {"VUC_DATAPLANE": "python"}}
-# Pinned: the kick lane clamps the threads the actuator remembers, and pinning is what makes it remember them
-# (with pinning = "none" and no power cap the lane decides but clamps nothing: left alone here, see the report).
+# Pinned, so that the handover carries affinity as well as clamps (the lane clamps unpinned threads too,
+# tests/test_kick_lane.py).
 PINS = [0, 1 % len(os.sched_getaffinity(0))]
 
 

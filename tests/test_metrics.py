@@ -217,6 +217,31 @@ async def test_exposition_reports_what_the_service_counted(tmp_path: Path, vcpu_
     await d.stop()
 
 
+async def test_a_vm_on_the_shared_page_says_so_in_metrics_and_status(tmp_path: Path) -> None:
+    root = make_sysfs_tree(tmp_path / "sys", HOST)
+    config = parse_config({"service": {"sysfs_root": str(root), "sample_period": 0.01, "dry_run": True,
+                                       "mirror_threshold": 0.01},
+                           "vm": {"vm0": {"socket": str(tmp_path / "vm0.sock"), "vcpus": 2, "shared_page": True, "pinning": [0, 7],
+                                          "clamp": "none"}}})
+    daemon = Daemon(config)
+    await daemon.start()
+    g = await start_guest(str(tmp_path / "vm0.sock"))
+    try:
+        slot = daemon.service.vms["vm0"]
+        await until(lambda: slot.device.freq_path == "page", what="the page in use")
+        set_cur_freq(root, 7, 1500000)  # the big cluster speeds up: written to the page, not notified
+        await until(lambda: slot.counters.get("freq_page_updates") >= 1, what="the page updated")
+        s = _parse(render(daemon).decode())
+        P, vm = "vhost_user_cpufreq_", {"vm": "vm0"}
+        assert _value(s, P + "freq_page_in_use", **vm) == 1
+        assert _value(s, P + "freq_page_updates_total", **vm) == slot.counters.get("freq_page_updates") >= 1
+        assert _value(s, P + "config_notifications_total", **vm) == 0
+        assert daemon.status()["vms"]["vm0"]["freq_path"] == "page"
+    finally:
+        await g.close()
+        await daemon.stop()
+
+
 async def test_http_endpoint_serves_the_exposition_until_shutdown(tmp_path: Path, vcpu_threads: list[int]) -> None:
     r = await _running(tmp_path, metrics_address="127.0.0.1:0")
     server = r.daemon.metrics_server

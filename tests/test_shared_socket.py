@@ -246,6 +246,44 @@ async def test_registrations_apply_in_place_and_survive_a_restart(workdir: Path,
         await d2.stop()
 
 
+async def test_peers_outside_the_allowlist_or_every_class_or_their_limits_are_refused(
+        workdir: Path, peers: Peers, fake_qemu: str) -> None:
+    # No default class: only db-* VMs have one.  The allowlist names another uid than ours first.
+    body = CLASSES.split("[class.default]")[0]
+    me = os.getuid()
+    d = Daemon(load_config(write_config(workdir, service=f"allowed_uids = [{me + 1}]\n", body=body)))
+    await d.start()
+    try:
+        peers.start(fake_qemu, "-name", "db-1")
+        await until(lambda: refused(d, "peer-not-allowed") == 1)
+        assert d.service.vms == {} and d.counters.get("shared_admitted") == 0
+    finally:
+        await d.stop()
+    d = Daemon(load_config(write_config(workdir, service=f"allowed_uids = [{me}]\n")))
+    await d.start()
+    try:
+        # A registration's floor above its class's ceiling (700): admitted by the API, refused at connect.
+        r = await control(workdir, 'vm-register {"name": "web-1", "floor": 800}')
+        assert r["ok"], r
+        peers.start(fake_qemu, "-name", "web-1")
+        await until(lambda: refused(d, "bad-limits") == 1)
+        peers.start(fake_qemu, "-name", "web-2")
+        await until(lambda: "web-2" in d.service.vms)
+    finally:
+        await d.stop()
+    d = Daemon(load_config(write_config(workdir, body=body)))
+    await d.start()
+    try:
+        peers.start(fake_qemu, "-name", "web-3")                   # matches no class
+        await until(lambda: refused(d, "no-class") == 1)
+        peers.start(fake_qemu, "-name", "db-3")
+        await until(lambda: "db-3" in d.service.vms)
+        assert set(d.service.vms) == {"db-3"}
+        assert 'vhost_user_cpufreq_shared_socket_refused_total{reason="no-class"} 1.0' in render(d).decode()
+    finally:
+        await d.stop()
+
+
 async def test_a_registration_that_cannot_be_kept_on_disk_is_refused_and_changes_nothing(workdir: Path) -> None:
     # A state directory the service may not write (the shipped unit before StateDirectory=: a read-only
     # /var/lib under ProtectSystem=strict): the request is answered with the reason, nothing is registered.

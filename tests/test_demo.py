@@ -25,6 +25,20 @@ def test_demo_delivers_every_record_and_agrees_with_the_host() -> None:
     summary = dict(line.split()[:2] for line in r.stdout.split("Summary", 1)[1].strip().split("\n\n")[0].splitlines())
     assert int(summary["records_sent"]) == int(summary["records_received"]) > 0, summary
     assert float(summary["guest_matches_host"]) == 1.0 and int(summary["rejected"]) == 0, summary
+    # It ends with what the guest gained: the simulator's two runs of the same load, as printed.
+    from vhost_user_cpufreq.backend.service.demo import DemoOptions, what_the_guest_gained
+
+    gained = r.stdout.split("What the guest gained: the same 3 s of this load", 1)
+    assert len(gained) == 2, r.stdout[-2000:]
+    m = re.search(r"without the device: +([\d.]+)% of the guest's bursts done in time, ([\d.]+) J\n"
+                  r" +with the device: +([\d.]+)% done in time, ([\d.]+) J; work done in time per joule ([+-]\d+)%",
+                  gained[1])
+    assert m, gained[1]
+    g = what_the_guest_gained(DemoOptions(duration=3))
+    assert [float(x) for x in m.groups()[:4]] == [
+        round(g["baseline_on_time"] * 100, 1), round(g["baseline_energy_j"], 2),
+        round(g["device_on_time"] * 100, 1), round(g["device_energy_j"], 2)], (m.groups(), g)
+    assert int(m.group(5)) == round((g["device_perf_per_j"] / g["baseline_perf_per_j"] - 1) * 100)
 
 
 def _interruptible() -> None:

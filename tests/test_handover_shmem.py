@@ -26,6 +26,7 @@ from vhost_user_cpufreq.backend.vhost.handover import freeze, snapshot, thaw
 from vhost_user_cpufreq.protocol import cpufreq as abi
 from vhost_user_cpufreq.protocol.session_snapshot import decode, encode
 
+from .fuzz.harness import memfd_maps
 from .helpers import Guest, make_service, open_fds, short_tmpdir, start_guest, stop_process, until
 from .minisystemd import MiniSystemd
 from .service_proc import answers, read_log, serve, service_exe, status
@@ -165,7 +166,7 @@ async def test_a_page_that_is_not_ours_or_has_no_writer_state_drops_that_session
     (page,) = snap.shmem.pages
     with short_tmpdir("vuc-hs-") as d:
         svc2, _, _, slots2 = await make_service(d, ("vm", (0, 0, 1, 2)), shared_page=True)
-        before = open_fds()
+        before, maps = open_fds(), memfd_maps()
         for reason, bad in [("page-state-missing", encode(dataclasses.replace(
                                  snap, device=dataclasses.replace(snap.device, page=None)))),
                             ("shmem-not-sealed", None), ("shmem-mismatch", encode(dataclasses.replace(
@@ -181,6 +182,7 @@ async def test_a_page_that_is_not_ours_or_has_no_writer_state_drops_that_session
             assert slots2["vm"].counters.get("handover_dropped", reason) == 1, slots2["vm"].counters
             assert slots2["vm"].connection is None
         assert open_fds() == before  # every fd given to resume was closed
+        assert memfd_maps() == maps  # and guest memory, mapped before the page failed, unmapped
         await svc2.close()
     # The page the first service writes was not touched: still live, still updated.
     assert abi.decode_page_header(bytes(g.fe.shm[0][:16])).live

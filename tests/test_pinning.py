@@ -235,3 +235,37 @@ async def test_pinning_to_an_offline_cpu_is_refused_at_start_and_at_reload(workd
         assert d.config is before and d.host.plans["v"].pins.mode == "auto"
     finally:
         await d.stop()
+
+
+async def test_a_pin_the_kernel_refuses_is_said_in_status_counted_and_logged(
+        workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The plan pins vCPU 1 to a CPU the generated host has and this machine does not: the kernel
+    refuses (EINVAL, as it does a CPU outside a cpuset someone else owns, libvirt's <vcpupin>).
+    The service serves on, and does not claim the pin."""
+    _require_two_cpus()
+    beyond = os.cpu_count() or 2  # no CPU has this number here
+    make_sysfs_tree(workdir / "sys", HostSpec.big_little([(beyond + 1, 400000, 2000000, 1024)]))
+    path = _config(workdir, {"v": [0, beyond]}, vcpus=2)
+    d = Daemon(load_config(path), config_path=str(path))
+    await d.start()
+    vm = _Vm(workdir / "v.sock", 2, None)
+    try:
+        tids = await vm.tids()
+        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+        cpus = d.status()["vms"]["v"]["vcpus"]
+        assert [(c["pcpu"], c["pin_applied"]) for c in cpus] == [(0, True), (beyond, False)], cpus
+        assert os.sched_getaffinity(tids[0]) == {0} and os.sched_getaffinity(tids[1]) >= {0, 1}  # as it was
+        assert d.counters.get("pin_failed", "einval") == 1
+        assert any(f"may not use CPU {beyond}" in r.getMessage() for r in caplog.records), caplog.text
+        await until(lambda: d.status()["vms"]["v"]["vcpus"][1]["util"] > 0, what="vCPU 1 served", timeout=30)
+        # The command line says so too (run beside this event loop, which serves the control socket).
+        import asyncio
+
+        p = await asyncio.create_subprocess_exec(str(Path(sys.executable).with_name("vhost-user-cpufreq")), "status",
+                                                 "--control-socket", str(workdir / "control.sock"),
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(p.communicate(), 30)
+        assert f"vCPU 1: pCPU {beyond} (the kernel refused the pin" in out.decode(), (out, err)
+    finally:
+        vm.stop()
+        await d.stop()

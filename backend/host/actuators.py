@@ -13,6 +13,7 @@ never raised into the session.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -91,7 +92,10 @@ class ThreadActuator:
                 os.sched_setaffinity(tid, {pcpu})
         except OSError as exc:
             self.counters.inc("pin_failed", _errname(exc))
-            log.warning("could not pin thread %d to CPU %d: %s", tid, pcpu, exc.strerror)
+            why = (": the thread may not use CPU %d (offline, or outside its cgroup's cpuset, as libvirt's "
+                   '<vcpupin> makes one; a VM its manager pins wants pinning = "keep")' % pcpu
+                   ) if exc.errno == errno.EINVAL else ""
+            log.warning("could not pin thread %d to CPU %d: %s%s", tid, pcpu, exc.strerror, why)
             return False
         self.pinned[tid] = pcpu
         self.counters.inc("pins")

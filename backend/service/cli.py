@@ -196,6 +196,8 @@ def _status(args: argparse.Namespace) -> int:
                   f"capacity {dom['capacity']}")
         for c in vm["vcpus"]:
             where = f"pCPU {c['pcpu']}" if c["pcpu"] is not None else f"CPUs {c.get('cpus')} (not pinned)"
+            if c.get("pin_applied") is False:
+                where += " (the kernel refused the pin: see pins_failed_total and the log)"
             cap = c.get("uclamp_max") or 1024
             print(f"  vCPU {c['vcpu']}: {where}, thread {c['thread']}, util {c['util']}, "
                   f"uclamp_min {c['uclamp_min']}" + (f", uclamp_max {cap} (power cap)" if cap < 1024 else ""))

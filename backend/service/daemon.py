@@ -254,6 +254,11 @@ class Daemon:
         connected = sum(1 for s in self.service.vms.values() if s.connection is not None)
         return f"serving {len(self.service.vms)} VMs, {connected} connected"
 
+    def _pin_applied(self, tid: int | None, pcpu: int | None) -> bool | None:
+        if pcpu is None or tid is None:
+            return None  # nothing to pin, or its thread not found yet
+        return self.actuator.pinned.get(tid) == pcpu
+
     def status(self) -> dict[str, Any]:
         model = self.source.model
         vms = {}
@@ -275,6 +280,9 @@ class Daemon:
                     {
                         "vcpu": v,
                         "pcpu": plan.pinning[v] if plan else None,
+                        # whether the kernel took that pin (a cpuset someone else owns may refuse it)
+                        "pin_applied": self._pin_applied(b.tids.get(v) if b else None,
+                                                         plan.pinning[v] if plan else None),
                         "cpus": sorted(plan.pins.allowed[v]) if plan else None,
                         "thread": b.tids.get(v) if b else None,
                         "util": st.util,

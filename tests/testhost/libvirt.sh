@@ -34,7 +34,7 @@ pinning = "auto"
 
 [class.libvirt]
 match_cgroup = "/machine.slice/machine-qemu*"
-pinning = "none"
+pinning = "keep"
 CONF
 usermod -aG vhost-user-cpufreq libvirt-qemu
 install -D -m 0755 "$SRC/deploy/libvirt/qemu-hook" /etc/libvirt/hooks/qemu.d/vhost-user-cpufreq

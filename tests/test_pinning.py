@@ -269,3 +269,35 @@ async def test_a_pin_the_kernel_refuses_is_said_in_status_counted_and_logged(
     finally:
         vm.stop()
         await d.stop()
+
+
+async def test_keep_follows_a_pin_the_manager_makes_after_the_threads_were_found(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt applies <vcpupin> after QEMU connected, and `virsh vcpupin` at any time: keep reads the
+    kept threads' affinity again (every KEEP_RECHECK) and decides for where each may run now."""
+    _require_two_cpus()
+    make_sysfs_tree(workdir / "sys", TWO_CPUS)
+    path = _config(workdir, {"v": "keep"}, vcpus=2)
+    calls: list[int] = []
+    real = os.sched_setaffinity
+
+    def spy(pid: int, cpus: Any) -> None:
+        calls.append(pid)
+        real(pid, cpus)
+
+    d = Daemon(load_config(path), config_path=str(path))
+    await d.start()
+    vm = _Vm(workdir / "v.sock", 2, None)
+    try:
+        tids = await vm.tids()
+        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+        assert [c["cpus"] for c in d.status()["vms"]["v"]["vcpus"]] == [[0, 1], [0, 1]]
+        real(tids[0], {1})  # the manager pins vCPU 0, as `virsh vcpupin v 0 1` does
+        monkeypatch.setattr(os, "sched_setaffinity", spy)
+        await until(lambda: [c["cpus"] for c in d.status()["vms"]["v"]["vcpus"]] == [[1], [0, 1]],
+                    what=lambda: d.status()["vms"]["v"]["vcpus"], timeout=5)
+        assert d.status()["vms"]["v"]["pinning"]["mode"] == "keep"
+        assert os.sched_getaffinity(tids[0]) == {1} and calls == []  # read, never written
+    finally:
+        vm.stop()
+        await d.stop()

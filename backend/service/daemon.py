@@ -121,6 +121,7 @@ class Daemon:
             log.info("took over from %s: %d of %d sessions resumed", src, resumed,
                      len(taken.sessions) + len(taken.dropped))
         self.host.start_hotplug()
+        self.host.start_keep_watch()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.source.run(self.config.sample_period, rebuild_every=30.0)))
         if self.config.control_socket:

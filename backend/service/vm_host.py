@@ -42,6 +42,9 @@ log = logging.getLogger("vhost_user_cpufreq.host")
 
 #: How long to keep looking for a new QEMU's vCPU threads (it creates them after connecting).
 DISCOVERY_TIMEOUT = 30.0
+#: keep: seconds between two readings of the kept threads' affinity.  libvirt applies <vcpupin>
+#: after QEMU has connected (and a manager may re-pin any time): the first reading can precede it.
+KEEP_RECHECK = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,14 +218,22 @@ class HostSide:
         self.policy.attach_threads(s.name, tids, conn.peer_pid)
         slot.counters.inc("threads_attached", n=len(tids))
 
-    def _adopt(self, slot: VmSlot, s: VmSettings, tids: Mapping[int, int]) -> None:
+    def _adopt(self, slot: VmSlot, s: VmSettings, tids: Mapping[int, int], *, quiet: bool = False) -> None:
         """keep: read each vCPU thread's affinity (libvirt's, the VMM's) and decide for where it may run."""
         found: dict[int, frozenset[int]] = {}
         for v, tid in tids.items():
             try:
                 found[v] = frozenset(os.sched_getaffinity(tid))
             except OSError as exc:
-                slot.log.warning("cannot read the affinity of vCPU %d's thread %d: %s", v, tid, exc.strerror)
+                if not quiet:
+                    slot.log.warning("cannot read the affinity of vCPU %d's thread %d: %s", v, tid, exc.strerror)
+        before = self.adopted.get(s.name)
+        if before is not None and quiet and found == before:
+            return
+        if before is not None and found != before:
+            slot.log.info("the kept vCPU threads' affinity changed (%s): deciding again", ", ".join(
+                f"vCPU {v} {_cpu_list(before.get(v, frozenset()))} -> {_cpu_list(c)}"
+                for v, c in sorted(found.items()) if before.get(v) != c))
         self.adopted[s.name] = found
         new = self.plan(s, exclude_vm=s.name)
         old = self.plans[s.name]
@@ -235,6 +246,21 @@ class HostSide:
 
     def _on_close(self, slot: VmSlot, conn: Connection) -> None:
         self.policy.detach(slot.config.name)
+
+    def start_keep_watch(self) -> None:
+        """Follow the affinity of kept threads (see KEEP_RECHECK)."""
+        task = asyncio.get_running_loop().create_task(self._keep_watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_watch(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_RECHECK)
+            for name, s in list(self.settings.items()):
+                b = self.policy.vms.get(name)
+                slot = self.service.vms.get(name)
+                if s.pinning == "keep" and name in self.adopted and b is not None and b.tids and slot is not None:
+                    self._adopt(slot, s, b.tids, quiet=True)
 
     # -- hotplug -------------------------------------------------------------------------
     def start_hotplug(self) -> bool:
@@ -294,3 +320,7 @@ class HostSide:
         for name in list(self.settings):
             await self.remove_vm(name)
         self.policy.close()
+
+
+def _cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(map(str, sorted(cpus))) or "none"

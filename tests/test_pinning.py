@@ -8,12 +8,14 @@ generated sysfs tree shaped like this machine (CPUs 0 and 1), serving 4 VMs of
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 from hypothesis import given
@@ -112,8 +114,6 @@ class _Vm:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     async def tids(self) -> list[int]:
-        import asyncio
-
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)
         return list(json.loads(line)["tids"])
@@ -131,6 +131,21 @@ class _Vm:
 def _require_two_cpus() -> None:
     if not {0, 1} <= os.sched_getaffinity(0):
         pytest.skip("needs CPUs 0 and 1 (the generated host mirrors them, so real pins succeed)")
+
+
+@asynccontextmanager
+async def _serving(path: Path, workdir: Path) -> AsyncIterator[tuple[Daemon, list[int]]]:
+    """The daemon on ``path`` and a 2-vCPU VM (vcpu_guest), its threads attached; yields their tids."""
+    d = Daemon(load_config(path), config_path=str(path))
+    await d.start()
+    vm = _Vm(workdir / "v.sock", 2, None)
+    try:
+        tids = await vm.tids()
+        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+        yield d, tids
+    finally:
+        vm.stop()
+        await d.stop()
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -195,12 +210,7 @@ async def test_a_reload_that_changes_the_mode_applies_in_place(workdir: Path) ->
     _require_two_cpus()
     make_sysfs_tree(workdir / "sys", TWO_CPUS)
     path = _config(workdir, {"v": [1, 1]}, vcpus=2)
-    d = Daemon(load_config(path), config_path=str(path))
-    await d.start()
-    vm = _Vm(workdir / "v.sock", 2, None)
-    try:
-        tids = await vm.tids()
-        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+    async with _serving(path, workdir) as (d, tids):
         assert [os.sched_getaffinity(t) for t in tids] == [{1}, {1}]
         conn = d.service.vms["v"].connection
         _config(workdir, {"v": "none"}, vcpus=2)
@@ -212,9 +222,6 @@ async def test_a_reload_that_changes_the_mode_applies_in_place(workdir: Path) ->
         _config(workdir, {"v": [0, 1]}, vcpus=2)
         assert await d.reload() == ["updated v"]
         assert [os.sched_getaffinity(t) for t in tids] == [{0}, {1}]
-    finally:
-        vm.stop()
-        await d.stop()
 
 
 async def test_pinning_to_an_offline_cpu_is_refused_at_start_and_at_reload(workdir: Path) -> None:
@@ -245,13 +252,7 @@ async def test_a_pin_the_kernel_refuses_is_said_in_status_counted_and_logged(
     _require_two_cpus()
     beyond = os.cpu_count() or 2  # no CPU has this number here
     make_sysfs_tree(workdir / "sys", HostSpec.big_little([(beyond + 1, 400000, 2000000, 1024)]))
-    path = _config(workdir, {"v": [0, beyond]}, vcpus=2)
-    d = Daemon(load_config(path), config_path=str(path))
-    await d.start()
-    vm = _Vm(workdir / "v.sock", 2, None)
-    try:
-        tids = await vm.tids()
-        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+    async with _serving(_config(workdir, {"v": [0, beyond]}, vcpus=2), workdir) as (d, tids):
         cpus = d.status()["vms"]["v"]["vcpus"]
         assert [(c["pcpu"], c["pin_applied"]) for c in cpus] == [(0, True), (beyond, False)], cpus
         assert os.sched_getaffinity(tids[0]) == {0} and os.sched_getaffinity(tids[1]) >= {0, 1}  # as it was
@@ -259,16 +260,11 @@ async def test_a_pin_the_kernel_refuses_is_said_in_status_counted_and_logged(
         assert any(f"may not use CPU {beyond}" in r.getMessage() for r in caplog.records), caplog.text
         await until(lambda: d.status()["vms"]["v"]["vcpus"][1]["util"] > 0, what="vCPU 1 served", timeout=30)
         # The command line says so too (run beside this event loop, which serves the control socket).
-        import asyncio
-
         p = await asyncio.create_subprocess_exec(str(Path(sys.executable).with_name("vhost-user-cpufreq")), "status",
                                                  "--control-socket", str(workdir / "control.sock"),
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await asyncio.wait_for(p.communicate(), 30)
         assert f"vCPU 1: pCPU {beyond} (the kernel refused the pin" in out.decode(), (out, err)
-    finally:
-        vm.stop()
-        await d.stop()
 
 
 async def test_keep_follows_a_pin_the_manager_makes_after_the_threads_were_found(
@@ -277,7 +273,6 @@ async def test_keep_follows_a_pin_the_manager_makes_after_the_threads_were_found
     kept threads' affinity again (every KEEP_RECHECK) and decides for where each may run now."""
     _require_two_cpus()
     make_sysfs_tree(workdir / "sys", TWO_CPUS)
-    path = _config(workdir, {"v": "keep"}, vcpus=2)
     calls: list[int] = []
     real = os.sched_setaffinity
 
@@ -285,12 +280,7 @@ async def test_keep_follows_a_pin_the_manager_makes_after_the_threads_were_found
         calls.append(pid)
         real(pid, cpus)
 
-    d = Daemon(load_config(path), config_path=str(path))
-    await d.start()
-    vm = _Vm(workdir / "v.sock", 2, None)
-    try:
-        tids = await vm.tids()
-        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+    async with _serving(_config(workdir, {"v": "keep"}, vcpus=2), workdir) as (d, tids):
         assert [c["cpus"] for c in d.status()["vms"]["v"]["vcpus"]] == [[0, 1], [0, 1]]
         real(tids[0], {1})  # the manager pins vCPU 0, as `virsh vcpupin v 0 1` does
         monkeypatch.setattr(os, "sched_setaffinity", spy)
@@ -298,6 +288,3 @@ async def test_keep_follows_a_pin_the_manager_makes_after_the_threads_were_found
                     what=lambda: d.status()["vms"]["v"]["vcpus"], timeout=5)
         assert d.status()["vms"]["v"]["pinning"]["mode"] == "keep"
         assert os.sched_getaffinity(tids[0]) == {1} and calls == []  # read, never written
-    finally:
-        vm.stop()
-        await d.stop()

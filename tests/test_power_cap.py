@@ -28,7 +28,7 @@ from vhost_user_cpufreq.backend.service.metrics import render
 
 from .helpers import short_tmpdir, until
 from .sysfs_tree import make_sysfs_tree
-from .test_pinning import TWO_CPUS, _require_two_cpus, _Vm
+from .test_pinning import TWO_CPUS, _require_two_cpus, _serving, _Vm
 
 
 @pytest.fixture
@@ -237,13 +237,7 @@ def test_a_vm_top_below_the_hosts_is_advertised_with_its_capacity_scaled() -> No
 async def test_slower_vcpus_are_advertised_lower_capped_there_and_a_reload_changes_both(workdir: Path) -> None:
     _require_two_cpus()
     make_sysfs_tree(workdir / "sys", TWO_CPUS)  # CPUs 0 and 1: 2.0 GHz at the top, capacity 1024
-    path = _config(workdir, max_khz=1000000)
-    d = Daemon(load_config(path), config_path=str(path))
-    await d.start()
-    vm = _Vm(workdir / "v.sock", 2, None)
-    try:
-        tids = await vm.tids()
-        await until(lambda: len(d.policy.vms["v"].tids) == 2, what="threads attached", timeout=30)
+    async with _serving(_config(workdir, max_khz=1000000), workdir) as (d, tids):
         st = d.status()["vms"]["v"]
         assert [(x["max_khz"], x["capacity"]) for x in st["domains"]] == [(1000000, 512)]
         assert all(x["cur_khz"] <= 1000000 for x in st["domains"])
@@ -266,9 +260,6 @@ async def test_slower_vcpus_are_advertised_lower_capped_there_and_a_reload_chang
         st = d.status()["vms"]["v"]
         assert [(x["max_khz"], x["capacity"]) for x in st["domains"]] == [(2000000, 1024)]
         assert [c["uclamp_max"] for c in st["vcpus"]] == [1024, 1024] and not any(t in d.actuator.caps for t in tids)
-    finally:
-        vm.stop()
-        await d.stop()
 
 
 async def test_moving_a_vm_from_thread_to_cgroup_clamps_takes_the_thread_caps_away(tmp_path: Path) -> None:

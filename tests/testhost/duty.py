@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from typing import Iterator
 from pathlib import Path
 
 __all__ = ["duty_cycle", "trace", "frequencies", "switches", "wakeups", "ticks", "step_mean", "step_share"]
@@ -108,29 +109,25 @@ def ticks(cpu: int, lines: list[str] | None = None) -> list[float]:
     return out
 
 
-def step_mean(events: list[tuple[float, int]], start: float, end: float, before: int) -> float:
-    """Time-weighted mean of the step function ``events`` over [start, end); ``before`` holds until the first."""
-    cur, t, acc = before, start, 0.0
+def _segments(events: list[tuple[float, int]], start: float, end: float, before: int) -> Iterator[tuple[int, float]]:
+    """(value, seconds it held) over [start, end) of the step function ``events``; ``before`` holds until the first."""
+    cur, t = before, start
     for ts, f in events:
         if ts <= start:
             cur = f
             continue
         if ts >= end:
             break
-        acc += cur * (ts - t)
+        yield cur, ts - t
         t, cur = ts, f
-    return (acc + cur * (end - t)) / (end - start)
+    yield cur, end - t
+
+
+def step_mean(events: list[tuple[float, int]], start: float, end: float, before: int) -> float:
+    """Time-weighted mean of the step function ``events`` over [start, end); ``before`` holds until the first."""
+    return sum(v * dt for v, dt in _segments(events, start, end, before)) / (end - start)
 
 
 def step_share(events: list[tuple[float, int]], start: float, end: float, before: int, at_least: int) -> float:
     """Share of [start, end) during which the step function ``events`` was at least ``at_least``."""
-    cur, t, acc = before, start, 0.0
-    for ts, f in events:
-        if ts <= start:
-            cur = f
-            continue
-        if ts >= end:
-            break
-        acc += (ts - t) * (cur >= at_least)
-        t, cur = ts, f
-    return (acc + (end - t) * (cur >= at_least)) / (end - start)
+    return sum(dt for v, dt in _segments(events, start, end, before) if v >= at_least) / (end - start)

@@ -225,8 +225,9 @@ class HostSide:
             try:
                 found[v] = frozenset(os.sched_getaffinity(tid))
             except OSError as exc:
-                if not quiet:
-                    slot.log.warning("cannot read the affinity of vCPU %d's thread %d: %s", v, tid, exc.strerror)
+                if quiet:
+                    return  # a thread gone (its QEMU exiting): the close hooks deal with the VM
+                slot.log.warning("cannot read the affinity of vCPU %d's thread %d: %s", v, tid, exc.strerror)
         before = self.adopted.get(s.name)
         if before is not None and quiet and found == before:
             return
@@ -260,7 +261,10 @@ class HostSide:
                 b = self.policy.vms.get(name)
                 slot = self.service.vms.get(name)
                 if s.pinning == "keep" and name in self.adopted and b is not None and b.tids and slot is not None:
-                    self._adopt(slot, s, b.tids, quiet=True)
+                    try:
+                        self._adopt(slot, s, b.tids, quiet=True)
+                    except Exception:  # noqa: BLE001 - one VM's trouble must not stop the others being followed
+                        slot.log.exception("cannot decide the kept vCPUs again")
 
     # -- hotplug -------------------------------------------------------------------------
     def start_hotplug(self) -> bool:

@@ -193,16 +193,16 @@ def replay(report: dict, load: dict, clock: tuple[float, float]) -> dict:  # typ
     k_f = step_mean(load["freqs"], start, end, load["start_khz"])
     s_f = step_mean(picks, start, end, load["start_khz"])
     mean = statistics.fmean
+    rel = [(a - b) / max(1.0, b) for a, b in zip(sim_u, ker_u)]  # the simulator's util against each sample
     return {
         "load": f"{load['busy_ms']}/{load['period_ms']} ms", "asked_busy": round(load["busy_ms"] / load["period_ms"], 3),
         "ran_busy": round(ran / (end - load["t0"]), 3), "samples": len(ker_u),
         "clock_spread_us": round(spread * 1e6, 1),
         "kernel_util": round(mean(ker_u), 1), "sim_util": round(mean(sim_u), 1),
         "util_err": round(abs(mean(sim_u) - mean(ker_u)) / max(1.0, mean(ker_u)), 3),
-        "util_err_p90": round(sorted(abs(a - b) / max(1.0, b) for a, b in zip(sim_u, ker_u))[int(0.9 * len(ker_u))], 3),
+        "util_err_p90": round(sorted(map(abs, rel))[int(0.9 * len(rel))], 3),
         # the standard error of the mean relative difference: how well this many samples judge the load
-        "util_err_se": round(statistics.stdev([(a - b) / max(1.0, b) for a, b in zip(sim_u, ker_u)])
-                             / len(ker_u) ** 0.5, 4) if len(ker_u) > 1 else 1.0,
+        "util_err_se": round(statistics.stdev(rel) / len(rel) ** 0.5, 4) if len(rel) > 1 else 1.0,
         "kernel_seen_max": round(max(max(u, e, r) for u, e, r in zip(ker_u, ker_e, ker_r)), 1),
         "kernel_runnable": round(mean(ker_r), 1), "sim_runnable": round(mean(sim_r), 1),
         "kernel_util_est": round(mean(ker_e), 1), "sim_util_est": round(mean(sim_e), 1),

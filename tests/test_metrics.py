@@ -221,8 +221,8 @@ async def test_a_vm_on_the_shared_page_says_so_in_metrics_and_status(tmp_path: P
     root = make_sysfs_tree(tmp_path / "sys", HOST)
     config = parse_config({"service": {"sysfs_root": str(root), "sample_period": 0.01, "dry_run": True,
                                        "mirror_threshold": 0.01},
-                           "vm": {"vm0": {"socket": str(tmp_path / "vm0.sock"), "vcpus": 2, "shared_page": True, "pinning": [0, 7],
-                                          "clamp": "none"}}})
+                           "vm": {"vm0": {"socket": str(tmp_path / "vm0.sock"), "vcpus": 2, "shared_page": True,
+                                          "pinning": [0, 7], "clamp": "none"}}})
     daemon = Daemon(config)
     await daemon.start()
     g = await start_guest(str(tmp_path / "vm0.sock"))

@@ -229,7 +229,7 @@ class HostSide:
                     return  # a thread gone (its QEMU exiting): the close hooks deal with the VM
                 slot.log.warning("cannot read the affinity of vCPU %d's thread %d: %s", v, tid, exc.strerror)
         before = self.adopted.get(s.name)
-        if before is not None and quiet and found == before:
+        if quiet and found == before:
             return
         if before is not None and found != before:
             slot.log.info("the kept vCPU threads' affinity changed (%s): deciding again", ", ".join(

@@ -14,8 +14,8 @@ import os
 import re
 import threading
 import time
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 __all__ = ["duty_cycle", "trace", "frequencies", "switches", "wakeups", "ticks", "step_mean", "step_share"]
 
